@@ -1,0 +1,160 @@
+"""The ``st-daft`` command: ``st-daft train`` and ``st-daft evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+logger = logging.getLogger("st_daft")
+
+
+def _stages(value: str) -> tuple[str, ...]:
+    from st_daft.recipe import STAGES
+
+    stages = tuple(stage.strip() for stage in value.split(",") if stage.strip())
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown or not stages:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
+    return stages
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="st-daft", description="Train and evaluate fast asymmetric retrievers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a query route (and the document route) with DAFT")
+    train.add_argument("--data", required=True, help="BEIR folder or Hub dataset id (e.g. BeIR/scifact)")
+    train.add_argument("--output", required=True, help="folder for checkpoints and the final model")
+    train.add_argument("--split", default="train", help="qrels split to train on (default: train)")
+    train.add_argument("--dev-split", default=None, help="qrels split for validation (default: hold out queries)")
+    train.add_argument(
+        "--query-encoder",
+        default="static",
+        help="static | tiny:L,H | tokenlearn | symmetric (no Router: fine-tune the document model itself) | PATH",
+    )
+    train.add_argument("--document-encoder", default=None, help="document model (default: all-MiniLM-L6-v2)")
+    train.add_argument("--stages", type=_stages, default=("align", "finetune"), help="align,finetune (default)")
+    train.add_argument("--max-steps", type=int, default=None, help="step budget of every stage (overrides the rest)")
+    train.add_argument("--align-steps", type=int, default=None, help="alignment steps (default 300)")
+    train.add_argument("--align-batch-size", type=int, default=None, help="alignment batch size (default 64)")
+    train.add_argument("--align-lr", type=float, default=None, help="alignment learning rate (default 1e-3)")
+    train.add_argument("--finetune-epochs", type=float, default=None, help="fine-tuning epochs (default 2)")
+    train.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps (overrides epochs)")
+    train.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch size (default 32)")
+    train.add_argument("--query-lr", type=float, default=None, help="fine-tuning query-route learning rate (1e-4)")
+    train.add_argument("--document-lr", type=float, default=None, help="fine-tuning document-route learning rate")
+    train.add_argument("--eval-steps", type=int, default=None, help="evaluate/save every N steps in every stage")
+    train.add_argument("--guard", choices=["variance", "uniformity", "none"], default=None, help="collapse guard")
+    train.add_argument("--guard-weight", type=float, default=None, help="weight of the collapse guard")
+    train.add_argument("--kl-patience", type=int, default=None, help="alignment early-stopping patience (0: off)")
+    train.add_argument("--no-stop-on-collapse", action="store_true", help="keep training when a route collapses")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="resume each stage from its last checkpoint")
+    train.add_argument("--keep-checkpoints", action="store_true", help="keep the per-stage checkpoint folders")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a model on a BEIR folder or MTEB task through MTEB")
+    evaluate.add_argument("model", help="model folder or Hub id")
+    evaluate.add_argument("--data", required=True, help="BEIR folder, or a named MTEB retrieval task")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--output", default=None, help="write the scores to this JSON file")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace):
+    from st_daft.recipe import DAFTConfig
+
+    config = DAFTConfig(stages=args.stages, seed=args.seed)
+    align, finetune = config.align, config.finetune
+    if args.align_steps is not None:
+        align = replace(align, max_steps=args.align_steps)
+    if args.align_batch_size is not None:
+        align = replace(align, batch_size=args.align_batch_size)
+    if args.align_lr is not None:
+        align = replace(align, learning_rate=args.align_lr)
+    if args.finetune_epochs is not None:
+        finetune = replace(finetune, epochs=args.finetune_epochs, max_steps=-1)
+    if args.finetune_steps is not None:
+        finetune = replace(finetune, max_steps=args.finetune_steps)
+    if args.batch_size is not None:
+        finetune = replace(finetune, batch_size=args.batch_size)
+    if args.query_lr is not None:
+        finetune = replace(finetune, learning_rate=args.query_lr)
+    if args.document_lr is not None:
+        finetune = replace(finetune, document_learning_rate=args.document_lr)
+    if args.max_steps is not None:
+        align, finetune = replace(align, max_steps=args.max_steps), replace(finetune, max_steps=args.max_steps)
+    if args.eval_steps is not None:
+        align, finetune = replace(align, eval_steps=args.eval_steps), replace(finetune, eval_steps=args.eval_steps)
+    config.align, config.finetune = align, finetune
+    if args.guard is not None:
+        config.guard = args.guard
+    if args.guard_weight is not None:
+        config.guard_weight = args.guard_weight
+    if args.kl_patience is not None:
+        config.kl_patience = args.kl_patience or None
+    config.stop_on_collapse = not args.no_stop_on_collapse
+    return config
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from sentence_transformers import SentenceTransformer
+
+    from st_daft.data import load_beir
+    from st_daft.model import build_asymmetric_model, default_document_encoder
+    from st_daft.recipe import remove_checkpoints, train_daft
+
+    config = _config_from_args(args)
+    train_data = load_beir(args.data, split=args.split)
+    validation_data = load_beir(args.data, split=args.dev_split) if args.dev_split else None
+    document_encoder = args.document_encoder or default_document_encoder()
+    if args.query_encoder == "symmetric":
+        model = SentenceTransformer(document_encoder, device="cpu")
+    else:
+        model = build_asymmetric_model(document_encoder, args.query_encoder, seed=args.seed)
+    summary = train_daft(
+        model, train_data, args.output, config, validation_data=validation_data, resume_from_checkpoint=args.resume
+    )
+    if not args.keep_checkpoints:
+        remove_checkpoints(args.output)
+    for stage in summary["stages"]:
+        print(
+            f"stage {stage['stage']}: {stage['global_step']} steps, "
+            f"{stage['stopped_reason'] or 'budget reached'}; collapsed: {stage['collapsed']}"
+        )
+    print(f"model saved to {args.output}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from st_daft.evaluation import evaluate_retrieval
+
+    scores = evaluate_retrieval(
+        args.model, args.data, split=args.split, output_path=args.output, batch_size=args.batch_size
+    )
+    print(json.dumps(scores, indent=2))
+    if args.output:
+        print(f"scores written to {Path(args.output)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    from st_daft.data import DataError
+
+    try:
+        if args.command == "train":
+            return run_train(args)
+        return run_evaluate(args)
+    except (DataError, FileNotFoundError, ValueError) as error:
+        print(f"st-daft {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Losses for asymmetric retrievers, in the style of ``sentence_transformers.sentence_transformer.losses``."""
+
+from st_daft.losses.alignment import DAFTAlignmentLoss
+from st_daft.losses.collapse_safe import CollapseSafeContrastiveLoss
+
+__all__ = ["DAFTAlignmentLoss", "CollapseSafeContrastiveLoss"]

