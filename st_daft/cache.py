@@ -184,7 +184,7 @@ class StaleEmbeddingCache:
                 raise CacheMismatchError(
                     f"{folder}: cache {key} {metadata[key]!r} != expected {expected!r} ({meaning})"
                 )
-        embeddings = np.load(folder / EMBEDDINGS_FILE, mmap_mode="r" if mmap else None)
+        embeddings = np.load(folder / EMBEDDINGS_FILE, mmap_mode="c" if mmap else None)
         if embeddings.shape != (metadata["size"], metadata["dimension"]):
             raise CacheMismatchError(f"{folder}: embeddings shape {embeddings.shape} does not match its metadata")
         keys_array = np.load(folder / KEYS_FILE)

@@ -93,7 +93,7 @@ def _load_document_modules(document_encoder: str | SentenceTransformer, device: 
     if not isinstance(model, SentenceTransformer):
         model = SentenceTransformer(str(document_encoder), device=device)
     modules = list(model.children())
-    if len(modules) == 1 and isinstance(modules[0], Router):
+    if any(isinstance(module, Router) for module in modules):
         raise ValueError("the document encoder is already an asymmetric (Router) model; pass a symmetric model")
     # The Normalize of the document model moves behind the Router, where it serves both routes.
     while modules and isinstance(modules[-1], Normalize):

@@ -52,9 +52,9 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny_bert")
-    vocab_file = folder / "vocab.txt"
-    vocab_file.write_text("\n".join(_vocabulary()) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    vocabulary = {token: index for index, token in enumerate(_vocabulary())}
+    tokenizer = BertTokenizerFast(vocab=vocabulary, do_lower_case=True)
+    assert tokenizer.unk_token_id not in tokenizer("cells divide")["input_ids"]
     config = BertConfig(
         vocab_size=len(_vocabulary()),
         hidden_size=32,

@@ -1,0 +1,78 @@
+"""StaleEmbeddingCache: build, token-key lookups, fingerprint, save/load and its refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from st_daft import CacheMismatchError, StaleEmbeddingCache, build_asymmetric_model, get_route
+from st_daft.cache import route_fingerprint
+
+CORPUS = {
+    "a": "cells divide by mitosis",
+    "b": "the heart pumps blood",
+    "c": "rain forms in clouds",
+    "d": "stars fuse hydrogen",
+}
+
+
+@pytest.fixture()
+def model(tiny_document_model_dir: Path):
+    return build_asymmetric_model(str(tiny_document_model_dir), "static")
+
+
+def test_build_matches_encode_document(model) -> None:
+    cache = StaleEmbeddingCache.build(model, CORPUS, show_progress_bar=False)
+    assert len(cache) == 4 and cache.dimension == 32
+    expected = model.encode_document(list(CORPUS.values()), convert_to_tensor=True)
+    torch.testing.assert_close(cache.embeddings, expected, atol=1e-5, rtol=1e-5)
+    assert cache.rows_for_ids(["c", "a"]).tolist() == [2, 0]
+    with pytest.raises(KeyError, match="unknown corpus id"):
+        cache.rows_for_ids(["zzz"])
+
+
+def test_rows_for_features_finds_documents_in_a_padded_batch(model) -> None:
+    cache = StaleEmbeddingCache.build(model, CORPUS, show_progress_bar=False)
+    texts = [CORPUS["d"], "a text that is not in the corpus at all", CORPUS["b"]]
+    features = model.preprocess(texts, task="document")
+    assert cache.rows_for_features(features).tolist() == [3, -1, 1]
+
+
+def test_fingerprint_follows_the_document_route_only(model) -> None:
+    before = route_fingerprint(model)
+    with torch.no_grad():
+        get_route(model, "query")[0].embedding.weight.add_(1.0)
+    assert route_fingerprint(model) == before
+    with torch.no_grad():
+        next(get_route(model, "document").parameters()).add_(1e-3)
+    assert route_fingerprint(model) != before
+
+
+def test_save_load_round_trip_and_refusals(model, tmp_path: Path) -> None:
+    cache = StaleEmbeddingCache.build(model, CORPUS, dtype=torch.float16, show_progress_bar=False)
+    cache.save(tmp_path / "cache")
+    loaded = StaleEmbeddingCache.load(
+        tmp_path / "cache", expected_fingerprint=cache.fingerprint, expected_dimension=32, expected_size=4
+    )
+    assert loaded.ids == cache.ids and loaded.keys == cache.keys and loaded.embeddings.dtype == torch.float16
+    assert torch.equal(loaded.embeddings, cache.embeddings)
+    mapped = StaleEmbeddingCache.load(tmp_path / "cache", mmap=True)
+    assert torch.equal(mapped.embeddings, cache.embeddings)
+
+    with pytest.raises(CacheMismatchError, match="fingerprint .*the document route changed"):
+        StaleEmbeddingCache.load(tmp_path / "cache", expected_fingerprint="0" * 32)
+    with pytest.raises(CacheMismatchError, match="dimension 32 != expected 64"):
+        StaleEmbeddingCache.load(tmp_path / "cache", expected_dimension=64)
+    with pytest.raises(CacheMismatchError, match="size 4 != expected 5"):
+        StaleEmbeddingCache.load(tmp_path / "cache", expected_size=5)
+    with pytest.raises(CacheMismatchError, match="not an st-daft embedding cache"):
+        StaleEmbeddingCache.load(tmp_path)
+
+
+def test_empty_inputs_are_refused(model) -> None:
+    with pytest.raises(ValueError, match="empty corpus"):
+        StaleEmbeddingCache.build(model, {})
+    with pytest.raises(ValueError, match="empty text"):
+        StaleEmbeddingCache.build(model, {"a": "fine", "b": "   "})
