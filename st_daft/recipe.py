@@ -35,6 +35,7 @@ from st_daft.cache import StaleEmbeddingCache
 from st_daft.collapse import CollapseEvaluator, CollapseMonitorCallback
 from st_daft.data import RetrievalData
 from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss
+from st_daft.mining import MinedNegativesLoss, NegativeMiner, NegativeMiningCallback, parse_negatives
 from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, freeze_route, get_router, route_parameter_pattern, unfreeze_route
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class StageConfig:
         document_learning_rate: learning rate of the document route (fine-tuning only).
         eval_steps: evaluate (and save a checkpoint) every this many steps; 0 = once per epoch.
         warmup_ratio: share of the steps spent warming up the learning rate.
+        logging_steps: log the loss (and its parts and collapse statistics) every this many steps.
     """
 
     max_steps: int = -1
@@ -67,6 +69,7 @@ class StageConfig:
     document_learning_rate: float = 2e-5
     eval_steps: int = 0
     warmup_ratio: float = 0.1
+    logging_steps: int = 10
 
 
 @dataclass
@@ -79,6 +82,10 @@ class DAFTConfig:
         finetune: budget of the joint fine-tuning stage.
         scale: inverse softmax temperature of both losses.
         cache_negatives: in alignment, use every corpus document as a negative.
+        negatives: negatives of the fine-tuning stage: ``"in-batch"``, or mined during training from the document
+            cache: ``"stale"``, ``"corrected"`` (corrector network), ``"refresh:N"`` (re-embed the corpus every N
+            steps) or ``"corrected+refresh:N"`` (see :mod:`st_daft.mining`).
+        num_negatives: mined negatives per query.
         guard: collapse guard of the fine-tuning loss (``"variance"``, ``"uniformity"``, ``"none"``).
         guard_weight: its weight.
         kl_patience: evaluations without KL improvement before alignment ends (None: run the full budget).
@@ -95,6 +102,8 @@ class DAFTConfig:
     )
     scale: float = 20.0
     cache_negatives: bool = True
+    negatives: str = "in-batch"
+    num_negatives: int = 4
     guard: str = "variance"
     guard_weight: float = 1.0
     kl_patience: int | None = 3
@@ -109,6 +118,9 @@ class DAFTConfig:
             raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
         if list(self.stages) != sorted(self.stages, key=STAGES.index):
             raise ValueError(f"stages run in the order {list(STAGES)}, got {list(self.stages)}")
+        parse_negatives(self.negatives)  # a malformed strategy fails here, before any training
+        if self.num_negatives < 1:
+            raise ValueError(f"num_negatives must be at least 1, got {self.num_negatives}")
 
 
 def split_validation(data: RetrievalData, fraction: float, seed: int = 0) -> tuple[RetrievalData, RetrievalData | None]:
@@ -173,7 +185,7 @@ def _training_arguments(
         load_best_model_at_end=True,
         metric_for_best_model=metric,
         greater_is_better=greater_is_better,
-        logging_steps=10,
+        logging_steps=stage.logging_steps,
         seed=config.seed,
         report_to="none",
         use_cpu=True,
@@ -190,6 +202,7 @@ def _run_stage(
     evaluator: Any,
     monitor: CollapseMonitorCallback,
     resume_from_checkpoint: str | bool | None,
+    extra_callbacks: list[Any] = (),
 ) -> dict[str, Any]:
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=train_pairs, loss=loss, evaluator=evaluator, callbacks=[monitor]
@@ -197,6 +210,8 @@ def _run_stage(
     # The monitor merges the loss's collapse statistics into the logs: it must see them before they are printed.
     trainer.callback_handler.callbacks.remove(monitor)
     trainer.callback_handler.callbacks.insert(0, monitor)
+    for position, callback in enumerate(extra_callbacks, start=1):  # also before the printer
+        trainer.callback_handler.callbacks.insert(position, callback)
     logger.info("stage %s: %s", name, args.output_dir)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     final_metrics = evaluator(model)
@@ -250,6 +265,7 @@ def train_daft(
     router_mapping = {"query": QUERY_ROUTE, "positive": DOCUMENT_ROUTE} if asymmetric else {}
     summary: dict[str, Any] = {"config": asdict(config), "num_train_pairs": len(train_pairs), "stages": []}
     output_dir.mkdir(parents=True, exist_ok=True)
+    cache: StaleEmbeddingCache | None = None
 
     if "align" in config.stages:
         stage_dir = output_dir / "stage-1-align"
@@ -283,6 +299,25 @@ def train_daft(
         loss = CollapseSafeContrastiveLoss(
             model, scale=config.scale, guard=config.guard, guard_weight=config.guard_weight
         )
+        mining_callbacks: list[Any] = []
+        if parse_negatives(config.negatives).mine:
+            # The alignment stage's cache is exact for the document route fine-tuning starts from: reuse it.
+            if cache is None or not cache.is_current(model):
+                cache = StaleEmbeddingCache.build(model, train_data.corpus)
+            miner = NegativeMiner(
+                cache,
+                train_data.corpus,
+                config.negatives,
+                num_negatives=config.num_negatives,
+                query_positives={
+                    train_data.queries[qid]: [did for did, score in judged.items() if score > 0]
+                    for qid, judged in train_data.qrels.items()
+                },
+            )
+            loss = MinedNegativesLoss(
+                model, miner, scale=config.scale, guard=config.guard, guard_weight=config.guard_weight
+            )
+            mining_callbacks.append(NegativeMiningCallback(miner))
         evaluators: list[Any] = []
         if validation_data is not None:
             evaluators.append(
@@ -315,7 +350,15 @@ def train_daft(
             metric, greater = f"eval_{KL_EVALUATOR_NAME}_knn_kl", False
         args = _training_arguments(stage_dir, stage, config, metric=metric, greater_is_better=greater, **overrides)
         stage_summary = _run_stage(
-            "finetune", model, args, train_pairs, loss, evaluator, monitor, _resume(stage_dir, resume_from_checkpoint)
+            "finetune",
+            model,
+            args,
+            train_pairs,
+            loss,
+            evaluator,
+            monitor,
+            _resume(stage_dir, resume_from_checkpoint),
+            mining_callbacks,
         )
         summary["stages"].append(stage_summary)
 

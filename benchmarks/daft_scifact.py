@@ -1,0 +1,132 @@
+"""DAFT on SciFact: train each configuration, evaluate it through MTEB on SciFact test and python-faq.
+
+Usage (one configuration per call, results appended to a JSON file per configuration)::
+
+    python benchmarks/daft_scifact.py --config e --shared ../shared/data --work runs/bench
+
+Configurations (issue #2):
+    a   all-MiniLM-L6-v2, symmetric, zero-shot
+    b   all-MiniLM-L6-v2, symmetric, fine-tuned on SciFact train (plain InfoNCE)
+    c   static query route + MiniLM document route, zero-shot
+    d   static + MiniLM, plain joint contrastive fine-tuning (no alignment stage, no guard)
+    e   static + MiniLM, DAFT (alignment, then fine-tuning with the collapse guard)
+    f-plain  tiny:2,128 + MiniLM, plain joint contrastive fine-tuning
+    f-daft   tiny:2,128 + MiniLM, DAFT
+Extra flags (``--stages``, ``--query-encoder`` ...) override a configuration for ablations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from sentence_transformers import SentenceTransformer
+
+from st_daft import DAFTConfig, build_asymmetric_model, default_document_encoder, load_beir, train_daft
+from st_daft.evaluation import evaluate_retrieval
+
+CONFIGS: dict[str, dict] = {
+    "a": {"query_encoder": "symmetric", "stages": ()},
+    "b": {"query_encoder": "symmetric", "stages": ("finetune",), "guard": "none"},
+    "c": {"query_encoder": "static", "stages": ()},
+    "d": {"query_encoder": "static", "stages": ("finetune",), "guard": "none"},
+    "e": {"query_encoder": "static", "stages": ("align", "finetune"), "guard": "variance"},
+    "f-plain": {"query_encoder": "tiny:2,128", "stages": ("finetune",), "guard": "none"},
+    "f-daft": {"query_encoder": "tiny:2,128", "stages": ("align", "finetune"), "guard": "variance"},
+}
+
+
+def _collapse_trace(summary: dict) -> list[dict]:
+    """Per logged step: the evaluator's collapse statistics and the loss's batch statistics."""
+    trace = []
+    for stage in summary.get("stages", []):
+        for row in stage["log_history"]:
+            keep = {k: v for k, v in row.items() if "mean_cosine" in k or k.endswith("_std") or "knn_kl" in k}
+            if keep:
+                trace.append({"stage": stage["stage"], "step": row.get("step"), **keep})
+    return trace
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, choices=sorted(CONFIGS))
+    parser.add_argument("--shared", default="../shared/data", help="folder holding scifact/ and python-faq/")
+    parser.add_argument("--work", default="runs/bench", help="where trained models go")
+    parser.add_argument("--results", default="benchmarks/results", help="where the JSON results go")
+    parser.add_argument("--name", default=None, help="result name (default: the configuration)")
+    parser.add_argument("--query-encoder", default=None)
+    parser.add_argument("--stages", default=None, help="comma-separated, overrides the configuration")
+    parser.add_argument("--guard", default=None)
+    parser.add_argument("--guard-weight", type=float, default=None)
+    parser.add_argument("--align-steps", type=int, default=None)
+    parser.add_argument("--align-lr", type=float, default=None)
+    parser.add_argument("--finetune-epochs", type=float, default=None)
+    parser.add_argument("--query-lr", type=float, default=None)
+    parser.add_argument("--document-lr", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    setup = dict(CONFIGS[args.config])
+    if args.query_encoder:
+        setup["query_encoder"] = args.query_encoder
+    if args.stages is not None:
+        setup["stages"] = tuple(s for s in args.stages.split(",") if s)
+    if args.guard:
+        setup["guard"] = args.guard
+    name = args.name or args.config
+    shared = Path(args.shared)
+    output = Path(args.work) / name
+
+    document_encoder = default_document_encoder()
+    if setup["query_encoder"] == "symmetric":
+        model = SentenceTransformer(document_encoder, device="cpu")
+    else:
+        model = build_asymmetric_model(document_encoder, setup["query_encoder"], seed=args.seed)
+
+    result: dict = {
+        "name": name,
+        "config": args.config,
+        "setup": {k: list(v) if isinstance(v, tuple) else v for k, v in setup.items()},
+    }
+    started = time.perf_counter()
+    if setup["stages"]:
+        config = DAFTConfig(stages=setup["stages"], guard=setup.get("guard", "variance"), seed=args.seed)
+        if args.guard_weight is not None:
+            config.guard_weight = args.guard_weight
+        if args.align_steps is not None:
+            config.align = replace(config.align, max_steps=args.align_steps)
+        if args.align_lr is not None:
+            config.align = replace(config.align, learning_rate=args.align_lr)
+        if args.finetune_epochs is not None:
+            config.finetune = replace(config.finetune, epochs=args.finetune_epochs)
+        if args.query_lr is not None:
+            config.finetune = replace(config.finetune, learning_rate=args.query_lr)
+        if args.document_lr is not None:
+            config.finetune = replace(config.finetune, document_learning_rate=args.document_lr)
+        if setup["query_encoder"] == "symmetric":
+            # One learning rate for the one encoder: the document rate.
+            config.finetune = replace(config.finetune, learning_rate=config.finetune.document_learning_rate)
+        summary = train_daft(model, load_beir(shared / "scifact", "train"), output, config)
+        result["train_seconds"] = round(time.perf_counter() - started, 1)
+        result["stages"] = [{k: v for k, v in stage.items() if k != "log_history"} for stage in summary["stages"]]
+        result["collapse_trace"] = _collapse_trace(summary)
+        result["daft_config"] = summary["config"]
+    else:
+        model.save(str(output))
+        result["train_seconds"] = 0.0
+
+    for dataset in ("scifact", "python-faq"):
+        scores = evaluate_retrieval(str(output), shared / dataset, split="test", show_progress_bar=False)
+        result[dataset] = {k: scores[k] for k in ("ndcg_at_10", "recall_at_100", "mrr_at_10") if k in scores}
+        print(f"{name} {dataset}: nDCG@10 {scores['ndcg_at_10']:.4f}", flush=True)
+    result["model_path"] = str(output)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"daft_{name}.json").write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh) and run the test suite: python -m pytest (all tests, ~a few minutes on 2 CPU cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${VENV:-.venv}"
+scripts/setup.sh "$venv"
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+ruff check st_daft tests benchmarks
+python -m pytest -q -p no:cacheprovider "$@"
