@@ -16,6 +16,7 @@ from st_daft.collapse import (
     per_dimension_std,
 )
 from st_daft.data import DataError, RetrievalData, load_beir
+from st_daft.evaluation import evaluate_retrieval, to_mteb_task
 from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss
 from st_daft.model import (
     DOCUMENT_ROUTE,
@@ -53,6 +54,7 @@ __all__ = [
     "collapse_statistics",
     "default_document_encoder",
     "effective_rank",
+    "evaluate_retrieval",
     "freeze_route",
     "frozen_route",
     "get_route",
@@ -65,5 +67,6 @@ __all__ = [
     "route_parameter_pattern",
     "set_route_trainable",
     "train_daft",
+    "to_mteb_task",
     "unfreeze_route",
 ]

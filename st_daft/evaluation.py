@@ -147,7 +147,7 @@ def to_mteb_task(
     return task_class(data)
 
 
-def _named_task(name: str, split: str) -> AbsTaskRetrieval:  # pragma: no cover - MTEB's tasks need the Hub
+def _named_task(name: str, split: str) -> AbsTaskRetrieval:
     """An MTEB retrieval task by name (e.g. ``"SciFact"``), restricted to ``split``; its data comes from the Hub."""
     import mteb
     from mteb.abstasks.retrieval import AbsTaskRetrieval

@@ -24,30 +24,11 @@ def symmetric_model(tiny_document_model_dir: Path):
     return SentenceTransformer(str(tiny_document_model_dir), device="cpu")
 
 
-def _wordpiece_tokenizer(tiny_bert_dir: Path):
-    """A fast WordPiece tokenizer over the tiny BERT's vocab.txt, built with ``tokenizers`` directly.
-
-    Not ``AutoTokenizer.from_pretrained(tiny_bert_dir)``: under transformers 5 the fixture's
-    ``BertTokenizerFast(vocab_file=...)`` ignores ``vocab_file`` (the argument is now ``vocab``), so the saved
-    tokenizer knows only the special tokens and turns every word into ``[UNK]``.
-    """
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordPiece
-    from tokenizers.normalizers import BertNormalizer
-    from tokenizers.pre_tokenizers import BertPreTokenizer
-
-    tokenizer = Tokenizer(WordPiece.from_file(str(tiny_bert_dir / "vocab.txt"), unk_token="[UNK]"))
-    tokenizer.normalizer = BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = BertPreTokenizer()
-    return tokenizer
-
-
 def _router_model(tiny_bert_dir: Path, query_route: str = "static", document_route: str = "bert"):
     """A Router model whose routes are each the tiny BERT (``"bert"``) or one random StaticEmbedding (``"static"``).
 
-    The StaticEmbedding (a mean of random token vectors) keeps distinct texts apart; it gets its own WordPiece
-    tokenizer over the fixture's vocab.txt (see :func:`_wordpiece_tokenizer`). A route named the same way on both
-    sides is the very same module instance.
+    The StaticEmbedding (a mean of random token vectors over the tiny BERT's tokenizer) keeps distinct texts apart.
+    A route named the same way on both sides is the very same module instance.
     """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import (
@@ -57,12 +38,13 @@ def _router_model(tiny_bert_dir: Path, query_route: str = "static", document_rou
         StaticEmbedding,
         Transformer,
     )
+    from transformers import AutoTokenizer
 
     transformer = Transformer(str(tiny_bert_dir), max_seq_length=64)
     torch.manual_seed(0)
     routes = {
         "bert": [transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
-        "static": [StaticEmbedding(_wordpiece_tokenizer(tiny_bert_dir), embedding_dim=32)],
+        "static": [StaticEmbedding(AutoTokenizer.from_pretrained(str(tiny_bert_dir)), embedding_dim=32)],
     }
     router = Router.for_query_document(query_modules=routes[query_route], document_modules=routes[document_route])
     return SentenceTransformer(modules=[router, Normalize()], device="cpu")

@@ -1,0 +1,149 @@
+"""Vocabulary-level initialisation of static query routes from the document route.
+
+A static query route trained on a few hundred queries only moves the tokens those queries contain; every other
+token keeps whatever vector it started with, so the route fails on queries unlike its training ones. Distilling the
+whole vocabulary first (the idea behind model2vec, Tulkens & van Dongen 2024) gives every token a start inside the
+document encoder's space: each token of the query tokenizer's vocabulary is embedded, as a one-token text, by the
+frozen document route, and the static table is set to those vectors, optionally weighted so that frequent tokens
+count less in the mean (model2vec's Zipf weighting, ``log(1 + rank)``, with tokenizer ids as the rank proxy).
+
+model2vec's own ``distill`` needs its ``distill`` extra, which pins ``transformers<5.4``; sentence-transformers 6
+needs a newer transformers, so the few lines it takes live here instead.
+
+For a static route whose table is narrower than the document space (the 64-d tokenlearn model + ``Dense``), the
+table is kept and the projection is fitted instead: the ``Dense`` weights become the ridge-regression map from the
+64-d token vectors to their distilled document-space vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Dense, StaticEmbedding
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, get_route
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["distill_token_embeddings", "initialize_static_route", "vocabulary_texts"]
+
+
+def vocabulary_texts(static: StaticEmbedding) -> list[str]:
+    """The query tokenizer's vocabulary as texts, in id order (WordPiece ``##`` continuations stripped)."""
+    vocabulary = static.tokenizer.get_vocab()
+    texts = [""] * len(vocabulary)
+    for token, index in vocabulary.items():
+        if index < len(texts):
+            texts[index] = token[2:] if token.startswith("##") and len(token) > 2 else token
+    return texts
+
+
+@torch.no_grad()
+def distill_token_embeddings(
+    model: SentenceTransformer,
+    texts: list[str],
+    batch_size: int = 1024,
+    show_progress_bar: bool = True,
+) -> Tensor:
+    """Embed each text (a vocabulary token) with the document route, before normalisation.
+
+    Returns ``(len(texts), dim)`` float32 embeddings; empty texts get a zero vector.
+    """
+    document_route = get_route(model, DOCUMENT_ROUTE)
+    was_training = document_route.training
+    document_route.eval()
+    outputs: list[Tensor] = []
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc="Distilling vocabulary", disable=not show_progress_bar):
+            batch = [text if text.strip() else "[UNK]" for text in texts[start : start + batch_size]]
+            features = model.preprocess(batch, task=DOCUMENT_ROUTE)
+            features = {k: v.to(model.device) if isinstance(v, Tensor) else v for k, v in features.items()}
+            for module in document_route:
+                features = module(features)
+            outputs.append(features["sentence_embedding"].float().cpu())
+    finally:
+        document_route.train(was_training)
+    embeddings = torch.cat(outputs)
+    empty = torch.tensor([not text.strip() for text in texts])
+    embeddings[empty] = 0.0
+    return embeddings
+
+
+def _zipf_weights(count: int) -> Tensor:
+    # Tokenizer ids roughly follow frequency for WordPiece/BPE vocabularies; log(1 + rank) as in model2vec.
+    return torch.log1p(torch.arange(count, dtype=torch.float32) + 1.0)
+
+
+def initialize_static_route(
+    model: SentenceTransformer,
+    zipf_weighting: bool = True,
+    ridge: float = 1e-2,
+    max_fit_tokens: int = 30000,
+    batch_size: int = 1024,
+    show_progress_bar: bool = True,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Initialise the model's static query route from document-route embeddings of its whole vocabulary.
+
+    - A table as wide as the document space is replaced by the normalised distilled vectors (Zipf-weighted).
+    - A narrower table followed by a ``Dense`` projection keeps its vectors; the projection is fitted by ridge
+      regression onto the distilled vectors of a random sample of ``max_fit_tokens`` tokens (a 65-parameter-wide
+      regression needs no more, and distilling a 270k-token vocabulary would take minutes).
+
+    Returns:
+        ``{"tokens": vocabulary size, "fit_cosine": mean cosine between the route's token vectors and the
+        distilled ones after initialisation}``.
+    """
+    query_route = list(get_route(model, QUERY_ROUTE))
+    static = query_route[0]
+    if not isinstance(static, StaticEmbedding):
+        raise ValueError(
+            f"vocabulary initialisation needs a static query route, found {type(static).__name__}; "
+            "use it with --query-encoder static, tokenlearn or a model2vec folder"
+        )
+    texts = vocabulary_texts(static)
+    if len(texts) != static.num_embeddings:
+        raise ValueError(f"tokenizer has {len(texts)} tokens but the static table has {static.num_embeddings} rows")
+    weight = static.embedding.weight
+    projection = query_route[1] if len(query_route) > 1 and isinstance(query_route[1], Dense) else None
+    rows = torch.arange(len(texts))
+    if projection is not None and len(texts) > max_fit_tokens:
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(len(texts), generator=generator)[:max_fit_tokens].sort().values
+    targets = distill_token_embeddings(
+        model, [texts[i] for i in rows], batch_size=batch_size, show_progress_bar=show_progress_bar
+    )
+    targets = torch.nn.functional.normalize(targets, dim=1)
+    if weight.shape[1] == targets.shape[1] and projection is None:
+        scaled = targets * (_zipf_weights(len(texts))[:, None] if zipf_weighting else 1.0)
+        with torch.no_grad():
+            weight.copy_(scaled.to(weight.dtype))
+        fitted = targets
+    elif projection is not None and projection.out_features == targets.shape[1]:
+        fitted = _fit_projection(weight.detach().float().cpu()[rows], targets, projection, ridge)
+    else:
+        raise ValueError(
+            f"static table of width {weight.shape[1]} needs a Dense projection to the document dimension "
+            f"{targets.shape[1]}"
+        )
+    fit_cosine = torch.nn.functional.cosine_similarity(fitted, targets, dim=1).mean().item()
+    logger.info("vocabulary initialisation: %d tokens, mean cosine to distilled vectors %.3f", len(rows), fit_cosine)
+    return {"tokens": float(len(rows)), "fit_cosine": fit_cosine}
+
+
+def _fit_projection(tokens: Tensor, targets: Tensor, projection: Dense, ridge: float) -> Tensor:
+    """Ridge regression ``[tokens, 1] @ W ~ targets``; writes W into the Dense layer, returns the fit."""
+    inputs = torch.cat([tokens, torch.ones(tokens.shape[0], 1)], dim=1).double()
+    gram = inputs.T @ inputs
+    gram += ridge * tokens.shape[0] * torch.eye(gram.shape[0], dtype=gram.dtype) / math.sqrt(gram.shape[0])
+    solution = torch.linalg.solve(gram, inputs.T @ targets.double())
+    with torch.no_grad():
+        projection.linear.weight.copy_(solution[:-1].T.float())
+        if projection.linear.bias is not None:
+            projection.linear.bias.copy_(solution[-1].float())
+    return (inputs @ solution).float()
