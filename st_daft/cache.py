@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,14 @@ from st_daft.model import DOCUMENT_ROUTE, get_route
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StaleEmbeddingCache", "CacheMismatchError", "route_fingerprint", "token_keys"]
+__all__ = [
+    "StaleEmbeddingCache",
+    "CacheMismatchError",
+    "route_fingerprint",
+    "token_keys",
+    "embed_documents",
+    "build_faiss_index",
+]
 
 CACHE_FORMAT_VERSION = 1
 METADATA_FILE = "cache_metadata.json"
@@ -79,10 +87,14 @@ class StaleEmbeddingCache:
     def __init__(self, ids: list[str], embeddings: Tensor, keys: list[bytes], fingerprint: str) -> None:
         if len(ids) != embeddings.shape[0] or len(ids) != len(keys):
             raise ValueError(f"{len(ids)} ids, {embeddings.shape[0]} embeddings and {len(keys)} keys: must be equal")
+        self._init_fields(ids, embeddings, keys, fingerprint)
+
+    def _init_fields(self, ids: list[str], embeddings: Tensor, keys: list[bytes], fingerprint: str) -> None:
         self.ids = list(ids)
         self.embeddings = embeddings
         self.keys = list(keys)
         self.fingerprint = fingerprint
+        self.folder: Path | None = None  # set while the embeddings are exactly those saved in this folder
         self.row_of_key: dict[bytes, int] = {}
         for row, key in enumerate(self.keys):
             self.row_of_key.setdefault(key, row)  # duplicate texts share the first row
@@ -96,8 +108,15 @@ class StaleEmbeddingCache:
         batch_size: int = 64,
         dtype: torch.dtype = torch.float32,
         show_progress_bar: bool = True,
+        folder: str | Path | None = None,
+        chunk_size: int = 8192,
     ) -> StaleEmbeddingCache:
-        """Embed ``corpus`` (id -> text) once with the model's document route."""
+        """Embed ``corpus`` (id -> text) once with the model's document route.
+
+        With ``folder`` the embeddings are written chunk by chunk into an on-disk ``.npy`` memmap there (with the
+        keys and metadata, i.e. a saved cache) and the returned cache reads them memory-mapped, so a corpus larger
+        than memory can be cached. ``dtype=torch.float16`` halves the size either way.
+        """
         if not corpus:
             raise ValueError("cannot build a cache over an empty corpus")
         ids = list(corpus)
@@ -105,18 +124,54 @@ class StaleEmbeddingCache:
         empty = [doc_id for doc_id, text in zip(ids, texts) if not text.strip()]
         if empty:
             raise ValueError(f"{len(empty)} corpus documents have empty text, e.g. {empty[:3]}")
-        was_training = model.training
-        model.eval()
-        try:
-            embeddings = model.encode_document(
-                texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar
-            )
-        finally:
-            model.train(was_training)
         keys: list[bytes] = []
         for start in range(0, len(texts), 1024):
             keys.extend(token_keys(model.preprocess(texts[start : start + 1024], task=DOCUMENT_ROUTE)))
-        return cls(ids, embeddings.detach().to("cpu", dtype), keys, route_fingerprint(model))
+        fingerprint = route_fingerprint(model)
+        if folder is None:
+            embeddings = embed_documents(model, texts, batch_size, show_progress_bar=show_progress_bar)
+            return cls(ids, embeddings.to("cpu", dtype), keys, fingerprint)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / METADATA_FILE).unlink(missing_ok=True)  # the folder is not a valid cache until it is complete
+        dimension = _write_memmap(
+            folder / EMBEDDINGS_FILE, model, texts, batch_size, dtype, show_progress_bar, chunk_size
+        )
+        cache = cls.__new__(cls)
+        cache._init_fields(ids, torch.empty(0, 0), keys, fingerprint)
+        cache._write_keys_and_metadata(folder, _dtype_name(dtype), len(ids), dimension)
+        return cls.load(folder, mmap=True)
+
+    def refresh(
+        self, model: SentenceTransformer, texts: list[str], batch_size: int = 64, show_progress_bar: bool = False
+    ) -> None:
+        """Re-embed every row (``texts`` in row order) with the model's current document route, in memory.
+
+        This is the expensive full-corpus re-embedding (the ANCE-style refresh); the fingerprint follows the route.
+        """
+        if len(texts) != len(self):
+            raise CacheMismatchError(f"refresh got {len(texts)} texts for a cache of {len(self)} rows")
+        embeddings = embed_documents(model, texts, batch_size, show_progress_bar=show_progress_bar)
+        if embeddings.shape[1] != self.dimension:
+            raise CacheMismatchError(
+                f"the model embeds in {embeddings.shape[1]} dimensions, the cache has {self.dimension}"
+            )
+        self.embeddings = embeddings.to("cpu", self.embeddings.dtype)
+        self.fingerprint = route_fingerprint(model)
+        self.folder = None  # no longer what is on disk
+
+    def float32(self, rows: Tensor | None = None, chunk_size: int = 65536) -> Tensor:
+        """The embeddings (or some rows) as a float32 tensor, converted chunk by chunk from float16 or a memmap."""
+        if rows is not None:
+            return self.embeddings[rows].to(torch.float32)
+        if self.embeddings.dtype == torch.float32:
+            return self.embeddings
+        return torch.cat([chunk.to(torch.float32) for chunk in self.embeddings.split(chunk_size)])
+
+    def build_index(self, kind: str = "flat", embeddings: Tensor | None = None, **options: Any) -> Any:
+        """A faiss inner-product index over the cache (or over ``embeddings``, e.g. corrected ones), see
+        :func:`build_faiss_index`."""
+        return build_faiss_index(self.float32() if embeddings is None else embeddings, kind, **options)
 
     @property
     def dimension(self) -> int:
@@ -140,18 +195,27 @@ class StaleEmbeddingCache:
         return route_fingerprint(model) == self.fingerprint
 
     def save(self, folder: str | Path) -> None:
-        """Write the cache to ``folder`` (metadata JSON, embeddings and keys as .npy), atomically per file."""
+        """Write the cache to ``folder`` (metadata JSON, embeddings and keys as .npy), atomically per file.
+
+        The metadata is removed first and written last, so an interrupted save leaves no folder that loads.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if self.folder is not None and self.folder.resolve() == folder.resolve():
+            return  # a memory-mapped cache saved in place is already there
+        (folder / METADATA_FILE).unlink(missing_ok=True)
         _atomic_save_npy(folder / EMBEDDINGS_FILE, self.embeddings.numpy())
+        self._write_keys_and_metadata(folder, _dtype_name(self.embeddings.dtype), len(self), self.dimension)
+
+    def _write_keys_and_metadata(self, folder: Path, dtype: str, size: int, dimension: int) -> None:
         _atomic_save_npy(folder / KEYS_FILE, np.frombuffer(b"".join(self.keys), dtype=np.uint8).reshape(-1, 16))
         metadata = {
             "format_version": CACHE_FORMAT_VERSION,
             "ids": self.ids,
             "fingerprint": self.fingerprint,
-            "dimension": self.dimension,
-            "size": len(self),
-            "dtype": str(self.embeddings.dtype).replace("torch.", ""),
+            "dimension": dimension,
+            "size": size,
+            "dtype": dtype,
         }
         temporary = folder / (METADATA_FILE + ".tmp")
         temporary.write_text(json.dumps(metadata))
@@ -189,7 +253,94 @@ class StaleEmbeddingCache:
             raise CacheMismatchError(f"{folder}: embeddings shape {embeddings.shape} does not match its metadata")
         keys_array = np.load(folder / KEYS_FILE)
         keys = [row.tobytes() for row in keys_array]
-        return cls(metadata["ids"], torch.from_numpy(np.asarray(embeddings)), keys, metadata["fingerprint"])
+        with warnings.catch_warnings():  # a read-only memmap: torch warns that the tensor is not writable
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(np.asarray(embeddings) if not mmap else embeddings)
+        cache = cls(metadata["ids"], tensor, keys, metadata["fingerprint"])
+        cache.folder = folder
+        return cache
+
+
+def embed_documents(
+    model: SentenceTransformer, texts: list[str], batch_size: int = 64, show_progress_bar: bool = False
+) -> Tensor:
+    """Document-route embeddings of ``texts`` (eval mode, no gradient) as a CPU float32 tensor."""
+    was_training = model.training
+    model.eval()
+    try:
+        embeddings = model.encode_document(
+            texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar
+        )
+    finally:
+        model.train(was_training)
+    return embeddings.detach().to("cpu", torch.float32)
+
+
+def build_faiss_index(
+    embeddings: Tensor,
+    kind: str = "flat",
+    nlist: int | None = None,
+    nprobe: int = 16,
+    hnsw_m: int = 32,
+    ef_search: int = 128,
+    seed: int = 0,
+) -> Any:
+    """A faiss inner-product index over ``embeddings`` (rows are L2-normalised document embeddings).
+
+    ``kind``: ``"flat"`` (``IndexFlatIP``: exact, the default), ``"ivf"`` (``IndexIVFFlat``, ``nlist`` cells, default
+    about 4 sqrt(n), searched with ``nprobe``) or ``"hnsw"`` (``IndexHNSWFlat``, ``hnsw_m`` links, ``ef_search``).
+    """
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - faiss-cpu is a dependency
+        raise ImportError("a cache index needs faiss: pip install faiss-cpu") from None
+    matrix = np.ascontiguousarray(embeddings.detach().to("cpu", torch.float32).numpy())
+    dimension = matrix.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dimension)
+    elif kind == "ivf":
+        cells = nlist or max(1, min(len(matrix) // 39, int(4 * len(matrix) ** 0.5)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dimension), dimension, cells, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(matrix)
+        index.nprobe = min(nprobe, cells)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dimension, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = ef_search
+    else:
+        raise ValueError(f"unknown index kind {kind!r}: choose 'flat', 'ivf' or 'hnsw'")
+    index.add(matrix)
+    return index
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _write_memmap(
+    path: Path,
+    model: SentenceTransformer,
+    texts: list[str],
+    batch_size: int,
+    dtype: torch.dtype,
+    show_progress_bar: bool,
+    chunk_size: int,
+) -> int:
+    """Embed ``texts`` chunk by chunk into an .npy memmap at ``path`` (renamed into place when complete)."""
+    temporary = path.with_name(path.name + ".tmp.npy")
+    numpy_dtype = np.float16 if dtype == torch.float16 else np.float32
+    memmap = None
+    for start in range(0, len(texts), chunk_size):
+        chunk = embed_documents(model, texts[start : start + chunk_size], batch_size, show_progress_bar)
+        if memmap is None:
+            shape = (len(texts), chunk.shape[1])
+            memmap = np.lib.format.open_memmap(temporary, mode="w+", dtype=numpy_dtype, shape=shape)
+        memmap[start : start + len(chunk)] = chunk.numpy().astype(numpy_dtype)
+    dimension = int(memmap.shape[1])
+    memmap.flush()
+    del memmap
+    temporary.replace(path)
+    return dimension
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:

@@ -22,6 +22,22 @@ def _stages(value: str) -> tuple[str, ...]:
     return stages
 
 
+def _negatives(value: str) -> str:
+    from st_daft.mining import parse_negatives
+
+    try:
+        return parse_negatives(value).spec
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="st-daft", description="Train and evaluate fast asymmetric retrievers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -37,7 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="static | tiny:L,H | tokenlearn | symmetric (no Router: fine-tune the document model itself) | PATH",
     )
     train.add_argument("--document-encoder", default=None, help="document model (default: all-MiniLM-L6-v2)")
-    train.add_argument("--stages", type=_stages, default=("align", "finetune"), help="align,finetune (default)")
+    train.add_argument(
+        "--stages",
+        type=_stages,
+        default=("align", "finetune"),
+        help="comma-separated, in order: vocabulary (static routes: distil the whole vocabulary), corpus (label-free "
+        "alignment on corpus text), align (DAFT stage 1), finetune (joint); default align,finetune",
+    )
+    train.add_argument("--corpus-steps", type=int, default=None, help="corpus-alignment steps (default 1000)")
+    train.add_argument("--corpus-max-texts", type=int, default=None, help="texts cut from the corpus (40000)")
+    train.add_argument("--corpus-lr", type=float, default=None, help="corpus-alignment learning rate (1e-3)")
+    train.add_argument("--no-zipf", action="store_true", help="vocabulary stage without Zipf weighting")
     train.add_argument("--max-steps", type=int, default=None, help="step budget of every stage (overrides the rest)")
     train.add_argument("--align-steps", type=int, default=None, help="alignment steps (default 300)")
     train.add_argument("--align-batch-size", type=int, default=None, help="alignment batch size (default 64)")
@@ -51,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--guard", choices=["variance", "uniformity", "none"], default=None, help="collapse guard")
     train.add_argument("--guard-weight", type=float, default=None, help="weight of the collapse guard")
     train.add_argument("--kl-patience", type=int, default=None, help="alignment early-stopping patience (0: off)")
+    train.add_argument(
+        "--negatives",
+        type=_negatives,
+        default="in-batch",
+        help="fine-tuning negatives: in-batch (default) | stale | corrected | refresh:N | corrected+refresh:N "
+        "(mined from the document cache during training; N: steps between full re-embeddings)",
+    )
+    train.add_argument("--num-negatives", type=_positive_int, default=4, help="mined negatives per query (default 4)")
     train.add_argument("--no-stop-on-collapse", action="store_true", help="keep training when a route collapses")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="resume each stage from its last checkpoint")
@@ -68,8 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from_args(args: argparse.Namespace):
     from st_daft.recipe import DAFTConfig
 
-    config = DAFTConfig(stages=args.stages, seed=args.seed)
-    align, finetune = config.align, config.finetune
+    config = DAFTConfig(
+        stages=args.stages,
+        seed=args.seed,
+        negatives=getattr(args, "negatives", "in-batch"),
+        num_negatives=getattr(args, "num_negatives", 4),
+    )
+    align, finetune, corpus = config.align, config.finetune, config.corpus
+    if args.corpus_steps is not None:
+        corpus = replace(corpus, max_steps=args.corpus_steps)
+    if args.corpus_lr is not None:
+        corpus = replace(corpus, learning_rate=args.corpus_lr)
+    if args.corpus_max_texts is not None:
+        config.corpus_max_texts = args.corpus_max_texts
+    config.zipf_weighting = not args.no_zipf
     if args.align_steps is not None:
         align = replace(align, max_steps=args.align_steps)
     if args.align_batch_size is not None:
@@ -87,10 +133,10 @@ def _config_from_args(args: argparse.Namespace):
     if args.document_lr is not None:
         finetune = replace(finetune, document_learning_rate=args.document_lr)
     if args.max_steps is not None:
-        align, finetune = replace(align, max_steps=args.max_steps), replace(finetune, max_steps=args.max_steps)
+        align, finetune, corpus = (replace(stage, max_steps=args.max_steps) for stage in (align, finetune, corpus))
     if args.eval_steps is not None:
-        align, finetune = replace(align, eval_steps=args.eval_steps), replace(finetune, eval_steps=args.eval_steps)
-    config.align, config.finetune = align, finetune
+        align, finetune, corpus = (replace(stage, eval_steps=args.eval_steps) for stage in (align, finetune, corpus))
+    config.align, config.finetune, config.corpus = align, finetune, corpus
     if args.guard is not None:
         config.guard = args.guard
     if args.guard_weight is not None:
@@ -122,6 +168,9 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.keep_checkpoints:
         remove_checkpoints(args.output)
     for stage in summary["stages"]:
+        if "global_step" not in stage:
+            print(f"stage {stage['stage']}: {stage.get('tokens', 0):.0f} tokens distilled")
+            continue
         print(
             f"stage {stage['stage']}: {stage['global_step']} steps, "
             f"{stage['stopped_reason'] or 'budget reached'}; collapsed: {stage['collapsed']}"

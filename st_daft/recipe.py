@@ -1,6 +1,13 @@
 """The DAFT recipe: alignment (document route frozen) then joint fine-tuning, each with SentenceTransformerTrainer.
 
-:func:`train_daft` runs the stages named in ``config.stages`` on one model:
+:func:`train_daft` runs the stages named in ``config.stages`` on one model, in this order:
+
+- ``"vocabulary"`` (static query routes only): every token of the query tokenizer is embedded by the document
+  route and the static table starts from those vectors (:mod:`st_daft.vocabulary`), so that tokens no training
+  query contains start inside the document space.
+- ``"corpus"``: label-free alignment: the document route is frozen and the query route learns to reproduce its
+  embeddings of titles, sentences, spans and passage openings cut from the corpus
+  (:class:`~st_daft.losses.LabelFreeAlignmentLoss`), early-stopped on the 1-NN KL criterion.
 
 1. ``"align"``: the document route is frozen; a :class:`~st_daft.cache.StaleEmbeddingCache` of the corpus is built
    once (exact, because the route does not move) and :class:`~st_daft.losses.DAFTAlignmentLoss` trains the query
@@ -22,6 +29,7 @@ import logging
 import random
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,16 +41,26 @@ from sentence_transformers.sentence_transformer.evaluation import InformationRet
 
 from st_daft.cache import StaleEmbeddingCache
 from st_daft.collapse import CollapseEvaluator, CollapseMonitorCallback
+from st_daft.corpus_alignment import alignment_dataset, alignment_texts
 from st_daft.data import RetrievalData
-from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss
+from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
 from st_daft.mining import MinedNegativesLoss, NegativeMiner, NegativeMiningCallback, parse_negatives
-from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, freeze_route, get_router, route_parameter_pattern, unfreeze_route
+from st_daft.model import (
+    DOCUMENT_ROUTE,
+    QUERY_ROUTE,
+    freeze_route,
+    get_route,
+    get_router,
+    route_parameter_pattern,
+    unfreeze_route,
+)
+from st_daft.vocabulary import initialize_static_route
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["StageConfig", "DAFTConfig", "train_daft", "split_validation", "validation_texts", "STAGES"]
 
-STAGES = ("align", "finetune")
+STAGES = ("vocabulary", "corpus", "align", "finetune")
 KL_EVALUATOR_NAME = "alignment"
 IR_EVALUATOR_NAME = "validation"
 
@@ -77,7 +95,14 @@ class DAFTConfig:
     """Settings of :func:`train_daft`.
 
     Args:
-        stages: ``("align", "finetune")`` for DAFT, ``("finetune",)`` for the plain baseline, ``("align",)`` alone.
+        stages: ``("align", "finetune")`` for DAFT, ``("finetune",)`` for the plain baseline; prepend
+            ``"vocabulary"`` and/or ``"corpus"`` for the label-free stages.
+        corpus: budget of the label-free corpus alignment stage.
+        corpus_max_texts: texts cut from the corpus for it.
+        corpus_text_kinds: which texts (titles, sentences, spans, passages).
+        corpus_regression: ``"cosine"`` or ``"mse"`` regression onto the document-route embeddings.
+        corpus_contrastive_weight: weight of its in-batch InfoNCE term.
+        zipf_weighting: weight distilled token vectors by log(1 + rank) in the vocabulary stage.
         align: budget of the alignment stage.
         finetune: budget of the joint fine-tuning stage.
         scale: inverse softmax temperature of both losses.
@@ -95,7 +120,15 @@ class DAFTConfig:
         seed: random seed.
     """
 
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] = ("align", "finetune")
+    corpus: StageConfig = field(
+        default_factory=lambda: StageConfig(max_steps=1000, batch_size=128, learning_rate=1e-3, eval_steps=250)
+    )
+    corpus_max_texts: int = 40000
+    corpus_text_kinds: tuple[str, ...] = ("titles", "sentences", "spans", "passages")
+    corpus_regression: str = "cosine"
+    corpus_contrastive_weight: float = 1.0
+    zipf_weighting: bool = True
     align: StageConfig = field(default_factory=lambda: StageConfig(max_steps=300, batch_size=64, eval_steps=50))
     finetune: StageConfig = field(
         default_factory=lambda: StageConfig(epochs=2, batch_size=32, learning_rate=1e-4, document_learning_rate=2e-5)
@@ -163,6 +196,12 @@ def _is_asymmetric(model: SentenceTransformer) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _has_static_query_route(model: SentenceTransformer) -> bool:
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+
+    return isinstance(get_route(model, QUERY_ROUTE)[0], StaticEmbedding)
 
 
 def _training_arguments(
@@ -256,8 +295,11 @@ def train_daft(
     config = config or DAFTConfig()
     output_dir = Path(output_dir)
     asymmetric = _is_asymmetric(model)
-    if not asymmetric and "align" in config.stages:
-        raise ValueError("the align stage needs an asymmetric (Router) model; build one with build_asymmetric_model")
+    needs_router = [stage for stage in config.stages if stage != "finetune"]
+    if not asymmetric and needs_router:
+        raise ValueError(
+            f"stage(s) {needs_router} need an asymmetric (Router) model; build one with build_asymmetric_model"
+        )
     if validation_data is None:
         train_data, validation_data = split_validation(train_data, config.validation_fraction, config.seed)
     train_pairs = train_data.training_pairs()
@@ -266,6 +308,49 @@ def train_daft(
     summary: dict[str, Any] = {"config": asdict(config), "num_train_pairs": len(train_pairs), "stages": []}
     output_dir.mkdir(parents=True, exist_ok=True)
     cache: StaleEmbeddingCache | None = None
+
+    if "vocabulary" in config.stages:
+        if _has_static_query_route(model):
+            started = time.perf_counter()
+            info = initialize_static_route(model, zipf_weighting=config.zipf_weighting)
+            summary["stages"].append(
+                {"stage": "vocabulary", **info, "seconds": round(time.perf_counter() - started, 1)}
+            )
+        else:
+            logger.warning("vocabulary stage skipped: the query route does not start with a StaticEmbedding")
+
+    if "corpus" in config.stages:
+        stage_dir = output_dir / "stage-0-corpus"
+        freeze_route(model, DOCUMENT_ROUTE)
+        texts = alignment_texts(
+            train_data.corpus,
+            train_data.titles,
+            kinds=config.corpus_text_kinds,
+            max_texts=config.corpus_max_texts,
+            seed=config.seed,
+        )
+        corpus_pairs = alignment_dataset(model, texts)
+        loss = LabelFreeAlignmentLoss(
+            model, regression=config.corpus_regression, contrastive_weight=config.corpus_contrastive_weight
+        )
+        evaluator = CollapseEvaluator(kl_texts, name=KL_EVALUATOR_NAME)
+        monitor = CollapseMonitorCallback(
+            evaluator_name=KL_EVALUATOR_NAME, kl_patience=config.kl_patience, stop_on_collapse=False
+        )
+        args = _training_arguments(
+            stage_dir,
+            config.corpus,
+            config,
+            metric=f"eval_{KL_EVALUATOR_NAME}_knn_kl",
+            greater_is_better=False,
+            router_mapping={"text": QUERY_ROUTE},
+        )
+        stage_summary = _run_stage(
+            "corpus", model, args, corpus_pairs, loss, evaluator, monitor, _resume(stage_dir, resume_from_checkpoint)
+        )
+        stage_summary["num_texts"] = len(texts)
+        unfreeze_route(model, DOCUMENT_ROUTE)
+        summary["stages"].append(stage_summary)
 
     if "align" in config.stages:
         stage_dir = output_dir / "stage-1-align"
@@ -366,6 +451,9 @@ def train_daft(
     with (output_dir / "daft_summary.json").open("w") as handle:
         json.dump(summary, handle, indent=2, default=str)
     for stage_summary in summary["stages"]:
+        if "global_step" not in stage_summary:  # the vocabulary stage trains nothing
+            logger.info("stage %s: %s", stage_summary["stage"], stage_summary)
+            continue
         logger.info(
             "stage %s: %d steps, stopped: %s, final: %s",
             stage_summary["stage"],

@@ -34,12 +34,15 @@ __all__ = ["distill_token_embeddings", "initialize_static_route", "vocabulary_te
 
 
 def vocabulary_texts(static: StaticEmbedding) -> list[str]:
-    """The query tokenizer's vocabulary as texts, in id order (WordPiece ``##`` continuations stripped)."""
+    """One text per row of the static table: its token, WordPiece ``##`` stripped; ``""`` for rows no token uses."""
     vocabulary = static.tokenizer.get_vocab()
-    texts = [""] * len(vocabulary)
+    texts = [""] * static.num_embeddings
     for token, index in vocabulary.items():
-        if index < len(texts):
-            texts[index] = token[2:] if token.startswith("##") and len(token) > 2 else token
+        if index >= len(texts):
+            raise ValueError(
+                f"token {token!r} has id {index} but the static table has only {static.num_embeddings} rows"
+            )
+        texts[index] = token[2:] if token.startswith("##") and len(token) > 2 else token
     return texts
 
 
@@ -59,7 +62,9 @@ def distill_token_embeddings(
     document_route.eval()
     outputs: list[Tensor] = []
     try:
-        for start in tqdm(range(0, len(texts), batch_size), desc="Distilling vocabulary", disable=not show_progress_bar):
+        for start in tqdm(
+            range(0, len(texts), batch_size), desc="Distilling vocabulary", disable=not show_progress_bar
+        ):
             batch = [text if text.strip() else "[UNK]" for text in texts[start : start + batch_size]]
             features = model.preprocess(batch, task=DOCUMENT_ROUTE)
             features = {k: v.to(model.device) if isinstance(v, Tensor) else v for k, v in features.items()}
@@ -107,8 +112,6 @@ def initialize_static_route(
             "use it with --query-encoder static, tokenlearn or a model2vec folder"
         )
     texts = vocabulary_texts(static)
-    if len(texts) != static.num_embeddings:
-        raise ValueError(f"tokenizer has {len(texts)} tokens but the static table has {static.num_embeddings} rows")
     weight = static.embedding.weight
     projection = query_route[1] if len(query_route) > 1 and isinstance(query_route[1], Dense) else None
     rows = torch.arange(len(texts))
@@ -131,7 +134,8 @@ def initialize_static_route(
             f"static table of width {weight.shape[1]} needs a Dense projection to the document dimension "
             f"{targets.shape[1]}"
         )
-    fit_cosine = torch.nn.functional.cosine_similarity(fitted, targets, dim=1).mean().item()
+    used = torch.tensor([bool(texts[i].strip()) for i in rows.tolist()])
+    fit_cosine = torch.nn.functional.cosine_similarity(fitted[used], targets[used], dim=1).mean().item()
     logger.info("vocabulary initialisation: %d tokens, mean cosine to distilled vectors %.3f", len(rows), fit_cosine)
     return {"tokens": float(len(rows)), "fit_cosine": fit_cosine}
 

@@ -43,7 +43,7 @@ def _vocabulary() -> list[str]:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     letters = list(string.ascii_lowercase + string.digits + string.punctuation)
     pieces = [f"##{c}" for c in string.ascii_lowercase]
-    return specials + sorted(words) + letters + pieces
+    return list(dict.fromkeys(specials + sorted(words) + letters + pieces))  # unique, ids 0..n-1
 
 
 @pytest.fixture(scope="session")

@@ -2,5 +2,6 @@
 
 from st_daft.losses.alignment import DAFTAlignmentLoss
 from st_daft.losses.collapse_safe import CollapseSafeContrastiveLoss
+from st_daft.losses.label_free import LabelFreeAlignmentLoss
 
-__all__ = ["DAFTAlignmentLoss", "CollapseSafeContrastiveLoss"]
+__all__ = ["DAFTAlignmentLoss", "CollapseSafeContrastiveLoss", "LabelFreeAlignmentLoss"]

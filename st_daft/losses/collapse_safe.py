@@ -111,6 +111,10 @@ class CollapseSafeContrastiveLoss(nn.Module):
         self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None
     ) -> dict[str, Tensor]:
         embeddings = embed_columns(self.model, sentence_features)
+        return self.compute_loss_from_embeddings(embeddings, labels)
+
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> dict[str, Tensor]:
+        """InfoNCE over (queries, positives, negative columns...) plus the guard, from embeddings already computed."""
         contrastive = self.ranking_loss.compute_loss_from_embeddings(embeddings, labels)
         queries, documents = embeddings[0], torch.cat(embeddings[1:])
         guard = (self.guard_term(queries) + self.guard_term(documents)) / 2

@@ -1,0 +1,160 @@
+"""Label-free alignment: corpus texts, the regression + contrastive loss, vocabulary distillation, recipe stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from st_daft import DAFTConfig, StageConfig, build_asymmetric_model, get_route, load_beir, train_daft
+from st_daft.corpus_alignment import alignment_dataset, alignment_texts
+from st_daft.losses import LabelFreeAlignmentLoss
+from st_daft.vocabulary import distill_token_embeddings, initialize_static_route, vocabulary_texts
+
+CORPUS = {
+    "a": "Cells divide by mitosis. The nucleus holds the chromosomes and the genome inside them.",
+    "b": "The heart pumps blood. Arteries and veins carry blood to the body and back again.",
+}
+TITLES = {"a": "cell division basics", "b": "the heart and blood"}
+
+
+def test_alignment_texts_cover_every_kind_without_duplicates() -> None:
+    texts = alignment_texts(CORPUS, TITLES, max_texts=1000, seed=0)
+    assert len(texts) == len(set(texts))
+    assert "cell division basics" in texts  # titles
+    assert "Cells divide by mitosis." in texts  # sentences
+    assert any(text.startswith("Cells divide by mitosis. The nucleus") for text in texts)  # passage openings
+    assert len(alignment_texts(CORPUS, TITLES, max_texts=3)) == 3
+    only_titles = alignment_texts(CORPUS, TITLES, kinds=["titles"])
+    assert sorted(only_titles) == sorted(TITLES.values())
+
+
+def test_alignment_texts_errors() -> None:
+    with pytest.raises(ValueError, match="unknown text kind"):
+        alignment_texts(CORPUS, kinds=["paragraphs"])
+    with pytest.raises(ValueError, match="empty corpus"):
+        alignment_texts({})
+    with pytest.raises(ValueError, match="yields no alignment texts"):
+        alignment_texts(CORPUS, titles=None, kinds=["titles"])
+
+
+@pytest.fixture()
+def model(tiny_document_model_dir: Path):
+    torch.manual_seed(0)
+    return build_asymmetric_model(str(tiny_document_model_dir), "tiny:1,16")
+
+
+def test_alignment_dataset_targets_are_document_embeddings(model) -> None:
+    texts = alignment_texts(CORPUS, TITLES, max_texts=6)
+    dataset = alignment_dataset(model, texts, show_progress_bar=False)
+    assert dataset.column_names == ["text", "label"] and len(dataset) == 6
+    expected = model.encode_document(texts)
+    np.testing.assert_allclose(np.array(dataset["label"]), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="no alignment texts"):
+        alignment_dataset(model, [])
+
+
+def test_label_free_loss_trains_only_the_query_route_towards_the_targets(model) -> None:
+    texts = alignment_texts(CORPUS, TITLES, max_texts=8)
+    targets = torch.tensor(alignment_dataset(model, texts, show_progress_bar=False)["label"])
+    loss = LabelFreeAlignmentLoss(model, contrastive_weight=1.0)
+    optimizer = torch.optim.Adam(get_route(model, "query").parameters(), lr=1e-2)
+    document_before = [p.detach().clone() for p in get_route(model, "document").parameters()]
+    model.train()
+
+    def step() -> float:
+        features = model.preprocess(texts, task="query")
+        features["task"] = "query"
+        parts = loss([features], targets)
+        assert set(parts) == {"regression", "contrastive"}
+        total = sum(parts.values())
+        optimizer.zero_grad()
+        total.backward()
+        assert all(p.grad is None for p in get_route(model, "document").parameters())
+        optimizer.step()
+        return parts["regression"].item()
+
+    first = step()
+    for _ in range(30):
+        last = step()
+    assert last < first / 2, (first, last)
+    assert all(torch.equal(a, b) for a, b in zip(document_before, get_route(model, "document").parameters()))
+
+
+def test_label_free_loss_checks_its_inputs(model) -> None:
+    features = model.preprocess(["a text"], task="query")
+    features["task"] = "query"
+    loss = LabelFreeAlignmentLoss(model)
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        loss([features], torch.zeros(1, 7))
+    with pytest.raises(ValueError, match="needs the document-route embeddings"):
+        loss([features], None)
+    with pytest.raises(ValueError, match="regression must be"):
+        LabelFreeAlignmentLoss(model, regression="huber")
+
+
+def test_vocabulary_initialisation_of_a_static_route(tiny_document_model_dir: Path) -> None:
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    static = get_route(model, "query")[0]
+    texts = vocabulary_texts(static)
+    assert len(texts) == static.num_embeddings and "cells" in texts
+    info = initialize_static_route(model, zipf_weighting=True, show_progress_bar=False)
+    assert info["tokens"] == len(texts) and info["fit_cosine"] == pytest.approx(1.0, abs=1e-5)
+    index = texts.index("heart")
+    expected = distill_token_embeddings(model, ["heart"], show_progress_bar=False)[0]
+    row = static.embedding.weight[index].detach()
+    assert torch.nn.functional.cosine_similarity(row, expected, dim=0) > 0.9999
+    assert row.norm().item() == pytest.approx(np.log1p(index + 1), rel=1e-4)  # Zipf weight log(1 + rank)
+
+
+def test_vocabulary_initialisation_fits_a_projection(tiny_bert_dir: Path, tiny_document_model_dir: Path, tmp_path):
+    from model2vec import StaticModel
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_bert_dir / "tokenizer.json"))
+    vectors = np.random.default_rng(0).normal(size=(tokenizer.get_vocab_size(), 24)).astype(np.float32)
+    StaticModel(vectors, tokenizer).save_pretrained(str(tmp_path / "m2v"))
+    model = build_asymmetric_model(str(tiny_document_model_dir), str(tmp_path / "m2v"))
+    table_before = get_route(model, "query")[0].embedding.weight.detach().clone()
+    texts = vocabulary_texts(get_route(model, "query")[0])
+    targets = torch.nn.functional.normalize(distill_token_embeddings(model, texts, show_progress_bar=False), dim=1)
+
+    def fit() -> float:
+        with torch.no_grad():
+            projected = get_route(model, "query")[1]({"sentence_embedding": table_before.clone()})
+        return torch.nn.functional.cosine_similarity(projected["sentence_embedding"], targets).mean().item()
+
+    before = fit()
+    info = initialize_static_route(model, show_progress_bar=False)
+    assert torch.equal(get_route(model, "query")[0].embedding.weight, table_before), "the 24-d table is kept"
+    assert fit() == pytest.approx(info["fit_cosine"], abs=1e-4) and fit() > before + 0.3
+
+
+def test_vocabulary_initialisation_needs_a_static_route(model) -> None:
+    with pytest.raises(ValueError, match="needs a static query route"):
+        initialize_static_route(model, show_progress_bar=False)
+
+
+def test_recipe_runs_the_label_free_stages(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    config = DAFTConfig(
+        stages=("vocabulary", "corpus", "align"),
+        corpus=StageConfig(max_steps=4, batch_size=8, eval_steps=2, warmup_ratio=0.0, logging_steps=1),
+        align=StageConfig(max_steps=2, batch_size=4, eval_steps=2, warmup_ratio=0.0),
+        corpus_max_texts=40,
+        validation_fraction=0.2,
+        num_validation_texts=16,
+    )
+    summary = train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", config)
+    assert [stage["stage"] for stage in summary["stages"]] == ["vocabulary", "corpus", "align"]
+    corpus_stage = summary["stages"][1]
+    assert corpus_stage["global_step"] == 4 and 0 < corpus_stage["num_texts"] <= 40
+    logged = {key for row in corpus_stage["log_history"] for key in row}
+    assert {"regression", "contrastive", "eval_alignment_knn_kl"} <= logged
+
+    tiny = build_asymmetric_model(str(tiny_document_model_dir), "tiny:1,8")
+    config.stages = ("vocabulary", "corpus")
+    summary = train_daft(tiny, load_beir(tiny_beir_dir, "train"), tmp_path / "tiny", config)
+    assert [stage["stage"] for stage in summary["stages"]] == ["corpus"], "vocabulary is skipped for tiny routes"

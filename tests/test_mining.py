@@ -1,0 +1,323 @@
+"""Negative mining from a (corrected) stale cache: strategies, exclusions, accounting, checkpoints, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import QUESTIONS, TOPICS
+from datasets import Dataset
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+from st_daft.cache import CacheMismatchError, StaleEmbeddingCache, route_fingerprint
+from st_daft.mining import (
+    CHECKPOINT_FOLDER,
+    MinedNegativesLoss,
+    NegativeMiner,
+    NegativeMiningCallback,
+    parse_negatives,
+)
+from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, build_asymmetric_model, freeze_route, get_route
+
+EXTRA = {
+    f"x{index}": f"{a} and {b}"
+    for index, (a, b) in enumerate(zip(list(TOPICS.values()), list(TOPICS.values())[1:] + list(TOPICS.values())[:1]))
+}
+CORPUS = {f"d-{topic}": text for topic, text in TOPICS.items()} | EXTRA
+PAIRS = Dataset.from_dict(
+    {"query": [QUESTIONS[topic] for topic in TOPICS], "positive": [TOPICS[topic] for topic in TOPICS]}
+)
+QUERY_POSITIVES = {QUESTIONS[topic]: [f"d-{topic}"] for topic in TOPICS}
+# a second relevant document for one query: it must never be mined as that query's negative
+QUERY_POSITIVES[QUESTIONS["cell"]].append("x0")
+
+
+@pytest.fixture()
+def model(tiny_document_model_dir: Path) -> SentenceTransformer:
+    torch.manual_seed(0)
+    return build_asymmetric_model(str(tiny_document_model_dir), "static")
+
+
+@pytest.fixture()
+def cache(model: SentenceTransformer) -> StaleEmbeddingCache:
+    return StaleEmbeddingCache.build(model, CORPUS, batch_size=8, show_progress_bar=False)
+
+
+def _miner(cache: StaleEmbeddingCache, strategy: str = "corrected", **kwargs) -> NegativeMiner:
+    options = {"num_negatives": 2, "query_positives": QUERY_POSITIVES, "corrector_hidden": 16} | kwargs
+    return NegativeMiner(cache, CORPUS, strategy, **options)
+
+
+def _train(model, miner, output_dir: Path, max_steps: int, save_steps: int | None = None, resume: str | None = None):
+    loss = MinedNegativesLoss(model, miner, guard="none")
+    callback = NegativeMiningCallback(miner)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        router_mapping={"query": QUERY_ROUTE, "positive": DOCUMENT_ROUTE},
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps,
+        logging_steps=1,
+        seed=0,
+        report_to="none",
+        use_cpu=True,
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=PAIRS, loss=loss, callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+# ---------------------------------------------------------------------- strategies
+
+
+@pytest.mark.parametrize(
+    ("spec", "mine", "correct", "every"),
+    [
+        ("in-batch", False, False, None),
+        ("stale", True, False, None),
+        ("corrected", True, True, None),
+        ("refresh:25", True, False, 25),
+        ("corrected+refresh:3", True, True, 3),
+    ],
+)
+def test_parse_negatives(spec: str, mine: bool, correct: bool, every: int | None) -> None:
+    strategy = parse_negatives(spec)
+    assert (strategy.mine, strategy.correct, strategy.refresh_every) == (mine, correct, every)
+
+
+@pytest.mark.parametrize("spec", ["", "refresh", "refresh:0", "refresh:-2", "refresh:x", "corrected+stale", "hard"])
+def test_malformed_strategy_is_refused(spec: str) -> None:
+    with pytest.raises(ValueError, match="unknown negatives strategy"):
+        parse_negatives(spec)
+
+
+# ---------------------------------------------------------------------- mining
+
+
+@pytest.mark.parametrize("index", ["exact", "flat", "hnsw", "ivf"])
+@pytest.mark.parametrize("strategy", ["stale", "corrected"])
+def test_mining_never_returns_a_positive(cache, model, index: str, strategy: str) -> None:
+    miner = _miner(cache, strategy, num_negatives=3, index=index, index_options={"nlist": 2, "nprobe": 2})
+    miner.bind(model)
+    if miner.corrector is not None:  # a corrector that is not the identity
+        torch.nn.init.normal_(miner.corrector.mlp[-1].weight, std=0.3)
+        miner._corrector_version += 1
+    queries = list(QUESTIONS.values())[:4]
+    positives = cache.rows_for_ids([f"d-{topic}" for topic in list(QUESTIONS)[:4]])
+    query_features = model.preprocess(queries, task=QUERY_ROUTE)
+    from st_daft.cache import token_keys
+
+    # the query embeddings are chosen to score the positives (and the second relevant document) highest
+    query_embeddings = miner.scoring_matrix()[positives] + miner.scoring_matrix()[cache.rows_for_ids(["x0"])]
+    rows = miner.mine(query_embeddings, positives, token_keys(query_features))
+    assert rows.shape == (4, 3)
+    assert not set(rows.flatten().tolist()) & set(positives.tolist())
+    assert cache.row_of_id["x0"] not in rows[0].tolist()  # the cell query's second relevant document
+    if index in ("exact", "flat"):
+        exact = _miner(cache, strategy, num_negatives=3, index="exact")
+        exact.bind(model)
+        exact.corrector = miner.corrector
+        assert torch.equal(exact.mine(query_embeddings, positives, token_keys(query_features)), rows)
+
+
+def test_margin_filter_drops_near_positive_candidates(cache, model) -> None:
+    miner = _miner(cache, "stale", num_negatives=2, margin=0.05)
+    matrix = miner.scoring_matrix()
+    positives = torch.tensor([0, 1])
+    queries = matrix[positives]
+    rows = miner.mine(queries, positives)
+    positive_scores = (queries * matrix[positives]).sum(dim=1)
+    for index in range(2):
+        mined_scores = matrix[rows[index]] @ queries[index]
+        assert bool((mined_scores <= positive_scores[index] - 0.05 + 1e-6).all())
+
+
+def test_in_batch_needs_no_cache_and_stale_does() -> None:
+    NegativeMiner(None, strategy="in-batch")
+    with pytest.raises(ValueError, match="needs a cache"):
+        NegativeMiner(None, strategy="stale")
+
+
+# ---------------------------------------------------------------------- training and accounting
+
+
+def test_counts_add_up_and_reach_the_logs(model, cache, tmp_path: Path) -> None:
+    miner = _miner(cache, "corrected")
+    corrector_before = {k: v.clone() for k, v in miner.corrector.state_dict().items()}
+    trainer = _train(model, miner, tmp_path / "run", max_steps=3)
+    assert miner.counts["loss_documents"] == 3 * 4
+    assert 0 < miner.counts["negatives"] <= 3 * 4 * 2
+    assert miner.counts["refresh"] == 0
+    assert miner.documents_encoded == miner.counts["loss_documents"] + miner.counts["negatives"]
+    assert len(miner.history) == 3
+    assert all({"stale_error", "corrected_error", "corrector_loss", "positive_rank"} <= set(h) for h in miner.history)
+    assert all(1 <= h["positive_rank"] <= 3 for h in miner.history)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged[-1]["mining_encoded_total"] == miner.documents_encoded
+    assert "mining_stale_error" in logged[-1] and "mining_overhead" in logged[-1]
+    # the corrector trained: it left the identity
+    assert any(not torch.equal(v, miner.corrector.state_dict()[k]) for k, v in corrector_before.items())
+    # the model stays a plain SentenceTransformer: the corrector is no part of it
+    model.save(str(tmp_path / "model"))
+    assert not any("corrector" in key for key in SentenceTransformer(str(tmp_path / "model")).state_dict())
+
+
+def test_refresh_reembeds_the_corpus(model, cache, tmp_path: Path) -> None:
+    miner = _miner(cache, "corrected+refresh:2")
+    _train(model, miner, tmp_path / "run", max_steps=3)
+    assert miner.num_refreshes == 1 and miner.last_refresh_step == 2
+    assert miner.counts["refresh"] == len(CORPUS)
+    assert miner.documents_encoded == sum(miner.counts.values())
+
+
+def test_frozen_document_route_uses_the_exact_cache(model, cache, tmp_path: Path) -> None:
+    freeze_route(model, DOCUMENT_ROUTE)
+    miner = _miner(cache, "corrected")
+    before = {k: v.clone() for k, v in miner.corrector.state_dict().items()}
+    _train(model, miner, tmp_path / "run", max_steps=2)
+    assert miner.exact and not miner.correcting
+    assert all(torch.equal(v, miner.corrector.state_dict()[k]) for k, v in before.items())
+    assert cache.is_current(model)  # still exact; the logged error is the dropout of train mode alone
+    assert all(h["stale_error"] == pytest.approx(h["corrected_error"]) for h in miner.history)
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def _snapshot(miner: NegativeMiner) -> dict:
+    return {
+        "cache": miner.cache.embeddings.clone(),
+        "fingerprint": miner.cache.fingerprint,
+        "corrector": {k: v.clone() for k, v in miner.corrector.state_dict().items()},
+        "optimizer": {
+            key: {field: value.clone() for field, value in state.items()}
+            for key, state in miner.optimizer.state_dict()["state"].items()
+        },
+        "state": json.loads(json.dumps(miner.state_dict())),
+    }
+
+
+def test_resume_restores_cache_corrector_and_optimizer_exactly(model, cache, tmp_path: Path) -> None:
+    miner = _miner(cache, "corrected+refresh:1", corrector_buffer=16)  # refreshed cache: copied into the checkpoint
+    _train(model, miner, tmp_path / "run", max_steps=2, save_steps=2)
+    saved = _snapshot(miner)
+    checkpoint = tmp_path / "run" / "checkpoint-2" / CHECKPOINT_FOLDER
+    assert (checkpoint / "cache").is_dir() and not list(checkpoint.parent.glob("*.tmp"))
+
+    fresh_cache = StaleEmbeddingCache.build(model, CORPUS, batch_size=8, show_progress_bar=False)
+    restored = _miner(fresh_cache, "corrected+refresh:1", corrector_buffer=16)
+    callback = NegativeMiningCallback(restored)
+    args, state = SimpleNamespace(output_dir=str(tmp_path / "run")), SimpleNamespace(global_step=2)
+    callback.on_train_begin(args, state, SimpleNamespace(), model=model)
+    again = _snapshot(restored)
+    assert torch.equal(saved["cache"], again["cache"]) and saved["fingerprint"] == again["fingerprint"]
+    assert all(torch.equal(saved["corrector"][k], again["corrector"][k]) for k in saved["corrector"])
+    assert saved["optimizer"].keys() == again["optimizer"].keys() and saved["optimizer"]
+    for key, fields in saved["optimizer"].items():
+        assert all(torch.equal(value, again["optimizer"][key][field]) for field, value in fields.items())
+    assert saved["state"] == again["state"]
+    assert torch.equal(miner._buffer_fresh, restored._buffer_fresh) and len(restored._buffer_rows) > 0
+
+    # a real resume continues from there without re-embedding what was restored
+    cache_again = StaleEmbeddingCache.build(model, CORPUS, show_progress_bar=False)
+    restored_run = _miner(cache_again, "corrected+refresh:1", corrector_buffer=16)
+    _train(model, restored_run, tmp_path / "run", max_steps=3, resume=str(tmp_path / "run" / "checkpoint-2"))
+    assert restored_run.counts["loss_documents"] == 3 * 4
+    assert restored_run.num_refreshes == saved["state"]["num_refreshes"] + 1  # only the refresh due at step 2
+
+
+def test_unchanged_on_disk_cache_is_referenced_not_copied(model, tmp_path: Path) -> None:
+    cache = StaleEmbeddingCache.build(model, CORPUS, batch_size=8, show_progress_bar=False, folder=tmp_path / "c")
+    miner = _miner(cache, "stale")
+    folder = miner.save_state(tmp_path / "state")
+    assert (folder / "cache_reference.json").is_file() and not (folder / "cache").exists()
+    restored = _miner(StaleEmbeddingCache.load(tmp_path / "c"), "stale")
+    restored.load_state(folder)
+    assert torch.equal(restored.cache.embeddings, cache.embeddings)
+
+
+def test_mismatched_states_and_caches_are_refused(model, cache, tmp_path: Path) -> None:
+    folder = _miner(cache, "stale").save_state(tmp_path / "state")
+    with pytest.raises(ValueError, match="saved with negatives 'stale'"):
+        _miner(cache, "corrected").load_state(folder)
+    other = StaleEmbeddingCache.build(model, dict(list(CORPUS.items())[:5]), show_progress_bar=False)
+    with pytest.raises(CacheMismatchError, match="size"):
+        _miner(other, "stale", query_positives={}).load_state(folder)
+    cache.save(tmp_path / "cache")
+    with pytest.raises(CacheMismatchError, match="fingerprint"):
+        StaleEmbeddingCache.load(tmp_path / "cache", expected_fingerprint="0" * 32)
+    with pytest.raises(CacheMismatchError, match="dimension"):
+        StaleEmbeddingCache.load(tmp_path / "cache", expected_dimension=cache.dimension + 1)
+    with pytest.raises(CacheMismatchError, match="not in the corpus"):
+        NegativeMiner(cache, {"d-cell": "x"}, "stale")
+
+
+# ---------------------------------------------------------------------- cache storage and indexes
+
+
+def test_build_into_memmap_folder_matches_in_memory(model, cache, tmp_path: Path) -> None:
+    mapped = StaleEmbeddingCache.build(
+        model, CORPUS, batch_size=8, show_progress_bar=False, folder=tmp_path / "m", chunk_size=5
+    )
+    assert isinstance(np.load(tmp_path / "m" / "embeddings.npy", mmap_mode="r"), np.memmap)
+    assert mapped.folder == tmp_path / "m" and mapped.fingerprint == route_fingerprint(model)
+    assert torch.allclose(mapped.embeddings, cache.embeddings, atol=1e-6)
+    half = StaleEmbeddingCache.build(model, CORPUS, dtype=torch.float16, show_progress_bar=False, folder=tmp_path / "h")
+    assert half.embeddings.dtype == torch.float16 and half.float32().dtype == torch.float32
+    assert StaleEmbeddingCache.load(tmp_path / "h", expected_size=len(CORPUS)).dimension == cache.dimension
+    for kind in ("flat", "ivf", "hnsw"):
+        index = mapped.build_index(kind, nlist=2)
+        _, rows = index.search(cache.float32()[:2].numpy(), 1)
+        assert rows[:, 0].tolist() == [0, 1]
+    with pytest.raises(ValueError, match="unknown index kind"):
+        mapped.build_index("lsh")
+
+
+def test_refresh_follows_the_route(model, cache) -> None:
+    get_route(model, DOCUMENT_ROUTE)[0].auto_model.embeddings.word_embeddings.weight.data.mul_(1.5)
+    assert not cache.is_current(model)
+    cache.refresh(model, [CORPUS[i] for i in cache.ids])
+    assert cache.is_current(model) and cache.folder is None
+    with pytest.raises(CacheMismatchError, match="texts"):
+        cache.refresh(model, ["only one"])
+
+
+# ---------------------------------------------------------------------- recipe and CLI
+
+
+def test_recipe_finetunes_with_corrected_negatives(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path):
+    from st_daft import DAFTConfig, StageConfig, load_beir, train_daft
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    stage = StageConfig(max_steps=2, batch_size=4, eval_steps=2, warmup_ratio=0.0, logging_steps=1)
+    config = DAFTConfig(
+        stages=("align", "finetune"),
+        align=stage,
+        finetune=stage,
+        negatives="corrected",
+        num_negatives=2,
+        validation_fraction=0.2,
+        num_validation_texts=16,
+    )
+    summary = train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", config)
+    logged = [row for row in summary["stages"][1]["log_history"] if "loss" in row]
+    assert logged and logged[-1]["mining_encoded_negatives"] > 0 and "mining_corrected_error" in logged[-1]
+    assert (tmp_path / "run" / "stage-2-finetune" / "checkpoint-2" / CHECKPOINT_FOLDER / "miner_state.json").is_file()
+    SentenceTransformer(str(tmp_path / "run"), device="cpu")  # a plain model: no corrector inside
+
+
+def test_malformed_strategy_is_refused_by_config_and_cli(capsys) -> None:
+    from st_daft import DAFTConfig
+    from st_daft.cli import main
+
+    with pytest.raises(ValueError, match="unknown negatives strategy"):
+        DAFTConfig(negatives="refresh:often")
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "x", "--output", "y", "--negatives", "corrected+refresh"])
+    assert "unknown negatives strategy" in capsys.readouterr().err
