@@ -41,6 +41,7 @@ from sentence_transformers.sentence_transformer.modules import (
     StaticEmbedding,
     Transformer,
 )
+from tokenizers import Tokenizer
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,9 @@ def _projection(in_features: int, out_features: int) -> Dense:
 def _static_from_document(document_modules: list[nn.Module]) -> list[nn.Module]:
     transformer = _transformer_module(document_modules)
     input_embeddings = transformer.auto_model.get_input_embeddings().weight.detach().clone()
-    tokenizer = transformer.tokenizer
+    # A copy of the Rust tokenizer: StaticEmbedding switches padding off on it, and the document route's tokenizer
+    # switches padding on; sharing one object would pad static queries with [PAD] tokens after any document batch.
+    tokenizer = Tokenizer.from_str(transformer.tokenizer.backend_tokenizer.to_str())
     return [StaticEmbedding(tokenizer, embedding_weights=input_embeddings, base_model="document-input-embeddings")]
 
 

@@ -159,3 +159,13 @@ print(type(model[0]).__name__)
     np.testing.assert_allclose(np.load(tmp_path / "d.npy"), expected_document, atol=1e-6)
     reloaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
     assert isinstance(reloaded[0], Router)
+
+
+def test_static_route_tokenizer_is_not_shared_with_the_document_route(tiny_document_model_dir: Path) -> None:
+    """Padding set by a document batch must not leak into static query tokenisation (a shared Rust tokenizer)."""
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    static = get_route(model, "query")[0]
+    before = static.preprocess(TEXTS)["input_ids"].tolist()
+    model.encode_document(["a long document " * 10, "short"])
+    assert static.preprocess(TEXTS)["input_ids"].tolist() == before
+    assert 0 not in before  # no [PAD] ids in the flat token stream
