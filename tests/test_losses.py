@@ -151,3 +151,13 @@ def test_config_and_citation_for_the_model_card(static_model) -> None:
     assert safe.get_config_dict()["guard"] == "uniformity" and safe.get_config_dict()["guard_weight"] == 0.5
     assert "2211.04942" in alignment.citation and "2211.04942" in safe.citation
     assert "Isola" in safe.citation
+
+
+def test_guard_is_finite_on_a_batch_of_one(static_model) -> None:
+    """An epoch's last batch can hold one pair; a NaN guard there would poison every parameter."""
+    static_model.train()
+    loss = CollapseSafeContrastiveLoss(static_model, guard="variance")
+    features = [_features(static_model, QUERIES[:1], "query"), _features(static_model, [DOCUMENTS["cell"]], "document")]
+    parts = loss(features, None)
+    assert all(torch.isfinite(value) for value in parts.values())
+    assert parts["collapse_guard"].item() == 0.0

@@ -100,6 +100,8 @@ class CollapseSafeContrastiveLoss(nn.Module):
         self._statistic_count = 0
 
     def guard_term(self, embeddings: Tensor) -> Tensor:
+        if embeddings.shape[0] < 2:  # no spread to measure in a batch of one (e.g. an epoch's last batch)
+            return embeddings.new_zeros(())
         if self.guard == "variance":
             floor = self.variance_floor if self.variance_floor is not None else 0.5 / embeddings.shape[1] ** 0.5
             return variance_hinge(embeddings, floor)
