@@ -87,6 +87,7 @@ def _zipf_weights(count: int) -> Tensor:
 def initialize_static_route(
     model: SentenceTransformer,
     zipf_weighting: bool = True,
+    center: bool = True,
     ridge: float = 1e-2,
     max_fit_tokens: int = 30000,
     batch_size: int = 1024,
@@ -95,7 +96,9 @@ def initialize_static_route(
 ) -> dict[str, float]:
     """Initialise the model's static query route from document-route embeddings of its whole vocabulary.
 
-    - A table as wide as the document space is replaced by the normalised distilled vectors (Zipf-weighted).
+    - A table as wide as the document space is replaced by the distilled vectors, centred (the mean token vector,
+      a direction every one-token text shares, removed: without it every mean of tokens points the same way),
+      normalised and Zipf-weighted.
     - A narrower table followed by a ``Dense`` projection keeps its vectors; the projection is fitted by ridge
       regression onto the distilled vectors of a random sample of ``max_fit_tokens`` tokens (a 65-parameter-wide
       regression needs no more, and distilling a 270k-token vocabulary would take minutes).
@@ -121,6 +124,9 @@ def initialize_static_route(
     targets = distill_token_embeddings(
         model, [texts[i] for i in rows], batch_size=batch_size, show_progress_bar=show_progress_bar
     )
+    used = torch.tensor([bool(texts[i].strip()) for i in rows.tolist()])
+    if center:
+        targets[used] -= targets[used].mean(dim=0)
     targets = torch.nn.functional.normalize(targets, dim=1)
     if weight.shape[1] == targets.shape[1] and projection is None:
         scaled = targets * (_zipf_weights(len(texts))[:, None] if zipf_weighting else 1.0)
@@ -134,7 +140,6 @@ def initialize_static_route(
             f"static table of width {weight.shape[1]} needs a Dense projection to the document dimension "
             f"{targets.shape[1]}"
         )
-    used = torch.tensor([bool(texts[i].strip()) for i in rows.tolist()])
     fit_cosine = torch.nn.functional.cosine_similarity(fitted[used], targets[used], dim=1).mean().item()
     logger.info("vocabulary initialisation: %d tokens, mean cosine to distilled vectors %.3f", len(rows), fit_cosine)
     return {"tokens": float(len(rows)), "fit_cosine": fit_cosine}
