@@ -117,6 +117,8 @@ class DAFTConfig:
         stop_on_collapse: end a stage when a route collapses.
         validation_fraction: share of training queries held out for validation when the data has no dev split.
         num_validation_texts: held-out texts for the KL criterion.
+        validation_corpus_size: documents the validation retrieval runs over (the validation queries' relevant
+            documents plus random others); None for the whole corpus. Each evaluation re-encodes them.
         seed: random seed.
     """
 
@@ -143,6 +145,7 @@ class DAFTConfig:
     stop_on_collapse: bool = True
     validation_fraction: float = 0.1
     num_validation_texts: int = 500
+    validation_corpus_size: int | None = 2000
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -196,6 +199,15 @@ def _is_asymmetric(model: SentenceTransformer) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _validation_corpus(data: RetrievalData, size: int | None, seed: int) -> dict[str, str]:
+    if size is None or size >= len(data.corpus):
+        return data.corpus
+    keep = {doc_id for judged in data.relevant_docs.values() for doc_id in judged}
+    others = sorted(set(data.corpus) - keep)
+    keep.update(random.Random(seed).sample(others, max(0, min(len(others), size - len(keep)))))
+    return {doc_id: text for doc_id, text in data.corpus.items() if doc_id in keep}
 
 
 def _has_static_query_route(model: SentenceTransformer) -> bool:
@@ -408,7 +420,7 @@ def train_daft(
             evaluators.append(
                 InformationRetrievalEvaluator(
                     validation_data.queries,
-                    validation_data.corpus,
+                    _validation_corpus(validation_data, config.validation_corpus_size, config.seed),
                     validation_data.relevant_docs,
                     name=IR_EVALUATOR_NAME,
                     batch_size=64,

@@ -1,0 +1,95 @@
+"""Render benchmarks/results/*.json as the markdown tables of docs/benchmarks.md (between marker comments).
+
+Usage::
+
+    python benchmarks/report.py            # rewrites the generated blocks of docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+RESULTS = Path("benchmarks/results")
+DOC = Path("docs/benchmarks.md")
+
+LABELS = {
+    "a": "(a) all-MiniLM-L6-v2, symmetric, zero-shot",
+    "b": "(b) all-MiniLM-L6-v2, symmetric, fine-tuned",
+    "c": "(c) static + MiniLM, zero-shot",
+    "d": "(d) static + MiniLM, plain joint fine-tuning",
+    "e": "(e) static + MiniLM, DAFT",
+    "e-labelfree": "(e+) static + MiniLM, vocabulary + corpus + DAFT",
+    "f-plain": "(f) tiny:2,128 + MiniLM, plain joint fine-tuning",
+    "f-daft": "(f) tiny:2,128 + MiniLM, DAFT",
+}
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def daft_table() -> str:
+    speeds = {}
+    speed_file = RESULTS / "query_speed.json"
+    if speed_file.is_file():
+        speeds = json.loads(speed_file.read_text())["models"]
+    rows = [
+        "| configuration | SciFact nDCG@10 | R@100 | MRR@10 | python-faq nDCG@10 | queries/s b=1 | queries/s b=32 "
+        "| train s | collapsed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, label in LABELS.items():
+        path = RESULTS / f"daft_{name}.json"
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        speed = speeds.get(name, {})
+        collapsed = any(stage.get("collapsed") for stage in result.get("stages", []))
+        rows.append(
+            f"| {label} | {_fmt(result['scifact']['ndcg_at_10'])} | {_fmt(result['scifact']['recall_at_100'])} "
+            f"| {_fmt(result['scifact']['mrr_at_10'])} | {_fmt(result['python-faq']['ndcg_at_10'])} "
+            f"| {_fmt(speed.get('batch_1'), 0)} | {_fmt(speed.get('batch_32'), 0)} | {result['train_seconds']:.0f} "
+            f"| {'yes' if collapsed else 'no'} |"
+        )
+    return "\n".join(rows)
+
+
+def collapse_table() -> str:
+    rows = [
+        "| configuration | stage | step | query mean cos | query std | document std | 1-NN KL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ("e", "f-plain", "f-daft"):
+        path = RESULTS / f"daft_{name}.json"
+        if not path.is_file():
+            continue
+        for row in json.loads(path.read_text()).get("collapse_trace", []):
+            if "eval_alignment_knn_kl" not in row:
+                continue
+            rows.append(
+                f"| {name} | {row['stage']} | {row['step']} | {_fmt(row.get('eval_alignment_query_mean_cosine'))} "
+                f"| {_fmt(row.get('eval_alignment_query_std'), 4)} | {_fmt(row.get('eval_alignment_document_std'), 4)} "
+                f"| {_fmt(row.get('eval_alignment_knn_kl'), 1)} |"
+            )
+    return "\n".join(rows)
+
+
+def replace_block(text: str, marker: str, content: str) -> str:
+    pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"docs/benchmarks.md has no <!-- {marker}:start/end --> block")
+    return pattern.sub(lambda match: match.group(1) + content + "\n" + match.group(2), text)
+
+
+def main() -> None:
+    text = DOC.read_text()
+    text = replace_block(text, "daft-table", daft_table())
+    text = replace_block(text, "collapse-table", collapse_table())
+    DOC.write_text(text)
+    print(f"updated {DOC}")
+
+
+if __name__ == "__main__":
+    main()
