@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--guard", default=None)
     parser.add_argument("--guard-weight", type=float, default=None)
     parser.add_argument("--align-steps", type=int, default=None)
+    parser.add_argument("--corpus-steps", type=int, default=None)
+    parser.add_argument("--corpus-max-texts", type=int, default=None)
     parser.add_argument("--align-lr", type=float, default=None)
     parser.add_argument("--finetune-epochs", type=float, default=None)
     parser.add_argument("--query-lr", type=float, default=None)
@@ -96,6 +98,10 @@ def main() -> None:
         config = DAFTConfig(stages=setup["stages"], guard=setup.get("guard", "variance"), seed=args.seed)
         if args.guard_weight is not None:
             config.guard_weight = args.guard_weight
+        if args.corpus_steps is not None:
+            config.corpus = replace(config.corpus, max_steps=args.corpus_steps)
+        if args.corpus_max_texts is not None:
+            config.corpus_max_texts = args.corpus_max_texts
         if args.align_steps is not None:
             config.align = replace(config.align, max_steps=args.align_steps)
         if args.align_lr is not None:
