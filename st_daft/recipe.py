@@ -201,6 +201,17 @@ def _is_asymmetric(model: SentenceTransformer) -> bool:
     return True
 
 
+def _best_evaluation(state: Any) -> dict[str, float]:
+    """The logged evaluation of the checkpoint the trainer kept (saves evaluating the kept model once more)."""
+    if not state.best_model_checkpoint:
+        return {}
+    best_step = int(Path(state.best_model_checkpoint).name.split("-")[-1])
+    for row in reversed(state.log_history):
+        if row.get("step") == best_step and any(key.startswith("eval_") for key in row):
+            return {key[len("eval_") :]: value for key, value in row.items() if key.startswith("eval_")}
+    return {}
+
+
 def _validation_corpus(data: RetrievalData, size: int | None, seed: int) -> dict[str, str]:
     if size is None or size >= len(data.corpus):
         return data.corpus
@@ -265,7 +276,7 @@ def _run_stage(
         trainer.callback_handler.callbacks.insert(position, callback)
     logger.info("stage %s: %s", name, args.output_dir)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    final_metrics = evaluator(model)
+    final_metrics = _best_evaluation(trainer.state) or evaluator(model)
     summary = {
         "stage": name,
         "global_step": trainer.state.global_step,
