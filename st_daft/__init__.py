@@ -15,9 +15,12 @@ from st_daft.collapse import (
     mean_pairwise_cosine,
     per_dimension_std,
 )
+from st_daft.corpus_alignment import alignment_dataset, alignment_texts
+from st_daft.corrector import CorrectorNetwork, drift_loss, staleness_error
 from st_daft.data import DataError, RetrievalData, load_beir
 from st_daft.evaluation import evaluate_retrieval, to_mteb_task
-from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss
+from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
+from st_daft.mining import MinedNegativesLoss, NegativeMiner, NegativeMiningCallback, NegativeStrategy, parse_negatives
 from st_daft.model import (
     DOCUMENT_ROUTE,
     QUERY_ROUTE,
@@ -33,40 +36,53 @@ from st_daft.model import (
     unfreeze_route,
 )
 from st_daft.recipe import DAFTConfig, StageConfig, train_daft
+from st_daft.vocabulary import initialize_static_route
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "alignment_dataset",
+    "alignment_texts",
+    "build_asymmetric_model",
     "CacheMismatchError",
+    "collapse_statistics",
     "CollapseEvaluator",
     "CollapseMonitorCallback",
     "CollapseSafeContrastiveLoss",
+    "CorrectorNetwork",
+    "count_parameters",
     "DAFTAlignmentLoss",
     "DAFTConfig",
-    "DOCUMENT_ROUTE",
     "DataError",
-    "QUERY_ROUTE",
-    "RetrievalData",
-    "StageConfig",
-    "StaleEmbeddingCache",
-    "build_asymmetric_model",
-    "count_parameters",
-    "collapse_statistics",
     "default_document_encoder",
+    "DOCUMENT_ROUTE",
+    "drift_loss",
     "effective_rank",
     "evaluate_retrieval",
     "freeze_route",
     "frozen_route",
     "get_route",
     "get_router",
+    "initialize_static_route",
     "is_collapsed",
     "knn_kl_divergence",
+    "LabelFreeAlignmentLoss",
     "load_beir",
     "mean_pairwise_cosine",
+    "MinedNegativesLoss",
+    "NegativeMiner",
+    "NegativeMiningCallback",
+    "NegativeStrategy",
+    "parse_negatives",
     "per_dimension_std",
+    "QUERY_ROUTE",
+    "RetrievalData",
     "route_parameter_pattern",
     "set_route_trainable",
-    "train_daft",
+    "StageConfig",
+    "StaleEmbeddingCache",
+    "staleness_error",
     "to_mteb_task",
+    "train_daft",
     "unfreeze_route",
 ]
