@@ -43,7 +43,7 @@ def _collapse_trace(summary: dict) -> list[dict]:
     """Per logged step: the evaluator's collapse statistics and the loss's batch statistics."""
     trace = []
     for stage in summary.get("stages", []):
-        for row in stage["log_history"]:
+        for row in stage.get("log_history", []):  # the vocabulary stage logs nothing
             keep = {k: v for k, v in row.items() if "mean_cosine" in k or k.endswith("_std") or "knn_kl" in k}
             if keep:
                 trace.append({"stage": stage["stage"], "step": row.get("step"), **keep})
