@@ -332,6 +332,30 @@ def train_daft(
     output_dir.mkdir(parents=True, exist_ok=True)
     cache: StaleEmbeddingCache | None = None
 
+    def run_frozen_stage(
+        name: str, stage_dir: Path, stage: StageConfig, pairs: Dataset, loss: Any, mapping: dict[str, str]
+    ) -> dict[str, Any]:
+        """A stage that trains the query route against the frozen document route, early-stopped on the KL."""
+        evaluator = CollapseEvaluator(kl_texts, name=KL_EVALUATOR_NAME)
+        # A randomly initialised query route starts out "collapsed" (near-constant outputs): alignment is what
+        # fixes that, so these stages record collapse but do not stop on it.
+        monitor = CollapseMonitorCallback(
+            evaluator_name=KL_EVALUATOR_NAME, kl_patience=config.kl_patience, stop_on_collapse=False
+        )
+        args = _training_arguments(
+            stage_dir,
+            stage,
+            config,
+            metric=f"eval_{KL_EVALUATOR_NAME}_knn_kl",
+            greater_is_better=False,
+            router_mapping=mapping,
+        )
+        stage_summary = _run_stage(
+            name, model, args, pairs, loss, evaluator, monitor, _resume(stage_dir, resume_from_checkpoint)
+        )
+        unfreeze_route(model, DOCUMENT_ROUTE)
+        return stage_summary
+
     if "vocabulary" in config.stages:
         if _has_static_query_route(model):
             started = time.perf_counter()
@@ -356,23 +380,8 @@ def train_daft(
         loss = LabelFreeAlignmentLoss(
             model, regression=config.corpus_regression, contrastive_weight=config.corpus_contrastive_weight
         )
-        evaluator = CollapseEvaluator(kl_texts, name=KL_EVALUATOR_NAME)
-        monitor = CollapseMonitorCallback(
-            evaluator_name=KL_EVALUATOR_NAME, kl_patience=config.kl_patience, stop_on_collapse=False
-        )
-        args = _training_arguments(
-            stage_dir,
-            config.corpus,
-            config,
-            metric=f"eval_{KL_EVALUATOR_NAME}_knn_kl",
-            greater_is_better=False,
-            router_mapping={"text": QUERY_ROUTE},
-        )
-        stage_summary = _run_stage(
-            "corpus", model, args, corpus_pairs, loss, evaluator, monitor, _resume(stage_dir, resume_from_checkpoint)
-        )
+        stage_summary = run_frozen_stage("corpus", stage_dir, config.corpus, corpus_pairs, loss, {"text": QUERY_ROUTE})
         stage_summary["num_texts"] = len(texts)
-        unfreeze_route(model, DOCUMENT_ROUTE)
         summary["stages"].append(stage_summary)
 
     if "align" in config.stages:
@@ -382,24 +391,7 @@ def train_daft(
         loss = DAFTAlignmentLoss(
             model, scale=config.scale, document_cache=cache, cache_negatives=config.cache_negatives
         )
-        evaluator = CollapseEvaluator(kl_texts, name=KL_EVALUATOR_NAME)
-        # A randomly initialised query route starts out "collapsed" (near-constant outputs): alignment is what
-        # fixes that, so this stage records collapse but does not stop on it.
-        monitor = CollapseMonitorCallback(
-            evaluator_name=KL_EVALUATOR_NAME, kl_patience=config.kl_patience, stop_on_collapse=False
-        )
-        args = _training_arguments(
-            stage_dir,
-            config.align,
-            config,
-            metric=f"eval_{KL_EVALUATOR_NAME}_knn_kl",
-            greater_is_better=False,
-            router_mapping=router_mapping,
-        )
-        stage_summary = _run_stage(
-            "align", model, args, train_pairs, loss, evaluator, monitor, _resume(stage_dir, resume_from_checkpoint)
-        )
-        unfreeze_route(model, DOCUMENT_ROUTE)
+        stage_summary = run_frozen_stage("align", stage_dir, config.align, train_pairs, loss, router_mapping)
         summary["stages"].append(stage_summary)
 
     if "finetune" in config.stages:
