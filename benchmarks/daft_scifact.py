@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=float, default=None)
     parser.add_argument("--query-lr", type=float, default=None)
     parser.add_argument("--document-lr", type=float, default=None)
+    parser.add_argument("--document-store", default=None, help="DocumentEmbeddingStore folder (reused across runs)")
+    parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -95,7 +97,12 @@ def main() -> None:
     }
     started = time.perf_counter()
     if setup["stages"]:
-        config = DAFTConfig(stages=setup["stages"], guard=setup.get("guard", "variance"), seed=args.seed)
+        config = DAFTConfig(
+            stages=setup["stages"],
+            guard=setup.get("guard", "variance"),
+            seed=args.seed,
+            document_store=args.document_store,
+        )
         if args.guard_weight is not None:
             config.guard_weight = args.guard_weight
         if args.corpus_steps is not None:
@@ -108,6 +115,8 @@ def main() -> None:
             config.align = replace(config.align, learning_rate=args.align_lr)
         if args.finetune_epochs is not None:
             config.finetune = replace(config.finetune, epochs=args.finetune_epochs)
+        if args.finetune_steps is not None:
+            config.finetune = replace(config.finetune, max_steps=args.finetune_steps)
         if args.query_lr is not None:
             config.finetune = replace(config.finetune, learning_rate=args.query_lr)
         if args.document_lr is not None:
@@ -125,7 +134,9 @@ def main() -> None:
         result["train_seconds"] = 0.0
 
     for dataset in ("scifact", "python-faq"):
-        scores = evaluate_retrieval(str(output), shared / dataset, split="test", show_progress_bar=False)
+        scores = evaluate_retrieval(
+            str(output), shared / dataset, split="test", show_progress_bar=False, document_store=args.document_store
+        )
         result[dataset] = {k: scores[k] for k in ("ndcg_at_10", "recall_at_100", "mrr_at_10") if k in scores}
         print(f"{name} {dataset}: nDCG@10 {scores['ndcg_at_10']:.4f}", flush=True)
     result["model_path"] = str(output)

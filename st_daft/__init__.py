@@ -27,6 +27,7 @@ from st_daft.model import (
     build_asymmetric_model,
     count_parameters,
     default_document_encoder,
+    export_route,
     freeze_route,
     frozen_route,
     get_route,
@@ -36,6 +37,7 @@ from st_daft.model import (
     unfreeze_route,
 )
 from st_daft.recipe import DAFTConfig, StageConfig, train_daft
+from st_daft.store import DocumentEmbeddingStore, document_encoder_key
 from st_daft.vocabulary import initialize_static_route
 
 __version__ = "0.1.0"
@@ -56,9 +58,12 @@ __all__ = [
     "DataError",
     "default_document_encoder",
     "DOCUMENT_ROUTE",
+    "document_encoder_key",
+    "DocumentEmbeddingStore",
     "drift_loss",
     "effective_rank",
     "evaluate_retrieval",
+    "export_route",
     "freeze_route",
     "frozen_route",
     "get_route",

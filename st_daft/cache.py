@@ -19,7 +19,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from sentence_transformers import SentenceTransformer
 from torch import Tensor
 
 from st_daft.model import DOCUMENT_ROUTE, get_route
+
+if TYPE_CHECKING:
+    from st_daft.store import DocumentEmbeddingStore
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +113,15 @@ class StaleEmbeddingCache:
         show_progress_bar: bool = True,
         folder: str | Path | None = None,
         chunk_size: int = 8192,
+        store: DocumentEmbeddingStore | None = None,
     ) -> StaleEmbeddingCache:
         """Embed ``corpus`` (id -> text) once with the model's document route.
 
         With ``folder`` the embeddings are written chunk by chunk into an on-disk ``.npy`` memmap there (with the
         keys and metadata, i.e. a saved cache) and the returned cache reads them memory-mapped, so a corpus larger
-        than memory can be cached. ``dtype=torch.float16`` halves the size either way.
+        than memory can be cached. ``dtype=torch.float16`` halves the size either way. With a
+        :class:`~st_daft.store.DocumentEmbeddingStore`, documents it already holds for this document route are read
+        from it instead of being encoded again.
         """
         if not corpus:
             raise ValueError("cannot build a cache over an empty corpus")
@@ -129,13 +135,13 @@ class StaleEmbeddingCache:
             keys.extend(token_keys(model.preprocess(texts[start : start + 1024], task=DOCUMENT_ROUTE)))
         fingerprint = route_fingerprint(model)
         if folder is None:
-            embeddings = embed_documents(model, texts, batch_size, show_progress_bar=show_progress_bar)
+            embeddings = embed_documents(model, texts, batch_size, show_progress_bar=show_progress_bar, store=store)
             return cls(ids, embeddings.to("cpu", dtype), keys, fingerprint)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / METADATA_FILE).unlink(missing_ok=True)  # the folder is not a valid cache until it is complete
         dimension = _write_memmap(
-            folder / EMBEDDINGS_FILE, model, texts, batch_size, dtype, show_progress_bar, chunk_size
+            folder / EMBEDDINGS_FILE, model, texts, batch_size, dtype, show_progress_bar, chunk_size, store
         )
         cache = cls.__new__(cls)
         cache._init_fields(ids, torch.empty(0, 0), keys, fingerprint)
@@ -262,12 +268,21 @@ class StaleEmbeddingCache:
 
 
 def embed_documents(
-    model: SentenceTransformer, texts: list[str], batch_size: int = 64, show_progress_bar: bool = False
+    model: SentenceTransformer,
+    texts: list[str],
+    batch_size: int = 64,
+    show_progress_bar: bool = False,
+    store: DocumentEmbeddingStore | None = None,
 ) -> Tensor:
-    """Document-route embeddings of ``texts`` (eval mode, no gradient) as a CPU float32 tensor."""
+    """Document-route embeddings of ``texts`` (eval mode, no gradient) as a CPU float32 tensor.
+
+    With a ``store``, texts it holds for this exact document route are read back and the others are stored.
+    """
     was_training = model.training
     model.eval()
     try:
+        if store is not None:
+            return torch.from_numpy(store.encode_document(model, texts, batch_size, show_progress_bar))
         embeddings = model.encode_document(
             texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar
         )
@@ -325,13 +340,14 @@ def _write_memmap(
     dtype: torch.dtype,
     show_progress_bar: bool,
     chunk_size: int,
+    store: DocumentEmbeddingStore | None = None,
 ) -> int:
     """Embed ``texts`` chunk by chunk into an .npy memmap at ``path`` (renamed into place when complete)."""
     temporary = path.with_name(path.name + ".tmp.npy")
     numpy_dtype = np.float16 if dtype == torch.float16 else np.float32
     memmap = None
     for start in range(0, len(texts), chunk_size):
-        chunk = embed_documents(model, texts[start : start + chunk_size], batch_size, show_progress_bar)
+        chunk = embed_documents(model, texts[start : start + chunk_size], batch_size, show_progress_bar, store)
         if memmap is None:
             shape = (len(texts), chunk.shape[1])
             memmap = np.lib.format.open_memmap(temporary, mode="w+", dtype=numpy_dtype, shape=shape)

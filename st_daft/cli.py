@@ -1,4 +1,4 @@
-"""The ``st-daft`` command: ``st-daft train`` and ``st-daft evaluate``."""
+"""The ``st-daft`` command: ``st-daft train``, ``st-daft evaluate`` and ``st-daft export``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,12 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
     return number
+
+
+_DOCUMENT_STORE_HELP = (
+    "folder of a document embedding store: document-route embeddings are kept there and reused by later runs "
+    "with the same document encoder (e.g. a frozen one)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="resume each stage from its last checkpoint")
     train.add_argument("--keep-checkpoints", action="store_true", help="keep the per-stage checkpoint folders")
+    train.add_argument("--document-store", default=None, help=_DOCUMENT_STORE_HELP)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a model on a BEIR folder or MTEB task through MTEB")
     evaluate.add_argument("model", help="model folder or Hub id")
@@ -96,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--output", default=None, help="write the scores to this JSON file")
     evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--document-store", default=None, help=_DOCUMENT_STORE_HELP)
+
+    export = commands.add_parser(
+        "export", help="save one route of an asymmetric model as a plain model (serve queries with the query route)"
+    )
+    export.add_argument("model", help="asymmetric model folder or Hub id")
+    export.add_argument("output", help="folder for the exported model")
+    export.add_argument("--route", default="query", help="route to export: query (default) or document")
     return parser
 
 
@@ -107,6 +122,7 @@ def _config_from_args(args: argparse.Namespace):
         seed=args.seed,
         negatives=getattr(args, "negatives", "in-batch"),
         num_negatives=getattr(args, "num_negatives", 4),
+        document_store=getattr(args, "document_store", None),
     )
     align, finetune, corpus = config.align, config.finetune, config.corpus
     if args.corpus_steps is not None:
@@ -183,11 +199,30 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from st_daft.evaluation import evaluate_retrieval
 
     scores = evaluate_retrieval(
-        args.model, args.data, split=args.split, output_path=args.output, batch_size=args.batch_size
+        args.model,
+        args.data,
+        split=args.split,
+        output_path=args.output,
+        batch_size=args.batch_size,
+        document_store=args.document_store,
     )
     print(json.dumps(scores, indent=2))
     if args.output:
         print(f"scores written to {Path(args.output)}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from sentence_transformers import SentenceTransformer
+
+    from st_daft.model import export_route
+
+    model = SentenceTransformer(args.model, device="cpu")
+    exported = export_route(model, args.route, output_path=args.output)
+    route_parameters = sum(parameter.numel() for parameter in exported.parameters())
+    model_parameters = sum(parameter.numel() for parameter in model.parameters())
+    print(f"{args.route} route: {route_parameters:,} parameters (full model: {model_parameters:,})")
+    print(f"model saved to {Path(args.output)}")
     return 0
 
 
@@ -199,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command == "export":
+            return run_export(args)
         return run_evaluate(args)
     except (DataError, FileNotFoundError, ValueError) as error:
         print(f"st-daft {args.command}: error: {error}", file=sys.stderr)

@@ -16,6 +16,8 @@ import torch
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer
 
+from st_daft.store import DocumentEmbeddingStore
+
 __all__ = ["alignment_texts", "alignment_dataset", "TEXT_KINDS"]
 
 TEXT_KINDS = ("titles", "sentences", "spans", "passages")
@@ -88,18 +90,29 @@ def alignment_texts(
 
 
 def alignment_dataset(
-    model: SentenceTransformer, texts: list[str], batch_size: int = 128, show_progress_bar: bool = True
+    model: SentenceTransformer,
+    texts: list[str],
+    batch_size: int = 128,
+    show_progress_bar: bool = True,
+    store: DocumentEmbeddingStore | None = None,
 ) -> Dataset:
-    """``{"text", "label"}`` rows: each text and the document route's (normalised) embedding of it."""
+    """``{"text", "label"}`` rows: each text and the document route's (normalised) embedding of it.
+
+    With a :class:`~st_daft.store.DocumentEmbeddingStore`, targets computed by an earlier run with the same document
+    route are read back instead of encoded again.
+    """
     if not texts:
         raise ValueError("no alignment texts")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            targets = model.encode_document(
-                texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=show_progress_bar
-            )
+            if store is not None:
+                targets = store.encode_document(model, texts, batch_size, show_progress_bar)
+            else:
+                targets = model.encode_document(
+                    texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=show_progress_bar
+                )
     finally:
         model.train(was_training)
     return Dataset.from_dict({"text": texts, "label": targets.tolist()})

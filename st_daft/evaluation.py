@@ -28,12 +28,16 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from st_daft.data import DataError, RetrievalData, load_beir
+from st_daft.store import DocumentEmbeddingStore, document_encoder_key
 
 if TYPE_CHECKING:
     from mteb.abstasks.retrieval import AbsTaskRetrieval
@@ -210,6 +214,37 @@ def _wrap_model(model: SentenceTransformer) -> SentenceTransformerEncoderWrapper
         meta_logger.setLevel(previous_level)
 
 
+@contextmanager
+def _documents_from_store(model: SentenceTransformer, store: DocumentEmbeddingStore | None) -> Iterator[None]:
+    """While active, ``model.encode_document`` reads texts ``store`` holds for this document route from it.
+
+    MTEB's wrapper calls ``model.encode_document`` batch by batch; an instance attribute shadows the method for the
+    evaluation only, so the model is unchanged afterwards. Non-text inputs go straight to the model.
+    """
+    if store is None:
+        yield
+        return
+    original = model.encode_document
+    encoder_key = document_encoder_key(model)
+
+    def encode_document(inputs: Any, prompt: str | None = None, **kwargs: Any) -> Any:
+        if not isinstance(inputs, list) or not all(isinstance(text, str) for text in inputs):
+            return original(inputs, prompt=prompt, **kwargs)
+        options = {**kwargs, "convert_to_numpy": True, "convert_to_tensor": False}
+
+        def compute(missing: list[str]) -> np.ndarray:
+            return original(missing, prompt=prompt, **options)
+
+        return store.embeddings(model, inputs, compute, kind="document", prompt=prompt, encoder_key=encoder_key)
+
+    model.encode_document = encode_document
+    try:
+        yield
+    finally:
+        del model.encode_document
+        logger.info("document store: %d documents read back, %d encoded", store.hits, store.misses)
+
+
 def _count(task: AbsTaskRetrieval, split: str, column: str) -> int:
     """The number of queries or documents MTEB evaluated on, summed over the task's subsets."""
     total = 0
@@ -241,6 +276,7 @@ def evaluate_retrieval(
     output_path: str | Path | None = None,
     batch_size: int = 64,
     show_progress_bar: bool = True,
+    document_store: DocumentEmbeddingStore | str | Path | None = None,
 ) -> dict[str, float | int | str]:
     """Evaluate a (possibly asymmetric) SentenceTransformer on a retrieval collection with MTEB.
 
@@ -259,6 +295,9 @@ def evaluate_retrieval(
         output_path: if given, the returned dict is also written there as JSON (parent folders are created).
         batch_size: the encoding batch size.
         show_progress_bar: whether to show encoding progress bars.
+        document_store: a :class:`~st_daft.store.DocumentEmbeddingStore` (or its folder). Document embeddings it
+            holds for this model's exact document route are read back, the others are encoded and stored: comparing
+            several query routes against one frozen document encoder embeds each corpus once.
 
     Returns:
         A flat dict: ``task``, ``split``, ``model`` (when known), ``num_queries``, ``num_documents``, MTEB's
@@ -290,16 +329,19 @@ def evaluate_retrieval(
     loaded_here = not task.data_loaded
     if loaded_here:
         task.load_data()
+    if document_store is not None and not isinstance(document_store, DocumentEmbeddingStore):
+        document_store = DocumentEmbeddingStore(document_store)
     try:
-        model_result = mteb.evaluate(
-            _wrap_model(model),
-            task,
-            cache=None,
-            co2_tracker=False,
-            raise_error=True,
-            encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress_bar},
-            show_progress_bar=show_progress_bar,
-        )
+        with _documents_from_store(model, document_store):
+            model_result = mteb.evaluate(
+                _wrap_model(model),
+                task,
+                cache=None,
+                co2_tracker=False,
+                raise_error=True,
+                encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress_bar},
+                show_progress_bar=show_progress_bar,
+            )
         num_queries = _count(task, split, "queries")
         num_documents = _count(task, split, "corpus")
     finally:

@@ -54,6 +54,7 @@ from st_daft.model import (
     route_parameter_pattern,
     unfreeze_route,
 )
+from st_daft.store import DocumentEmbeddingStore
 from st_daft.vocabulary import initialize_static_route
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,9 @@ class DAFTConfig:
         num_validation_texts: held-out texts for the KL criterion.
         validation_corpus_size: documents the validation retrieval runs over (the validation queries' relevant
             documents plus random others); None for the whole corpus. Each evaluation re-encodes them.
+        document_store: folder of a :class:`~st_daft.store.DocumentEmbeddingStore`. What the frozen document route
+            embeds (vocabulary, label-free targets, the corpus cache) is kept there, keyed by the route's parameters,
+            and later runs with the same document encoder read it back instead of encoding it again.
         seed: random seed.
     """
 
@@ -146,6 +150,7 @@ class DAFTConfig:
     validation_fraction: float = 0.1
     num_validation_texts: int = 500
     validation_corpus_size: int | None = 2000
+    document_store: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -331,6 +336,7 @@ def train_daft(
     summary: dict[str, Any] = {"config": asdict(config), "num_train_pairs": len(train_pairs), "stages": []}
     output_dir.mkdir(parents=True, exist_ok=True)
     cache: StaleEmbeddingCache | None = None
+    store = DocumentEmbeddingStore(config.document_store) if config.document_store else None
 
     def run_frozen_stage(
         name: str, stage_dir: Path, stage: StageConfig, pairs: Dataset, loss: Any, mapping: dict[str, str]
@@ -359,7 +365,7 @@ def train_daft(
     if "vocabulary" in config.stages:
         if _has_static_query_route(model):
             started = time.perf_counter()
-            info = initialize_static_route(model, zipf_weighting=config.zipf_weighting)
+            info = initialize_static_route(model, zipf_weighting=config.zipf_weighting, store=store)
             summary["stages"].append(
                 {"stage": "vocabulary", **info, "seconds": round(time.perf_counter() - started, 1)}
             )
@@ -376,7 +382,7 @@ def train_daft(
             max_texts=config.corpus_max_texts,
             seed=config.seed,
         )
-        corpus_pairs = alignment_dataset(model, texts)
+        corpus_pairs = alignment_dataset(model, texts, store=store)
         loss = LabelFreeAlignmentLoss(
             model, regression=config.corpus_regression, contrastive_weight=config.corpus_contrastive_weight
         )
@@ -387,7 +393,7 @@ def train_daft(
     if "align" in config.stages:
         stage_dir = output_dir / "stage-1-align"
         freeze_route(model, DOCUMENT_ROUTE)
-        cache = StaleEmbeddingCache.build(model, train_data.corpus)
+        cache = StaleEmbeddingCache.build(model, train_data.corpus, store=store)
         loss = DAFTAlignmentLoss(
             model, scale=config.scale, document_cache=cache, cache_negatives=config.cache_negatives
         )
@@ -403,7 +409,7 @@ def train_daft(
         if parse_negatives(config.negatives).mine:
             # The alignment stage's cache is exact for the document route fine-tuning starts from: reuse it.
             if cache is None or not cache.is_current(model):
-                cache = StaleEmbeddingCache.build(model, train_data.corpus)
+                cache = StaleEmbeddingCache.build(model, train_data.corpus, store=store)
             miner = NegativeMiner(
                 cache,
                 train_data.corpus,

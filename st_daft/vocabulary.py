@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, get_route
+from st_daft.store import DocumentEmbeddingStore
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +53,21 @@ def distill_token_embeddings(
     texts: list[str],
     batch_size: int = 1024,
     show_progress_bar: bool = True,
+    store: DocumentEmbeddingStore | None = None,
 ) -> Tensor:
     """Embed each text (a vocabulary token) with the document route, before normalisation.
 
-    Returns ``(len(texts), dim)`` float32 embeddings; empty texts get a zero vector.
+    Returns ``(len(texts), dim)`` float32 embeddings; empty texts get a zero vector. With a ``store``, vectors an
+    earlier run distilled through the same document route are read back.
     """
+    if store is not None:
+        vectors = store.embeddings(
+            model,
+            texts,
+            lambda missing: distill_token_embeddings(model, missing, batch_size, show_progress_bar).numpy(),
+            kind="vocabulary",
+        )
+        return torch.from_numpy(vectors)
     document_route = get_route(model, DOCUMENT_ROUTE)
     was_training = document_route.training
     document_route.eval()
@@ -93,6 +104,7 @@ def initialize_static_route(
     batch_size: int = 1024,
     show_progress_bar: bool = True,
     seed: int = 0,
+    store: DocumentEmbeddingStore | None = None,
 ) -> dict[str, float]:
     """Initialise the model's static query route from document-route embeddings of its whole vocabulary.
 
@@ -122,7 +134,7 @@ def initialize_static_route(
         generator = torch.Generator().manual_seed(seed)
         rows = torch.randperm(len(texts), generator=generator)[:max_fit_tokens].sort().values
     targets = distill_token_embeddings(
-        model, [texts[i] for i in rows], batch_size=batch_size, show_progress_bar=show_progress_bar
+        model, [texts[i] for i in rows], batch_size=batch_size, show_progress_bar=show_progress_bar, store=store
     )
     used = torch.tensor([bool(texts[i].strip()) for i in rows.tolist()])
     if center:

@@ -160,3 +160,24 @@ def test_recipe_runs_the_label_free_stages(tiny_document_model_dir: Path, tiny_b
     config.stages = ("vocabulary", "corpus")
     summary = train_daft(tiny, load_beir(tiny_beir_dir, "train"), tmp_path / "tiny", config)
     assert [stage["stage"] for stage in summary["stages"]] == ["corpus"], "vocabulary is skipped for tiny routes"
+
+
+def test_recipe_reuses_the_document_store(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
+    config = DAFTConfig(
+        stages=("vocabulary", "corpus", "align"),
+        corpus=StageConfig(max_steps=1, batch_size=8, eval_steps=1, warmup_ratio=0.0),
+        align=StageConfig(max_steps=1, batch_size=4, eval_steps=1, warmup_ratio=0.0),
+        corpus_max_texts=40,
+        validation_fraction=0.2,
+        num_validation_texts=16,
+        document_store=str(tmp_path / "store"),
+    )
+    data = load_beir(tiny_beir_dir, "train")
+    train_daft(build_asymmetric_model(str(tiny_document_model_dir), "static"), data, tmp_path / "first", config)
+    shards = sorted((tmp_path / "store").rglob("shard-*.npz"))
+    # Vocabulary vectors are one kind of row; alignment targets and the corpus cache share "document" rows.
+    stored_keys = {key.tobytes() for shard in shards for key in np.load(shard)["keys"]}
+    assert len(shards) >= 2 and len(stored_keys) > 100
+    second = build_asymmetric_model(str(tiny_document_model_dir), "static", seed=1)
+    train_daft(second, data, tmp_path / "second", config)
+    assert sorted((tmp_path / "store").rglob("shard-*.npz")) == shards, "a second run encodes nothing new"

@@ -1,0 +1,174 @@
+"""A persistent store of document-route embeddings, shared by every run that uses the same document encoder.
+
+A frozen document route embeds the same texts again and again: the corpus for the alignment cache, the label-free
+alignment targets, the vocabulary, and the evaluation corpora, once per query route tried. The store keeps each
+embedding on disk under a key made of
+
+- :func:`document_encoder_key`: a digest of the document route's parameters, the modules after the ``Router``
+  (e.g. ``Normalize``) and the route's truncation length, so a fine-tuned document route never reads another
+  route's vectors, and
+- a digest of the text (and of the prompt and the kind of embedding, e.g. ``"document"`` or ``"vocabulary"``).
+
+Only texts the store has not seen are encoded. New rows are written in shards (``.npz`` files written to a temporary
+name and renamed), so a crash loses at most the unflushed rows and never leaves a file that loads half-written;
+two processes can share a store (each writes its own shards).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules.router import Router
+
+from st_daft.model import DOCUMENT_ROUTE, get_route
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DocumentEmbeddingStore", "document_encoder_key"]
+
+
+def document_encoder_key(model: SentenceTransformer) -> str:
+    """A digest of everything that shapes ``model.encode_document``: equal keys mean equal document embeddings.
+
+    Covers the document route's parameters and buffers (the whole model when it has no ``Router``), the modules after
+    the ``Router`` with their parameters, and the route's ``max_seq_length``.
+    """
+    from st_daft.cache import route_fingerprint  # cache imports model; keep the import graph one-way
+
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(route_fingerprint(model, DOCUMENT_ROUTE).encode())
+    for module in model:
+        if isinstance(module, Router):
+            continue
+        digest.update(type(module).__qualname__.encode())
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    try:
+        route = get_route(model, DOCUMENT_ROUTE)
+        max_seq_length = getattr(route[0], "max_seq_length", None)
+    except ValueError:
+        max_seq_length = model.max_seq_length
+    digest.update(f"max_seq_length={max_seq_length}".encode())
+    return digest.hexdigest()
+
+
+def _text_key(text: str, kind: str, prompt: str | None) -> bytes:
+    return hashlib.blake2b(f"{kind}\x00{prompt or ''}\x00{text}".encode(), digest_size=16).digest()
+
+
+class DocumentEmbeddingStore:
+    """Document-route embeddings of texts on disk, reused across runs that share a document encoder.
+
+    Args:
+        folder: where the store lives; one sub-folder per :func:`document_encoder_key`.
+        flush_every: write a shard once this many new rows are pending (and always at the end of each call).
+
+    Example::
+
+        store = DocumentEmbeddingStore("runs/document-store")
+        vectors = store.encode_document(model, corpus_texts)  # encodes once; later runs read them back
+    """
+
+    def __init__(self, folder: str | Path, flush_every: int = 8192) -> None:
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(f"document store {self.folder} exists and is not a folder")
+        self.flush_every = flush_every
+        self._rows: dict[str, dict[bytes, np.ndarray]] = {}  # encoder key -> text key -> vector
+        self.hits = 0
+        self.misses = 0
+
+    def _load(self, encoder_key: str) -> dict[bytes, np.ndarray]:
+        if encoder_key in self._rows:
+            return self._rows[encoder_key]
+        rows: dict[bytes, np.ndarray] = {}
+        for shard in sorted((self.folder / encoder_key).glob("shard-*.npz")):
+            try:
+                with np.load(shard) as data:
+                    keys, vectors = data["keys"], data["vectors"]
+            except (OSError, ValueError, KeyError) as error:
+                logger.warning("document store: skipping unreadable shard %s (%s)", shard, error)
+                continue
+            for key, vector in zip(keys, vectors):
+                rows[key.tobytes()] = vector
+        self._rows[encoder_key] = rows
+        return rows
+
+    def _write_shard(self, encoder_key: str, keys: list[bytes], vectors: np.ndarray) -> None:
+        folder = self.folder / encoder_key
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"shard-{uuid.uuid4().hex}"
+        temporary = folder / f".{name}.tmp"
+        with temporary.open("wb") as handle:
+            np.savez(handle, keys=np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 16), vectors=vectors)
+        os.replace(temporary, folder / f"{name}.npz")
+
+    def embeddings(
+        self,
+        model: SentenceTransformer,
+        texts: Sequence[str],
+        compute: Callable[[list[str]], np.ndarray],
+        kind: str = "document",
+        prompt: str | None = None,
+        encoder_key: str | None = None,
+    ) -> np.ndarray:
+        """``(len(texts), dim)`` float32 embeddings: stored rows read back, the others computed and stored.
+
+        Args:
+            model: the model whose document route ``compute`` runs (its :func:`document_encoder_key` is the
+                namespace).
+            texts: the texts.
+            compute: embeds a list of texts (only those not stored), returning a ``(n, dim)`` array.
+            kind: what ``compute`` returns, e.g. ``"document"`` (``encode_document``) or ``"vocabulary"``.
+            prompt: the prompt ``compute`` uses, if any (part of the key).
+            encoder_key: a precomputed :func:`document_encoder_key` of ``model`` (it hashes all parameters).
+        """
+        encoder_key = encoder_key or document_encoder_key(model)
+        rows = self._load(encoder_key)
+        keys = [_text_key(text, kind, prompt) for text in texts]
+        missing: dict[bytes, str] = {}
+        for key, text in zip(keys, texts):
+            if key not in rows and key not in missing:
+                missing[key] = text
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            missing_keys = list(missing)
+            for start in range(0, len(missing_keys), self.flush_every):
+                chunk = missing_keys[start : start + self.flush_every]
+                vectors = np.asarray(compute([missing[key] for key in chunk]), dtype=np.float32)
+                if vectors.ndim != 2 or vectors.shape[0] != len(chunk):
+                    raise ValueError(f"compute returned shape {vectors.shape} for {len(chunk)} texts")
+                self._write_shard(encoder_key, chunk, vectors)
+                rows.update(zip(chunk, vectors))
+        if not keys:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.stack([rows[key] for key in keys])
+
+    def encode_document(
+        self,
+        model: SentenceTransformer,
+        texts: Sequence[str],
+        batch_size: int = 64,
+        show_progress_bar: bool = False,
+        encoder_key: str | None = None,
+    ) -> np.ndarray:
+        """``model.encode_document(texts)`` as float32, read from the store where possible."""
+
+        def compute(missing: list[str]) -> np.ndarray:
+            return model.encode_document(
+                missing, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=show_progress_bar
+            )
+
+        return self.embeddings(model, texts, compute, kind="document", encoder_key=encoder_key)
+
+    def __repr__(self) -> str:
+        return f"DocumentEmbeddingStore({str(self.folder)!r}, hits={self.hits}, misses={self.misses})"
