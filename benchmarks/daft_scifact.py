@@ -71,6 +71,10 @@ def main() -> None:
     parser.add_argument("--document-store", default=None, help="DocumentEmbeddingStore folder (reused across runs)")
     parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--evaluate-only", action="store_true", help="evaluate the model already trained in --work/NAME, no training"
+    )
+    parser.add_argument("--datasets", default="scifact,python-faq", help="comma-separated collections to evaluate")
     args = parser.parse_args()
 
     setup = dict(CONFIGS[args.config])
@@ -96,7 +100,16 @@ def main() -> None:
         "setup": {k: list(v) if isinstance(v, tuple) else v for k, v in setup.items()},
     }
     started = time.perf_counter()
-    if setup["stages"]:
+    if args.evaluate_only:
+        summary_file = output / "daft_summary.json"
+        if not summary_file.is_file() and setup["stages"]:
+            raise SystemExit(f"--evaluate-only: no trained model with a daft_summary.json in {output}")
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {"stages": []}
+        result["train_seconds"] = None
+        result["stages"] = [{k: v for k, v in stage.items() if k != "log_history"} for stage in summary["stages"]]
+        result["collapse_trace"] = _collapse_trace(summary)
+        result["daft_config"] = summary.get("config")
+    elif setup["stages"]:
         config = DAFTConfig(
             stages=setup["stages"],
             guard=setup.get("guard", "variance"),
@@ -133,7 +146,7 @@ def main() -> None:
         model.save(str(output))
         result["train_seconds"] = 0.0
 
-    for dataset in ("scifact", "python-faq"):
+    for dataset in args.datasets.split(","):
         scores = evaluate_retrieval(
             str(output), shared / dataset, split="test", show_progress_bar=False, document_store=args.document_store
         )

@@ -52,8 +52,8 @@ def daft_table() -> str:
         rows.append(
             f"| {label} | {_fmt(result['scifact']['ndcg_at_10'])} | {_fmt(result['scifact']['recall_at_100'])} "
             f"| {_fmt(result['scifact']['mrr_at_10'])} | {_fmt(result['python-faq']['ndcg_at_10'])} "
-            f"| {_fmt(speed.get('batch_1'), 0)} | {_fmt(speed.get('batch_32'), 0)} | {result['train_seconds']:.0f} "
-            f"| {'yes' if collapsed else 'no'} |"
+            f"| {_fmt(speed.get('batch_1'), 0)} | {_fmt(speed.get('batch_32'), 0)} "
+            f"| {_fmt(result['train_seconds'], 0)} | {'yes' if collapsed else 'no'} |"
         )
         served = speeds.get(name + QUERY_ONLY_SUFFIX)
         if served:  # the same query vectors, so the same scores: only the throughput is new
