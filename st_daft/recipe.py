@@ -366,8 +366,11 @@ def train_daft(
         if _has_static_query_route(model):
             started = time.perf_counter()
             info = initialize_static_route(model, zipf_weighting=config.zipf_weighting, store=store)
+            seconds = round(time.perf_counter() - started, 1)
+            # The same statistics the trained stages end with, so every stage reports the KL it reached.
+            final_metrics = CollapseEvaluator(kl_texts, name=KL_EVALUATOR_NAME, write_csv=False)(model)
             summary["stages"].append(
-                {"stage": "vocabulary", **info, "seconds": round(time.perf_counter() - started, 1)}
+                {"stage": "vocabulary", **info, "seconds": seconds, "final_metrics": final_metrics}
             )
         else:
             logger.warning("vocabulary stage skipped: the query route does not start with a StaticEmbedding")

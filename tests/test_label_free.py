@@ -151,6 +151,7 @@ def test_recipe_runs_the_label_free_stages(tiny_document_model_dir: Path, tiny_b
     )
     summary = train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", config)
     assert [stage["stage"] for stage in summary["stages"]] == ["vocabulary", "corpus", "align"]
+    assert all("alignment_knn_kl" in stage["final_metrics"] for stage in summary["stages"]), "every stage's KL"
     corpus_stage = summary["stages"][1]
     assert corpus_stage["global_step"] == 4 and 0 < corpus_stage["num_texts"] <= 40
     logged = {key for row in corpus_stage["log_history"] for key in row}
