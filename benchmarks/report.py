@@ -84,6 +84,70 @@ def collapse_table() -> str:
     return "\n".join(rows)
 
 
+# Issue #4: which stage buys what, per query encoder (benchmarks/daft_scifact.py --name l4-...).
+LABEL_FREE_ROWS = {
+    "static (MiniLM input embeddings)": [
+        ("c", "untrained"),
+        ("l4-static-v", "vocabulary"),
+        ("l4-static-c", "corpus"),
+        ("l4-static-vc", "vocabulary + corpus"),
+        ("l4-static-a", "align (DAFT stage 1)"),
+        ("l4-static-va", "vocabulary + align"),
+        ("l4-static-vca", "vocabulary + corpus + align"),
+        ("l4-static-vca-long", "vocabulary + corpus (2,000 steps, 40k texts) + align"),
+        ("e", "align + finetune (DAFT, (e))"),
+        ("l4-static-vcaf", "vocabulary + corpus + align + finetune"),
+    ],
+    "tiny:2,128 (random 2-layer BERT)": [
+        ("l4-tiny-a", "align (DAFT stage 1)"),
+        ("l4-tiny-ca", "corpus + align"),
+        ("f-plain", "finetune only (plain)"),
+        ("f-daft", "align + finetune (DAFT)"),
+    ],
+    "tokenlearn (64-d static + Dense)": [
+        ("l4-tokenlearn-v", "vocabulary (projection fit)"),
+        ("l4-tokenlearn-a", "align (DAFT stage 1)"),
+        ("l4-tokenlearn-vca", "vocabulary + corpus + align"),
+    ],
+    "all-MiniLM-L6-v2 (symmetric)": [("a", "zero-shot"), ("b", "fine-tuned")],
+}
+
+
+def _stage_kls(result: dict) -> str:
+    parts = []
+    for stage in result.get("stages", []):
+        kl = (stage.get("final_metrics") or {}).get("alignment_knn_kl")
+        if kl is not None:
+            parts.append(f"{stage['stage']} {kl:.1f}")
+    return ", ".join(parts) or "–"
+
+
+def label_free_table() -> str:
+    speeds = {}
+    speed_file = RESULTS / "query_speed.json"
+    if speed_file.is_file():
+        speeds = json.loads(speed_file.read_text())["models"]
+    rows = [
+        "| query encoder | stages | SciFact nDCG@10 | SciFact R@100 | python-faq nDCG@10 | python-faq R@100 "
+        "| KL at the end of each stage | queries/s b=1 / b=32 (query route alone) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for encoder, entries in LABEL_FREE_ROWS.items():
+        for name, stages in entries:
+            path = RESULTS / f"daft_{name}.json"
+            if not path.is_file():
+                continue
+            result = json.loads(path.read_text())
+            scifact, faq = result.get("scifact", {}), result.get("python-faq", {})
+            speed = speeds.get(name + QUERY_ONLY_SUFFIX) or speeds.get(name) or {}
+            rows.append(
+                f"| {encoder} | {stages} | {_fmt(scifact.get('ndcg_at_10'))} | {_fmt(scifact.get('recall_at_100'))} "
+                f"| {_fmt(faq.get('ndcg_at_10'))} | {_fmt(faq.get('recall_at_100'))} | {_stage_kls(result)} "
+                f"| {_fmt(speed.get('batch_1'), 0)} / {_fmt(speed.get('batch_32'), 0)} |"
+            )
+    return "\n".join(rows)
+
+
 def replace_block(text: str, marker: str, content: str) -> str:
     pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
     if not pattern.search(text):
@@ -95,6 +159,7 @@ def main() -> None:
     text = DOC.read_text()
     text = replace_block(text, "daft-table", daft_table())
     text = replace_block(text, "collapse-table", collapse_table())
+    text = replace_block(text, "labelfree-table", label_free_table())
     DOC.write_text(text)
     print(f"updated {DOC}")
 

@@ -105,12 +105,14 @@ def initialize_static_route(
     show_progress_bar: bool = True,
     seed: int = 0,
     store: DocumentEmbeddingStore | None = None,
+    keep_scale: bool = True,
 ) -> dict[str, float]:
     """Initialise the model's static query route from document-route embeddings of its whole vocabulary.
 
     - A table as wide as the document space is replaced by the distilled vectors, centred (the mean token vector,
       a direction every one-token text shares, removed: without it every mean of tokens points the same way),
-      normalised and Zipf-weighted.
+      normalised and Zipf-weighted; with ``keep_scale`` it is then rescaled to the old table's mean row norm (the
+      route's outputs do not change, but the learning rates that suit the old table keep suiting it).
     - A narrower table followed by a ``Dense`` projection keeps its vectors; the projection is fitted by ridge
       regression onto the distilled vectors of a random sample of ``max_fit_tokens`` tokens (a 65-parameter-wide
       regression needs no more, and distilling a 270k-token vocabulary would take minutes).
@@ -142,6 +144,12 @@ def initialize_static_route(
     targets = torch.nn.functional.normalize(targets, dim=1)
     if weight.shape[1] == targets.shape[1] and projection is None:
         scaled = targets * (_zipf_weights(len(texts))[:, None] if zipf_weighting else 1.0)
+        if keep_scale:
+            # Mean pooling then normalisation ignore a global scale, so this leaves every output unchanged; it keeps
+            # Adam's fixed-size steps as large, relative to the vectors, as they were on the original table.
+            old_norm, new_norm = weight.detach().float().norm(dim=1).mean(), scaled[used].norm(dim=1).mean()
+            if old_norm > 0 and new_norm > 0:
+                scaled = scaled * (old_norm / new_norm).item()
         with torch.no_grad():
             weight.copy_(scaled.to(weight.dtype))
         fitted = targets

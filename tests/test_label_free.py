@@ -100,7 +100,7 @@ def test_vocabulary_initialisation_of_a_static_route(tiny_document_model_dir: Pa
     static = get_route(model, "query")[0]
     texts = vocabulary_texts(static)
     assert len(texts) == static.num_embeddings and "cells" in texts
-    info = initialize_static_route(model, zipf_weighting=True, show_progress_bar=False)
+    info = initialize_static_route(model, zipf_weighting=True, show_progress_bar=False, keep_scale=False)
     assert info["tokens"] == len(texts) and info["fit_cosine"] == pytest.approx(1.0, abs=1e-5)
     index = texts.index("heart")
     distilled = distill_token_embeddings(model, texts, show_progress_bar=False)
@@ -109,6 +109,20 @@ def test_vocabulary_initialisation_of_a_static_route(tiny_document_model_dir: Pa
     row = static.embedding.weight[index].detach()
     assert torch.nn.functional.cosine_similarity(row, expected, dim=0) > 0.9999
     assert row.norm().item() == pytest.approx(np.log1p(index + 1), rel=1e-4)  # Zipf weight log(1 + rank)
+
+
+def test_vocabulary_initialisation_keeps_the_table_scale(tiny_document_model_dir: Path) -> None:
+    rescaled, raw = (build_asymmetric_model(str(tiny_document_model_dir), "static") for _ in range(2))
+    old_norm = get_route(rescaled, "query")[0].embedding.weight.detach().norm(dim=1).mean().item()
+    initialize_static_route(rescaled, show_progress_bar=False)
+    initialize_static_route(raw, show_progress_bar=False, keep_scale=False)
+    texts = vocabulary_texts(get_route(raw, "query")[0])
+    used = torch.tensor([bool(text.strip()) for text in texts])
+    new_norms = get_route(rescaled, "query")[0].embedding.weight.detach().norm(dim=1)
+    assert new_norms[used].mean().item() == pytest.approx(old_norm, rel=1e-4)
+    queries = ["heart cells divide", "a protein"]
+    # Mean pooling and normalisation ignore the global scale: the route computes the same function.
+    np.testing.assert_allclose(rescaled.encode_query(queries), raw.encode_query(queries), atol=1e-5)
 
 
 def test_vocabulary_initialisation_fits_a_projection(tiny_bert_dir: Path, tiny_document_model_dir: Path, tmp_path):
