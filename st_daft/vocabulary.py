@@ -35,7 +35,8 @@ __all__ = ["distill_token_embeddings", "initialize_static_route", "vocabulary_te
 
 
 def vocabulary_texts(static: StaticEmbedding) -> list[str]:
-    """One text per row of the static table: its token, WordPiece ``##`` stripped; ``""`` for rows no token uses."""
+    """One text per row of the static table: its token without word-boundary markers (WordPiece ``##``,
+    SentencePiece ``▁``, byte-level BPE ``Ġ``); ``""`` for rows no token uses."""
     vocabulary = static.tokenizer.get_vocab()
     texts = [""] * static.num_embeddings
     for token, index in vocabulary.items():
@@ -43,8 +44,22 @@ def vocabulary_texts(static: StaticEmbedding) -> list[str]:
             raise ValueError(
                 f"token {token!r} has id {index} but the static table has only {static.num_embeddings} rows"
             )
-        texts[index] = token[2:] if token.startswith("##") and len(token) > 2 else token
+        texts[index] = _surface_form(token)
     return texts
+
+
+# Word-boundary markers of subword vocabularies: SentencePiece "▁" and byte-level BPE "Ġ" start a word; WordPiece
+# "##" continues one. The document tokenizer would read them as characters (MiniLM's: [UNK]), so they are removed.
+_WORD_START_MARKERS = ("\u2581", "\u0120")
+
+
+def _surface_form(token: str) -> str:
+    """The text a vocabulary token stands for, without its tokenizer's word-boundary marker."""
+    if token.startswith("##") and len(token) > 2:
+        return token[2:]
+    if token.startswith(_WORD_START_MARKERS) and len(token) > 1:
+        return token[1:]
+    return token
 
 
 @torch.no_grad()

@@ -196,3 +196,13 @@ def test_recipe_reuses_the_document_store(tiny_document_model_dir: Path, tiny_be
     second = build_asymmetric_model(str(tiny_document_model_dir), "static", seed=1)
     train_daft(second, data, tmp_path / "second", config)
     assert sorted((tmp_path / "store").rglob("shard-*.npz")) == shards, "a second run encodes nothing new"
+
+
+def test_vocabulary_texts_drop_word_boundary_markers() -> None:
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    vocabulary = {"[UNK]": 0, "\u2581python": 1, "\u0120string": 2, "##ing": 3, "\u2581": 4, "plain": 5}
+    static = StaticEmbedding(Tokenizer(WordLevel(vocabulary, unk_token="[UNK]")), embedding_dim=4)
+    assert vocabulary_texts(static) == ["[UNK]", "python", "string", "ing", "\u2581", "plain"]
