@@ -18,7 +18,6 @@ table is kept and the projection is fitted instead: the ``Dense`` weights become
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -184,7 +183,11 @@ def _fit_projection(tokens: Tensor, targets: Tensor, projection: Dense, ridge: f
     """Ridge regression ``[tokens, 1] @ W ~ targets``; writes W into the Dense layer, returns the fit."""
     inputs = torch.cat([tokens, torch.ones(tokens.shape[0], 1)], dim=1).double()
     gram = inputs.T @ inputs
-    gram += ridge * tokens.shape[0] * torch.eye(gram.shape[0], dtype=gram.dtype) / math.sqrt(gram.shape[0])
+    # The penalty is relative to the features' own scale (their mean squared value), so a table stored at any scale
+    # (model2vec tables with folded weights are small) gets the same shrinkage; the bias is not penalised.
+    features = tokens.shape[1]
+    penalty = ridge * torch.diagonal(gram)[:features].mean()
+    gram[:features, :features] += penalty * torch.eye(features, dtype=gram.dtype)
     solution = torch.linalg.solve(gram, inputs.T @ targets.double())
     with torch.no_grad():
         projection.linear.weight.copy_(solution[:-1].T.float())
