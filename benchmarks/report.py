@@ -22,7 +22,7 @@ LABELS = {
     "c": "(c) static + MiniLM, zero-shot",
     "d": "(d) static + MiniLM, plain joint fine-tuning",
     "e": "(e) static + MiniLM, DAFT",
-    "e-labelfree": "(e+) static + MiniLM, vocabulary + corpus + DAFT",
+    "l4-static-vca": "(e+) static + MiniLM, label-free recipe: vocabulary + corpus + align (issue #4)",
     "f-plain": "(f) tiny:2,128 + MiniLM, plain joint fine-tuning",
     "f-daft": "(f) tiny:2,128 + MiniLM, DAFT",
 }
@@ -69,7 +69,7 @@ def collapse_table() -> str:
         "| configuration | stage | step | query mean cos | query std | document std | 1-NN KL |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name in ("e", "f-plain", "f-daft"):
+    for name in ("d", "e", "f-plain", "f-daft"):
         path = RESULTS / f"daft_{name}.json"
         if not path.is_file():
             continue
@@ -94,6 +94,9 @@ LABEL_FREE_ROWS = {
         ("l4-static-a", "align (DAFT stage 1)"),
         ("l4-static-va", "vocabulary + align"),
         ("l4-static-vca", "vocabulary + corpus + align"),
+        ("l4-static-vc-unscaled", "vocabulary (not rescaled) + corpus"),
+        ("l4-static-va-unscaled", "vocabulary (not rescaled) + align"),
+        ("l4-static-vca-unscaled", "vocabulary (not rescaled) + corpus + align"),
         ("l4-static-vca-long", "vocabulary + corpus (2,000 steps, 40k texts) + align"),
         ("e", "align + finetune (DAFT, (e))"),
         ("l4-static-vcaf", "vocabulary + corpus + align + finetune"),
@@ -129,8 +132,8 @@ def label_free_table() -> str:
         speeds = json.loads(speed_file.read_text())["models"]
     rows = [
         "| query encoder | stages | SciFact nDCG@10 | SciFact R@100 | python-faq nDCG@10 | python-faq R@100 "
-        "| KL at the end of each stage | queries/s b=1 / b=32 (query route alone) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| KL at the end of each stage | train s | queries/s b=1 / b=32 (query route alone) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for encoder, entries in LABEL_FREE_ROWS.items():
         for name, stages in entries:
@@ -143,6 +146,7 @@ def label_free_table() -> str:
             rows.append(
                 f"| {encoder} | {stages} | {_fmt(scifact.get('ndcg_at_10'))} | {_fmt(scifact.get('recall_at_100'))} "
                 f"| {_fmt(faq.get('ndcg_at_10'))} | {_fmt(faq.get('recall_at_100'))} | {_stage_kls(result)} "
+                f"| {_fmt(result.get('train_seconds'), 0)} "
                 f"| {_fmt(speed.get('batch_1'), 0)} / {_fmt(speed.get('batch_32'), 0)} |"
             )
     return "\n".join(rows)
