@@ -32,21 +32,28 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def daft_table() -> str:
-    speeds = {}
+def _speeds() -> dict:
+    """benchmarks/query_speed.py's measurements per model name (empty before it has run)."""
     speed_file = RESULTS / "query_speed.json"
-    if speed_file.is_file():
-        speeds = json.loads(speed_file.read_text())["models"]
+    return json.loads(speed_file.read_text())["models"] if speed_file.is_file() else {}
+
+
+def _result(name: str) -> dict | None:
+    path = RESULTS / f"daft_{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def daft_table() -> str:
+    speeds = _speeds()
     rows = [
         "| configuration | SciFact nDCG@10 | R@100 | MRR@10 | python-faq nDCG@10 | queries/s b=1 | queries/s b=32 "
         "| train s | collapsed |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, label in LABELS.items():
-        path = RESULTS / f"daft_{name}.json"
-        if not path.is_file():
+        result = _result(name)
+        if result is None:
             continue
-        result = json.loads(path.read_text())
         speed = speeds.get(name, {})
         collapsed = any(stage.get("collapsed") for stage in result.get("stages", []))
         rows.append(
@@ -70,10 +77,8 @@ def collapse_table() -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name in ("d", "e", "f-plain", "f-daft"):
-        path = RESULTS / f"daft_{name}.json"
-        if not path.is_file():
-            continue
-        for row in json.loads(path.read_text()).get("collapse_trace", []):
+        result = _result(name)
+        for row in (result or {}).get("collapse_trace", []):
             if "eval_alignment_knn_kl" not in row:
                 continue
             rows.append(
@@ -126,10 +131,7 @@ def _stage_kls(result: dict) -> str:
 
 
 def label_free_table() -> str:
-    speeds = {}
-    speed_file = RESULTS / "query_speed.json"
-    if speed_file.is_file():
-        speeds = json.loads(speed_file.read_text())["models"]
+    speeds = _speeds()
     rows = [
         "| query encoder | stages | SciFact nDCG@10 | SciFact R@100 | python-faq nDCG@10 | python-faq R@100 "
         "| KL at the end of each stage | train s | queries/s b=1 / b=32 (query route alone) |",
@@ -137,10 +139,9 @@ def label_free_table() -> str:
     ]
     for encoder, entries in LABEL_FREE_ROWS.items():
         for name, stages in entries:
-            path = RESULTS / f"daft_{name}.json"
-            if not path.is_file():
+            result = _result(name)
+            if result is None:
                 continue
-            result = json.loads(path.read_text())
             scifact, faq = result.get("scifact", {}), result.get("python-faq", {})
             speed = speeds.get(name + QUERY_ONLY_SUFFIX) or speeds.get(name) or {}
             rows.append(
