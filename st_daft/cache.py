@@ -59,10 +59,15 @@ def route_fingerprint(model: SentenceTransformer, route: str = DOCUMENT_ROUTE) -
         module = get_route(model, route)
     except ValueError:  # a symmetric model: its only route
         module = model
+    hash_module_state(digest, module)
+    return digest.hexdigest()
+
+
+def hash_module_state(digest: Any, module: torch.nn.Module) -> None:
+    """Feed a module's parameters and buffers (names and bytes, in name order) into a hashlib ``digest``."""
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def token_keys(features: dict[str, Any]) -> list[bytes]:

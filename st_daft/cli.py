@@ -215,13 +215,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from sentence_transformers import SentenceTransformer
 
-    from st_daft.model import export_route
+    from st_daft.model import count_parameters, export_route
 
     model = SentenceTransformer(args.model, device="cpu")
     exported = export_route(model, args.route, output_path=args.output)
-    route_parameters = sum(parameter.numel() for parameter in exported.parameters())
-    model_parameters = sum(parameter.numel() for parameter in model.parameters())
-    print(f"{args.route} route: {route_parameters:,} parameters (full model: {model_parameters:,})")
+    print(f"{args.route} route: {count_parameters(exported):,} parameters (full model: {count_parameters(model):,})")
     print(f"model saved to {Path(args.output)}")
     return 0
 

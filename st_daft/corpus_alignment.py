@@ -12,10 +12,10 @@ import random
 import re
 from collections.abc import Iterable
 
-import torch
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer
 
+from st_daft.cache import embed_documents
 from st_daft.store import DocumentEmbeddingStore
 
 __all__ = ["alignment_texts", "alignment_dataset", "TEXT_KINDS"]
@@ -103,16 +103,5 @@ def alignment_dataset(
     """
     if not texts:
         raise ValueError("no alignment texts")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if store is not None:
-                targets = store.encode_document(model, texts, batch_size, show_progress_bar)
-            else:
-                targets = model.encode_document(
-                    texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=show_progress_bar
-                )
-    finally:
-        model.train(was_training)
+    targets = embed_documents(model, texts, batch_size, show_progress_bar=show_progress_bar, store=store)
     return Dataset.from_dict({"text": texts, "label": targets.tolist()})

@@ -27,6 +27,7 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules.router import Router
 
+from st_daft.cache import hash_module_state, route_fingerprint
 from st_daft.model import DOCUMENT_ROUTE, get_route
 
 logger = logging.getLogger(__name__)
@@ -40,17 +41,13 @@ def document_encoder_key(model: SentenceTransformer) -> str:
     Covers the document route's parameters and buffers (the whole model when it has no ``Router``), the modules after
     the ``Router`` with their parameters, and the route's ``max_seq_length``.
     """
-    from st_daft.cache import route_fingerprint  # cache imports model; keep the import graph one-way
-
     digest = hashlib.blake2b(digest_size=16)
     digest.update(route_fingerprint(model, DOCUMENT_ROUTE).encode())
     for module in model:
         if isinstance(module, Router):
             continue
         digest.update(type(module).__qualname__.encode())
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        hash_module_state(digest, module)
     try:
         route = get_route(model, DOCUMENT_ROUTE)
         max_seq_length = getattr(route[0], "max_seq_length", None)
