@@ -47,7 +47,13 @@ _DOCUMENT_STORE_HELP = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="st-daft", description="Train and evaluate fast asymmetric retrievers.")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(commands)
+    _add_evaluate_parser(commands)
+    _add_export_parser(commands)
+    return parser
 
+
+def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train a query route (and the document route) with DAFT")
     train.add_argument("--data", required=True, help="BEIR folder or Hub dataset id (e.g. BeIR/scifact)")
     train.add_argument("--output", required=True, help="folder for checkpoints and the final model")
@@ -97,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--keep-checkpoints", action="store_true", help="keep the per-stage checkpoint folders")
     train.add_argument("--document-store", default=None, help=_DOCUMENT_STORE_HELP)
 
+
+def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("evaluate", help="evaluate a model on a BEIR folder or MTEB task through MTEB")
     evaluate.add_argument("model", help="model folder or Hub id")
     evaluate.add_argument("--data", required=True, help="BEIR folder, or a named MTEB retrieval task")
@@ -105,13 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--document-store", default=None, help=_DOCUMENT_STORE_HELP)
 
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser(
         "export", help="save one route of an asymmetric model as a plain model (serve queries with the query route)"
     )
     export.add_argument("model", help="asymmetric model folder or Hub id")
     export.add_argument("output", help="folder for the exported model")
     export.add_argument("--route", default="query", help="route to export: query (default) or document")
-    return parser
 
 
 def _config_from_args(args: argparse.Namespace):
