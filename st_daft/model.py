@@ -276,6 +276,23 @@ def get_route(model: SentenceTransformer, route: str) -> nn.Sequential:
     return router.sub_modules[route]
 
 
+def route_or_model(model: SentenceTransformer, route: str) -> nn.Module:
+    """The modules of ``route``, or the whole model when it has no ``Router`` (a symmetric model's only route)."""
+    try:
+        return get_route(model, route)
+    except ValueError:
+        return model
+
+
+def has_route(model: SentenceTransformer, route: str) -> bool:
+    """Whether ``model`` is asymmetric and has ``route``."""
+    try:
+        get_route(model, route)
+    except ValueError:
+        return False
+    return True
+
+
 def set_route_trainable(model: SentenceTransformer, route: str, trainable: bool) -> None:
     """Set ``requires_grad`` on every parameter of a route."""
     for parameter in get_route(model, route).parameters():
