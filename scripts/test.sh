@@ -8,4 +8,9 @@ scripts/setup.sh "$venv"
 . "$venv/bin/activate"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ruff check st_daft tests benchmarks
+# the docs site, warnings as errors, into a throwaway folder (offline: no fonts or inventories are fetched);
+# not --quiet: it hides the warnings from --strict, and the build then passes whatever they say
+docs_site="$(mktemp -d)"
+NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true mkdocs build --strict --site-dir "$docs_site"
+rm -rf "$docs_site"
 python -m pytest -q -p no:cacheprovider "$@"
