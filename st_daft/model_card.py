@@ -113,7 +113,7 @@ _CARRIED_FIELDS = (
 
 # ---------------------------------------------------------------------------------------------------- template
 
-_ENCODERS_SECTION = """
+_ENCODERS_SECTION = """{% if daft_encoders_table %}
 ### Query and Document Encoders
 
 An asymmetric retriever (st-daft): queries go through a light query route, documents through the document encoder; \
@@ -122,16 +122,18 @@ both end in the same {{ output_dimensionality }}-dimensional space.
 {{ daft_encoders_table }}
 {% if daft_document_encoder and daft_document_encoder.get("id") %}
 The document route is [{{ daft_document_encoder["id"] }}](https://huggingface.co/{{ daft_document_encoder["id"] }})\
-{{ ", fine-tuned by the stages below" if daft_document_trained else ", unchanged (frozen in every stage)" }}.
-{% endif %}
+{%- if daft_stages %}{{ ", fine-tuned by the stages below" if daft_document_trained else \
+", unchanged (frozen in every stage)" }}{% endif %}.
+{% endif %}{% endif %}
 """
 
-_SERVING_SECTION = """
+_SERVING_SECTION = """{% if daft_query_encoder %}
 ### Serving queries with the query route alone
 
 A search service encodes its documents once, offline, with `encode_document`, and then only encodes queries. The \
 query route can be exported as a plain model, `[query route modules..., Normalize]`, without the Router and the \
-document encoder: its vectors equal this model's `encode_query` vectors, and it is much faster at small batch sizes.
+document encoder: its vectors equal this model's `encode_query` vectors, and it is several times faster at small \
+batch sizes (sentence-transformers' `encode` walks every module of its model on each call).
 
 With st-daft installed (`--route document` exports the document encoder instead):
 
@@ -156,17 +158,19 @@ from sentence_transformers import SentenceTransformer
 query_model = SentenceTransformer("query-route")
 query_embeddings = query_model.encode(["Which planet is known as the Red Planet?"])  # = encode_query of the full model
 ```
-"""
+{% endif %}"""
 
 _TRAINING_SECTION = """
 ## Training with st-daft
 
-This model was trained with st-daft, on sentence-transformers' trainer: \
-DAFT (Distribution-Aligned Fine-Tuning, [arXiv {{ daft_arxiv }}](https://arxiv.org/abs/{{ daft_arxiv }})) \
-first aligns the light query route to the frozen document route, then fine-tunes both\
-{%- if daft_negatives and daft_negatives.get("corrected") %}; hard negatives come from a cache of document \
+This model was trained with st-daft, with sentence-transformers' trainer, in the stages below. \
+st-daft implements DAFT (Distribution-Aligned Fine-Tuning, \
+[arXiv {{ daft_arxiv }}](https://arxiv.org/abs/{{ daft_arxiv }})): a light query encoder beside a strong document \
+encoder collapses under plain contrastive fine-tuning unless it is first aligned to the frozen document encoder\
+{%- if daft_stages | selectattr("name", "equalto", "align") | list %}, which the `align` stage does{% endif %}.\
+{%- if daft_negatives and daft_negatives.get("corrected") %} Hard negatives came from a cache of document \
 embeddings kept fresh by a corrector network \
-([arXiv {{ corrector_arxiv }}](https://arxiv.org/abs/{{ corrector_arxiv }})){% endif %}.
+([arXiv {{ corrector_arxiv }}](https://arxiv.org/abs/{{ corrector_arxiv }})).{% endif %}
 {% if daft_stages_table %}
 ### Stages
 
@@ -267,6 +271,20 @@ def _number(value: Any, digits: int = 4) -> str:
             return f"{value:.3g}"
         return f"{value:.2f}" if abs(value) >= 1 else f"{value:.{digits}f}"
     return str(value)
+
+
+def _strategy_description(strategy: str) -> str:
+    refresh = re.search(r"refresh:(\d+)", strategy)
+    if strategy == "in-batch":
+        return "the other documents of each batch are the negatives (nothing mined)"
+    if strategy == "stale":
+        return "hard negatives mined from a cache of document embeddings made before training (not corrected)"
+    text = "hard negatives mined from a cache of document embeddings"
+    if strategy.startswith("corrected"):
+        text += ", corrected by a network h(e) = e + MLP(e) trained online on the documents each step encodes"
+    if refresh:
+        text += f"; the corpus is re-embedded every {refresh.group(1)} steps"
+    return text
 
 
 def _find_by_suffix(metrics: dict[str, Any], suffix: str) -> float | None:
@@ -454,8 +472,12 @@ class DAFTModelCardData(SentenceTransformerModelCardData):
                 reason = "no training steps"
             else:
                 reason = "budget reached"
-            rows.append([f"`{stage['name']}`", steps_text, rates_text or "–", reason, _number(stage.get("collapsed"))])
-        return _markdown_table(["Stage", "Steps (of budget)", "Learning rates", "Stopped because", "Collapsed"], rows)
+            row = [f"`{stage['name']}`", steps_text, rates_text or "–", reason, _number(stage.get("collapsed"))]
+            rows.append(row + [_number(_find_by_suffix(stage.get("final_metrics") or {}, "ndcg@10"))])
+        header = ["Stage", "Steps (of budget)", "Learning rates", "Stopped because", "Collapsed", "Validation nDCG@10"]
+        if all(row[-1] == "–" for row in rows):
+            header, rows = header[:-1], [row[:-1] for row in rows]
+        return _markdown_table(header, rows)
 
     def _collapse_table(self) -> str:
         rows, used = [], set()
@@ -476,14 +498,15 @@ class DAFTModelCardData(SentenceTransformerModelCardData):
         negatives = self.daft_negatives
         if not negatives:
             return ""
-        rows = [["strategy", f"`{negatives.get('strategy')}`"]]
+        strategy = str(negatives.get("strategy"))
+        rows = [["strategy", f"`{strategy}`: {_strategy_description(strategy)}"]]
         labels = {
             "num_negatives": "mined negatives per query",
             "corpus_size": "documents in the cache",
             "documents_encoded": "document texts encoded during training",
             "refreshes": "full corpus re-embeddings",
-            "stale_error": "staleness error of the cache (mean squared distance to fresh embeddings)",
-            "corrected_error": "error of the corrected cache",
+            "stale_error": "staleness error of the cache (mean 1 − cosine to the fresh embeddings)",
+            "corrected_error": "error of the corrected cache, h(cache) (mean 1 − cosine)",
             "error_reduction": "error reduction by the corrector",
         }
         for key, label in labels.items():
@@ -567,9 +590,25 @@ class DAFTModelCardData(SentenceTransformerModelCardData):
         record.update({name: getattr(self, name) for name in _CARRIED_FIELDS})
         return _json_ready(record)
 
+    def label_training_logs(self) -> None:
+        """Name the stage of each training-log row: every trainer run restarts its steps, so the rows fall into
+        runs of increasing steps, one per stage that trained (left unlabelled when the counts disagree)."""
+        trained = [stage["name"] for stage in self.daft_stages if stage.get("steps")]
+        runs: list[list[dict[str, Any]]] = []
+        for row in self.training_logs:
+            if not runs or row.get("Step", 0) < runs[-1][-1].get("Step", 0):
+                runs.append([])
+            runs[-1].append(row)
+        if len(runs) != len(trained):
+            return
+        for name, rows in zip(trained, runs):
+            for row in rows:
+                row["Stage"] = name
+
     def to_dict(self) -> dict[str, Any]:
         self.refresh_encoders()
         self._ensure_citations()
+        self.label_training_logs()
         data = super().to_dict()
         data.update(
             {
@@ -679,6 +718,8 @@ def attach_model_card(
     for name, value in card_kwargs.items():
         if name not in card.__dataclass_fields__:
             raise ValueError(f"attach_model_card: unknown model card field {name!r}")
+        if name == "language" and isinstance(value, str):
+            value = [value]
         setattr(card, name, value)
     if document_encoder_id:
         card.daft_document_encoder = {**card.daft_document_encoder, "id": document_encoder_id}
@@ -702,9 +743,6 @@ def record_stage(model: SentenceTransformer, result: dict[str, Any]) -> None:
     card = _card(model)
     stage = _normalise_stage(result)
     card.daft_stages = [existing for existing in card.daft_stages if existing["name"] != stage["name"]] + [stage]
-    # Mark the training-log rows written since the previous stage with this stage's name (steps restart per stage).
-    for row in card.training_logs:
-        row.setdefault("Stage", stage["name"])
     card.add_tags("generated_from_trainer")  # the model trained: a saved card is generated anew, not reused
 
 

@@ -99,7 +99,7 @@ def _assert_whole_story(readme: str) -> None:
     assert "| `align` | 120 of 300 | query 0.001, document frozen | the kNN KL divergence did not improve" in readme
     assert "| `finetune` | 52 of 2 epochs | query 0.0001, document 2e-05 | budget reached |" in readme
     assert "| `align` | 34.80 | 0.0954 | 0.1024 | 0.3298 |" in readme  # collapse statistics at the stage's end
-    assert "| strategy | `corrected` |" in readme
+    assert "| strategy | `corrected`: hard negatives mined from a cache" in readme
     assert "1,801 (loss_documents 1,234, negatives 567, refresh 0)" in readme
     assert "| full corpus re-embeddings | 0 |" in readme
     assert "| error reduction by the corrector | 66.4% |" in readme
