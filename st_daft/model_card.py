@@ -34,8 +34,6 @@ from huggingface_hub.repocard_data import EvalResult, eval_results_to_model_inde
 from sentence_transformers import SentenceTransformer, SentenceTransformerModelCardData
 from sentence_transformers.base.model_card import generate_model_card
 
-from st_daft.corrector import CORRECTOR_CITATION
-from st_daft.losses.alignment import DAFT_CITATION
 from st_daft.model import DEFAULT_DOCUMENT_HUB_ID, DOCUMENT_ROUTE, QUERY_ROUTE, count_parameters, get_route, has_route
 
 logger = logging.getLogger(__name__)
@@ -561,6 +559,10 @@ class DAFTModelCardData(SentenceTransformerModelCardData):
         return results
 
     def _ensure_citations(self) -> None:
+        # Imported here: losses and miners may one day import st_daft.callbacks, which imports this module.
+        from st_daft.corrector import CORRECTOR_CITATION
+        from st_daft.losses.alignment import DAFT_CITATION
+
         citations = dict(self.citations)
         if not citations:
             # No trainer ran in this process (e.g. a card re-rendered after loading): ST's own citation still applies.

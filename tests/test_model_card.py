@@ -305,12 +305,15 @@ def test_push_to_hub_uploads_the_card_and_no_training_artefacts(
     assert not [name for name in files if any(part in name for part in ARTEFACTS)], files
 
 
-def test_training_artefacts_stay_beside_the_model(
+def test_a_corrected_recipe_run_gets_its_card_and_keeps_artefacts_beside_the_model(
     tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The recipe keeps cache and corrector in its stage checkpoints; the model itself (what modules.json names, what
-    save() writes, what push_to_hub uploads) holds none of them, and uploading the run folder as is is refused."""
+    """The card filled from what the recipe really returns (its stage summaries, the miner's logged counts,
+    evaluate_retrieval's scores), as the recipe is to record it. The recipe keeps cache and corrector in its stage
+    checkpoints; the model itself (what modules.json names, what save() writes, what push_to_hub uploads) holds none
+    of them, and uploading the run folder as is is refused."""
     from st_daft import DAFTConfig, StageConfig, load_beir, train_daft
+    from st_daft.evaluation import evaluate_retrieval
 
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     config = DAFTConfig(
@@ -322,7 +325,39 @@ def test_training_artefacts_stay_beside_the_model(
         num_validation_texts=16,
     )
     output = tmp_path / "run"
-    train_daft(model, load_beir(tiny_beir_dir, "train"), output, config)
+    summary = train_daft(model, load_beir(tiny_beir_dir, "train"), output, config)
+    stage = summary["stages"][0]
+    record_stage(
+        model,
+        {
+            "name": stage["stage"],
+            "steps": stage["global_step"],
+            "budget": config.finetune.max_steps,
+            "learning_rates": {
+                "query": config.finetune.learning_rate,
+                "document": config.finetune.document_learning_rate,
+            },
+            "stopped_reason": stage["stopped_reason"],
+            "collapsed": stage["collapsed"],
+            "final_metrics": stage["final_metrics"],
+        },
+    )
+    negatives = negatives_from_log_history(stage["log_history"], config.negatives)
+    record_negatives(model, {**negatives, "num_negatives": config.num_negatives})
+    scores = evaluate_retrieval(model, load_beir(tiny_beir_dir, "test"), show_progress_bar=False)
+    record_evaluation(model, scores)
+    write_model_card(model, output)
+    readme = (output / "README.md").read_text()
+    assert "2211.04942" in readme and "2409.01890" in readme
+    assert "| `finetune` | 2 of 2 | query 0.001, document 2e-05 | budget reached | no |" in readme
+    encoded = negatives["documents_encoded"]
+    assert encoded["total"] > 0 and encoded["negatives"] > 0
+    assert f"| document texts encoded during training | {encoded['total']:,} (" in readme
+    assert "| error of the corrected cache, h(cache) (mean 1 − cosine) |" in readme
+    size = f"{scores['num_queries']} queries, 8 documents"
+    assert f"| {scores['task']} | test | {size} | {scores['ndcg_at_10']:.4f} |" in readme
+    assert "1-NN KL(query ‖ document)" in readme  # the collapse statistics the stage ended with
+
     everything = [path.relative_to(output).as_posix() for path in output.rglob("*")]
     beside = [name for name in everything if any(part in name for part in ARTEFACTS)]
     assert beside and all(name.startswith("stage-") for name in beside), beside  # checkpoints only
