@@ -416,7 +416,12 @@ class DAFTModelCardData(SentenceTransformerModelCardData):
     def refresh_encoders(self) -> None:
         """Describe both routes of the registered model (kept as they are for a model without a Router)."""
         model = self.model
-        if model is None or not (has_route(model, QUERY_ROUTE) and has_route(model, DOCUMENT_ROUTE)):
+        if model is None:
+            return
+        if not (has_route(model, QUERY_ROUTE) and has_route(model, DOCUMENT_ROUTE)):
+            # A symmetric model (the baseline) is its document encoder: its Hub id is still the base model.
+            if not self.daft_document_encoder.get("id") and (hub_id := document_encoder_hub_id(model)):
+                self.daft_document_encoder = {"id": hub_id}
             return
         hub_id = self.daft_document_encoder.get("id") or document_encoder_hub_id(model)
         self.daft_query_encoder = _describe_route(model, QUERY_ROUTE)
