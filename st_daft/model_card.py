@@ -449,7 +449,10 @@ class DAFTModelCardData(SentenceTransformerModelCardData):
             document_length = self.daft_document_encoder.get("max_length")
             lengths = [length for length in (query_length, document_length) if length]
             metadata["model_max_length"] = max(lengths) if lengths else "no limit"
-            metadata["query_length"] = query_length or "no limit (a static embedding averages every token)"
+            static = self.daft_query_encoder.get("modules", "").startswith("StaticEmbedding")
+            metadata["query_length"] = query_length or (
+                "no limit (a static embedding averages every token)" if static else "no limit"
+            )
             metadata["document_length"] = document_length
         return metadata
 
