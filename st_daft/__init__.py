@@ -36,6 +36,15 @@ from st_daft.model import (
     set_route_trainable,
     unfreeze_route,
 )
+from st_daft.model_card import (
+    DAFTModelCardData,
+    attach_model_card,
+    push_to_hub,
+    record_evaluation,
+    record_negatives,
+    record_stage,
+    write_model_card,
+)
 from st_daft.recipe import DAFTConfig, StageConfig, train_daft
 from st_daft.store import DocumentEmbeddingStore, document_encoder_key
 from st_daft.vocabulary import initialize_static_route
@@ -45,6 +54,7 @@ __version__ = "0.1.0"
 __all__ = [
     "alignment_dataset",
     "alignment_texts",
+    "attach_model_card",
     "build_asymmetric_model",
     "CacheMismatchError",
     "collapse_statistics",
@@ -55,6 +65,7 @@ __all__ = [
     "count_parameters",
     "DAFTAlignmentLoss",
     "DAFTConfig",
+    "DAFTModelCardData",
     "DataError",
     "default_document_encoder",
     "DOCUMENT_ROUTE",
@@ -80,7 +91,11 @@ __all__ = [
     "NegativeStrategy",
     "parse_negatives",
     "per_dimension_std",
+    "push_to_hub",
     "QUERY_ROUTE",
+    "record_evaluation",
+    "record_negatives",
+    "record_stage",
     "RetrievalData",
     "route_parameter_pattern",
     "set_route_trainable",
@@ -90,4 +105,5 @@ __all__ = [
     "to_mteb_task",
     "train_daft",
     "unfreeze_route",
+    "write_model_card",
 ]
