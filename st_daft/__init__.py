@@ -5,9 +5,9 @@ DAFT (Leonhardt, Jahnke & Anand 2022) so that it neither collapses nor drifts ou
 """
 
 from st_daft.cache import CacheMismatchError, StaleEmbeddingCache
+from st_daft.callbacks import CollapseStopCallback
 from st_daft.collapse import (
     CollapseEvaluator,
-    CollapseMonitorCallback,
     collapse_statistics,
     effective_rank,
     is_collapsed,
@@ -36,27 +36,31 @@ from st_daft.model import (
     set_route_trainable,
     unfreeze_route,
 )
-from st_daft.recipe import DAFTConfig, StageConfig, train_daft
+from st_daft.recipe import DAFTConfig, TrainingSummary, default_stages, train_daft
+from st_daft.stages import AlignStage, CorpusStage, FinetuneStage, StageResult, VocabularyStage
 from st_daft.store import DocumentEmbeddingStore, document_encoder_key
 from st_daft.vocabulary import initialize_static_route
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignStage",
     "alignment_dataset",
     "alignment_texts",
     "build_asymmetric_model",
     "CacheMismatchError",
     "collapse_statistics",
     "CollapseEvaluator",
-    "CollapseMonitorCallback",
+    "CollapseStopCallback",
     "CollapseSafeContrastiveLoss",
     "CorrectorNetwork",
+    "CorpusStage",
     "count_parameters",
     "DAFTAlignmentLoss",
     "DAFTConfig",
     "DataError",
     "default_document_encoder",
+    "default_stages",
     "DOCUMENT_ROUTE",
     "document_encoder_key",
     "DocumentEmbeddingStore",
@@ -64,6 +68,7 @@ __all__ = [
     "effective_rank",
     "evaluate_retrieval",
     "export_route",
+    "FinetuneStage",
     "freeze_route",
     "frozen_route",
     "get_route",
@@ -84,10 +89,12 @@ __all__ = [
     "RetrievalData",
     "route_parameter_pattern",
     "set_route_trainable",
-    "StageConfig",
+    "StageResult",
     "StaleEmbeddingCache",
     "staleness_error",
     "to_mteb_task",
     "train_daft",
+    "TrainingSummary",
     "unfreeze_route",
+    "VocabularyStage",
 ]
