@@ -90,6 +90,7 @@ def test_cli_train_and_evaluate(tiny_document_model_dir: Path, tiny_beir_dir: Pa
             "--output", str(output),
             "--document-encoder", str(tiny_document_model_dir),
             "--query-encoder", "tiny:1,16",
+            "--stages", "align,finetune",
             "--max-steps", "2",
             "--align-batch-size", "4",
             "--batch-size", "4",
