@@ -17,7 +17,7 @@ from st_daft.collapse import (
 )
 from st_daft.corpus_alignment import alignment_dataset, alignment_texts
 from st_daft.corrector import CorrectorNetwork, drift_loss, staleness_error
-from st_daft.data import DataError, RetrievalData, load_beir
+from st_daft.data import DataError, RetrievalData, load_beir, load_corpus, load_queries_file
 from st_daft.evaluation import evaluate_retrieval, to_mteb_task
 from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
 from st_daft.mining import MinedNegativesLoss, NegativeMiner, NegativeMiningCallback, NegativeStrategy, parse_negatives
@@ -78,6 +78,8 @@ __all__ = [
     "knn_kl_divergence",
     "LabelFreeAlignmentLoss",
     "load_beir",
+    "load_corpus",
+    "load_queries_file",
     "mean_pairwise_cosine",
     "MinedNegativesLoss",
     "NegativeMiner",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -145,11 +144,26 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
-    evaluate = commands.add_parser("evaluate", help="evaluate a model on a BEIR folder or MTEB task through MTEB")
-    evaluate.add_argument("model", help="model folder or Hub id")
-    evaluate.add_argument("--data", required=True, help="BEIR folder, or a named MTEB retrieval task")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate models on BEIR folders or MTEB tasks through MTEB; a table per score, a row per model",
+    )
+    evaluate.add_argument("model", nargs="+", help="model folder(s) or Hub id(s)")
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="BEIR folder, or a named MTEB retrieval task; repeat for several collections (one column each)",
+    )
     evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--output", default=None, help="write the scores to this JSON file")
+    evaluate.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        choices=["bm25"],
+        help="add a baseline row on the same collections: bm25 (bm25s, stemmed; pip install 'st-daft[bm25]')",
+    )
+    evaluate.add_argument("--output", default=None, help="write every score of every model and collection to JSON")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--document-store", default=None, help=_DOCUMENT_STORE_HELP)
 
@@ -289,19 +303,34 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from st_daft.evaluation import evaluate_retrieval
+    from st_daft.evaluation import evaluate_collections, format_table
 
-    scores = evaluate_retrieval(
-        args.model,
+    models: list = list(args.model)
+    labels = list(args.model)
+    try:
+        from st_daft.baselines import make_baseline
+
+        for name in dict.fromkeys(args.baseline):
+            baseline = make_baseline(name)
+            models.append(baseline)
+            labels.append(baseline.name)
+    except ImportError as error:
+        print(f"st-daft evaluate: error: --baseline: {error}", file=sys.stderr)
+        return 2
+    comparison = evaluate_collections(
+        models,
         args.data,
         split=args.split,
+        labels=labels,
         output_path=args.output,
         batch_size=args.batch_size,
         document_store=args.document_store,
     )
-    print(json.dumps(scores, indent=2))
+    for metric in ("ndcg_at_10", "recall_at_100"):
+        print()
+        print(format_table(comparison, metric))
     if args.output:
-        print(f"scores written to {Path(args.output)}")
+        print(f"\nscores written to {Path(args.output)}")
     return 0
 
 

@@ -103,14 +103,14 @@ def test_cli_train_and_evaluate(tiny_document_model_dir: Path, tiny_beir_dir: Pa
 
     results = tmp_path / "scores.json"
     assert main(["evaluate", str(output), "--data", str(tiny_beir_dir), "--output", str(results)]) == 0
-    scores = json.loads(results.read_text())
+    scores = json.loads(results.read_text())["scores"][str(output)]["tiny-beir"]
     assert 0.0 <= scores["ndcg_at_10"] <= 1.0 and "recall_at_100" in scores and "mrr_at_10" in scores
 
     # The same evaluation through a document store: same scores, and the documents land in the store.
     store, stored_results = tmp_path / "store", tmp_path / "stored.json"
     arguments = ["evaluate", str(output), "--data", str(tiny_beir_dir), "--document-store", str(store)]
     assert main([*arguments, "--output", str(stored_results)]) == 0
-    stored = json.loads(stored_results.read_text())
+    stored = json.loads(stored_results.read_text())["scores"][str(output)]["tiny-beir"]
     assert stored["ndcg_at_10"] == pytest.approx(scores["ndcg_at_10"]) and list(store.rglob("shard-*.npz"))
 
 
