@@ -242,7 +242,8 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 
 def _load_training_data(args: argparse.Namespace):
-    """A labelled collection (BEIR) or, for a corpus alone, a dict id -> text; and the unlabelled queries."""
+    """A labelled collection (BEIR) or, for a corpus alone, (id -> text, id -> title); the validation collection;
+    the unlabelled queries."""
     from st_daft.data import DataError, load_beir
 
     if bool(args.data) == bool(args.corpus):
@@ -256,9 +257,28 @@ def _load_training_data(args: argparse.Namespace):
     if args.corpus or (folder and folder.is_dir() and not (folder / "queries.jsonl").exists()):
         from st_daft.data import load_corpus
 
-        return load_corpus(args.corpus or folder / "corpus.jsonl"), None, queries
+        corpus_file = Path(args.corpus) if args.corpus else folder / "corpus.jsonl"
+        return (load_corpus(corpus_file), _corpus_titles(corpus_file)), None, queries
     validation = load_beir(args.data, split=args.dev_split) if args.dev_split else None
     return load_beir(args.data, split=args.split), validation, queries
+
+
+def _corpus_titles(file: Path) -> dict[str, str]:
+    """The titles of a JSON-lines corpus whose rows have ``_id`` (or ``id``) and ``title`` (a BEIR corpus.jsonl):
+    the corpus stage cuts pseudo-queries from them. Empty for a text file."""
+    import json
+
+    titles: dict[str, str] = {}
+    try:
+        with file.open(encoding="utf-8") as handle:
+            for line in handle:
+                row = json.loads(line) if line.strip() else None
+                doc_id = row.get("_id", row.get("id")) if isinstance(row, dict) else None
+                if doc_id is not None and isinstance(row.get("title"), str):
+                    titles[str(doc_id)] = row["title"]
+    except (ValueError, UnicodeDecodeError):  # not JSON lines: a text corpus has no titles
+        return {}
+    return titles
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -271,11 +291,13 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.overwrite:  # fail before loading anything; with --overwrite, train_daft clears the folder
         check_output_dir(args.output, resume=args.resume)
     train_data, validation_data, unlabeled_queries = _load_training_data(args)
-    labelled = not isinstance(train_data, dict)
+    labelled = not isinstance(train_data, tuple)
+    train_data, titles = (train_data, None) if labelled else train_data
     stages = args.stages or default_stages(args.query_encoder, labelled=labelled)
     config = _config_from_args(args, stages)
     if not labelled:
-        print(f"corpus only ({len(train_data)} documents, no labelled queries): label-free stages")
+        extra = f" and {len(unlabeled_queries)} unlabelled queries" if unlabeled_queries else ""
+        print(f"corpus only ({len(train_data)} documents{extra}, no labelled queries): label-free stages")
     origin = "--stages" if args.stages else f"default for --query-encoder {args.query_encoder}"
     print(f"stages: {','.join(stages)} ({origin})", flush=True)
     device = None if args.device == "auto" else args.device
@@ -293,6 +315,7 @@ def run_train(args: argparse.Namespace) -> int:
         resume_from_checkpoint=args.resume,
         unlabeled_queries=unlabeled_queries,
         overwrite=args.overwrite,
+        titles=titles,
     )
     if not args.keep_checkpoints:
         remove_checkpoints(args.output)

@@ -206,6 +206,7 @@ def train_daft(
     resume_from_checkpoint: bool = False,
     unlabeled_queries: list[str] | None = None,
     overwrite: bool = False,
+    titles: dict[str, str] | None = None,
 ) -> TrainingSummary:
     """Train ``model`` with the stages of ``config`` and save it to ``output_dir``.
 
@@ -223,6 +224,7 @@ def train_daft(
         resume_from_checkpoint: resume each stage from its last complete checkpoint when one exists.
         unlabeled_queries: query texts without judgements, added to the corpus stage's texts.
         overwrite: replace a previous run in ``output_dir`` (otherwise it is refused).
+        titles: document id -> title of a bare corpus (the corpus stage cuts pseudo-queries from titles).
 
     Returns:
         A :class:`TrainingSummary`: one :class:`~st_daft.stages.StageResult` per stage that ran.
@@ -230,7 +232,7 @@ def train_daft(
     config = config or DAFTConfig()
     output_dir = Path(output_dir)
     check_output_dir(output_dir, resume=resume_from_checkpoint, overwrite=overwrite)
-    context = _context(model, train_data, output_dir, config, validation_data, unlabeled_queries)
+    context = _context(model, train_data, output_dir, config, validation_data, unlabeled_queries, titles)
     context.resume = resume_from_checkpoint
     stages = _runnable_stages(config, context)
     arguments = [stage.prepare(context) for stage in stages]  # a bad device or precision fails before any step
@@ -257,6 +259,7 @@ def _context(
     config: DAFTConfig,
     validation_data: RetrievalData | None,
     unlabeled_queries: list[str] | None,
+    titles: dict[str, str] | None,
 ) -> StageContext:
     labelled = isinstance(train_data, RetrievalData)
     if labelled and validation_data is None:
@@ -272,7 +275,7 @@ def _context(
         kl_texts=kl_texts,
         train_data=train_data if labelled else None,
         validation_data=validation_data,
-        titles=train_data.titles if labelled else {},
+        titles=train_data.titles if labelled else dict(titles or {}),
         unlabeled_queries=[query for query in unlabeled_queries or [] if query.strip()],
         store=DocumentEmbeddingStore(config.document_store) if config.document_store else None,
         seed=config.seed,

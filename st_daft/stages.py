@@ -95,8 +95,8 @@ class StageResult:
     def describe(self) -> str:
         """One line for the console."""
         if self.steps == 0:
-            details = ", ".join(f"{key} {value}" for key, value in self.extra.items() if not isinstance(value, dict))
-            return f"stage {self.name}: {details or 'done'} ({self.seconds:.0f} s)"
+            details = f"{self.extra['tokens']:.0f} tokens distilled" if "tokens" in self.extra else "done"
+            return f"stage {self.name}: {details} ({self.seconds:.0f} s)"
         return (
             f"stage {self.name}: {self.steps} steps, {self.stopped_reason or 'budget reached'}; "
             f"collapsed: {self.collapsed} ({self.seconds:.0f} s)"
