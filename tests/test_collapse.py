@@ -425,7 +425,8 @@ def test_callback_state_round_trip() -> None:
     for step, kl in [(10, 5.0), (20, 4.0), (30, 4.5), (40, 4.2)]:
         _evaluate(callback, state, step, kl=kl)
     saved = json.loads(json.dumps(callback.state()))  # JSON through and through
-    assert saved["args"] == {"evaluator_name": "dev", "stop_on_collapse": False, "max_mean_cosine": 0.95, "min_std": 0.1}
+    expected_args = {"evaluator_name": "dev", "stop_on_collapse": False, "max_mean_cosine": 0.95, "min_std": 0.1}
+    assert saved["args"] == expected_args
     assert saved["attributes"]["collapsed"] is True and len(saved["attributes"]["history"]) == 4
 
     restored = CollapseStopCallback.from_state(saved)
