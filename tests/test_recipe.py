@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,17 @@ def test_daft_on_a_scifact_subset_with_minilm(scifact_dir: Path, tmp_path) -> No
     # Zero-shot, the static route made of MiniLM's input embeddings sits far from the document route (0.07 on
     # full SciFact); 30 alignment steps on 48 claims must already move it up.
     assert after["ndcg_at_10"] > before + 0.05, (before, after["ndcg_at_10"])
+
+
+def test_kl_patience_ends_a_frozen_stage(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
+    """transformers' EarlyStoppingCallback on the KL ends the stage; the result says why and keeps the best step."""
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    # no decrease counts as an improvement (the threshold): two evaluations after the first end the stage
+    align = AlignStage(max_steps=8, batch_size=4, eval_steps=1, warmup_ratio=0.0, kl_patience=2, kl_min_delta=1e6)
+    config = DAFTConfig(stages=[align], validation_fraction=0.2, num_validation_texts=16)
+    result = train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", config).stages[0]
+    assert result.steps == 3
+    assert "did not improve" in result.stopped_reason and "2 evaluations" in result.stopped_reason
+    best_step = re.search(r"at step (\d+)\)", result.stopped_reason).group(1)
+    assert result.best_checkpoint.endswith(f"checkpoint-{best_step}")
+    assert not result.collapsed
