@@ -536,7 +536,7 @@ class FinetuneStage(TrainedStage):
         )
         callbacks: list[Any] = []
         if self.mines():
-            loss, callbacks = self._mining(context)
+            loss, callbacks = self._mining(context, loss)
         evaluators: list[Any] = []
         if context.validation_data is not None:
             validation = context.validation_data
@@ -562,10 +562,10 @@ class FinetuneStage(TrainedStage):
         rows = context.train_data.training_pairs()
         return self.train(context, args, rows, loss, SequentialEvaluator(evaluators), callbacks)
 
-    def _mining(self, context: StageContext) -> tuple[Any, list[Any]]:
-        """Negatives mined during training from the document cache: the loss and the callbacks it needs.
-
-        (The one place that knows :mod:`st_daft.mining`'s API.)"""
+    def _mining(self, context: StageContext, loss: Any) -> tuple[Any, list[Any]]:
+        """Negatives mined during training from the document cache: ``loss`` with mining, and the callbacks it
+        needs. (The one place that knows :mod:`st_daft.mining`'s API; today's ``MinedNegativesLoss`` builds its own
+        collapse-safe loss from the same settings, a wrapping one takes ``loss``.)"""
         from st_daft.mining import MinedNegativesLoss, NegativeMiner, NegativeMiningCallback
 
         # The alignment stage's cache is exact for the document route fine-tuning starts from: reuse it.
