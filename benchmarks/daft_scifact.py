@@ -20,12 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from sentence_transformers import SentenceTransformer
 
-from st_daft import DAFTConfig, build_asymmetric_model, default_document_encoder, load_beir, train_daft
+from st_daft import (
+    AlignStage,
+    CorpusStage,
+    DAFTConfig,
+    FinetuneStage,
+    VocabularyStage,
+    build_asymmetric_model,
+    default_document_encoder,
+    load_beir,
+    train_daft,
+)
 from st_daft.evaluation import evaluate_retrieval
 
 CONFIGS: dict[str, dict] = {
@@ -39,6 +48,10 @@ CONFIGS: dict[str, dict] = {
 }
 
 
+def _stage_name(stage: dict) -> str:
+    return stage.get("name") or stage["stage"]  # "stage" in summaries written before the stages were objects
+
+
 def _collapse_trace(summary: dict) -> list[dict]:
     """Per logged step: the evaluator's collapse statistics and the loss's batch statistics."""
     trace = []
@@ -46,8 +59,41 @@ def _collapse_trace(summary: dict) -> list[dict]:
         for row in stage.get("log_history", []):  # the vocabulary stage logs nothing
             keep = {k: v for k, v in row.items() if "mean_cosine" in k or k.endswith("_std") or "knn_kl" in k}
             if keep:
-                trace.append({"stage": stage["stage"], "step": row.get("step"), **keep})
+                trace.append({"stage": _stage_name(stage), "step": row.get("step"), **keep})
     return trace
+
+
+def _stage_results(summary: dict) -> list[dict]:
+    """The stages as benchmarks/report.py reads them (a ``stage`` key), without their log history."""
+    return [
+        {"stage": _stage_name(stage), **{k: v for k, v in stage.items() if k not in ("log_history", "name")}}
+        for stage in summary["stages"]
+    ]
+
+
+def _stages(setup: dict, args: argparse.Namespace) -> list:
+    """The stage objects of a configuration, with the command line's overrides."""
+
+    def given(**values):
+        return {key: value for key, value in values.items() if value is not None}
+
+    finetune = given(
+        epochs=args.finetune_epochs,
+        max_steps=args.finetune_steps,
+        learning_rate=args.query_lr,
+        document_learning_rate=args.document_lr,
+        guard_weight=args.guard_weight,
+    )
+    if setup["query_encoder"] == "symmetric":
+        # One learning rate for the one encoder: the document rate.
+        finetune["learning_rate"] = finetune.get("document_learning_rate", FinetuneStage.document_learning_rate)
+    builders = {
+        "vocabulary": lambda: VocabularyStage(),
+        "corpus": lambda: CorpusStage(**given(max_steps=args.corpus_steps, max_texts=args.corpus_max_texts)),
+        "align": lambda: AlignStage(**given(max_steps=args.align_steps, learning_rate=args.align_lr)),
+        "finetune": lambda: FinetuneStage(guard=setup.get("guard", "variance"), **finetune),
+    }
+    return [builders[name]() for name in setup["stages"]]
 
 
 def main() -> None:
@@ -90,7 +136,7 @@ def main() -> None:
 
     document_encoder = default_document_encoder()
     if setup["query_encoder"] == "symmetric":
-        model = SentenceTransformer(document_encoder, device="cpu")
+        model = SentenceTransformer(document_encoder)
     else:
         model = build_asymmetric_model(document_encoder, setup["query_encoder"], seed=args.seed)
 
@@ -106,40 +152,14 @@ def main() -> None:
             raise SystemExit(f"--evaluate-only: no trained model with a daft_summary.json in {output}")
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {"stages": []}
         result["train_seconds"] = None
-        result["stages"] = [{k: v for k, v in stage.items() if k != "log_history"} for stage in summary["stages"]]
+        result["stages"] = _stage_results(summary)
         result["collapse_trace"] = _collapse_trace(summary)
         result["daft_config"] = summary.get("config")
     elif setup["stages"]:
-        config = DAFTConfig(
-            stages=setup["stages"],
-            guard=setup.get("guard", "variance"),
-            seed=args.seed,
-            document_store=args.document_store,
-        )
-        if args.guard_weight is not None:
-            config.guard_weight = args.guard_weight
-        if args.corpus_steps is not None:
-            config.corpus = replace(config.corpus, max_steps=args.corpus_steps)
-        if args.corpus_max_texts is not None:
-            config.corpus_max_texts = args.corpus_max_texts
-        if args.align_steps is not None:
-            config.align = replace(config.align, max_steps=args.align_steps)
-        if args.align_lr is not None:
-            config.align = replace(config.align, learning_rate=args.align_lr)
-        if args.finetune_epochs is not None:
-            config.finetune = replace(config.finetune, epochs=args.finetune_epochs)
-        if args.finetune_steps is not None:
-            config.finetune = replace(config.finetune, max_steps=args.finetune_steps)
-        if args.query_lr is not None:
-            config.finetune = replace(config.finetune, learning_rate=args.query_lr)
-        if args.document_lr is not None:
-            config.finetune = replace(config.finetune, document_learning_rate=args.document_lr)
-        if setup["query_encoder"] == "symmetric":
-            # One learning rate for the one encoder: the document rate.
-            config.finetune = replace(config.finetune, learning_rate=config.finetune.document_learning_rate)
-        summary = train_daft(model, load_beir(shared / "scifact", "train"), output, config)
+        config = DAFTConfig(stages=_stages(setup, args), seed=args.seed, document_store=args.document_store)
+        summary = train_daft(model, load_beir(shared / "scifact", "train"), output, config, overwrite=True).to_dict()
         result["train_seconds"] = round(time.perf_counter() - started, 1)
-        result["stages"] = [{k: v for k, v in stage.items() if k != "log_history"} for stage in summary["stages"]]
+        result["stages"] = _stage_results(summary)
         result["collapse_trace"] = _collapse_trace(summary)
         result["daft_config"] = summary["config"]
     else:

@@ -5,9 +5,9 @@ DAFT (Leonhardt, Jahnke & Anand 2022) so that it neither collapses nor drifts ou
 """
 
 from st_daft.cache import CacheMismatchError, StaleEmbeddingCache
+from st_daft.callbacks import CollapseStopCallback
 from st_daft.collapse import (
     CollapseEvaluator,
-    CollapseMonitorCallback,
     collapse_statistics,
     effective_rank,
     is_collapsed,
@@ -17,7 +17,7 @@ from st_daft.collapse import (
 )
 from st_daft.corpus_alignment import alignment_dataset, alignment_texts
 from st_daft.corrector import CorrectorNetwork, drift_loss, staleness_error
-from st_daft.data import DataError, RetrievalData, load_beir
+from st_daft.data import DataError, RetrievalData, load_beir, load_corpus, load_queries_file
 from st_daft.evaluation import evaluate_retrieval, to_mteb_task
 from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
 from st_daft.mining import MinedNegativesLoss, NegativeMiner, NegativeMiningCallback, NegativeStrategy, parse_negatives
@@ -45,13 +45,15 @@ from st_daft.model_card import (
     record_stage,
     write_model_card,
 )
-from st_daft.recipe import DAFTConfig, StageConfig, train_daft
+from st_daft.recipe import DAFTConfig, TrainingSummary, default_stages, train_daft
+from st_daft.stages import AlignStage, CorpusStage, FinetuneStage, StageResult, VocabularyStage
 from st_daft.store import DocumentEmbeddingStore, document_encoder_key
 from st_daft.vocabulary import initialize_static_route
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignStage",
     "alignment_dataset",
     "alignment_texts",
     "attach_model_card",
@@ -59,15 +61,17 @@ __all__ = [
     "CacheMismatchError",
     "collapse_statistics",
     "CollapseEvaluator",
-    "CollapseMonitorCallback",
+    "CollapseStopCallback",
     "CollapseSafeContrastiveLoss",
     "CorrectorNetwork",
+    "CorpusStage",
     "count_parameters",
     "DAFTAlignmentLoss",
     "DAFTConfig",
     "DAFTModelCardData",
     "DataError",
     "default_document_encoder",
+    "default_stages",
     "DOCUMENT_ROUTE",
     "document_encoder_key",
     "DocumentEmbeddingStore",
@@ -75,6 +79,7 @@ __all__ = [
     "effective_rank",
     "evaluate_retrieval",
     "export_route",
+    "FinetuneStage",
     "freeze_route",
     "frozen_route",
     "get_route",
@@ -84,6 +89,8 @@ __all__ = [
     "knn_kl_divergence",
     "LabelFreeAlignmentLoss",
     "load_beir",
+    "load_corpus",
+    "load_queries_file",
     "mean_pairwise_cosine",
     "MinedNegativesLoss",
     "NegativeMiner",
@@ -99,11 +106,13 @@ __all__ = [
     "RetrievalData",
     "route_parameter_pattern",
     "set_route_trainable",
-    "StageConfig",
+    "StageResult",
     "StaleEmbeddingCache",
     "staleness_error",
     "to_mteb_task",
     "train_daft",
+    "TrainingSummary",
     "unfreeze_route",
     "write_model_card",
+    "VocabularyStage",
 ]

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 logger = logging.getLogger("st_daft")
@@ -38,6 +36,27 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
 _DOCUMENT_STORE_HELP = (
     "folder of a document embedding store: document-route embeddings are kept there and reused by later runs "
     "with the same document encoder (e.g. a frozen one)"
@@ -55,10 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train a query route (and the document route) with DAFT")
-    train.add_argument("--data", required=True, help="BEIR folder or Hub dataset id (e.g. BeIR/scifact)")
+    data = train.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        default=None,
+        help="BEIR folder or Hub dataset id (e.g. BeIR/scifact); a folder with only corpus.jsonl runs the label-free "
+        "stages",
+    )
+    data.add_argument("--corpus", default=None, help="a corpus alone (JSONL or text file): label-free stages only")
+    data.add_argument(
+        "--unlabeled-queries",
+        default=None,
+        help="query texts without judgements (a query log, one a line or JSONL): added to the corpus stage's texts",
+    )
+    data.add_argument("--split", default="train", help="qrels split to train on (default: train)")
+    data.add_argument("--dev-split", default=None, help="qrels split for validation (default: hold out queries)")
     train.add_argument("--output", required=True, help="folder for checkpoints and the final model")
-    train.add_argument("--split", default="train", help="qrels split to train on (default: train)")
-    train.add_argument("--dev-split", default=None, help="qrels split for validation (default: hold out queries)")
     train.add_argument(
         "--query-encoder",
         default="static",
@@ -68,48 +99,71 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--stages",
         type=_stages,
-        default=("align", "finetune"),
+        default=None,
         help="comma-separated, in order: vocabulary (static routes: distil the whole vocabulary), corpus (label-free "
-        "alignment on corpus text), align (DAFT stage 1), finetune (joint); default align,finetune",
+        "alignment on corpus text), align (DAFT stage 1), finetune (joint). Default by query encoder: static "
+        "vocabulary,corpus,align; tiny:L,H corpus,align; others align,finetune (DAFT, the paper's recipe); a corpus "
+        "without queries: the label-free stages",
     )
-    train.add_argument("--corpus-steps", type=int, default=None, help="corpus-alignment steps (default 1000)")
-    train.add_argument("--corpus-max-texts", type=int, default=None, help="texts cut from the corpus (40000)")
-    train.add_argument("--corpus-lr", type=float, default=None, help="corpus-alignment learning rate (1e-3)")
-    train.add_argument("--no-zipf", action="store_true", help="vocabulary stage without Zipf weighting")
-    train.add_argument("--max-steps", type=int, default=None, help="step budget of every stage (overrides the rest)")
-    train.add_argument("--align-steps", type=int, default=None, help="alignment steps (default 300)")
-    train.add_argument("--align-batch-size", type=int, default=None, help="alignment batch size (default 64)")
-    train.add_argument("--align-lr", type=float, default=None, help="alignment learning rate (default 1e-3)")
-    train.add_argument("--finetune-epochs", type=float, default=None, help="fine-tuning epochs (default 2)")
-    train.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps (overrides epochs)")
-    train.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch size (default 32)")
-    train.add_argument("--query-lr", type=float, default=None, help="fine-tuning query-route learning rate (1e-4)")
-    train.add_argument("--document-lr", type=float, default=None, help="fine-tuning document-route learning rate")
-    train.add_argument("--eval-steps", type=int, default=None, help="evaluate/save every N steps in every stage")
-    train.add_argument("--guard", choices=["variance", "uniformity", "none"], default=None, help="collapse guard")
-    train.add_argument("--guard-weight", type=float, default=None, help="weight of the collapse guard")
-    train.add_argument("--kl-patience", type=int, default=None, help="alignment early-stopping patience (0: off)")
-    train.add_argument(
+    budget = train.add_argument_group("budgets and learning rates")
+    budget.add_argument("--corpus-steps", type=_positive_int, default=None, help="corpus-stage steps (default 1000)")
+    budget.add_argument("--corpus-max-texts", type=_positive_int, default=None, help="texts cut from the corpus")
+    budget.add_argument("--corpus-lr", type=_positive_float, default=None, help="corpus-stage learning rate (1e-3)")
+    budget.add_argument("--no-zipf", action="store_true", help="vocabulary stage without Zipf weighting")
+    budget.add_argument("--max-steps", type=_positive_int, default=None, help="step budget of every stage")
+    budget.add_argument("--align-steps", type=_positive_int, default=None, help="alignment steps (default 300)")
+    budget.add_argument("--align-batch-size", type=_positive_int, default=None, help="alignment batch size (64)")
+    budget.add_argument("--align-lr", type=_positive_float, default=None, help="alignment learning rate (1e-3)")
+    budget.add_argument("--finetune-epochs", type=_positive_float, default=None, help="fine-tuning epochs (2)")
+    budget.add_argument("--finetune-steps", type=_positive_int, default=None, help="fine-tuning steps (over epochs)")
+    budget.add_argument("--batch-size", type=_positive_int, default=None, help="fine-tuning batch size (default 32)")
+    budget.add_argument("--query-lr", type=_positive_float, default=None, help="fine-tuning query-route lr (1e-4)")
+    budget.add_argument("--document-lr", type=_positive_float, default=None, help="fine-tuning document-route lr")
+    budget.add_argument("--eval-steps", type=_positive_int, default=None, help="evaluate/save every N steps")
+    budget.add_argument("--kl-patience", type=_non_negative_int, default=None, help="KL patience (0: off)")
+    finetune = train.add_argument_group("fine-tuning")
+    finetune.add_argument("--guard", choices=["variance", "uniformity", "none"], default=None, help="collapse guard")
+    finetune.add_argument("--guard-weight", type=_non_negative_float, default=None, help="weight of the guard")
+    finetune.add_argument(
         "--negatives",
         type=_negatives,
         default="in-batch",
         help="fine-tuning negatives: in-batch (default) | stale | corrected | refresh:N | corrected+refresh:N "
         "(mined from the document cache during training; N: steps between full re-embeddings)",
     )
-    train.add_argument("--num-negatives", type=_positive_int, default=4, help="mined negatives per query (default 4)")
-    train.add_argument("--no-stop-on-collapse", action="store_true", help="keep training when a route collapses")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--resume", action="store_true", help="resume each stage from its last checkpoint")
-    train.add_argument("--keep-checkpoints", action="store_true", help="keep the per-stage checkpoint folders")
-    train.add_argument("--document-store", default=None, help=_DOCUMENT_STORE_HELP)
+    finetune.add_argument("--num-negatives", type=_positive_int, default=4, help="mined negatives per query (4)")
+    finetune.add_argument("--no-stop-on-collapse", action="store_true", help="keep training when a route collapses")
+    run = train.add_argument_group("run")
+    run.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="default: auto")
+    run.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="default: fp32")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--resume", action="store_true", help="resume each stage from its last complete checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
+    run.add_argument("--keep-checkpoints", action="store_true", help="keep the per-stage checkpoint folders")
+    run.add_argument("--document-store", default=None, help=_DOCUMENT_STORE_HELP)
 
 
 def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
-    evaluate = commands.add_parser("evaluate", help="evaluate a model on a BEIR folder or MTEB task through MTEB")
-    evaluate.add_argument("model", help="model folder or Hub id")
-    evaluate.add_argument("--data", required=True, help="BEIR folder, or a named MTEB retrieval task")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate models on BEIR folders or MTEB tasks through MTEB; a table per score, a row per model",
+    )
+    evaluate.add_argument("model", nargs="+", help="model folder(s) or Hub id(s)")
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="BEIR folder, or a named MTEB retrieval task; repeat for several collections (one column each)",
+    )
     evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--output", default=None, help="write the scores to this JSON file")
+    evaluate.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        choices=["bm25"],
+        help="add a baseline row on the same collections: bm25 (bm25s, stemmed; pip install 'st-daft[bm25]')",
+    )
+    evaluate.add_argument("--output", default=None, help="write every score of every model and collection to JSON")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--document-store", default=None, help=_DOCUMENT_STORE_HELP)
 
@@ -123,101 +177,183 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--route", default="query", help="route to export: query (default) or document")
 
 
-def _config_from_args(args: argparse.Namespace):
+def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
     from st_daft.recipe import DAFTConfig
+    from st_daft.stages import AlignStage, CorpusStage, FinetuneStage, VocabularyStage
 
-    config = DAFTConfig(
-        stages=args.stages,
+    def given(**values):
+        return {key: value for key, value in values.items() if value is not None}
+
+    # --max-steps and --eval-steps apply to every trained stage, over the stage's own flags.
+    every = given(max_steps=args.max_steps, eval_steps=args.eval_steps)
+    patience = {} if args.kl_patience is None else {"kl_patience": args.kl_patience or None}
+    finetune_budget = given(epochs=args.finetune_epochs, max_steps=-1 if args.finetune_epochs else None)
+    finetune_budget.update(given(max_steps=args.finetune_steps))
+    builders = {
+        "vocabulary": lambda: VocabularyStage(zipf_weighting=not args.no_zipf),
+        "corpus": lambda: CorpusStage(
+            **{
+                **given(max_steps=args.corpus_steps, learning_rate=args.corpus_lr, max_texts=args.corpus_max_texts),
+                **every,
+                **patience,
+            }
+        ),
+        "align": lambda: AlignStage(
+            **{
+                **given(max_steps=args.align_steps, batch_size=args.align_batch_size, learning_rate=args.align_lr),
+                **every,
+                **patience,
+            }
+        ),
+        "finetune": lambda: FinetuneStage(
+            **{
+                **finetune_budget,
+                **given(
+                    batch_size=args.batch_size,
+                    learning_rate=args.query_lr,
+                    document_learning_rate=args.document_lr,
+                    guard=args.guard,
+                    guard_weight=args.guard_weight,
+                ),
+                **every,
+                "negatives": args.negatives,
+                "num_negatives": args.num_negatives,
+                "stop_on_collapse": not args.no_stop_on_collapse,
+            }
+        ),
+    }
+    return DAFTConfig(
+        stages=[builders[name]() for name in stages],
         seed=args.seed,
-        negatives=getattr(args, "negatives", "in-batch"),
-        num_negatives=getattr(args, "num_negatives", 4),
-        document_store=getattr(args, "document_store", None),
+        document_store=args.document_store,
+        device=args.device,
+        precision=args.precision,
     )
-    align, finetune, corpus = config.align, config.finetune, config.corpus
-    if args.corpus_steps is not None:
-        corpus = replace(corpus, max_steps=args.corpus_steps)
-    if args.corpus_lr is not None:
-        corpus = replace(corpus, learning_rate=args.corpus_lr)
-    if args.corpus_max_texts is not None:
-        config.corpus_max_texts = args.corpus_max_texts
-    config.zipf_weighting = not args.no_zipf
-    if args.align_steps is not None:
-        align = replace(align, max_steps=args.align_steps)
-    if args.align_batch_size is not None:
-        align = replace(align, batch_size=args.align_batch_size)
-    if args.align_lr is not None:
-        align = replace(align, learning_rate=args.align_lr)
-    if args.finetune_epochs is not None:
-        finetune = replace(finetune, epochs=args.finetune_epochs, max_steps=-1)
-    if args.finetune_steps is not None:
-        finetune = replace(finetune, max_steps=args.finetune_steps)
-    if args.batch_size is not None:
-        finetune = replace(finetune, batch_size=args.batch_size)
-    if args.query_lr is not None:
-        finetune = replace(finetune, learning_rate=args.query_lr)
-    if args.document_lr is not None:
-        finetune = replace(finetune, document_learning_rate=args.document_lr)
-    if args.max_steps is not None:
-        align, finetune, corpus = (replace(stage, max_steps=args.max_steps) for stage in (align, finetune, corpus))
-    if args.eval_steps is not None:
-        align, finetune, corpus = (replace(stage, eval_steps=args.eval_steps) for stage in (align, finetune, corpus))
-    config.align, config.finetune, config.corpus = align, finetune, corpus
-    if args.guard is not None:
-        config.guard = args.guard
-    if args.guard_weight is not None:
-        config.guard_weight = args.guard_weight
-    if args.kl_patience is not None:
-        config.kl_patience = args.kl_patience or None
-    config.stop_on_collapse = not args.no_stop_on_collapse
-    return config
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse an --output that holds the inputs (they would be overwritten by the model's files)."""
+    output = Path(args.output).resolve()
+    if args.data and Path(args.data).exists() and Path(args.data).resolve() == output:
+        raise ValueError(f"--output {args.output} is the --data folder: the model would be written over the dataset")
+    for option, path in (("--corpus", args.corpus), ("--unlabeled-queries", args.unlabeled_queries)):
+        if path and Path(path).resolve().parent == output:
+            raise ValueError(f"--output {args.output} holds the {option} file {path}: choose another output folder")
+
+
+def _load_training_data(args: argparse.Namespace):
+    """A labelled collection (BEIR) or, for a corpus alone, (id -> text, id -> title); the validation collection;
+    the unlabelled queries."""
+    from st_daft.data import DataError, load_beir
+
+    if bool(args.data) == bool(args.corpus):
+        raise DataError("give --data (a BEIR folder or Hub id) or --corpus (a corpus file), one of the two")
+    queries = None
+    if args.unlabeled_queries:
+        from st_daft.data import load_queries_file
+
+        queries = load_queries_file(args.unlabeled_queries)
+    folder = Path(args.data) if args.data else None
+    if args.corpus or (folder and folder.is_dir() and not (folder / "queries.jsonl").exists()):
+        from st_daft.data import load_corpus
+
+        corpus_file = Path(args.corpus) if args.corpus else folder / "corpus.jsonl"
+        return (load_corpus(corpus_file), _corpus_titles(corpus_file)), None, queries
+    validation = load_beir(args.data, split=args.dev_split) if args.dev_split else None
+    return load_beir(args.data, split=args.split), validation, queries
+
+
+def _corpus_titles(file: Path) -> dict[str, str]:
+    """The titles of a JSON-lines corpus whose rows have ``_id`` (or ``id``) and ``title`` (a BEIR corpus.jsonl):
+    the corpus stage cuts pseudo-queries from them. Empty for a text file."""
+    import json
+
+    titles: dict[str, str] = {}
+    try:
+        with file.open(encoding="utf-8") as handle:
+            for line in handle:
+                row = json.loads(line) if line.strip() else None
+                doc_id = row.get("_id", row.get("id")) if isinstance(row, dict) else None
+                if doc_id is not None and isinstance(row.get("title"), str):
+                    titles[str(doc_id)] = row["title"]
+    except (ValueError, UnicodeDecodeError):  # not JSON lines: a text corpus has no titles
+        return {}
+    return titles
 
 
 def run_train(args: argparse.Namespace) -> int:
     from sentence_transformers import SentenceTransformer
 
-    from st_daft.data import load_beir
     from st_daft.model import build_asymmetric_model, default_document_encoder
-    from st_daft.recipe import remove_checkpoints, train_daft
+    from st_daft.recipe import check_output_dir, default_stages, remove_checkpoints, train_daft
 
-    config = _config_from_args(args)
-    train_data = load_beir(args.data, split=args.split)
-    validation_data = load_beir(args.data, split=args.dev_split) if args.dev_split else None
+    _check_paths(args)
+    if not args.overwrite:  # fail before loading anything; with --overwrite, train_daft clears the folder
+        check_output_dir(args.output, resume=args.resume)
+    train_data, validation_data, unlabeled_queries = _load_training_data(args)
+    labelled = not isinstance(train_data, tuple)
+    train_data, titles = (train_data, None) if labelled else train_data
+    stages = args.stages or default_stages(args.query_encoder, labelled=labelled)
+    config = _config_from_args(args, stages)
+    if not labelled:
+        extra = f" and {len(unlabeled_queries)} unlabelled queries" if unlabeled_queries else ""
+        print(f"corpus only ({len(train_data)} documents{extra}, no labelled queries): label-free stages")
+    origin = "--stages" if args.stages else f"default for --query-encoder {args.query_encoder}"
+    print(f"stages: {','.join(stages)} ({origin})", flush=True)
+    device = None if args.device == "auto" else args.device
     document_encoder = args.document_encoder or default_document_encoder()
     if args.query_encoder == "symmetric":
-        model = SentenceTransformer(document_encoder, device="cpu")
+        model = SentenceTransformer(document_encoder, device=device)
     else:
-        model = build_asymmetric_model(document_encoder, args.query_encoder, seed=args.seed)
+        model = build_asymmetric_model(document_encoder, args.query_encoder, device=device, seed=args.seed)
     summary = train_daft(
-        model, train_data, args.output, config, validation_data=validation_data, resume_from_checkpoint=args.resume
+        model,
+        train_data,
+        args.output,
+        config,
+        validation_data=validation_data,
+        resume_from_checkpoint=args.resume,
+        unlabeled_queries=unlabeled_queries,
+        overwrite=args.overwrite,
+        titles=titles,
     )
     if not args.keep_checkpoints:
         remove_checkpoints(args.output)
-    for stage in summary["stages"]:
-        if "global_step" not in stage:
-            print(f"stage {stage['stage']}: {stage.get('tokens', 0):.0f} tokens distilled")
-            continue
-        print(
-            f"stage {stage['stage']}: {stage['global_step']} steps, "
-            f"{stage['stopped_reason'] or 'budget reached'}; collapsed: {stage['collapsed']}"
-        )
+    for stage in summary.stages:
+        print(stage.describe())
     print(f"model saved to {args.output}")
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from st_daft.evaluation import evaluate_retrieval
+    from st_daft.evaluation import evaluate_collections, format_table
 
-    scores = evaluate_retrieval(
-        args.model,
+    models: list = list(args.model)
+    labels = list(args.model)
+    try:
+        from st_daft.baselines import make_baseline
+
+        for name in dict.fromkeys(args.baseline):
+            baseline = make_baseline(name)
+            models.append(baseline)
+            labels.append(baseline.name)
+    except ImportError as error:
+        print(f"st-daft evaluate: error: --baseline: {error}", file=sys.stderr)
+        return 2
+    comparison = evaluate_collections(
+        models,
         args.data,
         split=args.split,
+        labels=labels,
         output_path=args.output,
         batch_size=args.batch_size,
         document_store=args.document_store,
     )
-    print(json.dumps(scores, indent=2))
+    for metric in ("ndcg_at_10", "recall_at_100"):
+        print()
+        print(format_table(comparison, metric))
     if args.output:
-        print(f"scores written to {Path(args.output)}")
+        print(f"\nscores written to {Path(args.output)}")
     return 0
 
 
@@ -226,7 +362,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     from st_daft.model import count_parameters, export_route
 
-    model = SentenceTransformer(args.model, device="cpu")
+    model = SentenceTransformer(args.model)
     exported = export_route(model, args.route, output_path=args.output)
     print(f"{args.route} route: {count_parameters(exported):,} parameters (full model: {count_parameters(model):,})")
     print(f"model saved to {Path(args.output)}")

@@ -12,16 +12,15 @@ This module provides:
   :func:`per_dimension_std`, :func:`effective_rank`), combined by :func:`collapse_statistics` and judged by
   :func:`is_collapsed`;
 - :class:`CollapseEvaluator`, a sentence-transformers evaluator that encodes validation texts with both routes of a
-  model and returns those statistics (primary metric ``knn_kl``, lower is better);
-- :class:`CollapseMonitorCallback`, a ``transformers`` callback that reads the evaluator's metrics, stops training on
-  collapse and/or when the KL estimate stops improving (the end of DAFT's alignment stage), merges a loss's in-batch
-  statistics into the trainer's logs and persists its state in checkpoints.
+  model and returns those statistics (primary metric ``knn_kl``, lower is better).
+
+The trainer callback that stops on collapse is :class:`st_daft.callbacks.CollapseStopCallback`; early stopping on the
+KL estimate is transformers' ``EarlyStoppingCallback`` on ``metric_for_best_model="eval_{name}_knn_kl"``.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -32,7 +31,6 @@ import numpy as np
 import torch
 from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
 from torch import Tensor
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -42,7 +40,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_MAX_MEAN_COSINE",
     "DEFAULT_MIN_STD",
-    "COLLAPSE_MONITOR_NAME",
+    "STATISTIC_NAMES",
     "knn_kl_divergence",
     "mean_pairwise_cosine",
     "per_dimension_std",
@@ -50,7 +48,6 @@ __all__ = [
     "collapse_statistics",
     "is_collapsed",
     "CollapseEvaluator",
-    "CollapseMonitorCallback",
 ]
 
 EmbeddingsLike = Tensor | np.ndarray | Sequence[Sequence[float]] | Sequence[Tensor]
@@ -65,12 +62,11 @@ DEFAULT_MAX_MEAN_COSINE = 0.95
 #: strongly anisotropic ones), yet well above the spread of a constant vector plus numerical jitter. It is a
 #: backstop that catches collapse even when ``max_mean_cosine`` is loosened or disabled.
 DEFAULT_MIN_STD = 1e-3
-#: File name of the :class:`CollapseMonitorCallback` state inside a checkpoint folder.
-COLLAPSE_MONITOR_NAME = "collapse_monitor.json"
 
 # Bytes of float64 distances materialised per chunk of the neighbour search.
 _DISTANCE_CHUNK_BYTES = 64 * 2**20
-_STATISTIC_NAMES = (
+#: The statistics a :class:`CollapseEvaluator` returns (before its name prefix).
+STATISTIC_NAMES = (
     "knn_kl",
     "paired_cosine",
     "query_mean_cosine",
@@ -85,11 +81,11 @@ _STATISTIC_NAMES = (
 def _to_float64_tensor(embeddings: EmbeddingsLike, name: str, min_rows: int = 2) -> Tensor:
     """Convert embeddings to a CPU float64 tensor of shape (n, dim) and validate it."""
     if isinstance(embeddings, Tensor):
-        tensor = embeddings.detach().to(device="cpu", dtype=torch.float64)
+        tensor = embeddings.detach().to("cpu", torch.float64)
     elif isinstance(embeddings, np.ndarray):
         tensor = torch.tensor(np.asarray(embeddings, dtype=np.float64))
     elif isinstance(embeddings, Sequence) and len(embeddings) > 0 and isinstance(embeddings[0], Tensor):
-        tensor = torch.stack([row.detach().to(device="cpu", dtype=torch.float64) for row in embeddings])
+        tensor = torch.stack([row.detach().to("cpu", torch.float64) for row in embeddings])
     else:
         tensor = torch.as_tensor(np.asarray(embeddings, dtype=np.float64))
     if tensor.ndim != 2:
@@ -414,7 +410,7 @@ class CollapseEvaluator(SentenceEvaluator):
         self.greater_is_better = False
         self.primary_metric = "knn_kl"
         self.csv_file = f"collapse_evaluation_{name}_results.csv" if name else "collapse_evaluation_results.csv"
-        self.csv_headers = ["epoch", "steps", *_STATISTIC_NAMES]
+        self.csv_headers = ["epoch", "steps", *STATISTIC_NAMES]
 
     def __call__(
         self, model: SentenceTransformer, output_path: str | None = None, epoch: int = -1, steps: int = -1
@@ -457,7 +453,7 @@ class CollapseEvaluator(SentenceEvaluator):
                 writer = csv.writer(f)
                 if not output_file_exists:
                     writer.writerow(self.csv_headers)
-                writer.writerow([epoch, steps, *(statistics[key] for key in _STATISTIC_NAMES)])
+                writer.writerow([epoch, steps, *(statistics[key] for key in STATISTIC_NAMES)])
 
         metrics = self.prefix_name_to_metrics(statistics, self.name)
         self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
@@ -468,262 +464,3 @@ class CollapseEvaluator(SentenceEvaluator):
         if self.k != 1:
             config_dict["k"] = self.k
         return config_dict
-
-
-class CollapseMonitorCallback(TrainerCallback):
-    """
-    A ``transformers`` callback that watches the metrics of a :class:`CollapseEvaluator` (passed to the trainer as
-    ``evaluator``) and
-
-    - stops training as soon as a route collapsed (:func:`is_collapsed` on the query or document statistics), with a
-      warning such as ``"training stopped: the query route collapsed: mean cosine 0.9912 > 0.95 ..."``;
-    - optionally stops training when the KL estimate has not improved by more than ``kl_min_delta`` for
-      ``kl_patience`` consecutive evaluations: the end of DAFT's alignment stage. Evaluations at which a route
-      collapsed never count as improvements. To also restore the best alignment checkpoint, combine with
-      ``load_best_model_at_end=True``, ``metric_for_best_model="eval_{name}_knn_kl"``, ``greater_is_better=False``;
-    - merges in-batch statistics of a loss with a ``pop_logging_statistics() -> dict[str, float]`` method (e.g.
-      :class:`~st_daft.losses.CollapseSafeContrastiveLoss`) into the trainer's logs and ``state.log_history``;
-    - saves its state as ``collapse_monitor.json`` in every checkpoint and restores it automatically when training
-      resumes from a checkpoint in ``args.output_dir`` (or explicitly via :meth:`load_checkpoint` /
-      :meth:`from_checkpoint`), so a resumed run keeps its best KL and patience counter.
-
-    The trainer calls reporting integrations (TensorBoard, W&B, ...) before user callbacks, so merged loss statistics
-    reach ``state.log_history`` and the console but not those integrations unless the monitor is inserted first:
-    ``trainer.callback_handler.callbacks.insert(0, monitor)``.
-
-    Args:
-        evaluator_name: the ``name`` of the :class:`CollapseEvaluator`; its metrics are found as the keys ending in
-            ``{evaluator_name}_knn_kl`` etc. (the trainer prefixes them with ``eval_``).
-        kl_patience: number of consecutive non-improving evaluations after which training stops; None never stops on
-            the KL estimate.
-        kl_min_delta: minimum decrease of the KL estimate that counts as an improvement.
-        stop_on_collapse: stop training when a route collapsed (otherwise only warn and record it).
-        max_mean_cosine: collapse threshold of :func:`is_collapsed`.
-        min_std: collapse threshold of :func:`is_collapsed`.
-        loss: an optional loss object with ``pop_logging_statistics()``.
-
-    Attributes:
-        history: one dict per evaluation with ``step``, ``epoch`` and the collapse statistics found.
-        best_kl: lowest KL estimate seen at a non-collapsed evaluation, and ``best_step`` its global step.
-        kl_patience_counter: consecutive evaluations without improvement.
-        collapsed: whether a collapse was detected; ``collapse_reason`` the first reason.
-        stopped_reason: why this callback stopped training, or None.
-    """
-
-    def __init__(
-        self,
-        evaluator_name: str = "",
-        kl_patience: int | None = None,
-        kl_min_delta: float = 0.0,
-        stop_on_collapse: bool = True,
-        max_mean_cosine: float | None = DEFAULT_MAX_MEAN_COSINE,
-        min_std: float | None = DEFAULT_MIN_STD,
-        loss: Any | None = None,
-    ) -> None:
-        if kl_patience is not None and kl_patience < 1:
-            raise ValueError(f"kl_patience must be None or at least 1, got {kl_patience}")
-        if kl_min_delta < 0:
-            raise ValueError(f"kl_min_delta must be non-negative, got {kl_min_delta}")
-        self.evaluator_name = evaluator_name
-        self.kl_patience = kl_patience
-        self.kl_min_delta = kl_min_delta
-        self.stop_on_collapse = stop_on_collapse
-        self.max_mean_cosine = max_mean_cosine
-        self.min_std = min_std
-        self.loss = loss
-
-        self.history: list[dict[str, Any]] = []
-        self.best_kl: float | None = None
-        self.best_step: int | None = None
-        self.kl_patience_counter = 0
-        self.collapsed = False
-        self.collapse_reason: str | None = None
-        self.stopped_reason: str | None = None
-        self._warned_ambiguous: set[str] = set()
-
-    # ------------------------------------------------------------------ metrics
-
-    def _find_metric(self, metrics: dict[str, Any], statistic: str) -> float | None:
-        """The value of ``statistic`` among the evaluation metrics, matched by the suffix ``{name}_{statistic}``."""
-        suffix = f"{self.evaluator_name}_{statistic}" if self.evaluator_name else statistic
-        for exact in (f"eval_{suffix}", suffix):
-            if exact in metrics:
-                return float(metrics[exact])
-        matches = [key for key in metrics if key.endswith(f"_{suffix}")]
-        if not matches:
-            return None
-        if len(matches) > 1 and suffix not in self._warned_ambiguous:
-            self._warned_ambiguous.add(suffix)
-            logger.warning(
-                f"Several metrics end in {suffix!r}: {matches}; using {matches[0]!r}. "
-                "Set evaluator_name of CollapseMonitorCallback to the CollapseEvaluator's name."
-            )
-        return float(metrics[matches[0]])
-
-    def extract_statistics(self, metrics: dict[str, Any]) -> dict[str, float]:
-        """Collapse statistics (unprefixed keys, as from :func:`collapse_statistics`) found in ``metrics``."""
-        statistics = {}
-        for statistic in _STATISTIC_NAMES:
-            value = self._find_metric(metrics, statistic)
-            if value is not None:
-                statistics[statistic] = value
-        return statistics
-
-    def on_evaluate(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        metrics: dict[str, float] | None = None,
-        **kwargs,
-    ) -> None:
-        statistics = self.extract_statistics(metrics or {})
-        if not statistics:
-            logger.debug("CollapseMonitorCallback: no collapse statistics among the evaluation metrics")
-            return
-        step = state.global_step
-        self.history.append({"step": step, "epoch": state.epoch, **statistics})
-
-        collapsed, reason, stopped_on_collapse = False, "", False
-        if any(key in statistics for key in ("query_mean_cosine", "query_std", "document_mean_cosine", "document_std")):
-            collapsed, reason = is_collapsed(statistics, max_mean_cosine=self.max_mean_cosine, min_std=self.min_std)
-        if collapsed:
-            if not self.collapsed:
-                self.collapsed = True
-                self.collapse_reason = reason
-            if self.stop_on_collapse:
-                stopped_on_collapse = True
-                control.should_training_stop = True
-                self.stopped_reason = reason
-                logger.warning(f"training stopped: {reason} at step {step}")
-            else:
-                logger.warning(f"{reason} at step {step} (training continues: stop_on_collapse=False)")
-
-        kl = statistics.get("knn_kl")
-        if kl is None:
-            return
-        if not collapsed and math.isfinite(kl) and (self.best_kl is None or kl < self.best_kl - self.kl_min_delta):
-            self.best_kl = kl
-            self.best_step = step
-            self.kl_patience_counter = 0
-        else:
-            self.kl_patience_counter += 1
-        if self.kl_patience is not None and self.kl_patience_counter >= self.kl_patience and not stopped_on_collapse:
-            control.should_training_stop = True
-            best = "none" if self.best_kl is None else f"{self.best_kl:.4f} at step {self.best_step}"
-            self.stopped_reason = (
-                f"the kNN KL divergence did not improve by more than {self.kl_min_delta:g} for "
-                f"{self.kl_patience_counter} evaluations (best {best})"
-            )
-            logger.info(f"training stopped: {self.stopped_reason}")
-
-    # ------------------------------------------------------------------ logs
-
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        logs: dict[str, float] | None = None,
-        **kwargs,
-    ) -> None:
-        """Merge the loss's ``pop_logging_statistics()`` into ``logs`` and the last ``state.log_history`` entry.
-
-        Training logs (with a ``loss`` key) receive the statistics as they are; evaluation logs (``eval_*`` keys)
-        receive them with an ``eval_`` prefix, as they then come from the loss on evaluation batches; other logs (the
-        end-of-training summary) are left alone.
-        """
-        pop_statistics = getattr(self.loss, "pop_logging_statistics", None)
-        if logs is None or not callable(pop_statistics):
-            return
-        if "loss" in logs:
-            prefix = ""
-        elif any(key.startswith("eval_") for key in logs):
-            prefix = "eval_"
-        else:
-            return
-        statistics = {f"{prefix}{key}": float(value) for key, value in (pop_statistics() or {}).items()}
-        if not statistics:
-            return
-        logs.update(statistics)
-        if state.log_history:
-            state.log_history[-1].update(statistics)
-
-    # ------------------------------------------------------------------ persistence
-
-    def config(self) -> dict[str, Any]:
-        """The JSON-serialisable constructor arguments (all but ``loss``)."""
-        return {
-            "evaluator_name": self.evaluator_name,
-            "kl_patience": self.kl_patience,
-            "kl_min_delta": self.kl_min_delta,
-            "stop_on_collapse": self.stop_on_collapse,
-            "max_mean_cosine": self.max_mean_cosine,
-            "min_std": self.min_std,
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        """The monitoring state: history, best KL and step, patience counter, collapse and stop reasons."""
-        return {
-            "history": [dict(entry) for entry in self.history],
-            "best_kl": self.best_kl,
-            "best_step": self.best_step,
-            "kl_patience_counter": self.kl_patience_counter,
-            "collapsed": self.collapsed,
-            "collapse_reason": self.collapse_reason,
-            "stopped_reason": self.stopped_reason,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the state from :meth:`state_dict`; the configuration (thresholds, ``loss``) is kept."""
-        self.history = [dict(entry) for entry in state_dict.get("history", [])]
-        self.best_kl = state_dict.get("best_kl")
-        self.best_step = state_dict.get("best_step")
-        self.kl_patience_counter = int(state_dict.get("kl_patience_counter", 0))
-        self.collapsed = bool(state_dict.get("collapsed", False))
-        self.collapse_reason = state_dict.get("collapse_reason")
-        self.stopped_reason = state_dict.get("stopped_reason")
-
-    def save_checkpoint(self, checkpoint_dir: str | os.PathLike) -> str:
-        """Write ``collapse_monitor.json`` (configuration and state) into ``checkpoint_dir``; returns its path."""
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        path = os.path.join(checkpoint_dir, COLLAPSE_MONITOR_NAME)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"config": self.config(), **self.state_dict()}, f, indent=2)
-        return path
-
-    def load_checkpoint(self, checkpoint_dir: str | os.PathLike) -> None:
-        """Restore the state saved by :meth:`save_checkpoint` in ``checkpoint_dir`` into this callback.
-
-        Raises:
-            FileNotFoundError: if ``checkpoint_dir`` has no ``collapse_monitor.json``.
-        """
-        with open(os.path.join(checkpoint_dir, COLLAPSE_MONITOR_NAME), encoding="utf-8") as f:
-            self.load_state_dict(json.load(f))
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, **kwargs: Any) -> CollapseMonitorCallback:
-        """A callback with the configuration and state saved in ``checkpoint_dir``; ``kwargs`` (e.g. ``loss``)
-        override the saved configuration."""
-        with open(os.path.join(checkpoint_dir, COLLAPSE_MONITOR_NAME), encoding="utf-8") as f:
-            saved = json.load(f)
-        callback = cls(**{**saved.get("config", {}), **kwargs})
-        callback.load_state_dict(saved)
-        return callback
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        if not getattr(state, "is_world_process_zero", True):
-            return
-        self.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        """When resuming from ``{output_dir}/checkpoint-{global_step}``, restore the state saved there."""
-        if state.global_step <= 0 or self.history:
-            return
-        checkpoint_dir = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isfile(os.path.join(checkpoint_dir, COLLAPSE_MONITOR_NAME)):
-            self.load_checkpoint(checkpoint_dir)
-            logger.info(
-                f"CollapseMonitorCallback restored from {checkpoint_dir}: best KL {self.best_kl} at step "
-                f"{self.best_step}, patience counter {self.kl_patience_counter}"
-            )

@@ -6,10 +6,14 @@ asymmetric one whose :class:`~sentence_transformers.sentence_transformer.modules
 a local BEIR folder, a Hub ``BeIR/*`` dataset id, or the name of an MTEB retrieval task (e.g. ``"SciFact"``).
 
 Local collections become MTEB tasks with :func:`to_mteb_task`: an ``AbsTaskRetrieval`` whose data is held in memory,
-so MTEB never downloads anything for them. MTEB's SentenceTransformer wrapper encodes queries with
-``model.encode_query`` and documents with ``model.encode_document``, which set ``task="query"`` / ``task="document"``
-and so select the Router's routes. No MTEB result cache is read or written (``cache=None``), and the model's metadata
-is built from the loaded model alone, never fetched from the Hub.
+so MTEB never downloads anything for them. The model reaches MTEB through MTEB's own encoder wrapper
+(``SentenceTransformerEncoderWrapper``), which encodes queries with ``model.encode_query`` and documents with
+``model.encode_document`` (``task="query"`` / ``task="document"``: the Router's routes); a subclass of it reads
+document embeddings from a :class:`~st_daft.store.DocumentEmbeddingStore` when one is given. Search models such as
+:class:`~st_daft.baselines.BM25Search` rank by themselves, and MTEB scores every model's rankings with the same code.
+No MTEB result cache is read or written (``cache=None``), and the model's metadata is built from the loaded model
+alone, never fetched from the Hub. :func:`evaluate_collections` runs several models on several collections and
+:func:`format_table` prints the comparison (``st-daft evaluate MODEL --data A --data B --baseline bm25``).
 
 Example::
 
@@ -28,8 +32,7 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,13 +44,13 @@ from st_daft.store import DocumentEmbeddingStore, document_encoder_key
 
 if TYPE_CHECKING:
     from mteb.abstasks.retrieval import AbsTaskRetrieval
-    from mteb.models import SentenceTransformerEncoderWrapper
+    from mteb.models import SearchProtocol, SentenceTransformerEncoderWrapper
     from mteb.results import TaskResult
     from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOCAL_TASK_PREFIX", "to_mteb_task", "evaluate_retrieval"]
+__all__ = ["LOCAL_TASK_PREFIX", "to_mteb_task", "evaluate_retrieval", "evaluate_collections", "format_table"]
 
 LOCAL_TASK_PREFIX = "BEIR-local-"
 """Prefix of the names of the MTEB tasks made from local collections, e.g. ``BEIR-local-scifact``."""
@@ -181,7 +184,7 @@ def _resolve_task(data: RetrievalData | str | Path | AbsTaskRetrieval, split: st
     split = split or "test"
     if Path(data).exists() or "/" in str(data):
         # A local BEIR folder or a Hub ``BeIR/*`` id: load_beir explains what is missing (e.g. the split's qrels).
-        return to_mteb_task(load_beir(data, split))
+        return to_mteb_task(load_beir(data, split, empty_texts="warn"))
     try:
         return _named_task(str(data), split)
     except KeyError as error:
@@ -191,17 +194,80 @@ def _resolve_task(data: RetrievalData | str | Path | AbsTaskRetrieval, split: st
         ) from None
 
 
-def _wrap_model(model: SentenceTransformer) -> SentenceTransformerEncoderWrapper:
-    """Wrap ``model`` the way ``mteb.evaluate`` would, quietly and without any Hub look-up.
+@functools.cache
+def _store_encoder_class() -> type[SentenceTransformerEncoderWrapper]:
+    """MTEB's SentenceTransformer wrapper, with documents read from a document store; created on first use."""
+    from mteb.models import SentenceTransformerEncoderWrapper
+    from mteb.types import PromptType
+
+    class DocumentStoreEncoderWrapper(SentenceTransformerEncoderWrapper):
+        """MTEB's encoder for a SentenceTransformer, reading document embeddings from a ``DocumentEmbeddingStore``.
+
+        MTEB asks its encoder for ``PromptType.query`` and ``PromptType.document`` embeddings; the parent class
+        answers with ``model.encode_query`` and ``model.encode_document`` (the Router's query and document routes).
+        With a store, document texts it holds for this exact document route (same :func:`document_encoder_key`,
+        same prompt) are read back and only the others go through ``model.encode_document``; queries, and
+        everything when there is no store, take the parent's path unchanged.
+        """
+
+        def __init__(
+            self, model: SentenceTransformer, document_store: DocumentEmbeddingStore | None = None, **kwargs: Any
+        ) -> None:
+            super().__init__(model, **kwargs)
+            self.document_store = document_store
+            self._encoder_key = document_encoder_key(model) if document_store is not None else None
+
+        def encode(
+            self,
+            inputs: Any,
+            *,
+            task_metadata: Any,
+            hf_split: str,
+            hf_subset: str,
+            prompt_type: PromptType | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            texts = None
+            if self.document_store is not None and prompt_type == PromptType.document:
+                batches = list(inputs)
+                if all("text" in batch for batch in batches):
+                    texts = [text for batch in batches for text in batch["text"]]
+            if texts is None or not all(isinstance(text, str) for text in texts):
+                return super().encode(
+                    inputs,
+                    task_metadata=task_metadata,
+                    hf_split=hf_split,
+                    hf_subset=hf_subset,
+                    prompt_type=prompt_type,
+                    **kwargs,
+                )
+            prompt_name = self.get_prompt_name(task_metadata, prompt_type)
+            prompt = (self.model_prompts or {}).get(prompt_name) if prompt_name else None
+            options = {**kwargs, "convert_to_numpy": True, "convert_to_tensor": False}
+
+            def compute(missing: list[str]) -> np.ndarray:
+                return self.model.encode_document(missing, prompt=prompt, **options)
+
+            return self.document_store.embeddings(
+                self.model, texts, compute, kind="document", prompt=prompt, encoder_key=self._encoder_key
+            )
+
+    DocumentStoreEncoderWrapper.__module__ = __name__
+    return DocumentStoreEncoderWrapper
+
+
+def _wrap_model(
+    model: SentenceTransformer, document_store: DocumentEmbeddingStore | None = None
+) -> SentenceTransformerEncoderWrapper:
+    """Wrap ``model`` the way ``mteb.evaluate`` would, quietly, without any Hub look-up, reading ``document_store``.
 
     MTEB's wrapper encodes ``PromptType.query`` inputs with ``model.encode_query`` and ``PromptType.document`` inputs
-    with ``model.encode_document`` (sentence-transformers >= 5), i.e. through the Router's query / document routes.
-    Its metadata comes from the loaded model only (``ModelMeta.from_sentence_transformer_model`` without
-    ``fetch_from_hf``). The deprecation warnings MTEB emits while building it are silenced, and so are its log
-    warnings about counting embedding parameters, which it cannot do for a Router model (no single tokenizer).
+    with ``model.encode_document`` (sentence-transformers >= 5), i.e. through the Router's query / document routes;
+    documents the store holds are read from it instead. The metadata comes from the loaded model only
+    (``ModelMeta.from_sentence_transformer_model`` without ``fetch_from_hf``). The deprecation warnings MTEB emits
+    while building it are silenced, and so are its log warnings about counting embedding parameters, which it cannot
+    do for a Router model (no single tokenizer).
     """
-    from mteb.models import SentenceTransformerEncoderWrapper
-
     meta_logger = logging.getLogger("mteb.models.model_meta")
     previous_level = meta_logger.level
     meta_logger.setLevel(logging.ERROR)
@@ -209,40 +275,14 @@ def _wrap_model(model: SentenceTransformer) -> SentenceTransformerEncoderWrapper
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mteb(\.|$)")
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"mteb(\.|$)")
-            return SentenceTransformerEncoderWrapper(model)
+            return _store_encoder_class()(model, document_store=document_store)
     finally:
         meta_logger.setLevel(previous_level)
 
 
-@contextmanager
-def _documents_from_store(model: SentenceTransformer, store: DocumentEmbeddingStore | None) -> Iterator[None]:
-    """While active, ``model.encode_document`` reads texts ``store`` holds for this document route from it.
-
-    MTEB's wrapper calls ``model.encode_document`` batch by batch; an instance attribute shadows the method for the
-    evaluation only, so the model is unchanged afterwards. Non-text inputs go straight to the model.
-    """
-    if store is None:
-        yield
-        return
-    original = model.encode_document
-    encoder_key = document_encoder_key(model)
-
-    def encode_document(inputs: Any, prompt: str | None = None, **kwargs: Any) -> Any:
-        if not isinstance(inputs, list) or not all(isinstance(text, str) for text in inputs):
-            return original(inputs, prompt=prompt, **kwargs)
-        options = {**kwargs, "convert_to_numpy": True, "convert_to_tensor": False}
-
-        def compute(missing: list[str]) -> np.ndarray:
-            return original(missing, prompt=prompt, **options)
-
-        return store.embeddings(model, inputs, compute, kind="document", prompt=prompt, encoder_key=encoder_key)
-
-    model.encode_document = encode_document
-    try:
-        yield
-    finally:
-        del model.encode_document
-        logger.info("document store: %d documents read back, %d encoded", store.hits, store.misses)
+def _is_search_model(model: Any) -> bool:
+    """An MTEB search model (``index`` + ``search``, e.g. :class:`~st_daft.baselines.BM25Search`)."""
+    return callable(getattr(model, "index", None)) and callable(getattr(model, "search", None))
 
 
 def _count(task: AbsTaskRetrieval, split: str, column: str) -> int:
@@ -269,8 +309,23 @@ def _flat_scores(task_result: TaskResult, split: str) -> dict[str, float]:
     return flat
 
 
+def _load_model(model: Any) -> tuple[Any, str | None]:
+    """``(model, label)``: a path or id loaded as a SentenceTransformer; a SentenceTransformer or search model as is."""
+    from sentence_transformers import SentenceTransformer
+
+    if isinstance(model, (str, Path)):
+        return SentenceTransformer(str(model)), str(model)
+    if isinstance(model, SentenceTransformer):
+        return model, model.model_card_data.model_name or model.model_card_data.base_model
+    if _is_search_model(model):
+        return model, getattr(model, "name", None) or model.mteb_model_meta.name
+    raise TypeError(
+        f"model must be a SentenceTransformer, a path to one, or an MTEB search model (index/search), got {type(model)}"
+    )
+
+
 def evaluate_retrieval(
-    model: SentenceTransformer | str | Path,
+    model: SentenceTransformer | str | Path | SearchProtocol,
     data: RetrievalData | str | Path | AbsTaskRetrieval,
     split: str | None = None,
     output_path: str | Path | None = None,
@@ -278,18 +333,22 @@ def evaluate_retrieval(
     show_progress_bar: bool = True,
     document_store: DocumentEmbeddingStore | str | Path | None = None,
 ) -> dict[str, float | int | str]:
-    """Evaluate a (possibly asymmetric) SentenceTransformer on a retrieval collection with MTEB.
+    """Evaluate a (possibly asymmetric) SentenceTransformer, or a search model such as BM25, with MTEB.
 
     Queries are encoded with ``model.encode_query`` and documents with ``model.encode_document``, so a model with a
     ``Router`` uses its ``"query"`` route for queries and its ``"document"`` route for documents; a symmetric model
-    encodes both the same way. Runs ``mteb.evaluate`` with ``cache=None`` (no results are read from or written to
-    MTEB's result cache) and no CO2 tracking; local collections are never downloaded.
+    encodes both the same way. A search model (MTEB's ``SearchProtocol``: ``index`` and ``search``, e.g.
+    :class:`~st_daft.baselines.BM25Search`) ranks the documents itself, and MTEB scores its rankings with the same
+    code and judgements. Runs ``mteb.evaluate`` with ``cache=None`` (no results are read from or written to MTEB's
+    result cache) and no CO2 tracking; local collections are never downloaded.
 
     Args:
-        model: a SentenceTransformer, or a path / model id to load with ``SentenceTransformer(model)``.
+        model: a SentenceTransformer, a path / model id to load with ``SentenceTransformer(model)``, or an MTEB
+            search model.
         data: a :class:`RetrievalData`; a local BEIR folder or a Hub dataset id such as ``"BeIR/scifact"`` (loaded
-            with :func:`~st_daft.data.load_beir`); an MTEB retrieval task name such as ``"SciFact"`` (its data comes
-            from the Hub); or an MTEB ``AbsTaskRetrieval``.
+            with :func:`~st_daft.data.load_beir`; empty documents and queries are kept, and a warning names them);
+            an MTEB retrieval task name such as ``"SciFact"`` (its data comes from the Hub); or an MTEB
+            ``AbsTaskRetrieval``.
         split: the split to evaluate. Defaults to the split a :class:`RetrievalData` holds (asking for another one
             raises :class:`~st_daft.data.DataError`), and to ``"test"`` otherwise.
         output_path: if given, the returned dict is also written there as JSON (parent folders are created).
@@ -297,7 +356,8 @@ def evaluate_retrieval(
         show_progress_bar: whether to show encoding progress bars.
         document_store: a :class:`~st_daft.store.DocumentEmbeddingStore` (or its folder). Document embeddings it
             holds for this model's exact document route are read back, the others are encoded and stored: comparing
-            several query routes against one frozen document encoder embeds each corpus once.
+            several query routes against one frozen document encoder embeds each corpus once. Not used by search
+            models.
 
     Returns:
         A flat dict: ``task``, ``split``, ``model`` (when known), ``num_queries``, ``num_documents``, MTEB's
@@ -309,16 +369,14 @@ def evaluate_retrieval(
         DataError: the data cannot be found or loaded, e.g. the folder has no qrels for ``split``.
     """
     import mteb
-    from sentence_transformers import SentenceTransformer
 
-    model_label: str | None = None
-    if isinstance(model, (str, Path)):
-        model_label = str(model)
-        model = SentenceTransformer(str(model))
-    elif not isinstance(model, SentenceTransformer):
-        raise TypeError(f"model must be a SentenceTransformer or a path to one, got {type(model)}")
+    model, model_label = _load_model(model)
+    if _is_search_model(model):
+        mteb_model = model
     else:
-        model_label = model.model_card_data.model_name or model.model_card_data.base_model
+        if document_store is not None and not isinstance(document_store, DocumentEmbeddingStore):
+            document_store = DocumentEmbeddingStore(document_store)
+        mteb_model = _wrap_model(model, document_store)
 
     task = _resolve_task(data, split)
     split = task.eval_splits[0]
@@ -329,24 +387,24 @@ def evaluate_retrieval(
     loaded_here = not task.data_loaded
     if loaded_here:
         task.load_data()
-    if document_store is not None and not isinstance(document_store, DocumentEmbeddingStore):
-        document_store = DocumentEmbeddingStore(document_store)
     try:
-        with _documents_from_store(model, document_store):
-            model_result = mteb.evaluate(
-                _wrap_model(model),
-                task,
-                cache=None,
-                co2_tracker=False,
-                raise_error=True,
-                encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress_bar},
-                show_progress_bar=show_progress_bar,
-            )
+        model_result = mteb.evaluate(
+            mteb_model,
+            task,
+            cache=None,
+            co2_tracker=False,
+            raise_error=True,
+            encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress_bar},
+            show_progress_bar=show_progress_bar,
+        )
         num_queries = _count(task, split, "queries")
         num_documents = _count(task, split, "corpus")
     finally:
         if loaded_here and task.data_loaded:
             task.unload_data()
+    store = getattr(mteb_model, "document_store", None)
+    if store is not None:
+        logger.info("document store: %d documents read back, %d encoded", store.hits, store.misses)
 
     task_result = model_result.task_results[0]
     results: dict[str, float | int | str] = {"task": task.metadata.name, "split": split}
@@ -359,7 +417,8 @@ def evaluate_retrieval(
         results["evaluation_time"] = float(task_result.evaluation_time)
 
     logger.info(
-        "%s (%s, %d queries, %d documents): nDCG@10 %.4f, MRR@10 %.4f, Recall@100 %.4f",
+        "%s on %s (%s, %d queries, %d documents): nDCG@10 %.4f, MRR@10 %.4f, Recall@100 %.4f",
+        model_label or "model",
         results["task"],
         split,
         num_queries,
@@ -369,7 +428,127 @@ def evaluate_retrieval(
         results.get("recall_at_100", float("nan")),
     )
     if output_path is not None:
-        output_path = Path(output_path)
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        output_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        _write_json(output_path, results)
     return results
+
+
+def _write_json(path: str | Path, content: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+
+def _collection_name(task: AbsTaskRetrieval, taken: set[str]) -> str:
+    """A short, unique column name: the folder's name for a local collection, the task name otherwise."""
+    name = task.metadata.name.removeprefix(LOCAL_TASK_PREFIX)
+    unique, number = name, 2
+    while unique in taken:
+        unique, number = f"{name}-{number}", number + 1
+    taken.add(unique)
+    return unique
+
+
+def evaluate_collections(
+    models: Sequence[SentenceTransformer | str | Path | SearchProtocol],
+    collections: Sequence[RetrievalData | str | Path | AbsTaskRetrieval],
+    split: str | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    output_path: str | Path | None = None,
+    batch_size: int = 64,
+    show_progress_bar: bool = True,
+    document_store: DocumentEmbeddingStore | str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate several models (e.g. a trained route and :class:`~st_daft.baselines.BM25Search`) on several
+    collections with :func:`evaluate_retrieval`, and average each model's scores over the collections.
+
+    Every collection is loaded and checked before any model runs, so a bad input is named first. Each model is
+    loaded once, and each collection's data once for all models.
+
+    Args:
+        models: SentenceTransformers, paths to them, or MTEB search models.
+        collections: anything :func:`evaluate_retrieval` takes as ``data``.
+        split: the split of every collection (``"test"`` by default).
+        labels: a row label per model; by default the path given, the model's name, or ``"BM25"``.
+        output_path: if given, the returned dict is written there as JSON.
+        batch_size, show_progress_bar, document_store: as in :func:`evaluate_retrieval`.
+
+    Returns:
+        ``{"split", "collections": [names], "models": [labels], "scores": {label: {collection: flat scores}},
+        "mean": {label: {score: mean over the collections}}}``; :func:`format_table` prints it.
+    """
+    if not models or not collections:
+        raise ValueError("evaluate_collections needs at least one model and one collection")
+    if labels is not None and len(labels) != len(models):
+        raise ValueError(f"{len(labels)} labels for {len(models)} models")
+    tasks = [_resolve_task(data, split) for data in collections]  # every collection checked before any model runs
+    names: list[str] = []
+    taken: set[str] = set()
+    for task in tasks:
+        names.append(_collection_name(task, taken))
+    loaded = [_load_model(model) for model in models]
+    row_labels = list(labels) if labels is not None else [label or f"model-{i}" for i, (_, label) in enumerate(loaded)]
+    if len(set(row_labels)) != len(row_labels):
+        raise ValueError(f"models need distinct labels, got {row_labels}")
+    if document_store is not None and not isinstance(document_store, DocumentEmbeddingStore):
+        document_store = DocumentEmbeddingStore(document_store)
+
+    scores: dict[str, dict[str, dict[str, Any]]] = {label: {} for label in row_labels}
+    for task, name in zip(tasks, names):
+        loaded_here = not task.data_loaded
+        if loaded_here:
+            task.load_data()
+        try:
+            for (model, _), label in zip(loaded, row_labels):
+                result = evaluate_retrieval(
+                    model,
+                    task,
+                    batch_size=batch_size,
+                    show_progress_bar=show_progress_bar,
+                    document_store=document_store,
+                )
+                scores[label][name] = {**result, "model": label}
+        finally:
+            if loaded_here and task.data_loaded:
+                task.unload_data()
+
+    means: dict[str, dict[str, float]] = {}
+    for label, per_collection in scores.items():
+        keys = [key for key in per_collection[names[0]] if _KEPT_SCORE.match(key)]
+        shared = [key for key in keys if all(key in per_collection[name] for name in names)]
+        means[label] = {key: sum(per_collection[name][key] for name in names) / len(names) for key in shared}
+    comparison = {
+        "split": tasks[0].eval_splits[0],
+        "collections": names,
+        "models": row_labels,
+        "scores": scores,
+        "mean": means,
+    }
+    if output_path is not None:
+        _write_json(output_path, comparison)
+    return comparison
+
+
+_METRIC_NAMES = {"ndcg": "nDCG", "recall": "Recall", "map": "MAP", "mrr": "MRR", "precision": "P", "hit_rate": "Hit"}
+
+
+def metric_title(metric: str) -> str:
+    """``"ndcg_at_10"`` -> ``"nDCG@10"``."""
+    family, _, k = metric.rpartition("_at_")
+    return f"{_METRIC_NAMES.get(family, family)}@{k}" if family else metric
+
+
+def format_table(comparison: dict[str, Any], metric: str = "ndcg_at_10", digits: int = 3) -> str:
+    """A Markdown table of one score from :func:`evaluate_collections`: a row per model, a column per collection,
+    and the mean over the collections."""
+    names = comparison["collections"]
+    lines = [
+        f"| {metric_title(metric)} ({comparison['split']}) | " + " | ".join(names) + " | mean |",
+        "|---|" + "---:|" * (len(names) + 1),
+    ]
+    for label in comparison["models"]:
+        cells = [comparison["scores"][label][name].get(metric) for name in names]
+        cells.append(comparison["mean"][label].get(metric))
+        shown = ["" if value is None else f"{value:.{digits}f}" for value in cells]
+        lines.append(f"| {label} | " + " | ".join(shown) + " |")
+    return "\n".join(lines)

@@ -223,7 +223,7 @@ def build_asymmetric_model(
     document_encoder: str | SentenceTransformer | None = None,
     query_encoder: str = "static",
     *,
-    device: str | None = "cpu",
+    device: str | None = None,
     seed: int = 0,
 ) -> SentenceTransformer:
     """Build ``SentenceTransformer([Router(query=..., document=...), Normalize()])``.

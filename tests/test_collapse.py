@@ -1,4 +1,5 @@
-"""Tests of st_daft.collapse: metric functions, CollapseEvaluator and CollapseMonitorCallback."""
+"""Tests of st_daft.collapse (metric functions, CollapseEvaluator) and of the callbacks that use them:
+CollapseStopCallback, transformers' EarlyStoppingCallback on the KL, LogStatisticsCallback."""
 
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from transformers import TrainerControl, TrainerState
+from transformers import EarlyStoppingCallback, TrainerControl, TrainerState
 
 from st_daft import collapse
+from st_daft.callbacks import CollapseStopCallback, LogStatisticsCallback
 from st_daft.collapse import (
-    COLLAPSE_MONITOR_NAME,
     CollapseEvaluator,
-    CollapseMonitorCallback,
     collapse_statistics,
     effective_rank,
     is_collapsed,
@@ -237,7 +237,7 @@ def texts() -> list[str]:
 def test_collapse_evaluator_on_plain_model(tiny_document_model_dir: Path, texts: list[str], tmp_path: Path) -> None:
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(tiny_document_model_dir), device="cpu")
+    model = SentenceTransformer(str(tiny_document_model_dir))
     evaluator = CollapseEvaluator(texts, name="dev", batch_size=8)
     assert evaluator.greater_is_better is False
     metrics = evaluator(model, output_path=str(tmp_path), epoch=1, steps=10)
@@ -254,8 +254,8 @@ def test_collapse_evaluator_on_router_model(tiny_document_model_dir: Path, texts
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules import Router
 
-    document_encoder = SentenceTransformer(str(tiny_document_model_dir), device="cpu")
-    query_encoder = SentenceTransformer(str(tiny_document_model_dir), device="cpu")
+    document_encoder = SentenceTransformer(str(tiny_document_model_dir))
+    query_encoder = SentenceTransformer(str(tiny_document_model_dir))
     torch.manual_seed(0)
     with torch.no_grad():
         for parameter in query_encoder.parameters():
@@ -263,7 +263,7 @@ def test_collapse_evaluator_on_router_model(tiny_document_model_dir: Path, texts
     router = Router.for_query_document(
         query_modules=list(query_encoder.children()), document_modules=list(document_encoder.children())
     )
-    model = SentenceTransformer(modules=[router], device="cpu")
+    model = SentenceTransformer(modules=[router])
 
     metrics = CollapseEvaluator(texts)(model)
     assert sorted(metrics) == sorted(STATISTIC_NAMES)
@@ -278,17 +278,19 @@ def test_collapse_evaluator_validates_texts() -> None:
         CollapseEvaluator(["only one"])
 
 
-# ---------------------------------------------------------------------------------------------- callback
+# ---------------------------------------------------------------------------------------------- callbacks
 
 
 def _evaluate(
-    callback: CollapseMonitorCallback,
+    callback: CollapseStopCallback,
     state: TrainerState,
     step: int,
     kl: float,
     mean_cosine: float = 0.3,
     prefix: str = "eval_dev_",
+    early_stopping: EarlyStoppingCallback | None = None,
 ) -> TrainerControl:
+    """One evaluation as the trainer runs it: callbacks' on_evaluate, then the trainer's best-metric update."""
     state.global_step = step
     control = TrainerControl()
     metrics = {
@@ -302,71 +304,76 @@ def _evaluate(
         f"{prefix}document_std": 0.05,
         f"{prefix}document_effective_rank": 12.0,
     }
-    callback.on_evaluate(SimpleNamespace(output_dir="unused"), state, control, metrics=metrics)
+    args = SimpleNamespace(output_dir="unused", metric_for_best_model=f"{prefix}knn_kl", greater_is_better=False)
+    callback.on_evaluate(args, state, control, metrics=metrics)
+    if early_stopping is not None:
+        early_stopping.on_evaluate(args, state, control, metrics=metrics)
+        if state.best_metric is None or kl < state.best_metric:  # Trainer._determine_best_metric
+            state.best_metric, state.best_global_step = kl, step
     return control
 
 
-def test_callback_stops_after_kl_patience() -> None:
-    callback = CollapseMonitorCallback(evaluator_name="dev", kl_patience=2, kl_min_delta=0.1)
+def test_kl_patience_through_early_stopping() -> None:
+    """The end of DAFT's alignment stage: transformers' EarlyStoppingCallback on the KL, with its threshold."""
+    callback = CollapseStopCallback(evaluator_name="dev")
+    early = EarlyStoppingCallback(early_stopping_patience=2, early_stopping_threshold=0.1)
     state = TrainerState()
-    assert not _evaluate(callback, state, 10, kl=5.0).should_training_stop
-    assert not _evaluate(callback, state, 20, kl=4.0).should_training_stop
-    assert not _evaluate(callback, state, 30, kl=3.95).should_training_stop  # within kl_min_delta: no improvement
-    assert callback.kl_patience_counter == 1
-    assert not _evaluate(callback, state, 40, kl=3.5).should_training_stop  # improvement resets the counter
-    assert not _evaluate(callback, state, 50, kl=3.6).should_training_stop
-    control = _evaluate(callback, state, 60, kl=3.7)
+    assert not _evaluate(callback, state, 10, kl=5.0, early_stopping=early).should_training_stop
+    assert not _evaluate(callback, state, 20, kl=4.0, early_stopping=early).should_training_stop
+    # within the threshold: no improvement
+    assert not _evaluate(callback, state, 30, kl=3.95, early_stopping=early).should_training_stop
+    assert early.early_stopping_patience_counter == 1
+    # an improvement resets the counter
+    assert not _evaluate(callback, state, 40, kl=3.5, early_stopping=early).should_training_stop
+    assert not _evaluate(callback, state, 50, kl=3.6, early_stopping=early).should_training_stop
+    control = _evaluate(callback, state, 60, kl=3.7, early_stopping=early)
     assert control.should_training_stop
-    assert (callback.best_kl, callback.best_step) == (3.5, 40)
-    assert "did not improve" in callback.stopped_reason and "2 evaluations" in callback.stopped_reason
-    assert not callback.collapsed and callback.collapse_reason is None
+    assert (state.best_metric, state.best_global_step) == (3.5, 40)
+    assert not callback.collapsed and callback.collapse_reason is None and callback.stopped_reason is None
     assert [entry["step"] for entry in callback.history] == [10, 20, 30, 40, 50, 60]
     assert callback.history[0]["knn_kl"] == 5.0 and callback.history[0]["query_std"] == 0.05
 
 
-def test_callback_without_patience_never_stops_on_kl() -> None:
-    callback = CollapseMonitorCallback(evaluator_name="dev")
+def test_callback_never_stops_on_kl() -> None:
+    callback = CollapseStopCallback(evaluator_name="dev")
     state = TrainerState()
     for step, kl in enumerate([1.0, 2.0, 3.0, 4.0, 5.0], start=1):
         assert not _evaluate(callback, state, step, kl=kl).should_training_stop
-    assert callback.best_kl == 1.0 and callback.stopped_reason is None
+    assert callback.history[0]["knn_kl"] == 1.0 and callback.stopped_reason is None
 
 
 def test_callback_stops_on_collapse(caplog: pytest.LogCaptureFixture) -> None:
-    callback = CollapseMonitorCallback(evaluator_name="dev", kl_patience=5)
+    callback = CollapseStopCallback(evaluator_name="dev")
     state = TrainerState()
     assert not _evaluate(callback, state, 10, kl=5.0).should_training_stop
-    with caplog.at_level("WARNING", logger="st_daft.collapse"):
+    with caplog.at_level("WARNING", logger="st_daft.callbacks.collapse"):
         control = _evaluate(callback, state, 20, kl=1.0, mean_cosine=0.99)
     assert control.should_training_stop
     assert callback.collapsed
     assert callback.collapse_reason == "the query route collapsed: mean cosine 0.9900 > 0.95 (max_mean_cosine)"
     assert callback.stopped_reason == callback.collapse_reason
     assert "training stopped: the query route collapsed: mean cosine 0.9900 > 0.95" in caplog.text
-    # a collapsed evaluation is never the best one
-    assert (callback.best_kl, callback.best_step) == (5.0, 10)
+    assert [entry["step"] for entry in callback.history] == [10, 20]
 
 
 def test_callback_records_collapse_without_stopping() -> None:
-    callback = CollapseMonitorCallback(evaluator_name="dev", stop_on_collapse=False, min_std=0.1)
+    callback = CollapseStopCallback(evaluator_name="dev", stop_on_collapse=False, min_std=0.1)
     control = _evaluate(callback, TrainerState(), 10, kl=1.0)
     assert not control.should_training_stop
     assert callback.collapsed and "per-dimension std" in callback.collapse_reason
     assert callback.stopped_reason is None
-    # collapsed evaluations never improve the KL, so patience still ends a run that stays collapsed
-    callback = CollapseMonitorCallback(evaluator_name="dev", stop_on_collapse=False, min_std=0.1, kl_patience=2)
-    assert not _evaluate(callback, TrainerState(), 10, kl=1.0).should_training_stop
-    assert _evaluate(callback, TrainerState(), 20, kl=0.5).should_training_stop
-    assert callback.best_kl is None and callback.stopped_reason.endswith("(best none)")
+    # a route that stays collapsed never stops a stage that only records it
+    assert not _evaluate(callback, TrainerState(), 20, kl=0.5).should_training_stop
+    assert callback.stopped_reason is None and len(callback.history) == 2
 
 
 def test_callback_finds_metrics_by_suffix() -> None:
     # unnamed evaluator, metrics prefixed only with "eval_"
-    callback = CollapseMonitorCallback()
+    callback = CollapseStopCallback()
     _evaluate(callback, TrainerState(), 1, kl=2.0, prefix="eval_")
-    assert callback.best_kl == 2.0
+    assert callback.history[0]["knn_kl"] == 2.0
     # named evaluator inside a SequentialEvaluator next to another one
-    callback = CollapseMonitorCallback(evaluator_name="dev")
+    callback = CollapseStopCallback(evaluator_name="dev")
     metrics = {"eval_other_knn_kl": 9.0, "eval_dev_knn_kl": 3.0, "eval_sts_dev_spearman_cosine": 0.8}
     assert callback.extract_statistics(metrics) == {"knn_kl": 3.0}
     assert callback.extract_statistics({"eval_multi_dev_knn_kl": 4.0}) == {"knn_kl": 4.0}
@@ -384,9 +391,9 @@ class _FakeLoss:
         return {"batch_query_mean_cosine": 0.25, "batch_query_std": 0.1}
 
 
-def test_callback_on_log_merges_loss_statistics() -> None:
+def test_log_statistics_callback_merges_loss_statistics() -> None:
     loss = _FakeLoss()
-    callback = CollapseMonitorCallback(loss=loss)
+    callback = LogStatisticsCallback(loss)
     state = TrainerState(global_step=5)
     logs = {"loss": 1.5, "learning_rate": 1e-4}
     state.log_history.append({**logs, "step": 5})
@@ -407,44 +414,32 @@ def test_callback_on_log_merges_loss_statistics() -> None:
 
     # without a loss (or one without the method), logs are untouched
     logs = {"loss": 1.0}
-    CollapseMonitorCallback(loss=object()).on_log(SimpleNamespace(), state, TrainerControl(), logs=logs)
+    LogStatisticsCallback(object()).on_log(SimpleNamespace(), state, TrainerControl(), logs=logs)
     assert logs == {"loss": 1.0}
 
 
-def test_callback_save_and_restore(tmp_path: Path) -> None:
-    args = SimpleNamespace(output_dir=str(tmp_path))
-    callback = CollapseMonitorCallback(evaluator_name="dev", kl_patience=3, kl_min_delta=0.05)
+def test_callback_state_round_trip() -> None:
+    """The state transformers writes into trainer_state.json (ExportableState) restores an equal callback."""
+    callback = CollapseStopCallback(evaluator_name="dev", stop_on_collapse=False, min_std=0.1)
     state = TrainerState()
     for step, kl in [(10, 5.0), (20, 4.0), (30, 4.5), (40, 4.2)]:
         _evaluate(callback, state, step, kl=kl)
-    assert callback.kl_patience_counter == 2
-    callback.on_save(args, state, TrainerControl())
+    saved = json.loads(json.dumps(callback.state()))  # JSON through and through
+    expected_args = {"evaluator_name": "dev", "stop_on_collapse": False, "max_mean_cosine": 0.95, "min_std": 0.1}
+    assert saved["args"] == expected_args
+    assert saved["attributes"]["collapsed"] is True and len(saved["attributes"]["history"]) == 4
 
-    path = tmp_path / "checkpoint-40" / COLLAPSE_MONITOR_NAME
-    saved = json.loads(path.read_text())
-    assert saved["best_kl"] == 4.0 and saved["best_step"] == 20 and saved["kl_patience_counter"] == 2
-    assert saved["collapsed"] is False and len(saved["history"]) == 4
-    assert saved["config"]["kl_patience"] == 3
-
-    # explicit restore into a fresh callback that keeps its own loss
-    loss = _FakeLoss()
-    restored = CollapseMonitorCallback.from_checkpoint(tmp_path / "checkpoint-40", loss=loss)
-    assert restored.state_dict() == callback.state_dict()
-    assert restored.kl_patience == 3 and restored.kl_min_delta == 0.05 and restored.loss is loss
-    # the patience counter carries over: one more non-improving evaluation stops training
-    assert _evaluate(restored, TrainerState(), 50, kl=4.1).should_training_stop
-
-    # automatic restore when training resumes from {output_dir}/checkpoint-{global_step}
-    resumed = CollapseMonitorCallback(evaluator_name="dev", kl_patience=3)
-    resumed.on_train_begin(args, TrainerState(global_step=40), TrainerControl())
-    assert resumed.state_dict() == callback.state_dict()
-    fresh = CollapseMonitorCallback()
-    fresh.on_train_begin(args, TrainerState(global_step=0), TrainerControl())
-    assert fresh.history == []
+    restored = CollapseStopCallback.from_state(saved)
+    assert restored.state() == callback.state()
+    assert restored.history[1]["knn_kl"] == 4.0 and restored.collapse_reason == callback.collapse_reason
+    # it keeps recording from where it was
+    _evaluate(restored, TrainerState(), 50, kl=4.1)
+    assert [entry["step"] for entry in restored.history] == [10, 20, 30, 40, 50]
 
 
 def test_callback_in_trainer(tiny_document_model_dir: Path, texts: list[str], tmp_path: Path) -> None:
-    """The monitor finds the evaluator's metrics in a real (tiny) training run and saves into the checkpoints."""
+    """The callback finds the evaluator's metrics in a real (tiny) training run; its state lands in the checkpoint's
+    trainer_state.json and is restored when training resumes."""
     from datasets import Dataset
     from sentence_transformers import (
         SentenceTransformer,
@@ -453,32 +448,36 @@ def test_callback_in_trainer(tiny_document_model_dir: Path, texts: list[str], tm
     )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    model = SentenceTransformer(str(tiny_document_model_dir), device="cpu")
+    model = SentenceTransformer(str(tiny_document_model_dir))
     train_dataset = Dataset.from_dict({"query": QUERIES, "positive": DOCUMENTS})
     loss = MultipleNegativesRankingLoss(model)
     loss.pop_logging_statistics = lambda: {"batch_query_std": 0.123}
+
+    def trainer_with(monitor: CollapseStopCallback) -> SentenceTransformerTrainer:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=str(tmp_path / "run"),
+            max_steps=4,
+            per_device_train_batch_size=4,
+            eval_strategy="steps",
+            eval_steps=2,
+            logging_steps=2,
+            save_steps=2,
+            report_to=[],
+            disable_tqdm=True,
+            restore_callback_states_from_checkpoint=True,
+        )
+        return SentenceTransformerTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            loss=loss,
+            evaluator=CollapseEvaluator(texts, name="dev"),
+            callbacks=[LogStatisticsCallback(loss), monitor],
+        )
+
     # a randomly initialised BERT is strongly anisotropic (mean cosine ~0.98): a "collapsed" model from the start
-    monitor = CollapseMonitorCallback(evaluator_name="dev", loss=loss, max_mean_cosine=0.5)
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        eval_strategy="steps",
-        eval_steps=2,
-        logging_steps=2,
-        save_steps=2,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    trainer = SentenceTransformerTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        loss=loss,
-        evaluator=CollapseEvaluator(texts, name="dev"),
-        callbacks=[monitor],
-    )
+    monitor = CollapseStopCallback(evaluator_name="dev", max_mean_cosine=0.5)
+    trainer = trainer_with(monitor)
     trainer.train()
 
     # the first evaluation (step 2 of 4) finds the collapse and stops training
@@ -488,5 +487,12 @@ def test_callback_in_trainer(tiny_document_model_dir: Path, texts: list[str], tm
     assert monitor.collapsed and monitor.stopped_reason.startswith("the query route collapsed: mean cosine")
     assert any("eval_dev_knn_kl" in entry for entry in trainer.state.log_history)
     assert any(entry.get("batch_query_std") == 0.123 and "loss" in entry for entry in trainer.state.log_history)
-    saved = json.loads((tmp_path / "run" / "checkpoint-2" / COLLAPSE_MONITOR_NAME).read_text())
-    assert saved["collapsed"] is True and len(saved["history"]) == 1
+    saved = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    saved_monitor = saved["stateful_callbacks"]["CollapseStopCallback"]
+    assert saved_monitor["attributes"]["collapsed"] is True and len(saved_monitor["attributes"]["history"]) == 1
+
+    # resuming restores the state (the trainer swaps in a restored copy), and recording goes on from there
+    resumed = trainer_with(CollapseStopCallback(evaluator_name="dev", max_mean_cosine=1.0))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    restored = next(cb for cb in resumed.callback_handler.callbacks if isinstance(cb, CollapseStopCallback))
+    assert restored.history[0]["step"] == 2 and restored.collapsed

@@ -96,3 +96,197 @@ def test_no_positive_judgements(tmp_path: Path) -> None:
     folder = write_beir(tmp_path / "a", {"d1": ("", "text")}, {"q1": "query"}, {"train": {"q1": {"d1": 0}}})
     with pytest.raises(DataError, match="no positive"):
         load_beir(folder, "train").training_pairs()
+
+
+def _tiny(tmp_path: Path, name: str = "a") -> Path:
+    return write_beir(
+        tmp_path / name,
+        {"d1": ("", "first text"), "d2": ("T", "second text")},
+        {"q1": "query one", "q2": "query two"},
+        {"test": {"q1": {"d1": 1}, "q2": {"d2": 1}}},
+    )
+
+
+def _write_lines(path: Path, rows: list) -> None:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+
+
+def test_duplicate_ids_are_refused_with_their_lines(tmp_path: Path) -> None:
+    folder = _tiny(tmp_path)
+    rows = [{"_id": "d1", "text": "positive"}, {"_id": "d2", "text": "x"}, {"_id": "d1", "text": "replacement"}]
+    _write_lines(folder / "corpus.jsonl", rows)
+    with pytest.raises(DataError, match=r"corpus.jsonl: 1 duplicate _id\(s\): 'd1' \(lines 1 and 3\)"):
+        load_beir(folder)
+    _tiny(tmp_path)
+    _write_lines(folder / "queries.jsonl", [{"_id": "q1", "text": "a"}, {"_id": "q2", "text": "b"}, {"_id": "q2"}])
+    with pytest.raises(DataError, match=r"queries.jsonl:3: missing field\(s\) \['text'\]"):
+        load_beir(folder)
+    _write_lines(folder / "queries.jsonl", [{"_id": "q1", "text": "a"}, {"_id": "q2", "text": "b"}] * 2)
+    with pytest.raises(DataError, match=r"queries.jsonl: 2 duplicate _id\(s\): 'q1' \(lines 1 and 3\), 'q2'"):
+        load_beir(folder)
+
+
+def test_empty_files_are_named(tmp_path: Path) -> None:
+    folder = _tiny(tmp_path)
+    (folder / "queries.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"queries.jsonl is empty: no rows"):
+        load_beir(folder)
+    _tiny(tmp_path)
+    (folder / "corpus.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match=r"corpus.jsonl is empty: no rows"):
+        load_beir(folder)
+    _tiny(tmp_path)
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    with pytest.raises(DataError, match=r"test.tsv has no judgements"):
+        load_beir(folder)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"_id": "d1", "text": 42}, r"corpus.jsonl:1: text must be a string, got 42 \(int\)"),
+        ({"_id": "d1", "text": None}, r"corpus.jsonl:1: text must be a string, got null \(null\)"),
+        ({"_id": "d1", "title": ["a"], "text": "x"}, r"corpus.jsonl:1: title must be a string, got \[\"a\"\] \(list\)"),
+        ({"_id": 1.5, "text": "x"}, r"corpus.jsonl:1: _id must be a string \(or an integer\), got 1.5 \(float\)"),
+        ({"_id": True, "text": "x"}, r"corpus.jsonl:1: _id must be a string \(or an integer\), got True \(bool\)"),
+        (["d1", "x"], r"corpus.jsonl:1: expected a JSON object with fields \['_id', 'text'\], got list"),
+    ],
+)
+def test_mistyped_fields_name_file_and_line(tmp_path: Path, row, message: str) -> None:
+    folder = _tiny(tmp_path)
+    _write_lines(folder / "corpus.jsonl", [row])
+    with pytest.raises(DataError, match=message):
+        load_beir(folder)
+
+
+def test_integer_ids_are_read_as_strings_and_extra_fields_ignored(tmp_path: Path) -> None:
+    folder = _tiny(tmp_path)
+    rows = [{"_id": 1, "text": "one", "metadata": {"url": "u"}}, {"_id": 2, "text": "2"}]
+    _write_lines(folder / "corpus.jsonl", rows)
+    _write_lines(folder / "queries.jsonl", [{"_id": 7, "text": "query", "metadata": {}}])
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n7\t1\t1\t\n")  # a trailing tab is fine
+    data = load_beir(folder)
+    assert data.corpus == {"1": "one", "2": "2"} and data.qrels == {"7": {"1": 1}}
+
+
+def test_qrels_columns_and_conflicts(tmp_path: Path) -> None:
+    folder = _tiny(tmp_path)
+    (folder / "qrels" / "test.tsv").write_text("q1\tQ0\td1\t1\n")
+    with pytest.raises(DataError, match=r"test.tsv:1: expected 'query-id<TAB>corpus-id<TAB>score' .*got 4"):
+        load_beir(folder)
+    (folder / "qrels" / "test.tsv").write_text("q1\td1\t1\nq1\td1\t1\nq1\td1\t0\n")
+    with pytest.raises(DataError, match=r"test.tsv:3: query 'q1' and document 'd1' judged 0 here and 1 on line 1"):
+        load_beir(folder)
+    (folder / "qrels" / "test.tsv").write_text("q1\td1\tyes\n")
+    with pytest.raises(DataError, match=r"test.tsv:1: score 'yes' is not a number"):
+        load_beir(folder)
+
+
+def test_empty_texts_name_lines_for_training_and_warn_for_evaluation(tmp_path: Path, caplog) -> None:
+    folder = write_beir(
+        tmp_path / "a",
+        {"d1": ("", "text"), "d2": ("", " "), "d3": ("", "")},
+        {"q1": "query"},
+        {"test": {"q1": {"d1": 1}}},
+    )
+    named = r"corpus.jsonl: 2 corpus documents have empty text: 'd2' \(line 2\), 'd3' \(line 3\)"
+    with pytest.raises(DataError, match=named):
+        load_beir(folder)
+    with caplog.at_level("WARNING", logger="st_daft.data"):
+        data = load_beir(folder, empty_texts="warn")
+    assert data.corpus["d2"] == "" and len(data.corpus) == 3, "evaluation keeps every document"
+    assert "2 corpus document(s) have empty text; they are kept and evaluated: ['d2', 'd3']" in caplog.text
+    folder = write_beir(tmp_path / "b", {"d1": ("", "text")}, {"q1": "query", "q2": "  "}, {"test": {"q2": {"d1": 1}}})
+    with pytest.raises(DataError, match=r"queries.jsonl:2: query 'q2' has empty text"):
+        load_beir(folder)
+
+
+def test_queries_without_a_positive_are_named(tmp_path: Path, caplog) -> None:
+    folder = write_beir(
+        tmp_path / "a",
+        {"d1": ("", "t"), "d2": ("", "u")},
+        {"q1": "a", "q2": "b"},
+        {"test": {"q1": {"d1": 1}, "q2": {"d2": 0}}},
+    )
+    with caplog.at_level("WARNING", logger="st_daft.data"):
+        data = load_beir(folder)
+    assert "1 test quer(y/ies) have no relevant (score > 0) document" in caplog.text and "['q2']" in caplog.text
+    assert len(data.training_pairs()) == 1
+
+
+def test_compressed_or_misnamed_files_are_named(tmp_path: Path) -> None:
+    import gzip
+
+    folder = _tiny(tmp_path)
+    corpus = folder / "corpus.jsonl"
+    (folder / "corpus.jsonl.gz").write_bytes(gzip.compress(corpus.read_bytes()))
+    corpus.unlink()
+    with pytest.raises(DataError, match=r"missing file .*corpus.jsonl .*found \['corpus.jsonl.gz'\]"):
+        load_beir(folder)
+    corpus.write_bytes((folder / "corpus.jsonl.gz").read_bytes())
+    with pytest.raises(DataError, match=r"corpus.jsonl:1: not UTF-8 text"):
+        load_beir(folder)
+
+
+def test_load_corpus_reads_every_accepted_layout(tmp_path: Path, tiny_beir_dir: Path) -> None:
+    from st_daft import load_corpus
+
+    beir = load_beir(tiny_beir_dir)
+    assert load_corpus(tiny_beir_dir) == beir.corpus, "a BEIR folder: title and text joined as load_beir does"
+    assert load_corpus(tiny_beir_dir / "corpus.jsonl") == beir.corpus
+    generic = tmp_path / "docs.jsonl"
+    _write_lines(generic, [{"id": 5, "body": "five"}, "", {"body": "no id", "title": "T"}, json.dumps("a string")])
+    assert load_corpus(generic, text_field="body") == {"5": "five", "3": "T no id", "4": "a string"}
+    text = tmp_path / "docs.txt"
+    text.write_text("first document\n\n  second document  \n")
+    assert load_corpus(text) == {"1": "first document", "3": "second document"}
+    sniffed = tmp_path / "docs.data"  # no JSON suffix, but JSON objects inside
+    _write_lines(sniffed, [{"_id": "a", "text": "alpha"}])
+    assert load_corpus(sniffed) == {"a": "alpha"}
+
+
+def test_load_corpus_errors_and_warnings(tmp_path: Path, caplog) -> None:
+    from st_daft import load_corpus
+
+    file = tmp_path / "c.jsonl"
+    file.write_text("")
+    with pytest.raises(DataError, match=r"c.jsonl holds no documents"):
+        load_corpus(file)
+    _write_lines(file, [{"_id": "a", "text": "x"}, {"_id": "a", "text": "y"}])
+    with pytest.raises(DataError, match=r"c.jsonl: 1 duplicate id\(s\): 'a' \(lines 1 and 2\)"):
+        load_corpus(file)
+    _write_lines(file, [{"_id": "a", "contents": "x"}])
+    with pytest.raises(DataError, match=r"c.jsonl:1: missing field 'text' \(fields: \['_id', 'contents'\]\)"):
+        load_corpus(file)
+    _write_lines(file, [{"_id": "a", "text": {"nested": 1}}])
+    with pytest.raises(DataError, match=r"c.jsonl:1: text must be a string"):
+        load_corpus(file)
+    _write_lines(file, ["{not json"])
+    with pytest.raises(DataError, match=r"c.jsonl:1: not valid JSON"):
+        load_corpus(file)
+    _write_lines(file, [{"_id": "a", "text": "x"}, {"_id": "b", "text": "  "}])
+    with caplog.at_level("WARNING", logger="st_daft.data"):
+        assert load_corpus(file) == {"a": "x"}
+    assert "1 empty document(s) left out, on line(s) [2]" in caplog.text
+    with pytest.raises(DataError, match=r"missing file .*corpus.jsonl"):
+        load_corpus(tmp_path)
+    with pytest.raises(DataError, match=r"nowhere.jsonl does not exist"):
+        load_corpus(tmp_path / "nowhere.jsonl")
+
+
+def test_load_queries_file(tmp_path: Path, tiny_beir_dir: Path) -> None:
+    from st_daft import load_queries_file
+
+    from_folder = load_queries_file(tiny_beir_dir)
+    assert len(from_folder) == 8 and from_folder[0] == "how do cells divide"
+    log = tmp_path / "log.txt"
+    log.write_text("how do cells divide\n\nwhat pumps blood\nhow do cells divide\n")
+    assert load_queries_file(log) == ["how do cells divide", "what pumps blood"]
+    jsonl = tmp_path / "log.jsonl"
+    _write_lines(jsonl, [{"query": "a"}, json.dumps("b"), {"query": ""}])
+    assert load_queries_file(jsonl, text_field="query") == ["a", "b"]
+    with pytest.raises(DataError, match=r"log.jsonl:1: missing field 'text'"):
+        load_queries_file(jsonl)
+    log.write_text("\n \n")
+    with pytest.raises(DataError, match=r"log.txt holds no queries"):
+        load_queries_file(log)

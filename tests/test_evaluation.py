@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -174,3 +176,174 @@ def test_split_must_match_retrieval_data(symmetric_model, tiny_beir_dir: Path) -
 def test_unknown_task_name_raises_data_error(symmetric_model) -> None:
     with pytest.raises(DataError, match="Did you mean: 'SciFact'"):
         evaluate_retrieval(symmetric_model, "Scifact", show_progress_bar=False)
+
+
+def test_document_store_goes_through_mteb_encoder_wrapper(
+    tiny_bert_dir: Path, tiny_beir_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mteb.models import SentenceTransformerEncoderWrapper
+
+    from st_daft.evaluation import _wrap_model
+    from st_daft.store import DocumentEmbeddingStore
+
+    data = load_beir(tiny_beir_dir, "test")
+    model = _router_model(tiny_bert_dir, query_route="static", document_route="bert")
+    assert isinstance(_wrap_model(model), SentenceTransformerEncoderWrapper)
+    plain = evaluate_retrieval(model, data, show_progress_bar=False)
+    texts: dict[str, list[str]] = {"query": [], "document": []}
+    for route in texts:
+        encode = getattr(model, f"encode_{route}")
+
+        def spy(inputs, *args, _route=route, _encode=encode, **kwargs):
+            texts[_route].extend(inputs)
+            return _encode(inputs, *args, **kwargs)
+
+        monkeypatch.setattr(model, f"encode_{route}", spy)
+    store = DocumentEmbeddingStore(tmp_path / "store")
+    first = evaluate_retrieval(model, data, show_progress_bar=False, document_store=store)
+    assert sorted(texts["query"]) == sorted(data.queries.values())
+    assert sorted(texts["document"]) == sorted(data.corpus.values()), "an empty store encodes every document"
+    texts["query"].clear(), texts["document"].clear()
+    second = evaluate_retrieval(model, data, show_progress_bar=False, document_store=tmp_path / "store")
+    assert sorted(texts["query"]) == sorted(data.queries.values()), "queries always take the query route"
+    assert texts["document"] == [], "stored documents are read back, not encoded"
+    assert first["ndcg_at_10"] == pytest.approx(plain["ndcg_at_10"]) == pytest.approx(second["ndcg_at_10"])
+
+
+def _search_run(model, data: RetrievalData, top_k: int = 10) -> dict[str, dict[str, float]]:
+    """A search model's run on ``data``, called as MTEB calls it: ``index`` the corpus, ``search`` the queries."""
+    task = to_mteb_task(data)
+    task.load_data()
+    split = task.dataset["default"][data.split]
+    where = {"task_metadata": task.metadata, "hf_split": data.split, "hf_subset": "default", "encode_kwargs": {}}
+    model.index(split["corpus"], **where)
+    return model.search(split["queries"], top_k=top_k, **where)
+
+
+def _ids_ranked(model, data: RetrievalData) -> dict[str, list[str]]:
+    """A search model's ranking of ``data``'s corpus for each query, best first."""
+    return {qid: sorted(docs, key=docs.get, reverse=True) for qid, docs in _search_run(model, data).items()}
+
+
+def test_bm25_ranks_with_stemming_and_stopwords(tiny_beir_dir: Path) -> None:
+    pytest.importorskip("bm25s")
+    from st_daft.baselines import BM25Search
+
+    data = load_beir(tiny_beir_dir, "test")
+    data = RetrievalData(
+        corpus=data.corpus,
+        queries={"q1": "the dividing of a cell", "q2": "pumping of the hearts", "q3": "zzz unknown words"},
+        qrels={"q1": {"d-cell": 1}, "q2": {"d-heart": 1}, "q3": {"d-star": 1}},
+    )
+    ranked = _ids_ranked(BM25Search(), data)
+    assert ranked["q1"][0] == "d-cell", "'dividing' and 'cell' match 'divide' and 'cells' through the stemmer"
+    assert ranked["q2"][0] == "d-heart"
+    assert set(ranked["q3"]) <= set(data.corpus), "a query with no known word still gets a (meaningless) ranking"
+
+
+def test_bm25_is_scored_by_mteb_like_any_model(tiny_beir_dir: Path) -> None:
+    pytest.importorskip("bm25s")
+    from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores
+
+    from st_daft.baselines import BM25Search
+
+    data = load_beir(tiny_beir_dir, "test")
+    results = evaluate_retrieval(BM25Search(), data, show_progress_bar=False)
+    assert results["model"] == "BM25" and results["num_documents"] == 8
+    run = _search_run(BM25Search(), data, top_k=1000)
+    direct = calculate_retrieval_scores(run, data.qrels, [10, 100])
+    assert results["ndcg_at_10"] == pytest.approx(direct.ndcg["NDCG@10"])
+    assert results["recall_at_100"] == pytest.approx(direct.recall["Recall@100"])
+
+
+def test_empty_documents_are_named_and_evaluated(
+    tiny_document_model_dir: Path, tiny_beir_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    corpus = tiny_beir_dir / "corpus.jsonl"
+    corpus.write_text(corpus.read_text() + json.dumps({"_id": "blank-1", "title": "", "text": " "}) + "\n")
+    with pytest.raises(DataError, match=r"corpus.jsonl: 1 corpus documents have empty text: 'blank-1' \(line 9\)"):
+        load_beir(tiny_beir_dir, "train")  # training refuses them
+    with caplog.at_level("WARNING", logger="st_daft.data"):
+        dense = evaluate_retrieval(tiny_document_model_dir, tiny_beir_dir, show_progress_bar=False)
+    assert "1 corpus document(s) have empty text; they are kept and evaluated: ['blank-1']" in caplog.text
+    assert dense["num_documents"] == 9
+    if importlib.util.find_spec("bm25s"):
+        from st_daft.baselines import BM25Search
+
+        assert evaluate_retrieval(BM25Search(), tiny_beir_dir, show_progress_bar=False)["num_documents"] == 9
+
+
+def _second_collection(tmp_path: Path) -> Path:
+    from conftest import QUESTIONS, TOPICS, write_beir
+
+    topics = list(TOPICS)[:5]
+    return write_beir(
+        tmp_path / "second",
+        {f"x-{topic}": ("", TOPICS[topic]) for topic in topics},
+        {f"y-{topic}": QUESTIONS[topic] for topic in topics},
+        {"test": {f"y-{topic}": {f"x-{topic}": 1} for topic in topics}},
+    )
+
+
+def test_several_collections_and_bm25_in_one_table(
+    tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("bm25s")
+    from st_daft.baselines import BM25Search
+    from st_daft.evaluation import evaluate_collections, format_table
+
+    second = _second_collection(tmp_path)
+    output = tmp_path / "all.json"
+    comparison = evaluate_collections(
+        [tiny_document_model_dir, BM25Search()],
+        [tiny_beir_dir, second],
+        labels=["tiny", "BM25"],
+        output_path=output,
+        show_progress_bar=False,
+    )
+    assert comparison["collections"] == ["tiny-beir", "second"] and comparison["models"] == ["tiny", "BM25"]
+    for label in ("tiny", "BM25"):
+        alone = evaluate_retrieval(
+            tiny_document_model_dir if label == "tiny" else BM25Search(), second, show_progress_bar=False
+        )
+        assert comparison["scores"][label]["second"]["ndcg_at_10"] == pytest.approx(alone["ndcg_at_10"])
+        per = comparison["scores"][label]
+        assert comparison["mean"][label]["ndcg_at_10"] == pytest.approx(
+            (per["tiny-beir"]["ndcg_at_10"] + per["second"]["ndcg_at_10"]) / 2
+        )
+    assert json.loads(output.read_text()) == comparison
+    table = format_table(comparison).splitlines()
+    assert table[0] == "| nDCG@10 (test) | tiny-beir | second | mean |"
+    bm25 = comparison["scores"]["BM25"]
+    assert table[3] == (
+        f"| BM25 | {bm25['tiny-beir']['ndcg_at_10']:.3f} | {bm25['second']['ndcg_at_10']:.3f} "
+        f"| {comparison['mean']['BM25']['ndcg_at_10']:.3f} |"
+    )
+
+
+def test_cli_evaluate_table_and_errors(
+    tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from st_daft.cli import main
+
+    second = _second_collection(tmp_path)
+    output = tmp_path / "scores.json"
+    arguments = ["evaluate", str(tiny_document_model_dir), "--data", str(tiny_beir_dir), "--data", str(second)]
+    if importlib.util.find_spec("bm25s"):
+        assert main([*arguments, "--baseline", "bm25", "--output", str(output)]) == 0
+        printed = capsys.readouterr().out
+        assert "| nDCG@10 (test) | tiny-beir | second | mean |" in printed and "| Recall@100 (test) |" in printed
+        assert "\n| BM25 | " in printed and f"\n| {tiny_document_model_dir} | " in printed
+        scores = json.loads(output.read_text())
+        assert set(scores["scores"]) == {str(tiny_document_model_dir), "BM25"}
+
+    # A bad second collection is named before the model is evaluated on the first.
+    (second / "queries.jsonl").write_text("")
+    assert main(arguments) == 2
+    captured = capsys.readouterr()
+    assert "queries.jsonl is empty" in captured.err and "nDCG@10" not in captured.out
+
+    # Without the bm25 extra, --baseline bm25 says what to install.
+    monkeypatch.setitem(sys.modules, "bm25s", None)
+    assert main([*arguments[:4], "--baseline", "bm25"]) == 2
+    assert "pip install \"st-daft[bm25]\"" in capsys.readouterr().err

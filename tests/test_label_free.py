@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from st_daft import DAFTConfig, StageConfig, build_asymmetric_model, get_route, load_beir, train_daft
+from st_daft import AlignStage, CorpusStage, DAFTConfig, build_asymmetric_model, get_route, load_beir, train_daft
 from st_daft.corpus_alignment import alignment_dataset, alignment_texts
 from st_daft.losses import LabelFreeAlignmentLoss
 from st_daft.vocabulary import distill_token_embeddings, initialize_static_route, vocabulary_texts
@@ -155,34 +155,33 @@ def test_vocabulary_initialisation_needs_a_static_route(model) -> None:
 
 def test_recipe_runs_the_label_free_stages(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    corpus = CorpusStage(max_steps=4, batch_size=8, eval_steps=2, warmup_ratio=0.0, logging_steps=1, max_texts=40)
     config = DAFTConfig(
-        stages=("vocabulary", "corpus", "align"),
-        corpus=StageConfig(max_steps=4, batch_size=8, eval_steps=2, warmup_ratio=0.0, logging_steps=1),
-        align=StageConfig(max_steps=2, batch_size=4, eval_steps=2, warmup_ratio=0.0),
-        corpus_max_texts=40,
+        stages=["vocabulary", corpus, AlignStage(max_steps=2, batch_size=4, eval_steps=2, warmup_ratio=0.0)],
         validation_fraction=0.2,
         num_validation_texts=16,
     )
     summary = train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", config)
-    assert [stage["stage"] for stage in summary["stages"]] == ["vocabulary", "corpus", "align"]
-    assert all("alignment_knn_kl" in stage["final_metrics"] for stage in summary["stages"]), "every stage's KL"
-    corpus_stage = summary["stages"][1]
-    assert corpus_stage["global_step"] == 4 and 0 < corpus_stage["num_texts"] <= 40
-    logged = {key for row in corpus_stage["log_history"] for key in row}
+    assert [stage.name for stage in summary.stages] == ["vocabulary", "corpus", "align"]
+    assert all("alignment_knn_kl" in stage.final_metrics for stage in summary.stages), "every stage's KL"
+    corpus_stage = summary.stages[1]
+    assert corpus_stage.steps == 4 and 0 < corpus_stage.extra["num_texts"] <= 40
+    logged = {key for row in corpus_stage.log_history for key in row}
     assert {"regression", "contrastive", "eval_alignment_knn_kl"} <= logged
 
     tiny = build_asymmetric_model(str(tiny_document_model_dir), "tiny:1,8")
-    config.stages = ("vocabulary", "corpus")
+    config = DAFTConfig(stages=["vocabulary", corpus], validation_fraction=0.2, num_validation_texts=16)
     summary = train_daft(tiny, load_beir(tiny_beir_dir, "train"), tmp_path / "tiny", config)
-    assert [stage["stage"] for stage in summary["stages"]] == ["corpus"], "vocabulary is skipped for tiny routes"
+    assert [stage.name for stage in summary.stages] == ["corpus"], "vocabulary is skipped for tiny routes"
 
 
 def test_recipe_reuses_the_document_store(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
     config = DAFTConfig(
-        stages=("vocabulary", "corpus", "align"),
-        corpus=StageConfig(max_steps=1, batch_size=8, eval_steps=1, warmup_ratio=0.0),
-        align=StageConfig(max_steps=1, batch_size=4, eval_steps=1, warmup_ratio=0.0),
-        corpus_max_texts=40,
+        stages=[
+            "vocabulary",
+            CorpusStage(max_steps=1, batch_size=8, eval_steps=1, warmup_ratio=0.0, max_texts=40),
+            AlignStage(max_steps=1, batch_size=4, eval_steps=1, warmup_ratio=0.0),
+        ],
         validation_fraction=0.2,
         num_validation_texts=16,
         document_store=str(tmp_path / "store"),

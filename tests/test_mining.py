@@ -292,32 +292,31 @@ def test_refresh_follows_the_route(model, cache) -> None:
 
 
 def test_recipe_finetunes_with_corrected_negatives(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path):
-    from st_daft import DAFTConfig, StageConfig, load_beir, train_daft
+    from st_daft import AlignStage, DAFTConfig, FinetuneStage, load_beir, train_daft
 
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
-    stage = StageConfig(max_steps=2, batch_size=4, eval_steps=2, warmup_ratio=0.0, logging_steps=1)
+    budget = {"max_steps": 2, "batch_size": 4, "eval_steps": 2, "warmup_ratio": 0.0, "logging_steps": 1}
     config = DAFTConfig(
-        stages=("align", "finetune"),
-        align=stage,
-        finetune=stage,
-        negatives="corrected",
-        num_negatives=2,
+        stages=[
+            AlignStage(**budget),
+            FinetuneStage(**budget, learning_rate=1e-3, negatives="corrected", num_negatives=2),
+        ],
         validation_fraction=0.2,
         num_validation_texts=16,
     )
     summary = train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", config)
-    logged = [row for row in summary["stages"][1]["log_history"] if "loss" in row]
+    logged = [row for row in summary.stages[1].log_history if "loss" in row]
     assert logged and logged[-1]["mining_encoded_negatives"] > 0 and "mining_corrected_error" in logged[-1]
     assert (tmp_path / "run" / "stage-2-finetune" / "checkpoint-2" / CHECKPOINT_FOLDER / "miner_state.json").is_file()
     SentenceTransformer(str(tmp_path / "run"), device="cpu")  # a plain model: no corrector inside
 
 
 def test_malformed_strategy_is_refused_by_config_and_cli(capsys) -> None:
-    from st_daft import DAFTConfig
+    from st_daft import FinetuneStage
     from st_daft.cli import main
 
     with pytest.raises(ValueError, match="unknown negatives strategy"):
-        DAFTConfig(negatives="refresh:often")
+        FinetuneStage(negatives="refresh:often")
     with pytest.raises(SystemExit):
         main(["train", "--data", "x", "--output", "y", "--negatives", "corrected+refresh"])
     assert "unknown negatives strategy" in capsys.readouterr().err

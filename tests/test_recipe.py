@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from st_daft import DAFTConfig, StageConfig, build_asymmetric_model, get_route, load_beir, train_daft
+from st_daft import AlignStage, DAFTConfig, FinetuneStage, build_asymmetric_model, get_route, load_beir, train_daft
 from st_daft.cli import main
 from st_daft.evaluation import evaluate_retrieval
 from st_daft.recipe import split_validation, validation_texts
 
 
 def _tiny_config(stages: tuple[str, ...]) -> DAFTConfig:
-    return DAFTConfig(
-        stages=stages,
-        align=StageConfig(max_steps=3, batch_size=4, eval_steps=2, warmup_ratio=0.0, logging_steps=1),
-        finetune=StageConfig(
+    tiny = {
+        "align": AlignStage(max_steps=3, batch_size=4, eval_steps=2, warmup_ratio=0.0, logging_steps=1),
+        "finetune": FinetuneStage(
             max_steps=2,
             batch_size=4,
             eval_steps=1,
@@ -28,9 +28,8 @@ def _tiny_config(stages: tuple[str, ...]) -> DAFTConfig:
             warmup_ratio=0.0,
             logging_steps=1,
         ),
-        validation_fraction=0.2,
-        num_validation_texts=16,
-    )
+    }
+    return DAFTConfig(stages=[tiny[name] for name in stages], validation_fraction=0.2, num_validation_texts=16)
 
 
 def test_stages_run_in_order_and_save_a_plain_model(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path):
@@ -45,16 +44,16 @@ def test_stages_run_in_order_and_save_a_plain_model(tiny_document_model_dir: Pat
     assert not any(changed), "alignment must not move the document route"
     assert any(not torch.equal(a, b) for a, b in zip(query_before, get_route(model, "query").parameters()))
     assert all(p.requires_grad for p in get_route(model, "document").parameters()), "unfrozen afterwards"
-    stage = summary["stages"][0]
-    assert stage["stage"] == "align" and stage["global_step"] == 3
-    assert any("eval_alignment_knn_kl" in row for row in stage["log_history"])
+    stage = summary.stages[0]
+    assert stage.name == "align" and stage.steps == 3
+    assert any("eval_alignment_knn_kl" in row for row in stage.log_history)
     assert (tmp_path / "align" / "daft_summary.json").is_file()
 
     summary = train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "both", _tiny_config(("finetune",)))
     assert not all(torch.equal(a, b) for a, b in zip(document_before, get_route(model, "document").parameters()))
-    logged = {key for row in summary["stages"][0]["log_history"] for key in row}
+    logged = {key for row in summary.stages[0].log_history for key in row}
     assert {"contrastive", "collapse_guard", "batch_query_mean_cosine"} <= logged
-    reloaded = SentenceTransformer(str(tmp_path / "both"), device="cpu")
+    reloaded = SentenceTransformer(str(tmp_path / "both"))
     torch.testing.assert_close(
         reloaded.encode_query(["how do cells divide"], convert_to_tensor=True),
         model.encode_query(["how do cells divide"], convert_to_tensor=True),
@@ -64,12 +63,12 @@ def test_stages_run_in_order_and_save_a_plain_model(tiny_document_model_dir: Pat
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="unknown stage"):
         DAFTConfig(stages=("pretrain",))
-    with pytest.raises(ValueError, match="run in the order"):
+    with pytest.raises(ValueError, match="in the order"):
         DAFTConfig(stages=("finetune", "align"))
 
 
 def test_align_needs_an_asymmetric_model(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
-    model = SentenceTransformer(str(tiny_document_model_dir), device="cpu")
+    model = SentenceTransformer(str(tiny_document_model_dir))
     with pytest.raises(ValueError, match="need an asymmetric"):
         train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path, _tiny_config(("align",)))
 
@@ -92,6 +91,7 @@ def test_cli_train_and_evaluate(tiny_document_model_dir: Path, tiny_beir_dir: Pa
             "--output", str(output),
             "--document-encoder", str(tiny_document_model_dir),
             "--query-encoder", "tiny:1,16",
+            "--stages", "align,finetune",
             "--max-steps", "2",
             "--align-batch-size", "4",
             "--batch-size", "4",
@@ -104,14 +104,14 @@ def test_cli_train_and_evaluate(tiny_document_model_dir: Path, tiny_beir_dir: Pa
 
     results = tmp_path / "scores.json"
     assert main(["evaluate", str(output), "--data", str(tiny_beir_dir), "--output", str(results)]) == 0
-    scores = json.loads(results.read_text())
+    scores = json.loads(results.read_text())["scores"][str(output)]["tiny-beir"]
     assert 0.0 <= scores["ndcg_at_10"] <= 1.0 and "recall_at_100" in scores and "mrr_at_10" in scores
 
     # The same evaluation through a document store: same scores, and the documents land in the store.
     store, stored_results = tmp_path / "store", tmp_path / "stored.json"
     arguments = ["evaluate", str(output), "--data", str(tiny_beir_dir), "--document-store", str(store)]
     assert main([*arguments, "--output", str(stored_results)]) == 0
-    stored = json.loads(stored_results.read_text())
+    stored = json.loads(stored_results.read_text())["scores"][str(output)]["tiny-beir"]
     assert stored["ndcg_at_10"] == pytest.approx(scores["ndcg_at_10"]) and list(store.rglob("shard-*.npz"))
 
 
@@ -130,15 +130,31 @@ def test_daft_on_a_scifact_subset_with_minilm(scifact_dir: Path, tmp_path) -> No
     model = build_asymmetric_model(query_encoder="static")
     before = evaluate_retrieval(model, test, show_progress_bar=False)["ndcg_at_10"]
     config = DAFTConfig(
-        align=StageConfig(max_steps=30, batch_size=16, eval_steps=15),
-        finetune=StageConfig(max_steps=2, batch_size=8, eval_steps=2, learning_rate=1e-4),
+        stages=[
+            AlignStage(max_steps=30, batch_size=16, eval_steps=15),
+            FinetuneStage(max_steps=2, batch_size=8, eval_steps=2, learning_rate=1e-4),
+        ],
         num_validation_texts=32,
     )
     summary = train_daft(model, train, tmp_path / "daft", config)
-    assert [stage["stage"] for stage in summary["stages"]] == ["align", "finetune"]
-    assert not any(stage["collapsed"] for stage in summary["stages"])
+    assert [stage.name for stage in summary.stages] == ["align", "finetune"]
+    assert not any(stage.collapsed for stage in summary.stages)
     after = evaluate_retrieval(str(tmp_path / "daft"), test, show_progress_bar=False)
     assert after["task"].startswith("BEIR-local") or after["ndcg_at_10"] >= 0
     # Zero-shot, the static route made of MiniLM's input embeddings sits far from the document route (0.07 on
     # full SciFact); 30 alignment steps on 48 claims must already move it up.
     assert after["ndcg_at_10"] > before + 0.05, (before, after["ndcg_at_10"])
+
+
+def test_kl_patience_ends_a_frozen_stage(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
+    """transformers' EarlyStoppingCallback on the KL ends the stage; the result says why and keeps the best step."""
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    # no decrease counts as an improvement (the threshold): two evaluations after the first end the stage
+    align = AlignStage(max_steps=8, batch_size=4, eval_steps=1, warmup_ratio=0.0, kl_patience=2, kl_min_delta=1e6)
+    config = DAFTConfig(stages=[align], validation_fraction=0.2, num_validation_texts=16)
+    result = train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", config).stages[0]
+    assert result.steps == 3
+    assert "did not improve" in result.stopped_reason and "2 evaluations" in result.stopped_reason
+    best_step = re.search(r"at step (\d+)\)", result.stopped_reason).group(1)
+    assert result.best_checkpoint.endswith(f"checkpoint-{best_step}")
+    assert not result.collapsed

@@ -1,6 +1,7 @@
 """Trainer callbacks of st-daft, each small and holding one job (as sentence-transformers' sparse_encoder.callbacks)."""
 
+from st_daft.callbacks.collapse import CollapseStopCallback
 from st_daft.callbacks.model_card import ModelCardCallback
 from st_daft.callbacks.statistics import LoggingStatistics, LogStatisticsCallback
 
-__all__ = ["LoggingStatistics", "LogStatisticsCallback", "ModelCardCallback"]
+__all__ = ["CollapseStopCallback", "LoggingStatistics", "LogStatisticsCallback", "ModelCardCallback"]

@@ -70,7 +70,7 @@ class CollapseSafeContrastiveLoss(nn.Module):
         The loss returns its parts as a dict (``contrastive``, ``collapse_guard``), which
         :class:`~sentence_transformers.SentenceTransformerTrainer` logs separately; batch collapse statistics (mean
         pairwise cosine and per-dimension std of each route) are averaged between logging steps and handed to
-        :class:`~st_daft.collapse.CollapseMonitorCallback` through :meth:`pop_logging_statistics`.
+        :class:`~st_daft.callbacks.LogStatisticsCallback` through :meth:`pop_logging_statistics`.
 
         Args:
             model: an asymmetric model from :func:`st_daft.build_asymmetric_model`.

@@ -1,0 +1,186 @@
+"""Lexical baselines, scored by MTEB exactly as a dense model is: BM25 (bm25s, Snowball-stemmed, stopwords removed).
+
+:class:`BM25Search` implements MTEB's search protocol (``index`` the corpus, ``search`` the queries, return a run
+``{query id: {document id: score}}``), so ``mteb.evaluate`` — and :func:`st_daft.evaluation.evaluate_retrieval` —
+score its rankings with the same relevance judgements and the same code (pytrec_eval's nDCG@k, recall@k, ...) as a
+SentenceTransformer's. Needs the ``bm25`` extra: ``pip install "st-daft[bm25]"`` (``bm25s``, ``PyStemmer``).
+
+Example::
+
+    from st_daft.baselines import BM25Search
+    from st_daft.evaluation import evaluate_retrieval
+
+    print(evaluate_retrieval(BM25Search(), "data/scifact")["ndcg_at_10"])
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from st_daft.data import join_title_text
+
+if TYPE_CHECKING:
+    from mteb.abstasks.task_metadata import TaskMetadata
+    from mteb.models import ModelMeta
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BM25Search", "BASELINES", "make_baseline"]
+
+# ISO 639-3 -> (bm25s stopword list, Snowball stemmer): the languages bm25s has stopwords for.
+_LANGUAGES: dict[str, tuple[str, str]] = {
+    "eng": ("en", "english"),
+    "deu": ("de", "german"),
+    "nld": ("nl", "dutch"),
+    "fra": ("fr", "french"),
+    "spa": ("es", "spanish"),
+    "por": ("pt", "portuguese"),
+    "ita": ("it", "italian"),
+    "rus": ("ru", "russian"),
+    "swe": ("sv", "swedish"),
+    "nor": ("no", "norwegian"),
+    "nob": ("no", "norwegian"),
+}
+
+_INSTALL = 'BM25 needs the bm25 extra: pip install "st-daft[bm25]" (bm25s and PyStemmer)'
+
+
+class BM25Search:
+    """BM25 over a retrieval task's corpus with bm25s, as an MTEB search model.
+
+    Texts are lower-cased, split into word tokens, stripped of the language's stopwords and Snowball-stemmed
+    (PyStemmer); documents are ``"{title} {text}"`` as everywhere in st-daft. Scoring is bm25s's ``method``
+    (Lucene's BM25 by default) with ``k1`` and ``b``.
+
+    Args:
+        language: an ISO 639-3 code (``"eng"``); by default the task's own language when bm25s has stopwords for it
+            (English, German, Dutch, French, Spanish, Portuguese, Italian, Russian, Swedish, Norwegian), else no
+            stopwords and no stemmer.
+        k1, b: BM25's term-frequency saturation and length normalisation.
+        method: bm25s's scoring variant: ``"lucene"``, ``"robertson"``, ``"atire"``, ``"bm25l"``, ``"bm25+"``.
+        show_progress_bar: bm25s's progress bars.
+
+    Raises:
+        ImportError: ``bm25s`` or ``PyStemmer`` is not installed.
+    """
+
+    name = "BM25"
+
+    def __init__(
+        self,
+        language: str | None = None,
+        k1: float = 1.5,
+        b: float = 0.75,
+        method: str = "lucene",
+        show_progress_bar: bool = False,
+    ) -> None:
+        try:
+            import bm25s  # noqa: F401
+            import Stemmer  # noqa: F401
+        except ImportError as error:
+            raise ImportError(f"{_INSTALL} ({error})") from None
+        if language is not None and language not in _LANGUAGES:
+            raise ValueError(f"BM25: no stopwords/stemmer for language {language!r}; choose from {sorted(_LANGUAGES)}")
+        self.language = language
+        self.k1, self.b, self.method = k1, b, method
+        self.show_progress_bar = show_progress_bar
+        self._retriever: Any = None
+        self._document_ids: list[str] = []
+        self._stopwords: str | None = None
+        self._stemmer: Any = None
+
+    @property
+    def mteb_model_meta(self) -> ModelMeta:
+        """MTEB's description of the model (its name labels the results)."""
+        from mteb.models import ModelMeta
+
+        return ModelMeta.create_empty(overwrites={"name": "st-daft/bm25s-stemmed", "revision": self.method})
+
+    def _task_language(self, task_metadata: TaskMetadata, hf_subset: str) -> str | None:
+        if self.language is not None:
+            return self.language
+        languages = task_metadata.eval_langs
+        if isinstance(languages, dict):
+            languages = languages.get(hf_subset, [])
+        codes = {code.split("-")[0] for code in languages}
+        language = next(iter(codes)) if len(codes) == 1 else None
+        if language not in _LANGUAGES:
+            logger.warning("BM25: no stopwords/stemmer for %s (languages %s): plain tokens", task_metadata.name, codes)
+            return None
+        return language
+
+    def _tokenize(self, texts: list[str]) -> Any:
+        import bm25s
+
+        return bm25s.tokenize(
+            texts, stopwords=self._stopwords, stemmer=self._stemmer, show_progress=self.show_progress_bar
+        )
+
+    def index(
+        self,
+        corpus: Any,
+        *,
+        task_metadata: TaskMetadata,
+        hf_split: str,
+        hf_subset: str,
+        encode_kwargs: dict[str, Any],
+        num_proc: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Tokenize and index the corpus (an MTEB corpus dataset: ``id``, ``text``, optionally ``title``)."""
+        import bm25s
+        import Stemmer
+
+        language = self._task_language(task_metadata, hf_subset)
+        self._stopwords, stemmer_name = _LANGUAGES[language] if language else (None, None)
+        self._stemmer = Stemmer.Stemmer(stemmer_name) if stemmer_name else None
+        texts = [join_title_text(row.get("title"), row["text"]) for row in corpus]
+        self._document_ids = [str(row["id"]) for row in corpus]
+        self._retriever = bm25s.BM25(k1=self.k1, b=self.b, method=self.method)
+        self._retriever.index(self._tokenize(texts), show_progress=self.show_progress_bar)
+
+    def search(
+        self,
+        queries: Any,
+        *,
+        task_metadata: TaskMetadata,
+        hf_split: str,
+        hf_subset: str,
+        top_k: int,
+        encode_kwargs: dict[str, Any],
+        top_ranked: dict[str, list[str]] | None = None,
+        num_proc: int | None = None,
+        **kwargs: Any,
+    ) -> dict[str, dict[str, float]]:
+        """The ``top_k`` documents of each query with their BM25 scores (re-ranking ``top_ranked`` when given)."""
+        if self._retriever is None:
+            raise RuntimeError("BM25Search.search before index")
+        query_ids = [str(query_id) for query_id in queries["id"]]
+        texts = [text if isinstance(text, str) else " ".join(map(str, text)) for text in queries["text"]]
+        k = len(self._document_ids) if top_ranked else min(top_k, len(self._document_ids))
+        rows, scores = self._retriever.retrieve(self._tokenize(texts), k=k, show_progress=self.show_progress_bar)
+        results: dict[str, dict[str, float]] = {}
+        for position, query_id in enumerate(query_ids):
+            allowed = set(top_ranked[query_id]) if top_ranked and query_id in top_ranked else None
+            ranked = {
+                self._document_ids[row]: float(score)
+                for row, score in zip(rows[position], scores[position])
+                if allowed is None or self._document_ids[row] in allowed
+            }
+            results[query_id] = dict(list(ranked.items())[:top_k]) if allowed is not None else ranked
+        return results
+
+    def __repr__(self) -> str:
+        return f"BM25Search(language={self.language!r}, k1={self.k1}, b={self.b}, method={self.method!r})"
+
+
+BASELINES = ("bm25",)
+"""Names :func:`make_baseline` (and ``st-daft evaluate --baseline``) accepts."""
+
+
+def make_baseline(name: str) -> BM25Search:
+    """A baseline search model by name (``"bm25"``)."""
+    if name == "bm25":
+        return BM25Search()
+    raise ValueError(f"unknown baseline {name!r}; choose from {list(BASELINES)}")

@@ -1,0 +1,608 @@
+"""The recipe's stages as objects: each holds its own settings and ``run``s on a shared :class:`StageContext`,
+returning one :class:`StageResult`.
+
+- :class:`VocabularyStage` (static query routes, label-free): every token of the query tokenizer is embedded by the
+  document route and the static table starts from those vectors (:mod:`st_daft.vocabulary`).
+- :class:`CorpusStage` (label-free): the document route is frozen and the query route learns to reproduce its
+  embeddings of texts cut from the corpus (:class:`~st_daft.losses.LabelFreeAlignmentLoss`).
+- :class:`AlignStage` (DAFT stage 1): the document route is frozen; a
+  :class:`~st_daft.cache.StaleEmbeddingCache` of the corpus is built once (exact, because the route does not move)
+  and :class:`~st_daft.losses.DAFTAlignmentLoss` trains the query route with every corpus document as a negative.
+- :class:`FinetuneStage` (DAFT stage 2): both routes train with :class:`~st_daft.losses.CollapseSafeContrastiveLoss`,
+  each route with its own learning rate; the checkpoint with the best validation nDCG@10 is kept, and training
+  stops with the reason if a route collapses.
+
+The two frozen-document stages early-stop on the 1-NN KL estimate between the routes' embeddings of held-out texts
+(:class:`~st_daft.collapse.CollapseEvaluator`, transformers' ``EarlyStoppingCallback``) and keep the checkpoint with
+the lowest KL.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from datasets import Dataset
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers.base.sampler import BatchSamplers
+from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator, SequentialEvaluator
+from transformers import EarlyStoppingCallback
+from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
+
+from st_daft.cache import StaleEmbeddingCache
+from st_daft.callbacks import CollapseStopCallback, LogStatisticsCallback
+from st_daft.collapse import CollapseEvaluator
+from st_daft.corpus_alignment import TEXT_KINDS, alignment_dataset, alignment_texts
+from st_daft.data import RetrievalData
+from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
+from st_daft.model import (
+    DOCUMENT_ROUTE,
+    QUERY_ROUTE,
+    freeze_route,
+    get_route,
+    has_route,
+    route_parameter_pattern,
+    unfreeze_route,
+)
+from st_daft.store import DocumentEmbeddingStore
+from st_daft.vocabulary import initialize_static_route
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Stage",
+    "TrainedStage",
+    "VocabularyStage",
+    "CorpusStage",
+    "AlignStage",
+    "FinetuneStage",
+    "StageResult",
+    "StageContext",
+    "STAGE_TYPES",
+    "training_arguments",
+    "last_complete_checkpoint",
+]
+
+KL_EVALUATOR_NAME = "alignment"
+IR_EVALUATOR_NAME = "validation"
+KL_METRIC = f"eval_{KL_EVALUATOR_NAME}_knn_kl"
+#: What transformers writes last into a checkpoint folder (``Trainer._save_checkpoint``): a folder without it was
+#: interrupted while it was written.
+COMPLETE_CHECKPOINT_MARKER = "trainer_state.json"
+PRECISIONS = ("fp32", "fp16", "bf16")
+DEVICES = ("cpu", "cuda", "mps")
+
+
+@dataclass
+class StageResult:
+    """What every stage returns (a stage that trains nothing has ``steps=0``)."""
+
+    name: str
+    steps: int = 0
+    best_checkpoint: str | None = None
+    best_metric: float | None = None
+    stopped_reason: str | None = None
+    collapsed: bool = False
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    log_history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def describe(self) -> str:
+        """One line for the console."""
+        if self.steps == 0:
+            details = f"{self.extra['tokens']:.0f} tokens distilled" if "tokens" in self.extra else "done"
+            return f"stage {self.name}: {details} ({self.seconds:.0f} s)"
+        return (
+            f"stage {self.name}: {self.steps} steps, {self.stopped_reason or 'budget reached'}; "
+            f"collapsed: {self.collapsed} ({self.seconds:.0f} s)"
+        )
+
+
+@dataclass
+class StageContext:
+    """What the stages share: the model, the data, held-out texts, the run's settings and the corpus cache.
+
+    ``train_data`` is None for a corpus without queries (label-free stages only); ``corpus``/``titles`` are always
+    set. ``unlabeled_queries`` are real query texts without judgements, added to the corpus stage's texts.
+    """
+
+    model: SentenceTransformer
+    output_dir: Path
+    corpus: dict[str, str]
+    kl_texts: list[str]
+    train_data: RetrievalData | None = None
+    validation_data: RetrievalData | None = None
+    titles: dict[str, str] = field(default_factory=dict)
+    unlabeled_queries: list[str] = field(default_factory=list)
+    store: DocumentEmbeddingStore | None = None
+    seed: int = 0
+    device: str | None = None
+    precision: str = "fp32"
+    validation_corpus_size: int | None = 2000
+    resume: bool = False
+    cache: StaleEmbeddingCache | None = None
+
+    @property
+    def asymmetric(self) -> bool:
+        return has_route(self.model, QUERY_ROUTE)
+
+    @property
+    def router_mapping(self) -> dict[str, str]:
+        return {"query": QUERY_ROUTE, "positive": DOCUMENT_ROUTE} if self.asymmetric else {}
+
+
+def training_arguments(
+    output_dir: Path,
+    stage: TrainedStage,
+    context: StageContext,
+    metric: str,
+    greater_is_better: bool,
+    learning_rate: float | None = None,
+    **overrides: Any,
+) -> SentenceTransformerTrainingArguments:
+    """The one place training arguments are built. The device is transformers' choice (CUDA, MPS, else CPU) unless
+    ``context.device`` names one; ``context.precision`` maps to the trainer's ``fp16``/``bf16``."""
+    strategy = "steps" if stage.eval_steps > 0 else "epoch"
+    if context.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' (--device cuda) was asked for, but torch sees no CUDA device")
+    if context.device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' (--device mps) was asked for, but torch sees no MPS device")
+    return SentenceTransformerTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=stage.max_steps,
+        num_train_epochs=stage.epochs,
+        per_device_train_batch_size=stage.batch_size,
+        learning_rate=stage.learning_rate if learning_rate is None else learning_rate,
+        warmup_steps=stage.warmup_ratio,  # a float below 1 is a ratio (transformers v5)
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        eval_strategy=strategy,
+        save_strategy=strategy,
+        eval_steps=stage.eval_steps or None,
+        save_steps=stage.eval_steps or None,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model=metric,
+        greater_is_better=greater_is_better,
+        restore_callback_states_from_checkpoint=True,
+        logging_steps=stage.logging_steps,
+        seed=context.seed,
+        report_to="none",
+        use_cpu=context.device == "cpu",
+        fp16=context.precision == "fp16",
+        bf16=context.precision == "bf16",
+        **overrides,
+    )
+
+
+def last_complete_checkpoint(folder: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` in ``folder`` that was written to the end (transformers'
+    ``get_last_checkpoint``, skipping, with a warning, folders a kill left half-written)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    last = get_last_checkpoint(str(folder))
+    if last is None or (Path(last) / COMPLETE_CHECKPOINT_MARKER).is_file():
+        return last
+    for candidate in reversed(sort_checkpoints(str(folder))):
+        if (Path(candidate) / COMPLETE_CHECKPOINT_MARKER).is_file():
+            return candidate
+        logger.warning(
+            "skipping incomplete checkpoint %s (no %s: the run was interrupted while writing it)",
+            candidate,
+            COMPLETE_CHECKPOINT_MARKER,
+        )
+    return None
+
+
+@dataclass
+class Stage:
+    """A step of the recipe. Subclasses set ``name`` and implement :meth:`run`."""
+
+    name: ClassVar[str] = ""
+    #: Needs (query, positive) judgements; label-free stages run on a bare corpus.
+    needs_labels: ClassVar[bool] = True
+    #: Needs a ``Router`` model (query and document routes).
+    needs_router: ClassVar[bool] = True
+
+    def applies_to(self, model: SentenceTransformer) -> str | None:
+        """None when the stage can run on ``model``, else why it is skipped."""
+        return None
+
+    def check(self, context: StageContext) -> None:
+        """Raise ``ValueError`` (naming the setting) for settings that cannot work on this data, before any step."""
+
+    def prepare(self, context: StageContext) -> SentenceTransformerTrainingArguments | None:
+        """Build the stage's training arguments (None for a stage that trains nothing); called for every stage
+        before the first one runs, so a bad device or precision fails before any step."""
+        return None
+
+    def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None) -> StageResult:
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        return {"stage": self.name, **asdict(self)}
+
+
+@dataclass
+class VocabularyStage(Stage):
+    """Static query routes: start the table from the document route's embedding of each vocabulary token.
+
+    Args:
+        zipf_weighting: weight distilled token vectors by log(1 + rank) (model2vec's distillation).
+    """
+
+    name: ClassVar[str] = "vocabulary"
+    needs_labels: ClassVar[bool] = False
+    zipf_weighting: bool = True
+
+    def applies_to(self, model: SentenceTransformer) -> str | None:
+        from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+
+        if not has_route(model, QUERY_ROUTE) or not isinstance(get_route(model, QUERY_ROUTE)[0], StaticEmbedding):
+            return "the query route does not start with a StaticEmbedding"
+        return None
+
+    def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None = None) -> StageResult:
+        started = time.perf_counter()
+        info = initialize_static_route(context.model, zipf_weighting=self.zipf_weighting, store=context.store)
+        seconds = round(time.perf_counter() - started, 1)
+        # The statistics the trained stages end with, so every stage reports the KL it reached.
+        final_metrics = CollapseEvaluator(context.kl_texts, name=KL_EVALUATOR_NAME, write_csv=False)(context.model)
+        return StageResult(self.name, final_metrics=final_metrics, seconds=seconds, extra=dict(info))
+
+
+@dataclass
+class TrainedStage(Stage):
+    """Budget and optimiser settings shared by the stages that train.
+
+    Args:
+        max_steps: optimiser steps; when > 0 it overrides ``epochs``; -1 runs ``epochs``.
+        epochs: passes over the training rows.
+        batch_size: rows per step (the in-batch negatives).
+        learning_rate: learning rate of the query route.
+        eval_steps: evaluate (and save a checkpoint) every this many steps; 0 = once per epoch.
+        warmup_ratio: share of the steps spent warming up the learning rate.
+        logging_steps: log the loss (and its parts and collapse statistics) every this many steps.
+    """
+
+    folder: ClassVar[str] = ""
+    max_steps: int = -1
+    epochs: float = 1.0
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    eval_steps: int = 0
+    warmup_ratio: float = 0.1
+    logging_steps: int = 10
+
+    def __post_init__(self) -> None:
+        where = f"{self.name} stage"
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"{where}: max_steps must be at least 1 (or -1 to run epochs), got {self.max_steps}")
+        if self.max_steps == -1 and not self.epochs > 0:
+            raise ValueError(f"{where}: epochs must be positive, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"{where}: batch_size must be at least 1, got {self.batch_size}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"{where}: learning_rate must be positive, got {self.learning_rate}")
+        if self.eval_steps < 0 or self.logging_steps < 1:
+            raise ValueError(f"{where}: eval_steps must be >= 0 and logging_steps >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"{where}: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def stage_dir(self, context: StageContext) -> Path:
+        return context.output_dir / self.folder
+
+    def train(
+        self,
+        context: StageContext,
+        args: SentenceTransformerTrainingArguments,
+        rows: Dataset,
+        loss: Any,
+        evaluator: Any,
+        callbacks: list[Any],
+    ) -> StageResult:
+        """Run ``SentenceTransformerTrainer`` (resumed from the last complete checkpoint when asked) and sum it up."""
+        started = time.perf_counter()
+        trainer = SentenceTransformerTrainer(
+            model=context.model,
+            args=args,
+            train_dataset=rows,
+            loss=loss,
+            evaluator=evaluator,
+            callbacks=[LogStatisticsCallback(loss), *callbacks],
+        )
+        resume = last_complete_checkpoint(args.output_dir) if context.resume else None
+        logger.info("stage %s: %s%s", self.name, args.output_dir, f" (resuming from {resume})" if resume else "")
+        trainer.train(resume_from_checkpoint=resume)
+        # Resuming replaces stateful callbacks by restored copies: read them back from the trainer.
+        collapse = _find(trainer, CollapseStopCallback)
+        stopper = _find(trainer, EarlyStoppingCallback)
+        state = trainer.state
+        stopped_reason = collapse.stopped_reason if collapse else None
+        early_stopped = stopper and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience
+        if stopped_reason is None and early_stopped:
+            stopped_reason = (
+                f"the kNN KL divergence did not improve by more than {stopper.early_stopping_threshold:g} for "
+                f"{stopper.early_stopping_patience_counter} evaluations "
+                f"(best {state.best_metric:.4f} at step {state.best_global_step})"
+            )
+            logger.info("stage %s stopped: %s", self.name, stopped_reason)
+        return StageResult(
+            self.name,
+            steps=state.global_step,
+            best_checkpoint=state.best_model_checkpoint,
+            best_metric=state.best_metric,
+            stopped_reason=stopped_reason,
+            collapsed=bool(collapse and collapse.collapsed),
+            final_metrics=_best_evaluation(state) or evaluator(context.model),
+            seconds=round(time.perf_counter() - started, 1),
+            log_history=state.log_history,
+        )
+
+
+@dataclass
+class _FrozenDocumentStage(TrainedStage):
+    """A stage that trains the query route against the frozen document route, early-stopped on the KL.
+
+    Args:
+        kl_patience: evaluations without KL improvement before the stage ends (None: run the full budget).
+        kl_min_delta: smallest decrease of the KL that counts as an improvement.
+    """
+
+    kl_patience: int | None = 3
+    kl_min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kl_patience is not None and self.kl_patience < 1:
+            raise ValueError(f"{self.name} stage: kl_patience must be None or at least 1, got {self.kl_patience}")
+
+    def prepare(self, context: StageContext) -> SentenceTransformerTrainingArguments:
+        return training_arguments(
+            self.stage_dir(context),
+            self,
+            context,
+            metric=KL_METRIC,
+            greater_is_better=False,
+            router_mapping=self.router_mapping(context),
+        )
+
+    def router_mapping(self, context: StageContext) -> dict[str, str]:
+        return context.router_mapping
+
+    def train_frozen(
+        self, context: StageContext, args: SentenceTransformerTrainingArguments, rows: Dataset, loss: Any
+    ) -> StageResult:
+        # A randomly initialised query route starts out "collapsed" (near-constant outputs): alignment is what
+        # fixes that, so these stages record collapse but do not stop on it.
+        callbacks: list[Any] = [CollapseStopCallback(KL_EVALUATOR_NAME, stop_on_collapse=False)]
+        if self.kl_patience is not None:
+            callbacks.append(EarlyStoppingCallback(self.kl_patience, early_stopping_threshold=self.kl_min_delta))
+        evaluator = CollapseEvaluator(context.kl_texts, name=KL_EVALUATOR_NAME)
+        try:
+            return self.train(context, args, rows, loss, evaluator, callbacks)
+        finally:
+            unfreeze_route(context.model, DOCUMENT_ROUTE)
+
+
+@dataclass
+class CorpusStage(_FrozenDocumentStage):
+    """Label-free alignment on texts cut from the corpus (and any unlabelled queries).
+
+    Args:
+        max_texts: texts cut from the corpus.
+        text_kinds: which texts (titles, sentences, spans, passages).
+        regression: ``"cosine"`` or ``"mse"`` regression onto the document-route embeddings.
+        contrastive_weight: weight of the in-batch InfoNCE term.
+    """
+
+    name: ClassVar[str] = "corpus"
+    folder: ClassVar[str] = "stage-0-corpus"
+    needs_labels: ClassVar[bool] = False
+    max_steps: int = 1000
+    batch_size: int = 128
+    eval_steps: int = 250
+    max_texts: int = 40000
+    text_kinds: tuple[str, ...] = TEXT_KINDS
+    regression: str = "cosine"
+    contrastive_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_texts < 1:
+            raise ValueError(f"corpus stage: max_texts must be at least 1, got {self.max_texts}")
+
+    def router_mapping(self, context: StageContext) -> dict[str, str]:
+        return {"text": QUERY_ROUTE}
+
+    def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None) -> StageResult:
+        freeze_route(context.model, DOCUMENT_ROUTE)
+        texts = alignment_texts(
+            context.corpus, context.titles, kinds=self.text_kinds, max_texts=self.max_texts, seed=context.seed
+        )
+        queries = [query for query in dict.fromkeys(context.unlabeled_queries) if query not in set(texts)]
+        rows = alignment_dataset(context.model, texts + queries, store=context.store)
+        loss = LabelFreeAlignmentLoss(
+            context.model, regression=self.regression, contrastive_weight=self.contrastive_weight
+        )
+        result = self.train_frozen(context, args, rows, loss)
+        result.extra.update(num_texts=len(texts), num_unlabeled_queries=len(queries))
+        return result
+
+
+@dataclass
+class AlignStage(_FrozenDocumentStage):
+    """DAFT's alignment: the query route against the frozen document route's corpus cache.
+
+    Args:
+        scale: inverse softmax temperature of :class:`~st_daft.losses.DAFTAlignmentLoss`.
+        cache_negatives: use every corpus document as a negative.
+    """
+
+    name: ClassVar[str] = "align"
+    folder: ClassVar[str] = "stage-1-align"
+    max_steps: int = 300
+    batch_size: int = 64
+    eval_steps: int = 50
+    scale: float = 20.0
+    cache_negatives: bool = True
+
+    def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None) -> StageResult:
+        freeze_route(context.model, DOCUMENT_ROUTE)
+        context.cache = StaleEmbeddingCache.build(context.model, context.corpus, store=context.store)
+        loss = DAFTAlignmentLoss(
+            context.model, scale=self.scale, document_cache=context.cache, cache_negatives=self.cache_negatives
+        )
+        return self.train_frozen(context, args, context.train_data.training_pairs(), loss)
+
+
+@dataclass
+class FinetuneStage(TrainedStage):
+    """Joint fine-tuning of both routes with the collapse-safe contrastive loss.
+
+    Args:
+        learning_rate: learning rate of the query route (of the whole model when it has no Router).
+        document_learning_rate: learning rate of the document route.
+        scale: inverse softmax temperature.
+        guard: collapse guard (``"variance"``, ``"uniformity"``, ``"none"``).
+        guard_weight: its weight.
+        negatives: ``"in-batch"``, or mined during training from the document cache: ``"stale"``, ``"corrected"``
+            (corrector network), ``"refresh:N"`` or ``"corrected+refresh:N"`` (see :mod:`st_daft.mining`).
+        num_negatives: mined negatives per query.
+        stop_on_collapse: end the stage when a route collapses.
+    """
+
+    name: ClassVar[str] = "finetune"
+    folder: ClassVar[str] = "stage-2-finetune"
+    needs_router: ClassVar[bool] = False
+    epochs: float = 2.0
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    document_learning_rate: float = 2e-5
+    scale: float = 20.0
+    guard: str = "variance"
+    guard_weight: float = 1.0
+    negatives: str = "in-batch"
+    num_negatives: int = 4
+    stop_on_collapse: bool = True
+
+    def __post_init__(self) -> None:
+        from st_daft.mining import parse_negatives
+
+        super().__post_init__()
+        if not self.document_learning_rate > 0:
+            rate = self.document_learning_rate
+            raise ValueError(f"finetune stage: document_learning_rate must be positive, got {rate}")
+        parse_negatives(self.negatives)  # a malformed strategy fails here, before any training
+        if self.num_negatives < 1:
+            raise ValueError(f"num_negatives (--num-negatives) must be at least 1, got {self.num_negatives}")
+
+    def mines(self) -> bool:
+        from st_daft.mining import parse_negatives
+
+        return parse_negatives(self.negatives).mine
+
+    def check(self, context: StageContext) -> None:
+        if self.mines() and self.num_negatives > len(context.corpus) - 1:
+            raise ValueError(
+                f"num_negatives (--num-negatives) is {self.num_negatives}, but the corpus has only "
+                f"{len(context.corpus)} documents: at most {len(context.corpus) - 1} negatives per query"
+            )
+
+    def prepare(self, context: StageContext) -> SentenceTransformerTrainingArguments:
+        overrides: dict[str, Any] = {}
+        learning_rate = self.learning_rate
+        if context.asymmetric:
+            overrides["router_mapping"] = context.router_mapping
+            overrides["learning_rate_mapping"] = {route_parameter_pattern(QUERY_ROUTE): self.learning_rate}
+            # The trainer's base learning rate applies to everything not in learning_rate_mapping: the documents.
+            learning_rate = self.document_learning_rate
+        if context.validation_data is not None:
+            metric, greater = f"eval_{IR_EVALUATOR_NAME}_cosine_ndcg@10", True
+        else:
+            metric, greater = KL_METRIC, False
+        return training_arguments(
+            self.stage_dir(context), self, context, metric, greater, learning_rate=learning_rate, **overrides
+        )
+
+    def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None) -> StageResult:
+        loss = CollapseSafeContrastiveLoss(
+            context.model, scale=self.scale, guard=self.guard, guard_weight=self.guard_weight
+        )
+        callbacks: list[Any] = []
+        if self.mines():
+            loss, callbacks = self._mining(context, loss)
+        evaluators: list[Any] = []
+        if context.validation_data is not None:
+            validation = context.validation_data
+            if context.validation_corpus_size is not None and context.validation_corpus_size < len(validation.corpus):
+                # The validation queries, their judged documents and random others up to the size asked for.
+                judged = {did for docs in validation.qrels.values() for did in docs}
+                validation = validation.sample(
+                    len(validation.qrels), max(0, context.validation_corpus_size - len(judged)), seed=context.seed
+                )
+            evaluators.append(
+                InformationRetrievalEvaluator(
+                    validation.queries,
+                    validation.corpus,
+                    validation.relevant_docs,
+                    name=IR_EVALUATOR_NAME,
+                    batch_size=64,
+                    write_csv=False,
+                    show_progress_bar=True,
+                )
+            )
+        evaluators.append(CollapseEvaluator(context.kl_texts, name=KL_EVALUATOR_NAME))
+        callbacks.append(CollapseStopCallback(KL_EVALUATOR_NAME, stop_on_collapse=self.stop_on_collapse))
+        rows = context.train_data.training_pairs()
+        return self.train(context, args, rows, loss, SequentialEvaluator(evaluators), callbacks)
+
+    def _mining(self, context: StageContext, loss: Any) -> tuple[Any, list[Any]]:
+        """Negatives mined during training from the document cache: ``loss`` with mining, and the callbacks it
+        needs. (The one place that knows :mod:`st_daft.mining`'s API; today's ``MinedNegativesLoss`` builds its own
+        collapse-safe loss from the same settings, a wrapping one takes ``loss``.)"""
+        from st_daft.mining import MinedNegativesLoss, NegativeMiner, NegativeMiningCallback
+
+        # The alignment stage's cache is exact for the document route fine-tuning starts from: reuse it.
+        if context.cache is None or not context.cache.is_current(context.model):
+            context.cache = StaleEmbeddingCache.build(context.model, context.corpus, store=context.store)
+        data = context.train_data
+        miner = NegativeMiner(
+            context.cache,
+            context.corpus,
+            self.negatives,
+            num_negatives=self.num_negatives,
+            query_positives={
+                data.queries[qid]: [did for did, score in judged.items() if score > 0]
+                for qid, judged in data.qrels.items()
+            },
+        )
+        loss = MinedNegativesLoss(
+            context.model, miner, scale=self.scale, guard=self.guard, guard_weight=self.guard_weight
+        )
+        return loss, [NegativeMiningCallback(miner)]
+
+
+STAGE_TYPES: dict[str, type[Stage]] = {
+    stage.name: stage for stage in (VocabularyStage, CorpusStage, AlignStage, FinetuneStage)
+}
+
+
+def _find(trainer: SentenceTransformerTrainer, kind: type) -> Any:
+    return next((callback for callback in trainer.callback_handler.callbacks if isinstance(callback, kind)), None)
+
+
+def _best_evaluation(state: Any) -> dict[str, float]:
+    """The logged evaluation of the checkpoint the trainer kept (saves evaluating the kept model once more)."""
+    if not state.best_model_checkpoint:
+        return {}
+    best_step = int(Path(state.best_model_checkpoint).name.split("-")[-1])
+    for row in reversed(state.log_history):
+        if row.get("step") == best_step and any(key.startswith("eval_") for key in row):
+            return {key[len("eval_") :]: value for key, value in row.items() if key.startswith("eval_")}
+    return {}
