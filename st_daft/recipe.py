@@ -174,7 +174,7 @@ def split_validation(data: RetrievalData, fraction: float, seed: int = 0) -> tup
     if len(held_out) == len(query_ids):
         raise ValueError(f"cannot hold out {fraction:.0%} of only {len(query_ids)} queries and still train")
 
-    def subset(ids: set[str], split: str) -> RetrievalData:
+    def subset(ids: list[str], split: str) -> RetrievalData:
         return RetrievalData(
             corpus=data.corpus,
             queries={qid: data.queries[qid] for qid in ids},
@@ -184,7 +184,9 @@ def split_validation(data: RetrievalData, fraction: float, seed: int = 0) -> tup
             titles=data.titles,
         )
 
-    return subset(set(query_ids) - held_out, data.split), subset(held_out, "validation")
+    # In qrels order, never a set's: set order follows PYTHONHASHSEED and would reorder the training pairs.
+    train_ids = [qid for qid in data.qrels if qid not in held_out]
+    return subset(train_ids, data.split), subset([qid for qid in data.qrels if qid in held_out], "validation")
 
 
 def validation_texts(data: RetrievalData, count: int, seed: int = 0) -> list[str]:

@@ -1,5 +1,6 @@
 """Trainer callbacks of st-daft, each small and holding one job (as sentence-transformers' sparse_encoder.callbacks)."""
 
+from st_daft.callbacks.non_finite import NonFiniteLossCallback, NonFiniteLossError
 from st_daft.callbacks.statistics import LoggingStatistics, LogStatisticsCallback
 
-__all__ = ["LoggingStatistics", "LogStatisticsCallback"]
+__all__ = ["LoggingStatistics", "LogStatisticsCallback", "NonFiniteLossCallback", "NonFiniteLossError"]
