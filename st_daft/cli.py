@@ -176,6 +176,7 @@ def run_train(args: argparse.Namespace) -> int:
     from sentence_transformers import SentenceTransformer
 
     from st_daft.data import load_beir
+    from st_daft.distributed import init_distributed, is_main_process
     from st_daft.model import build_asymmetric_model, default_document_encoder
     from st_daft.recipe import remove_checkpoints, train_daft
 
@@ -187,10 +188,14 @@ def run_train(args: argparse.Namespace) -> int:
         model = SentenceTransformer(document_encoder, device="cpu")
     else:
         model = build_asymmetric_model(document_encoder, args.query_encoder, seed=args.seed)
+    # under torchrun: join the process group before the corpus is embedded (sharded); after the model is built,
+    # since transformers' save_pretrained writes nothing outside rank 0 once a group exists (the tiny route loads
+    # from a temporary folder)
+    init_distributed()
     summary = train_daft(
         model, train_data, args.output, config, validation_data=validation_data, resume_from_checkpoint=args.resume
     )
-    if not args.keep_checkpoints:
+    if not args.keep_checkpoints and is_main_process():
         remove_checkpoints(args.output)
     for stage in summary["stages"]:
         if "global_step" not in stage:

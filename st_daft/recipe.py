@@ -43,6 +43,7 @@ from st_daft.cache import StaleEmbeddingCache
 from st_daft.collapse import CollapseEvaluator, CollapseMonitorCallback
 from st_daft.corpus_alignment import alignment_dataset, alignment_texts
 from st_daft.data import RetrievalData
+from st_daft.distributed import is_main_process
 from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
 from st_daft.mining import MinedNegativesLoss, NegativeMiner, NegativeMiningCallback, parse_negatives
 from st_daft.model import (
@@ -258,6 +259,7 @@ def _training_arguments(
         seed=config.seed,
         report_to="none",
         use_cpu=True,
+        ddp_static_graph=True,  # DDP: one forward per route (and per mined batch) each step, unused pooler weights
         **overrides,
     )
 
@@ -473,9 +475,10 @@ def train_daft(
         )
         summary["stages"].append(stage_summary)
 
-    model.save(str(output_dir))
-    with (output_dir / "daft_summary.json").open("w") as handle:
-        json.dump(summary, handle, indent=2, default=str)
+    if is_main_process():  # one writer under torchrun
+        model.save(str(output_dir))
+        with (output_dir / "daft_summary.json").open("w") as handle:
+            json.dump(summary, handle, indent=2, default=str)
     for stage_summary in summary["stages"]:
         if "global_step" not in stage_summary:  # the vocabulary stage trains nothing
             logger.info("stage %s: %s", stage_summary["stage"], stage_summary)
