@@ -43,7 +43,7 @@ from st_daft.cache import StaleEmbeddingCache
 from st_daft.collapse import CollapseEvaluator, CollapseMonitorCallback
 from st_daft.corpus_alignment import alignment_dataset, alignment_texts
 from st_daft.data import RetrievalData
-from st_daft.distributed import is_main_process
+from st_daft.distributed import is_distributed, is_main_process
 from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
 from st_daft.mining import MinedNegativesLoss, NegativeMiner, NegativeMiningCallback, parse_negatives
 from st_daft.model import (
@@ -409,8 +409,10 @@ def train_daft(
 
     if "finetune" in config.stages:
         stage_dir = output_dir / "stage-2-finetune"
+        # Under torchrun every rank's queries see every rank's documents: the in-batch negatives of the global batch.
         loss = CollapseSafeContrastiveLoss(
-            model, scale=config.scale, guard=config.guard, guard_weight=config.guard_weight
+            model, scale=config.scale, guard=config.guard, guard_weight=config.guard_weight,
+            gather_across_devices=is_distributed(),
         )
         mining_callbacks: list[Any] = []
         if parse_negatives(config.negatives).mine:
@@ -428,7 +430,8 @@ def train_daft(
                 },
             )
             loss = MinedNegativesLoss(
-                model, miner, scale=config.scale, guard=config.guard, guard_weight=config.guard_weight
+                model, miner, scale=config.scale, guard=config.guard, guard_weight=config.guard_weight,
+                gather_across_devices=is_distributed(),
             )
             mining_callbacks.append(NegativeMiningCallback(miner))
         evaluators: list[Any] = []
