@@ -14,6 +14,10 @@ trainer to stop, cancels the evaluation and checkpoint of that step (and of the 
 the step. The last checkpoint saved before it is the last good one. With ``raise_error`` (the default) training then
 ends with :class:`NonFiniteLossError` in ``on_train_end`` (after the trainer has loaded its best checkpoint), so a
 recipe does not go on to save a model or start the next stage as if nothing happened.
+
+Add it with ``trainer.add_callback(NonFiniteLossCallback(loss))`` (or in ``callbacks=[...]``): it must come after
+transformers' ``DefaultFlowCallback``, whose ``on_step_end`` asks for the step's checkpoint that this one cancels.
+Under torchrun the decision is all-reduced, so every rank stops at the same step.
 """
 
 from __future__ import annotations
