@@ -26,6 +26,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from torch import Tensor
 
+from st_daft.distributed import embed_sharded
 from st_daft.model import DOCUMENT_ROUTE, get_route
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ class StaleEmbeddingCache:
             keys.extend(token_keys(model.preprocess(texts[start : start + 1024], task=DOCUMENT_ROUTE)))
         fingerprint = route_fingerprint(model)
         if folder is None:
-            embeddings = embed_documents(model, texts, batch_size, show_progress_bar=show_progress_bar, store=store)
+            embeddings = embed_sharded(model, texts, batch_size, show_progress_bar=show_progress_bar, store=store)
             return cls(ids, embeddings.to("cpu", dtype), keys, fingerprint)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -162,7 +163,7 @@ class StaleEmbeddingCache:
         """
         if len(texts) != len(self):
             raise CacheMismatchError(f"refresh got {len(texts)} texts for a cache of {len(self)} rows")
-        embeddings = embed_documents(model, texts, batch_size, show_progress_bar=show_progress_bar)
+        embeddings = embed_sharded(model, texts, batch_size, show_progress_bar=show_progress_bar)
         if embeddings.shape[1] != self.dimension:
             raise CacheMismatchError(
                 f"the model embeds in {embeddings.shape[1]} dimensions, the cache has {self.dimension}"
@@ -352,7 +353,7 @@ def _write_memmap(
     numpy_dtype = np.float16 if dtype == torch.float16 else np.float32
     memmap = None
     for start in range(0, len(texts), chunk_size):
-        chunk = embed_documents(model, texts[start : start + chunk_size], batch_size, show_progress_bar, store)
+        chunk = embed_sharded(model, texts[start : start + chunk_size], batch_size, show_progress_bar, store)
         if memmap is None:
             shape = (len(texts), chunk.shape[1])
             memmap = np.lib.format.open_memmap(temporary, mode="w+", dtype=numpy_dtype, shape=shape)

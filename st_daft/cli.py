@@ -284,6 +284,7 @@ def _corpus_titles(file: Path) -> dict[str, str]:
 def run_train(args: argparse.Namespace) -> int:
     from sentence_transformers import SentenceTransformer
 
+    from st_daft.distributed import init_distributed, is_main_process
     from st_daft.model import build_asymmetric_model, default_document_encoder
     from st_daft.recipe import check_output_dir, default_stages, remove_checkpoints, train_daft
 
@@ -306,6 +307,9 @@ def run_train(args: argparse.Namespace) -> int:
         model = SentenceTransformer(document_encoder, device=device)
     else:
         model = build_asymmetric_model(document_encoder, args.query_encoder, device=device, seed=args.seed)
+    # under torchrun: join the process group before the corpus is embedded (sharded), and after the model is built,
+    # since transformers' save_pretrained writes nothing outside rank 0 once a group exists
+    init_distributed()
     summary = train_daft(
         model,
         train_data,
@@ -317,7 +321,7 @@ def run_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         titles=titles,
     )
-    if not args.keep_checkpoints:
+    if not args.keep_checkpoints and is_main_process():
         remove_checkpoints(args.output)
     for stage in summary.stages:
         print(stage.describe())

@@ -48,6 +48,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from st_daft.cache import CacheMismatchError, StaleEmbeddingCache, token_keys
 from st_daft.corrector import CORRECTOR_CITATION, CorrectorNetwork, atomic_write_text, drift_loss, staleness_error
+from st_daft.distributed import all_reduce_gradients, broadcast_parameters
 from st_daft.losses.collapse_safe import CollapseSafeContrastiveLoss
 from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, get_route
 
@@ -410,6 +411,7 @@ class NegativeMiner:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = drift_loss(self.corrector(stale), fresh, self.drift_loss)
                 loss.backward()
+                all_reduce_gradients(self.corrector)  # one corrector across ranks: average its gradients
                 self.optimizer.step()
                 value = float(loss.detach())
         self.corrector.train(was_training)
@@ -658,6 +660,8 @@ class NegativeMiningCallback(TrainerCallback):
                 )
         if model is not None and self.miner.cache is not None:
             self.miner.check_exact(model)
+        if self.miner.corrector is not None:
+            broadcast_parameters(self.miner.corrector)  # every rank starts from rank 0's corrector
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs

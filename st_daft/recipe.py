@@ -18,6 +18,7 @@ from typing import Any
 from sentence_transformers import SentenceTransformer
 
 from st_daft.data import RetrievalData
+from st_daft.distributed import is_main_process
 from st_daft.io import atomic_write_json
 from st_daft.model import QUERY_ROUTE, has_route
 from st_daft.stages import DEVICES, PRECISIONS, STAGE_TYPES, Stage, StageContext, StageResult
@@ -146,7 +147,7 @@ def split_validation(data: RetrievalData, fraction: float, seed: int = 0) -> tup
     if len(held_out) == len(query_ids):
         raise ValueError(f"cannot hold out {fraction:.0%} of only {len(query_ids)} queries and still train")
 
-    def subset(ids: set[str], split: str) -> RetrievalData:
+    def subset(ids: list[str], split: str) -> RetrievalData:
         return RetrievalData(
             corpus=data.corpus,
             queries={qid: data.queries[qid] for qid in ids},
@@ -156,7 +157,9 @@ def split_validation(data: RetrievalData, fraction: float, seed: int = 0) -> tup
             titles=data.titles,
         )
 
-    return subset(set(query_ids) - held_out, data.split), subset(held_out, "validation")
+    # In qrels order, never a set's: set order follows PYTHONHASHSEED and would reorder the training pairs.
+    train_ids = [qid for qid in data.qrels if qid not in held_out]
+    return subset(train_ids, data.split), subset([qid for qid in data.qrels if qid in held_out], "validation")
 
 
 def validation_texts(data: RetrievalData | dict[str, str], count: int, seed: int = 0) -> list[str]:
@@ -244,9 +247,10 @@ def train_daft(
     summary = TrainingSummary(results, config.settings(), pairs)
     recipe = {"stages": [result.name for result in results], "labelled": context.train_data is not None}
     model.model_card_data.add_tags(["st-daft", *(f"st-daft-stage-{name}" for name in recipe["stages"])])
-    model.save(str(output_dir))
-    atomic_write_json(output_dir / RECIPE_FILE, recipe)
-    atomic_write_json(output_dir / "daft_summary.json", summary.to_dict())
+    if is_main_process():  # under torchrun every process trained the same model: one writes it
+        model.save(str(output_dir))
+        atomic_write_json(output_dir / RECIPE_FILE, recipe)
+        atomic_write_json(output_dir / "daft_summary.json", summary.to_dict())
     for result in results:
         logger.info(result.describe())
     return summary

@@ -34,10 +34,11 @@ from transformers import EarlyStoppingCallback
 from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
 from st_daft.cache import StaleEmbeddingCache
-from st_daft.callbacks import CollapseStopCallback, LogStatisticsCallback
+from st_daft.callbacks import CollapseStopCallback, LogStatisticsCallback, NonFiniteLossCallback
 from st_daft.collapse import CollapseEvaluator
 from st_daft.corpus_alignment import TEXT_KINDS, alignment_dataset, alignment_texts
 from st_daft.data import RetrievalData
+from st_daft.distributed import is_distributed
 from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
 from st_daft.model import (
     DOCUMENT_ROUTE,
@@ -169,6 +170,8 @@ def training_arguments(
         metric_for_best_model=metric,
         greater_is_better=greater_is_better,
         restore_callback_states_from_checkpoint=True,
+        # two forward passes per step (queries, documents) through one DDP module: the graph is static
+        ddp_static_graph=True,
         logging_steps=stage.logging_steps,
         seed=context.seed,
         report_to="none",
@@ -316,6 +319,7 @@ class TrainedStage(Stage):
             evaluator=evaluator,
             callbacks=[LogStatisticsCallback(loss), *callbacks],
         )
+        trainer.add_callback(NonFiniteLossCallback(loss))  # after DefaultFlowCallback: it cancels that step's save
         resume = last_complete_checkpoint(args.output_dir) if context.resume else None
         logger.info("stage %s: %s%s", self.name, args.output_dir, f" (resuming from {resume})" if resume else "")
         trainer.train(resume_from_checkpoint=resume)
@@ -532,7 +536,11 @@ class FinetuneStage(TrainedStage):
 
     def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None) -> StageResult:
         loss = CollapseSafeContrastiveLoss(
-            context.model, scale=self.scale, guard=self.guard, guard_weight=self.guard_weight
+            context.model,
+            scale=self.scale,
+            guard=self.guard,
+            guard_weight=self.guard_weight,
+            gather_across_devices=is_distributed(),  # in-batch negatives from every process, as on one process
         )
         callbacks: list[Any] = []
         if self.mines():

@@ -2,6 +2,14 @@
 
 from st_daft.callbacks.collapse import CollapseStopCallback
 from st_daft.callbacks.model_card import ModelCardCallback
+from st_daft.callbacks.non_finite import NonFiniteLossCallback, NonFiniteLossError
 from st_daft.callbacks.statistics import LoggingStatistics, LogStatisticsCallback
 
-__all__ = ["CollapseStopCallback", "LoggingStatistics", "LogStatisticsCallback", "ModelCardCallback"]
+__all__ = [
+    "CollapseStopCallback",
+    "LoggingStatistics",
+    "LogStatisticsCallback",
+    "ModelCardCallback",
+    "NonFiniteLossCallback",
+    "NonFiniteLossError",
+]

@@ -1,0 +1,161 @@
+"""What st-daft needs beyond the trainer's own DDP support when it runs in several processes (``torchrun``,
+``accelerate launch``): who writes files, the initial cache embedded once across ranks, the corrector kept identical.
+
+sentence-transformers' trainer already wraps the model in DistributedDataParallel, shards the batches, all-reduces
+the model's gradients and saves checkpoints from the main process only. What lives beside the model does not go
+through it:
+
+- files: the final model, ``daft_summary.json``, the cache, the corrector, the store must be written by one process
+  (:func:`is_main_process`), the others wait (:func:`barrier`);
+- the corpus cache: every rank would embed the whole corpus; :func:`embed_sharded` embeds ``1/world_size`` of it per
+  rank and all-gathers the rows, so each rank holds the same full cache (every rank mines from the same matrix);
+- the corrector network is trained by each rank on its own batch's fresh embeddings: :func:`all_reduce_gradients`
+  averages its gradients before each optimizer step (the DDP rule, by hand), and :func:`broadcast_parameters` makes
+  every rank start from rank 0's weights, so the correctors stay identical.
+
+Outside a process group (one process) every helper is a no-op or plain encoding. Before the group exists (the
+recipe runs before the trainer's arguments initialise it) the rank comes from the ``RANK`` variable torchrun sets.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+    from st_daft.store import DocumentEmbeddingStore
+
+__all__ = [
+    "init_distributed",
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "barrier",
+    "embed_sharded",
+    "all_reduce_gradients",
+    "broadcast_parameters",
+]
+
+
+def init_distributed() -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1) now, before the trainer would: the recipe
+    embeds the corpus before it builds a trainer, and :func:`embed_sharded` needs the group then. NCCL when CUDA is
+    available, else gloo; the trainer (accelerate) later reuses this group. Returns whether training is distributed.
+    """
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and dist.is_available() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+    return is_distributed()
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def get_world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """True in the process that writes files: rank 0, or the only process."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def _communication_device(like: torch.device | None = None) -> torch.device:
+    """Tensors handed to a collective must live where its backend works: CUDA for NCCL, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return like if like is not None and like.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def embed_sharded(
+    model: SentenceTransformer,
+    texts: list[str],
+    batch_size: int = 64,
+    show_progress_bar: bool = False,
+    store: DocumentEmbeddingStore | None = None,
+) -> Tensor:
+    """Document-route embeddings of ``texts`` (CPU float32, in order), computed once across the process group.
+
+    In a process group each rank embeds one contiguous shard of ``texts`` and the shards are all-gathered, so every
+    rank returns the full matrix for ``1/world_size`` of the work; in one process this is
+    :func:`~st_daft.cache.embed_documents`. A ``store`` is read by every rank and written by each for its own shard
+    (stores take concurrent writers: every process writes its own shard files).
+    """
+    from st_daft.cache import embed_documents
+
+    if not is_distributed():
+        return embed_documents(model, texts, batch_size, show_progress_bar=show_progress_bar, store=store)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    shard_size = math.ceil(len(texts) / world_size)
+    shard = texts[rank * shard_size : (rank + 1) * shard_size]
+    device = _communication_device(model.device)
+    if shard:
+        progress = show_progress_bar and rank == 0
+        local = embed_documents(model, shard, batch_size, show_progress_bar=progress, store=store)
+    else:  # more ranks than texts
+        local = None
+    # Every rank must pass tensors of one shape: learn the dimension, pad the last shard.
+    dimension = torch.tensor([local.shape[1] if local is not None else 0], device=device)
+    dist.all_reduce(dimension, op=dist.ReduceOp.MAX)
+    padded = torch.zeros(shard_size, int(dimension.item()), device=device)
+    if local is not None:
+        padded[: len(local)] = local.to(device)
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat(gathered)[: len(texts)].to("cpu", torch.float32)
+
+
+def all_reduce_gradients(module: torch.nn.Module) -> None:
+    """Average the gradients of ``module`` over the process group (call between ``backward()`` and ``step()``).
+
+    Every rank must call it at the same step: a rank without data for the step still calls it (with zero or no
+    gradients, counted as zeros), or the others wait forever.
+    """
+    if not is_distributed():
+        return
+    world_size = dist.get_world_size()
+    for parameter in module.parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        gradient = parameter.grad.to(_communication_device(parameter.device))
+        dist.all_reduce(gradient, op=dist.ReduceOp.SUM)
+        parameter.grad.copy_(gradient.to(parameter.grad.device) / world_size)
+
+
+def broadcast_parameters(module: torch.nn.Module, source: int = 0) -> None:
+    """Copy ``module``'s parameters and buffers from rank ``source`` to every rank (no-op in one process)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            shared = tensor.detach().to(_communication_device(tensor.device))
+            dist.broadcast(shared, src=source)
+            tensor.copy_(shared.to(tensor.device))
