@@ -140,6 +140,12 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--resume", action="store_true", help="resume each stage from its last complete checkpoint")
     run.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
     run.add_argument("--keep-checkpoints", action="store_true", help="keep the per-stage checkpoint folders")
+    run.add_argument(
+        "--push-to-hub",
+        metavar="ID",
+        default=None,
+        help="upload the trained model and its card to this Hub repository (sentence-transformers' push_to_hub)",
+    )
     run.add_argument("--document-store", default=None, help=_DOCUMENT_STORE_HELP)
 
 
@@ -326,6 +332,10 @@ def run_train(args: argparse.Namespace) -> int:
     for stage in summary.stages:
         print(stage.describe())
     print(f"model saved to {args.output}")
+    if args.push_to_hub and is_main_process():
+        from st_daft.model_card import push_to_hub
+
+        print(f"pushed to the Hub: {push_to_hub(model, args.push_to_hub)}")
     return 0
 
 

@@ -21,6 +21,7 @@ from st_daft.data import RetrievalData
 from st_daft.distributed import is_main_process
 from st_daft.io import atomic_write_json
 from st_daft.model import QUERY_ROUTE, has_route
+from st_daft.model_card import attach_model_card, negatives_from_log_history, record_negatives, record_stage
 from st_daft.stages import DEVICES, PRECISIONS, STAGE_TYPES, Stage, StageContext, StageResult
 from st_daft.store import DocumentEmbeddingStore
 
@@ -242,7 +243,12 @@ def train_daft(
     output_dir.mkdir(parents=True, exist_ok=True)
     logger.info("stages: %s", ", ".join(stage.name for stage in stages))
 
-    results = [stage.run(context, args) for stage, args in zip(stages, arguments)]
+    attach_model_card(model)  # before training: each stage's trainer fills the same card data
+    results = []
+    for stage, args in zip(stages, arguments):
+        result = stage.run(context, args)
+        results.append(result)
+        _record_on_card(model, stage, result, context)
     pairs = len(context.train_data.training_pairs()) if context.train_data is not None else 0
     summary = TrainingSummary(results, config.settings(), pairs)
     recipe = {"stages": [result.name for result in results], "labelled": context.train_data is not None}
@@ -254,6 +260,33 @@ def train_daft(
     for result in results:
         logger.info(result.describe())
     return summary
+
+
+def _record_on_card(model: SentenceTransformer, stage: Stage, result: StageResult, context: StageContext) -> None:
+    """The stage's budget, learning rates, stop reason and final statistics (and its negatives) on the model card."""
+    from st_daft.stages import FinetuneStage, TrainedStage
+
+    record: dict[str, Any] = {
+        "name": result.name,
+        "steps": result.steps or None,
+        "stopped_reason": result.stopped_reason,
+        "collapsed": result.collapsed,
+        "final_metrics": result.final_metrics,
+    }
+    if isinstance(stage, TrainedStage):
+        record["budget"] = stage.max_steps if stage.max_steps > 0 else f"{stage.epochs:g} epochs"
+        if isinstance(stage, FinetuneStage):
+            routes = {"query": stage.learning_rate, "document": stage.document_learning_rate}
+            record["learning_rates"] = routes if context.asymmetric else {"all": stage.document_learning_rate}
+        else:
+            record["learning_rates"] = {"query": stage.learning_rate, "document": "frozen"}
+    record_stage(model, record)
+    if isinstance(stage, FinetuneStage):
+        stats = negatives_from_log_history(result.log_history, stage.negatives) or {"strategy": stage.negatives}
+        stats["num_negatives"] = stage.num_negatives if stage.mines() else None
+        if context.cache is not None and stage.mines():
+            stats["corpus_size"] = len(context.cache)
+        record_negatives(model, {key: value for key, value in stats.items() if value is not None})
 
 
 def _context(
