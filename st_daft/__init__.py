@@ -37,6 +37,7 @@ from st_daft.model import (
     unfreeze_route,
 )
 from st_daft.recipe import DAFTConfig, StageConfig, train_daft
+from st_daft.serving import export_static_model
 from st_daft.store import DocumentEmbeddingStore, document_encoder_key
 from st_daft.vocabulary import initialize_static_route
 
@@ -64,6 +65,7 @@ __all__ = [
     "effective_rank",
     "evaluate_retrieval",
     "export_route",
+    "export_static_model",
     "freeze_route",
     "frozen_route",
     "get_route",
