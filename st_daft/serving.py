@@ -10,15 +10,18 @@ model2vec's ``StaticModel.encode`` does just the floor's work in numpy, so the r
   of a bag of rows each shifted by the same bias is shifted by that bias, so ``mean(T[ids]) @ W.T + b ==
   mean(T[ids] @ W.T + b)``: the folded table gives the same vectors with no projection left to run;
 - ``Normalize`` after the Router becomes model2vec's ``normalize`` setting;
-- truncation is switched off (``max_length: null``), as ``StaticEmbedding`` has none;
+- the route tokenizer's truncation becomes model2vec's ``max_length`` (a static route built from MiniLM's
+  tokenizer truncates at 128 tokens, although ``StaticEmbedding.max_seq_length`` says infinite); none stays none;
 - ``dtype`` ``float16`` halves the table; ``int8`` quarters it, with one scale per row stored as model2vec's per-token
   ``weights`` (a single scale for the whole table, model2vec's own ``quantize_to="int8"``, leaves the rows of
   frequent tokens, which a Zipf-weighted table keeps short, only a few quantisation levels).
 
-The vectors equal the full model's ``encode_query`` vectors, with two differences that follow from model2vec's own
-encoding and are kept rather than patched: model2vec drops unknown tokens (``[UNK]``) before the mean, where
-``StaticEmbedding`` averages the ``[UNK]`` row in; and a text with no known token (also the empty text) gets the
-zero vector, where a route with a ``Dense`` bias gets the normalised bias.
+The vectors equal the full model's ``encode_query`` vectors, with three differences that follow from model2vec's
+own encoding and are kept rather than patched: model2vec drops unknown tokens (``[UNK]``) before the mean, where
+``StaticEmbedding`` averages the ``[UNK]`` row in; a text with no known token (also the empty text) gets the zero
+vector, where a route with a ``Dense`` bias gets the normalised bias; and with a ``max_length``, model2vec first cuts
+each text to ``max_length`` times its vocabulary's median token length in characters, which can drop tokens of a
+text longer than that before the token limit is reached (very long queries only).
 
 Load the folder with ``model2vec.StaticModel.from_pretrained(path)``, no torch and no st_daft needed.
 """
@@ -115,6 +118,13 @@ def static_route_table(
     return table, tokenizer, any(isinstance(module, Normalize) for module in modules)
 
 
+def _truncation_length(tokenizer: Tokenizer) -> int | None:
+    """The token count the route's tokenizer truncates to, if any (a static route built from MiniLM's tokenizer
+    inherits its 128)."""
+    truncation = tokenizer.truncation
+    return int(truncation["max_length"]) if truncation else None
+
+
 def _int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 quantisation with one scale per row: ``table ~ codes * scales[:, None]``."""
     scales = np.abs(table).max(axis=1) / 127.0
@@ -162,7 +172,7 @@ def export_static_model(
         base_model_name=name,
         language=card.language or None,
         weights=weights,
-        max_length=None,
+        max_length=_truncation_length(tokenizer),
     )
     if output_path is not None:
         title = f"{route.capitalize()} route of {name or 'an asymmetric (st-daft) model'}"

@@ -181,7 +181,8 @@ def test_model2vec_export_gives_the_full_models_query_vectors(
     exported = export_static_model(model, tmp_path / "m2v")
     loaded = StaticModel.from_pretrained(str(tmp_path / "m2v"))
     assert loaded.embedding.shape == (get_route(model, "query")[0].num_embeddings, 32)  # the Dense is folded in
-    assert loaded.normalize and loaded.max_length is None
+    truncation = get_route(model, "query")[0].tokenizer.truncation  # a model2vec folder's tokenizer: 512
+    assert loaded.normalize and loaded.max_length == (truncation["max_length"] if truncation else None)
     known = M2V_TEXTS[:-1]
     for static_model in (exported, loaded):
         np.testing.assert_allclose(static_model.encode(known), model.encode_query(known), atol=1e-5)
@@ -199,6 +200,23 @@ def test_model2vec_export_gives_the_full_models_query_vectors(
         np.testing.assert_allclose(model.encode_query([""])[0], bias / np.linalg.norm(bias), atol=1e-6)
     else:
         np.testing.assert_array_equal(model.encode_query([""]), np.zeros_like(empty[:1]))
+
+
+def test_model2vec_export_keeps_the_route_tokenizers_truncation(tiny_document_model_dir: Path, tmp_path: Path) -> None:
+    from model2vec import StaticModel
+
+    from st_daft.serving import export_static_model
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    letters = [" ".join("abcdefghijklmnopqrstuvwxyz")]  # 26 one-letter tokens
+    untruncated = model.encode_query(letters)
+    get_route(model, "query")[0].tokenizer.enable_truncation(16)  # as a route built from MiniLM's tokenizer: 128
+    expected = model.encode_query(letters)
+    assert not np.allclose(expected, untruncated, atol=1e-3)
+    export_static_model(model, tmp_path / "m2v")
+    loaded = StaticModel.from_pretrained(str(tmp_path / "m2v"))
+    assert loaded.max_length == 16
+    np.testing.assert_allclose(loaded.encode(letters), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
