@@ -46,6 +46,7 @@ from st_daft.model_card import (
     write_model_card,
 )
 from st_daft.recipe import DAFTConfig, TrainingSummary, default_stages, train_daft
+from st_daft.serving import export_static_model
 from st_daft.stages import AlignStage, CorpusStage, FinetuneStage, StageResult, VocabularyStage
 from st_daft.store import DocumentEmbeddingStore, document_encoder_key
 from st_daft.vocabulary import initialize_static_route
@@ -80,6 +81,7 @@ __all__ = [
     "evaluate_retrieval",
     "export_route",
     "FinetuneStage",
+    "export_static_model",
     "freeze_route",
     "frozen_route",
     "get_route",

@@ -93,7 +93,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--query-encoder",
         default="static",
-        help="static | tiny:L,H | tokenlearn | symmetric (no Router: fine-tune the document model itself) | PATH",
+        help="static | tiny:L,H | symmetric (no Router: fine-tune the document model itself) | PATH",
     )
     train.add_argument("--document-encoder", default=None, help="document model (default: all-MiniLM-L6-v2)")
     train.add_argument(
@@ -181,6 +181,20 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
     export.add_argument("model", help="asymmetric model folder or Hub id")
     export.add_argument("output", help="folder for the exported model")
     export.add_argument("--route", default="query", help="route to export: query (default) or document")
+    export.add_argument(
+        "--format",
+        choices=["sentence-transformers", "model2vec"],
+        default="sentence-transformers",
+        help="sentence-transformers (default): the route's modules + Normalize, loads with SentenceTransformer(path); "
+        "model2vec: a static route folded into one table, loads with model2vec's StaticModel.from_pretrained(path) "
+        "and serves without torch",
+    )
+    export.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "int8"],
+        default=None,
+        help="table storage type of --format model2vec (default float32; int8 keeps one scale per row)",
+    )
 
 
 def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
@@ -376,7 +390,20 @@ def run_export(args: argparse.Namespace) -> int:
 
     from st_daft.model import count_parameters, export_route
 
+    if args.dtype is not None and args.format != "model2vec":
+        raise ValueError(f"--dtype {args.dtype} applies to --format model2vec only")
     model = SentenceTransformer(args.model)
+    if args.format == "model2vec":
+        from st_daft.serving import export_static_model
+
+        static_model = export_static_model(model, args.output, route=args.route, dtype=args.dtype or "float32")
+        rows, dimension = static_model.embedding.shape
+        print(
+            f"{args.route} route: {rows:,} x {dimension} {static_model.embedding_dtype} table "
+            f"(full model: {count_parameters(model):,} parameters)"
+        )
+        print(f"model2vec model saved to {Path(args.output)}")
+        return 0
     exported = export_route(model, args.route, output_path=args.output)
     print(f"{args.route} route: {count_parameters(exported):,} parameters (full model: {count_parameters(model):,})")
     print(f"model saved to {Path(args.output)}")

@@ -10,9 +10,11 @@ count less in the mean (model2vec's Zipf weighting, ``log(1 + rank)``, with toke
 model2vec's own ``distill`` needs its ``distill`` extra, which pins ``transformers<5.4``; sentence-transformers 6
 needs a newer transformers, so the few lines it takes live here instead.
 
-For a static route whose table is narrower than the document space (the 64-d tokenlearn model + ``Dense``), the
-table is kept and the projection is fitted instead: the ``Dense`` weights become the ridge-regression map from the
-64-d token vectors to their distilled document-space vectors.
+For a static route whose table is narrower than the document space (a narrow model2vec folder as query encoder +
+``Dense``), the table is kept and the projection is fitted instead: the ``Dense`` weights become the
+ridge-regression map from the token vectors to their distilled document-space vectors. (For the 64-d
+tokenlearn model this fit reached a mean cosine of only 0.205, and the route 0.363 SciFact nDCG@10 after the
+corpus and align stages; the ``tokenlearn`` query encoder was removed for it.)
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def initialize_static_route(
       route's outputs do not change, but the learning rates that suit the old table keep suiting it).
     - A narrower table followed by a ``Dense`` projection keeps its vectors; the projection is fitted by ridge
       regression onto the distilled vectors of a random sample of ``max_fit_tokens`` tokens (a 65-parameter-wide
-      regression needs no more, and distilling a 270k-token vocabulary would take minutes).
+      regression needs no more, and distilling a 270k-token vocabulary would take many minutes).
 
     Returns:
         ``{"tokens": vocabulary size, "fit_cosine": mean cosine between the route's token vectors and the
@@ -140,7 +142,7 @@ def initialize_static_route(
     if not isinstance(static, StaticEmbedding):
         raise ValueError(
             f"vocabulary initialisation needs a static query route, found {type(static).__name__}; "
-            "use it with --query-encoder static, tokenlearn or a model2vec folder"
+            "use it with --query-encoder static or a model2vec folder"
         )
     texts = vocabulary_texts(static)
     weight = static.embedding.weight

@@ -143,3 +143,159 @@ def test_cli_export(tiny_document_model_dir: Path, tmp_path: Path, capsys) -> No
     assert main(["export", str(tiny_document_model_dir), str(tmp_path / "y")]) == 2
     assert "without a Router" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# --- model2vec export: the static route as one table, served without torch ---------------------------------------
+
+M2V_TEXTS = [*TEXTS, "cells " * 300, "how do ☃ cells divide"]  # a long text; an unknown character ([UNK])
+
+
+def _static_dense_model(tiny_document_model_dir: Path, tmp_path: Path) -> SentenceTransformer:
+    """A static route with a Dense projection: a 16-d model2vec table + Dense(16 -> 32) with a non-zero bias."""
+    from model2vec import StaticModel
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_document_model_dir / "tokenizer.json"))
+    vectors = np.random.default_rng(0).normal(size=(tokenizer.get_vocab_size(), 16)).astype(np.float32)
+    StaticModel(vectors=vectors, tokenizer=tokenizer).save_pretrained(str(tmp_path / "narrow"))
+    model = build_asymmetric_model(str(tiny_document_model_dir), str(tmp_path / "narrow"))
+    dense = get_route(model, "query")[1]
+    with torch.no_grad():
+        dense.linear.bias.normal_()
+    return model
+
+
+@pytest.mark.parametrize("projected", [False, True])
+def test_model2vec_export_gives_the_full_models_query_vectors(
+    tiny_document_model_dir: Path, tmp_path: Path, projected: bool
+) -> None:
+    from model2vec import StaticModel
+
+    from st_daft.serving import export_static_model
+
+    if projected:
+        model = _static_dense_model(tiny_document_model_dir, tmp_path)
+        assert [type(module).__name__ for module in get_route(model, "query")] == ["StaticEmbedding", "Dense"]
+    else:
+        model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    exported = export_static_model(model, tmp_path / "m2v")
+    loaded = StaticModel.from_pretrained(str(tmp_path / "m2v"))
+    assert loaded.embedding.shape == (get_route(model, "query")[0].num_embeddings, 32)  # the Dense is folded in
+    truncation = get_route(model, "query")[0].tokenizer.truncation  # a model2vec folder's tokenizer: 512
+    assert loaded.normalize and loaded.max_length == (truncation["max_length"] if truncation else None)
+    known = M2V_TEXTS[:-1]
+    for static_model in (exported, loaded):
+        np.testing.assert_allclose(static_model.encode(known), model.encode_query(known), atol=1e-5)
+        np.testing.assert_allclose(static_model.encode(known[:1]), model.encode_query(known[:1]), atol=1e-5)
+
+    # model2vec drops unknown tokens before the mean; StaticEmbedding averages the [UNK] row in.
+    unknown = loaded.encode(["how do ☃ cells divide"])
+    np.testing.assert_allclose(unknown, model.encode_query(["how do cells divide"]), atol=1e-5)
+    assert not np.allclose(unknown, model.encode_query(["how do ☃ cells divide"]), atol=1e-3)
+    # No known token (also the empty text): model2vec's zero vector; the route's is zero, or its normalised bias.
+    empty = loaded.encode(["", "☃"])
+    np.testing.assert_array_equal(empty, np.zeros_like(empty))
+    if projected:
+        bias = get_route(model, "query")[1].linear.bias.detach().numpy()
+        np.testing.assert_allclose(model.encode_query([""])[0], bias / np.linalg.norm(bias), atol=1e-6)
+    else:
+        np.testing.assert_array_equal(model.encode_query([""]), np.zeros_like(empty[:1]))
+
+
+def test_model2vec_export_keeps_the_route_tokenizers_truncation(tiny_document_model_dir: Path, tmp_path: Path) -> None:
+    from model2vec import StaticModel
+
+    from st_daft.serving import export_static_model
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    letters = [" ".join("abcdefghijklmnopqrstuvwxyz")]  # 26 one-letter tokens
+    untruncated = model.encode_query(letters)
+    get_route(model, "query")[0].tokenizer.enable_truncation(16)  # as a route built from MiniLM's tokenizer: 128
+    expected = model.encode_query(letters)
+    assert not np.allclose(expected, untruncated, atol=1e-3)
+    export_static_model(model, tmp_path / "m2v")
+    loaded = StaticModel.from_pretrained(str(tmp_path / "m2v"))
+    assert loaded.max_length == 16
+    np.testing.assert_allclose(loaded.encode(letters), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_model2vec_export_smaller_tables_stay_close(tiny_document_model_dir: Path, tmp_path: Path, dtype) -> None:
+    from model2vec import StaticModel
+
+    from st_daft.serving import export_static_model
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    export_static_model(model, tmp_path / "small", dtype=dtype)
+    loaded = StaticModel.from_pretrained(str(tmp_path / "small"))
+    assert loaded.embedding.dtype == np.dtype(dtype)
+    vectors = loaded.encode(M2V_TEXTS[:-1]).astype(np.float32)
+    expected = model.encode_query(M2V_TEXTS[:-1])
+    cosines = (vectors * expected).sum(axis=1) / np.linalg.norm(vectors, axis=1)
+    assert cosines.min() > 0.999
+    size = (tmp_path / "small" / "model.safetensors").stat().st_size
+    full = loaded.embedding.shape[0] * loaded.embedding.shape[1] * 4
+    assert size < full * (0.55 if dtype == "float16" else 0.3)
+
+
+def test_model2vec_export_loads_without_torch(tiny_document_model_dir: Path, tmp_path: Path) -> None:
+    from st_daft.serving import export_static_model
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    export_static_model(model, tmp_path / "m2v")
+    script = f"""
+import sys, numpy as np
+from model2vec import StaticModel
+vectors = StaticModel.from_pretrained({str(tmp_path / "m2v")!r}).encode({TEXTS!r})
+assert "torch" not in sys.modules and "st_daft" not in sys.modules and "sentence_transformers" not in sys.modules
+np.save({str(tmp_path / "vectors.npy")!r}, vectors)
+"""
+    subprocess.run([sys.executable, "-c", script], check=True)
+    np.testing.assert_allclose(np.load(tmp_path / "vectors.npy"), model.encode_query(TEXTS), atol=1e-5)
+
+
+def test_model2vec_export_errors(tiny_document_model_dir: Path, tmp_path: Path) -> None:
+    from st_daft.serving import export_static_model
+
+    tiny = build_asymmetric_model(str(tiny_document_model_dir), "tiny:1,16")
+    with pytest.raises(ValueError, match=r"needs a static route.*format sentence-transformers"):
+        export_static_model(tiny, tmp_path / "a")
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    with pytest.raises(ValueError, match="dtype 'int4'"):
+        export_static_model(model, tmp_path / "b", dtype="int4")
+    with pytest.raises(ValueError, match="needs a static route"):
+        export_static_model(model, tmp_path / "c", route="document")
+    model.prompts = {"query": "query: "}
+    with pytest.raises(ValueError, match="prompt 'query: '"):
+        export_static_model(model, tmp_path / "d")
+    model.prompts = {}
+    model.truncate_dim = 16
+    with pytest.raises(ValueError, match="truncate_dim"):
+        export_static_model(model, tmp_path / "e")
+    with pytest.raises(ValueError, match="without a Router"):
+        export_static_model(SentenceTransformer(str(tiny_document_model_dir), device="cpu"), tmp_path / "f")
+    assert not any((tmp_path / name).exists() for name in "abcdef")
+
+
+def test_cli_export_model2vec(tiny_document_model_dir: Path, tmp_path: Path, capsys) -> None:
+    from model2vec import StaticModel
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    model.save(str(tmp_path / "full"))
+    assert main(["export", str(tmp_path / "full"), str(tmp_path / "m2v"), "--format", "model2vec"]) == 0
+    output = capsys.readouterr().out
+    assert "float32 table" in output and "model2vec model saved to" in output
+    np.testing.assert_allclose(
+        StaticModel.from_pretrained(str(tmp_path / "m2v")).encode(TEXTS), model.encode_query(TEXTS), atol=1e-5
+    )
+    half = ["--format", "model2vec", "--dtype", "float16"]
+    assert main(["export", str(tmp_path / "full"), str(tmp_path / "h"), *half]) == 0
+    assert StaticModel.from_pretrained(str(tmp_path / "h")).embedding.dtype == np.float16
+    capsys.readouterr()
+
+    assert main(["export", str(tmp_path / "full"), str(tmp_path / "x"), "--dtype", "int8"]) == 2
+    assert "--dtype int8 applies to --format model2vec only" in capsys.readouterr().err
+    build_asymmetric_model(str(tiny_document_model_dir), "tiny:1,16").save(str(tmp_path / "tiny"))
+    assert main(["export", str(tmp_path / "tiny"), str(tmp_path / "y"), "--format", "model2vec"]) == 2
+    assert "needs a static route" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -169,3 +169,9 @@ def test_static_route_tokenizer_is_not_shared_with_the_document_route(tiny_docum
     model.encode_document(["a long document " * 10, "short"])
     assert static.preprocess(TEXTS)["input_ids"].tolist() == before
     assert 0 not in before  # no [PAD] ids in the flat token stream
+
+
+def test_tokenlearn_query_encoder_was_removed_with_a_reason(tiny_document_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"'tokenlearn' was removed.*0\.363.*0\.790.*--query-encoder static"):
+        build_asymmetric_model(str(tiny_document_model_dir), "tokenlearn")
+
