@@ -104,7 +104,7 @@ class RetrievalData:
         if self.empty_texts == "error":
             if empty_docs:
                 raise DataError(
-                    f"{self.name}: {len(empty_docs)} corpus documents have empty text: {_named(empty_docs)}"
+                    f"{self.name}: {len(empty_docs)} corpus document(s) have empty text: {_named(empty_docs)}"
                 )
             if empty_queries:
                 raise DataError(f"{self.name}: query {empty_queries[0]!r} has empty text")
@@ -336,7 +336,7 @@ def _refuse_empty_texts(corpus: _BeirRows, queries: _BeirRows, judged_queries: l
     if empty_docs:
         named = ", ".join(f"{item!r} (line {line})" for item, line in empty_docs[:_NAMED])
         raise DataError(
-            f"{corpus.path}: {len(empty_docs)} corpus documents have empty text: {named}"
+            f"{corpus.path}: {len(empty_docs)} corpus document(s) have empty text: {named}"
             f"{', ...' if len(empty_docs) > _NAMED else ''} (evaluation keeps them with a warning; training cannot)"
         )
     empty_queries = queries.empty(judged_queries)
@@ -353,7 +353,7 @@ def _load_beir_folder(folder: Path, split: str, empty_texts: EmptyTexts) -> Retr
     qrels = _read_qrels(qrels_path)
     missing = [qid for qid in qrels if qid not in query_rows.rows]
     if missing:
-        raise DataError(f"{folder}: qrels/{split}.tsv names query id(s) {missing[:3]} not in queries.jsonl")
+        raise DataError(f"{qrels_path}: judgements name query id(s) {missing[:3]} not in queries.jsonl")
     for query_id, judged in qrels.items():
         unknown = [doc_id for doc_id in judged if doc_id not in corpus_rows.rows]
         if unknown:

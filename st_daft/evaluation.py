@@ -378,6 +378,8 @@ def evaluate_retrieval(
             document_store = DocumentEmbeddingStore(document_store)
         mteb_model = _wrap_model(model, document_store)
 
+    store = getattr(mteb_model, "document_store", None)
+    hits_before, misses_before = (store.hits, store.misses) if store is not None else (0, 0)
     task = _resolve_task(data, split)
     split = task.eval_splits[0]
     if len(task.eval_splits) != 1:
@@ -402,9 +404,12 @@ def evaluate_retrieval(
     finally:
         if loaded_here and task.data_loaded:
             task.unload_data()
-    store = getattr(mteb_model, "document_store", None)
     if store is not None:
-        logger.info("document store: %d documents read back, %d encoded", store.hits, store.misses)
+        logger.info(
+            "document store: %d documents read back, %d encoded",
+            store.hits - hits_before,
+            store.misses - misses_before,
+        )
 
     task_result = model_result.task_results[0]
     results: dict[str, float | int | str] = {"task": task.metadata.name, "split": split}

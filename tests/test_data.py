@@ -189,7 +189,7 @@ def test_empty_texts_name_lines_for_training_and_warn_for_evaluation(tmp_path: P
         {"q1": "query"},
         {"test": {"q1": {"d1": 1}}},
     )
-    named = r"corpus.jsonl: 2 corpus documents have empty text: 'd2' \(line 2\), 'd3' \(line 3\)"
+    named = r"corpus.jsonl: 2 corpus document\(s\) have empty text: 'd2' \(line 2\), 'd3' \(line 3\)"
     with pytest.raises(DataError, match=named):
         load_beir(folder)
     with caplog.at_level("WARNING", logger="st_daft.data"):

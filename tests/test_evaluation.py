@@ -261,7 +261,7 @@ def test_empty_documents_are_named_and_evaluated(
 ) -> None:
     corpus = tiny_beir_dir / "corpus.jsonl"
     corpus.write_text(corpus.read_text() + json.dumps({"_id": "blank-1", "title": "", "text": " "}) + "\n")
-    with pytest.raises(DataError, match=r"corpus.jsonl: 1 corpus documents have empty text: 'blank-1' \(line 9\)"):
+    with pytest.raises(DataError, match=r"corpus.jsonl: 1 corpus document\(s\) have empty text: 'blank-1' \(line 9\)"):
         load_beir(tiny_beir_dir, "train")  # training refuses them
     with caplog.at_level("WARNING", logger="st_daft.data"):
         dense = evaluate_retrieval(tiny_document_model_dir, tiny_beir_dir, show_progress_bar=False)
