@@ -35,19 +35,19 @@ def hash_module_state(digest: Any, module: torch.nn.Module) -> None:
 def route_fingerprint(model: SentenceTransformer, route: str = DOCUMENT_ROUTE) -> str:
     """A 32-hex-digit digest of ``route``'s parameters, the modules after the ``Router`` and its ``max_seq_length``.
 
-    For a model without a ``Router`` the whole model is the route.
+    For a model without a ``Router`` the whole model is the route. (The digest of the route's own state is hashed
+    into the outer one: that is how st-daft 0.1's document store keyed its folders, so stores written then are read.)
     """
-    digest = hashlib.blake2b(digest_size=16)
+    route_state = hashlib.blake2b(digest_size=16)
     module = route_or_model(model, route)
-    hash_module_state(digest, module)
-    if has_route(model, route):
-        for after_router in model:
-            if isinstance(after_router, Router):
-                continue
-            digest.update(type(after_router).__qualname__.encode())
-            hash_module_state(digest, after_router)
-        max_seq_length = getattr(module[0], "max_seq_length", None)
-    else:
-        max_seq_length = model.max_seq_length
+    hash_module_state(route_state, module)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(route_state.hexdigest().encode())
+    for after_router in model:
+        if isinstance(after_router, Router):
+            continue
+        digest.update(type(after_router).__qualname__.encode())
+        hash_module_state(digest, after_router)
+    max_seq_length = getattr(module[0], "max_seq_length", None) if has_route(model, route) else model.max_seq_length
     digest.update(f"max_seq_length={max_seq_length}".encode())
     return digest.hexdigest()

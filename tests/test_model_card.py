@@ -17,7 +17,7 @@ from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-from st_daft import CollapseEvaluator, CollapseMonitorCallback, build_asymmetric_model, freeze_route
+from st_daft import CollapseEvaluator, CollapseStopCallback, build_asymmetric_model, freeze_route
 from st_daft.callbacks import ModelCardCallback
 from st_daft.model import DEFAULT_DOCUMENT_HUB_ID
 from st_daft.model_card import (
@@ -219,7 +219,7 @@ def test_callback_records_a_users_own_trainer_run(tiny_document_model_dir: Path,
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     freeze_route(model, "document")
     texts = list(QUESTIONS.values()) + list(TOPICS.values())
-    monitor = CollapseMonitorCallback(evaluator_name="align", kl_patience=None)
+    monitor = CollapseStopCallback("align", stop_on_collapse=False)
     card_callback = ModelCardCallback(watch=[monitor])
     args = SentenceTransformerTrainingArguments(
         output_dir=str(tmp_path / "run"),

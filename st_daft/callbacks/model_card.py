@@ -25,7 +25,7 @@ class ModelCardCallback(TrainerCallback):
     - ``learning_rates``: per route, ``"frozen"`` when the route has no trainable parameter, else the entry of
       ``args.learning_rate_mapping`` matching the route's parameter names, else ``args.learning_rate``;
     - ``stopped_reason``: the ``stopped_reason`` of the first watched callback that has one (e.g. a
-      :class:`~st_daft.collapse.CollapseMonitorCallback`), else "ended early at step N of M" when training stopped
+      :class:`~st_daft.callbacks.CollapseStopCallback`), else "ended early at step N of M" when training stopped
       before its budget, else None (budget reached); ``collapsed``: the watched callbacks' ``collapsed``;
     - ``final_metrics``: the evaluation logged at the kept checkpoint (``state.best_model_checkpoint``), else the
       last evaluation in ``state.log_history``, without the ``eval_`` prefix (the collapse statistics among them);
@@ -36,7 +36,7 @@ class ModelCardCallback(TrainerCallback):
     Args:
         stage_name: the stage's name on the card; default ``"align"`` when only the query route trained,
             ``"finetune"`` otherwise.
-        watch: callbacks to read ``stopped_reason`` / ``collapsed`` from (e.g. the ``CollapseMonitorCallback``).
+        watch: callbacks to read ``stopped_reason`` / ``collapsed`` from (e.g. a ``CollapseStopCallback``).
         negatives: the negatives strategy's name for the card (default: inferred from the logged statistics).
         budget: the stage's budget as text (e.g. ``"2 epochs"``), instead of ``state.max_steps``.
     """
