@@ -5,6 +5,12 @@ DAFT (Leonhardt, Jahnke & Anand 2022) so that it neither collapses nor drifts ou
 """
 
 from st_daft.cache import CacheMismatchError, StaleEmbeddingCache
+from st_daft.callbacks import (
+    CorpusRefreshCallback,
+    MiningStepCallback,
+    NegativeMiningStateCallback,
+    negative_mining_callbacks,
+)
 from st_daft.collapse import (
     CollapseEvaluator,
     CollapseMonitorCallback,
@@ -16,11 +22,17 @@ from st_daft.collapse import (
     per_dimension_std,
 )
 from st_daft.corpus_alignment import alignment_dataset, alignment_texts
-from st_daft.corrector import CorrectorNetwork, drift_loss, staleness_error
+from st_daft.corrector import CorrectorNetwork, CorrectorTrainer, drift_loss, staleness_error
 from st_daft.data import DataError, RetrievalData, load_beir
 from st_daft.evaluation import evaluate_retrieval, to_mteb_task
-from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
-from st_daft.mining import MinedNegativesLoss, NegativeMiner, NegativeMiningCallback, NegativeStrategy, parse_negatives
+from st_daft.losses import (
+    CollapseSafeContrastiveLoss,
+    DAFTAlignmentLoss,
+    LabelFreeAlignmentLoss,
+    MinedNegativesLoss,
+    build_negative_mining,
+)
+from st_daft.mining import NegativeMiner, NegativeStrategy, RefreshPolicy, parse_negatives
 from st_daft.model import (
     DOCUMENT_ROUTE,
     QUERY_ROUTE,
@@ -46,12 +58,15 @@ __all__ = [
     "alignment_dataset",
     "alignment_texts",
     "build_asymmetric_model",
+    "build_negative_mining",
     "CacheMismatchError",
     "collapse_statistics",
     "CollapseEvaluator",
     "CollapseMonitorCallback",
     "CollapseSafeContrastiveLoss",
+    "CorpusRefreshCallback",
     "CorrectorNetwork",
+    "CorrectorTrainer",
     "count_parameters",
     "DAFTAlignmentLoss",
     "DAFTConfig",
@@ -75,12 +90,15 @@ __all__ = [
     "load_beir",
     "mean_pairwise_cosine",
     "MinedNegativesLoss",
+    "MiningStepCallback",
+    "negative_mining_callbacks",
     "NegativeMiner",
-    "NegativeMiningCallback",
+    "NegativeMiningStateCallback",
     "NegativeStrategy",
     "parse_negatives",
     "per_dimension_std",
     "QUERY_ROUTE",
+    "RefreshPolicy",
     "RetrievalData",
     "route_parameter_pattern",
     "set_route_trainable",

@@ -44,7 +44,8 @@ from st_daft.collapse import CollapseEvaluator, CollapseMonitorCallback
 from st_daft.corpus_alignment import alignment_dataset, alignment_texts
 from st_daft.data import RetrievalData
 from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
-from st_daft.mining import MinedNegativesLoss, NegativeMiner, NegativeMiningCallback, parse_negatives
+from st_daft.losses.mined_negatives import build_negative_mining
+from st_daft.mining import parse_negatives
 from st_daft.model import (
     DOCUMENT_ROUTE,
     QUERY_ROUTE,
@@ -413,7 +414,9 @@ def train_daft(
             # The alignment stage's cache is exact for the document route fine-tuning starts from: reuse it.
             if cache is None or not cache.is_current(model):
                 cache = StaleEmbeddingCache.build(model, train_data.corpus, store=store)
-            miner = NegativeMiner(
+            loss, mining_callbacks = build_negative_mining(
+                model,
+                loss,
                 cache,
                 train_data.corpus,
                 config.negatives,
@@ -423,10 +426,6 @@ def train_daft(
                     for qid, judged in train_data.qrels.items()
                 },
             )
-            loss = MinedNegativesLoss(
-                model, miner, scale=config.scale, guard=config.guard, guard_weight=config.guard_weight
-            )
-            mining_callbacks.append(NegativeMiningCallback(miner))
         evaluators: list[Any] = []
         if validation_data is not None:
             evaluators.append(
