@@ -24,7 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["INDEX_KINDS", "build_faiss_index", "corrected_matrix", "query_side_queries", "as_float32_chunks"]
+__all__ = [
+    "INDEX_KINDS",
+    "build_faiss_index",
+    "corrected_matrix",
+    "exact_search",
+    "query_side_queries",
+    "as_float32_chunks",
+]
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 
@@ -49,13 +56,15 @@ def build_faiss_index(
     seed: int = 0,
     chunk_size: int = 65536,
     train_size: int = 262144,
+    storage: str = "float32",
     show_progress_bar: bool = False,
 ) -> Any:
     """A faiss inner-product index over ``embeddings`` (rows: L2-normalised document embeddings), added in chunks.
 
     ``kind``: ``"flat"`` (``IndexFlatIP``: exact, the default), ``"ivf"`` (``IndexIVFFlat``, ``nlist`` cells, default
     about 4 sqrt(n), trained on up to ``train_size`` rows, searched with ``nprobe``) or ``"hnsw"`` (``IndexHNSWFlat``,
-    ``hnsw_m`` links, ``ef_construction``, searched with ``ef_search``).
+    ``hnsw_m`` links, ``ef_construction``, searched with ``ef_search``). ``storage="float16"`` keeps the vectors of
+    an ``ivf``/``hnsw`` index as float16 (faiss scalar quantizer): half the memory of a float32 index.
     """
     try:
         import faiss
@@ -63,18 +72,30 @@ def build_faiss_index(
         raise ImportError("a cache index needs faiss: pip install faiss-cpu") from None
     if kind not in INDEX_KINDS:
         raise ValueError(f"unknown index kind {kind!r}: choose 'flat', 'ivf' or 'hnsw'")
+    if storage not in ("float32", "float16"):
+        raise ValueError(f"unknown index storage {storage!r}: choose 'float32' or 'float16'")
     size, dimension = int(embeddings.shape[0]), int(embeddings.shape[1])
+    half = storage == "float16"
     if kind == "flat":
         index = faiss.IndexFlatIP(dimension)
     elif kind == "ivf":
         cells = nlist or max(1, min(size // 39, int(4 * size**0.5)))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dimension), dimension, cells, faiss.METRIC_INNER_PRODUCT)
+        quantizer = faiss.IndexFlatIP(dimension)
+        if half:
+            fp16 = faiss.ScalarQuantizer.QT_fp16
+            index = faiss.IndexIVFScalarQuantizer(quantizer, dimension, cells, fp16, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFFlat(quantizer, dimension, cells, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
         sample = np.sort(np.random.default_rng(seed).choice(size, min(size, train_size), replace=False))
         index.train(np.ascontiguousarray(_rows(embeddings, sample), dtype=np.float32))
         index.nprobe = min(nprobe, cells)
     else:
-        index = faiss.IndexHNSWFlat(dimension, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        if half:
+            index = faiss.IndexHNSWSQ(dimension, faiss.ScalarQuantizer.QT_fp16, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.train(np.zeros((1, dimension), dtype=np.float32))  # fp16 needs no statistics
+        else:
+            index = faiss.IndexHNSWFlat(dimension, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
         index.hnsw.efSearch = ef_search
     chunks = as_float32_chunks(embeddings, chunk_size)
@@ -119,6 +140,32 @@ def corrected_matrix(
     if isinstance(output, np.memmap):
         output.flush()
     return output
+
+
+@torch.no_grad()
+def exact_search(
+    embeddings: Tensor | np.ndarray,
+    queries: Tensor,
+    k: int,
+    transform: Any = None,
+    chunk_size: int = 65536,
+) -> tuple[Tensor, Tensor]:
+    """Exact top-``k`` inner-product search of ``queries`` over a (memory-mapped, float16) matrix, chunk by chunk
+    (one float32 chunk in memory at a time); ``transform`` maps each float32 chunk first (e.g. the corrector)."""
+    queries = queries.to(torch.float32)
+    best_scores = torch.full((len(queries), 0), -torch.inf)
+    best_rows = torch.zeros((len(queries), 0), dtype=torch.long)
+    for start, chunk in as_float32_chunks(embeddings, chunk_size):
+        vectors = torch.from_numpy(chunk)
+        if transform is not None:
+            vectors = transform(vectors)
+        scores = queries @ vectors.T
+        top_scores, top_rows = scores.topk(min(k, scores.shape[1]), dim=1)
+        best_scores = torch.cat([best_scores, top_scores], dim=1)
+        best_rows = torch.cat([best_rows, top_rows + start], dim=1)
+        best_scores, order = best_scores.topk(min(k, best_scores.shape[1]), dim=1)
+        best_rows = best_rows.gather(1, order)
+    return best_scores, best_rows
 
 
 @torch.no_grad()

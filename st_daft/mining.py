@@ -253,6 +253,7 @@ class NegativeMiner:
         self.query_positives = {query: list(ids) for query, ids in (query_positives or {}).items()}
         self._rows_of_query_key: dict[bytes, set[int]] = {}
         self.corrector: CorrectorNetwork | None = None
+        self.exact = False  # the cache equals the current document route (frozen route, same fingerprint)
         if self.strategy.correct:
             self.corrector = corrector or CorrectorNetwork(cache.dimension)
             if self.corrector.dimension != cache.dimension:
@@ -260,7 +261,6 @@ class NegativeMiner:
         if self.index_kind == "query-side" and self.correcting and not self.corrector.is_linear:
             raise ValueError("index='query-side' needs a linear corrector: CorrectorNetwork(dimension, depth=1)")
         self.statistics = MiningStatistics()
-        self.exact = False  # the cache equals the current document route (frozen route, same fingerprint)
         self._matrix: Tensor | None = None
         self._matrix_version: Any = None
         self._index: Any = None

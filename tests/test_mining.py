@@ -228,6 +228,111 @@ def test_a_cache_of_another_encoder_is_refused_when_training_starts(model, cache
         _train(model, _mining(cache, "corrected"), tmp_path / "run", max_steps=1)
 
 
+# ---------------------------------------------------------------------- a user's own trainer script
+
+
+def _user_script(model, loss, callbacks, output_dir: Path, max_steps: int, resume: str | None = None, **overrides):
+    """What a user writes without the st-daft recipe: plain SentenceTransformerTrainer, the loss, the callbacks."""
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        router_mapping={"query": QUERY_ROUTE, "positive": DOCUMENT_ROUTE},
+        logging_steps=1,
+        seed=0,
+        report_to="none",
+        **({"learning_rate": 1e-5, "save_strategy": "no"} | overrides),
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=PAIRS, loss=loss, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _drifted_cache(model) -> StaleEmbeddingCache:
+    """A cache of this document route whose vectors drifted by a fixed linear map (a synthetic, learnable drift)."""
+    cache = StaleEmbeddingCache.build(model, CORPUS, batch_size=8, show_progress_bar=False)
+    generator = torch.Generator().manual_seed(0)
+    drift = torch.eye(cache.dimension) + 0.5 * torch.randn(cache.dimension, cache.dimension, generator=generator) / (
+        cache.dimension**0.5
+    )
+    cache.embeddings = torch.nn.functional.normalize(cache.embeddings @ drift, dim=1)
+    return cache
+
+
+def _plain_mnrl_mining(model, cache):
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    miner = NegativeMiner(
+        cache, CORPUS, "corrected", num_negatives=2, query_positives=QUERY_POSITIVES,
+        corrector=CorrectorNetwork(cache.dimension, depth=1),
+    )
+    corrector_trainer = CorrectorTrainer(miner.corrector, lr=1e-2, steps=5, buffer=64)
+    loss = MinedNegativesLoss(model, MultipleNegativesRankingLoss(model), miner, corrector_trainer)
+    return loss, negative_mining_callbacks(miner, corrector_trainer) + [LogStatisticsCallback(loss)]
+
+
+def test_user_script_wraps_multiple_negatives_ranking_loss(model, tmp_path: Path) -> None:
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    cache = _drifted_cache(model)
+    drifted = cache.embeddings.clone()
+    loss, callbacks = _plain_mnrl_mining(model, cache)
+    assert loss.get_config_dict()["negatives"] == "corrected" and "scale" in loss.get_config_dict()
+    assert loss.citation.startswith(MultipleNegativesRankingLoss(model).citation) and "2409.01890" in loss.citation
+    trainer = _user_script(model, loss, callbacks, tmp_path / "run", 16, save_strategy="steps", save_steps=8)
+    statistics = loss.miner.statistics
+    assert statistics.counts["negatives"] > 0 and statistics.counts["refresh"] == 0
+    history = statistics.history
+    late = history[-4:]
+    stale = sum(h["stale_error"] for h in late) / len(late)
+    corrected = sum(h["corrected_error"] for h in late) / len(late)
+    assert history[0]["corrected_error"] == pytest.approx(history[0]["stale_error"])  # h starts as the identity
+    assert corrected < 0.5 * stale, (stale, corrected)
+    assert any("mining_corrected_error" in row for row in trainer.state.log_history)
+
+    # resume from step 8 with a freshly built (undrifted) cache: the saved one comes back, nothing is re-embedded
+    resumed_loss, resumed_callbacks = _plain_mnrl_mining(
+        model, StaleEmbeddingCache.build(model, CORPUS, show_progress_bar=False)
+    )
+    _user_script(
+        model, resumed_loss, resumed_callbacks, tmp_path / "run", 16, resume=str(tmp_path / "run" / "checkpoint-8")
+    )
+    resumed = resumed_loss.miner
+    assert torch.equal(resumed.cache.embeddings.float(), drifted) and resumed.statistics.counts["refresh"] == 0
+    assert [h["step"] for h in resumed.statistics.history] == [h["step"] for h in history]
+    assert resumed.statistics.history[:8] == history[:8]
+
+
+def test_user_script_wraps_daft_alignment_loss(model, tmp_path: Path) -> None:
+    from st_daft.losses import DAFTAlignmentLoss
+
+    freeze_route(model, DOCUMENT_ROUTE)
+    document_before = [p.clone() for p in get_route(model, DOCUMENT_ROUTE).parameters()]
+    query_before = [p.clone() for p in get_route(model, QUERY_ROUTE).parameters()]
+    cache = StaleEmbeddingCache.build(model, CORPUS, batch_size=8, show_progress_bar=False)
+    miner = NegativeMiner(cache, CORPUS, "stale", num_negatives=3, query_positives=QUERY_POSITIVES)
+    loss = MinedNegativesLoss(model, DAFTAlignmentLoss(model, document_cache=cache, cache_negatives=False), miner)
+    trainer = _user_script(model, loss, [*negative_mining_callbacks(miner), LogStatisticsCallback(loss)], tmp_path, 3,
+                           learning_rate=1e-2)
+    assert miner.exact and miner.statistics.counts["negatives"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(document_before, get_route(model, DOCUMENT_ROUTE).parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(query_before, get_route(model, QUERY_ROUTE).parameters()))
+    assert all(np.isfinite(row["loss"]) for row in trainer.state.log_history if "loss" in row)
+    assert "2211.04942" in loss.citation and "2409.01890" not in loss.citation
+
+
+def test_user_script_wraps_collapse_safe_loss_and_keeps_its_components(model, cache, tmp_path: Path) -> None:
+    mining = _mining(cache, "stale")
+    loss = MinedNegativesLoss(model, CollapseSafeContrastiveLoss(model), mining.miner)
+    callbacks = [*negative_mining_callbacks(mining.miner), LogStatisticsCallback(loss)]
+    trainer = _user_script(model, loss, callbacks, tmp_path, 2)
+    logged = [row for row in trainer.state.log_history if "loss" in row][-1]
+    assert {"contrastive", "collapse_guard", "batch_query_mean_cosine", "mining_encoded_negatives"} <= set(logged)
+    assert logged["mining_encoded_negatives"] > 0
+    with pytest.raises(TypeError, match="compute_loss_from_embeddings"):
+        MinedNegativesLoss(model, torch.nn.Linear(2, 2), mining.miner)
+
+
 # ---------------------------------------------------------------------- checkpoints
 
 
@@ -361,6 +466,48 @@ def test_build_into_memmap_folder_matches_in_memory(model, cache, tmp_path: Path
         assert rows[:, 0].tolist() == [0, 1]
     with pytest.raises(ValueError, match="unknown index kind"):
         mapped.build_index("lsh")
+
+
+def test_query_side_and_two_step_modes_match_exact_corrected_search(cache, model) -> None:
+    linear = CorrectorNetwork(cache.dimension, depth=1)
+    torch.nn.init.normal_(linear.mlp[-1].weight, std=0.2)
+    torch.nn.init.normal_(linear.mlp[-1].bias, std=0.2)
+    query_side = _miner(cache, "corrected", num_negatives=3, corrector=linear, index="query-side")
+    queries = torch.nn.functional.normalize(torch.randn(4, cache.dimension, generator=torch.Generator().manual_seed(0)))
+    positives = torch.tensor([0, 1, 2, 3])
+    rows = query_side.mine(queries, positives)
+    # the ranking of q . h(e), unnormalised: the stale index searched with q + W^T q, never rebuilt
+    with torch.no_grad():
+        scores = queries @ linear(cache.float32()).T
+    scores[:, positives] = -torch.inf
+    assert torch.equal(rows, scores.topk(3, dim=1).indices)
+    with pytest.raises(ValueError, match="linear corrector"):
+        _miner(cache, "corrected", index="query-side")  # the default 2-layer corrector
+
+    mlp = CorrectorNetwork(cache.dimension, hidden=16)
+    torch.nn.init.normal_(mlp.mlp[-1].weight, std=0.3)
+    two_step = _miner(cache, "corrected", num_negatives=3, corrector=mlp, index="two-step", shortlist=len(CORPUS))
+    exact = _miner(cache, "corrected", num_negatives=3, corrector=mlp, index="exact")
+    assert torch.equal(two_step.mine(queries, positives), exact.mine(queries, positives))
+
+
+def test_corrected_matrix_in_chunks_into_a_float16_memmap(cache, tmp_path: Path) -> None:
+    from st_daft.index import build_faiss_index, corrected_matrix, exact_search
+
+    corrector = CorrectorNetwork(cache.dimension, hidden=16)
+    torch.nn.init.normal_(corrector.mlp[-1].weight, std=0.3)
+    in_memory = corrected_matrix(cache.embeddings, corrector, chunk_size=5)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(corrector(cache.embeddings), dim=1)
+    torch.testing.assert_close(in_memory, expected)
+    mapped = corrected_matrix(cache.embeddings.half(), corrector, chunk_size=5, path=tmp_path / "corrected.npy")
+    assert mapped.dtype == np.float16 and isinstance(np.load(tmp_path / "corrected.npy", mmap_mode="r"), np.memmap)
+    np.testing.assert_allclose(mapped.astype(np.float32), expected.numpy(), atol=5e-3)
+    scores, rows = exact_search(mapped, expected[:3], 2, chunk_size=4)
+    assert rows[:, 0].tolist() == [0, 1, 2]
+    for kind in ("ivf", "hnsw"):
+        index = build_faiss_index(mapped, kind, nlist=2, storage="float16", chunk_size=5)
+        assert index.ntotal == len(cache) and index.search(expected[:2].numpy(), 1)[1][:, 0].tolist() == [0, 1]
 
 
 def test_refresh_follows_the_route(model, cache) -> None:
