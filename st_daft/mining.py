@@ -46,6 +46,7 @@ __all__ = [
     "INDEX_MODES",
     "NegativeStrategy",
     "parse_negatives",
+    "check_num_negatives",
     "NegativeMiner",
     "RefreshPolicy",
     "MiningStatistics",
@@ -84,6 +85,18 @@ def parse_negatives(spec: str | NegativeStrategy) -> NegativeStrategy:
         f"unknown negatives strategy {spec!r}: expected one of {', '.join(NEGATIVE_STRATEGIES)} "
         "(N: a positive number of steps between full re-embeddings of the corpus, e.g. refresh:100)"
     )
+
+
+def check_num_negatives(num_negatives: int, corpus_size: int) -> None:
+    """Refuse a number of mined negatives per query that the corpus cannot supply (call it before any stage trains;
+    :class:`NegativeMiner` calls it too)."""
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives (--num-negatives) must be at least 1, got {num_negatives}")
+    if num_negatives >= corpus_size:
+        raise ValueError(
+            f"num_negatives (--num-negatives) is {num_negatives} but the corpus has only {corpus_size} documents: "
+            f"at most {corpus_size - 1} negatives can be mined per query (one is its positive)"
+        )
 
 
 class MiningStatistics:
@@ -271,15 +284,8 @@ class NegativeMiner:
 
     def validate(self) -> None:
         """Refuse settings that cannot mine what they ask for, before any training step."""
-        if not self.strategy.mine:
-            return
-        if self.num_negatives < 1:
-            raise ValueError(f"num_negatives (--num-negatives) must be at least 1, got {self.num_negatives}")
-        if self.num_negatives >= len(self.cache):
-            raise ValueError(
-                f"num_negatives (--num-negatives) is {self.num_negatives} but the corpus has only {len(self.cache)} "
-                f"documents: at most {len(self.cache) - 1} negatives can be mined per query (one is its positive)"
-            )
+        if self.strategy.mine:
+            check_num_negatives(self.num_negatives, len(self.cache))
 
     # ------------------------------------------------------------------ setup
 
