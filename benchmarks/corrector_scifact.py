@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from st_daft.corrector import drift_loss, staleness_error  # noqa: E402
+from st_daft.corrector import staleness_error  # noqa: E402
 from st_daft.data import load_beir  # noqa: E402
 
 
@@ -68,7 +68,6 @@ def prepare(args: argparse.Namespace) -> None:
         logging_steps=50,
         seed=args.seed,
         report_to="none",
-        use_cpu=True,
     )
     started = time.perf_counter()
     SentenceTransformerTrainer(model=model, args=training_args, train_dataset=train.training_pairs(), loss=loss).train()
@@ -93,50 +92,49 @@ def prepare(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2))
 
 
-class ShadowCorrectorMiner:
-    """Trains a second corrector with the other drift loss on exactly the same observations (never used to mine),
-    to measure MSE against cosine in one run."""
+class ShadowCorrectorTrainers:
+    """A corrector trainer for the loss that also trains a second, shadow corrector with the other drift loss on
+    exactly the same observations (never used to mine), to measure MSE against cosine in one run. It composes two
+    public :class:`~st_daft.corrector.CorrectorTrainer` objects; the miner and the loss only see the first."""
 
-    def __init__(self, miner, drift: str) -> None:
-        from st_daft.corrector import CorrectorNetwork
+    def __init__(self, primary, drift: str) -> None:
+        from st_daft.corrector import CorrectorNetwork, CorrectorTrainer
 
-        self.miner, self.drift = miner, drift
-        self.corrector = CorrectorNetwork(**miner.corrector.config())
-        self.optimizer = torch.optim.Adam(self.corrector.parameters(), lr=miner.corrector_lr)
+        self.primary, self.drift = primary, drift
+        shadow_network = CorrectorNetwork(**primary.corrector.config())
+        self.shadow = CorrectorTrainer(
+            shadow_network, lr=primary.lr, steps=primary.steps, buffer=primary.buffer, drift_loss=drift
+        )
+        self.corrector = primary.corrector
         self.errors: list[float] = []
-        self._rows: list[torch.Tensor] = []
-        self._fresh: list[torch.Tensor] = []
-        self._buffer = (torch.zeros(0, dtype=torch.long), torch.zeros(0, miner.cache.dimension))
-        original_observe, original_train = miner.observe, miner.train_corrector
+        self._cache = None
 
-        def observe(rows, fresh):
-            known = rows >= 0
-            if bool(known.any()):
-                rows_known = rows[known].cpu()
-                fresh_known = fresh.detach()[known].float().cpu()
-                with torch.no_grad():
-                    corrected = self.corrector(miner.cache.float32(rows_known))
-                self.errors.append(staleness_error(corrected, fresh_known).mean().item())
-                self._rows.append(rows_known)
-                self._fresh.append(fresh_known)
-            return original_observe(rows, fresh)
+    def bind(self, cache) -> None:
+        self._cache = cache
 
-        def train_corrector():
-            if self._rows and miner.correcting:
-                rows = torch.cat([self._buffer[0], *self._rows])[
-                    -(miner.corrector_buffer + sum(map(len, self._rows))) :
-                ]
-                fresh = torch.cat([self._buffer[1], *self._fresh])[-len(rows) :]
-                self._buffer = (rows[-miner.corrector_buffer :], fresh[-miner.corrector_buffer :])
-                stale = miner.cache.float32(rows)
-                for _ in range(miner.corrector_steps):
-                    self.optimizer.zero_grad()
-                    drift_loss(self.corrector(stale), fresh, self.drift).backward()
-                    self.optimizer.step()
-            self._rows, self._fresh = [], []
-            return original_train()
+    def observe(self, rows: torch.Tensor, fresh: torch.Tensor) -> None:
+        known = rows >= 0
+        if bool(known.any()):
+            with torch.no_grad():
+                corrected = self.shadow.corrector(self._cache.float32(rows[known].cpu()))
+            self.errors.append(staleness_error(corrected, fresh.detach()[known].float().cpu()).mean().item())
+        self.primary.observe(rows, fresh)
+        self.shadow.observe(rows, fresh)
 
-        miner.observe, miner.train_corrector = observe, train_corrector
+    def step(self, cache):
+        self.shadow.step(cache)
+        return self.primary.step(cache)
+
+    def discard(self) -> None:
+        self.primary.discard()
+        self.shadow.discard()
+
+    def reset(self) -> None:
+        self.primary.reset()
+        self.shadow.reset()
+
+    def config(self):
+        return self.primary.config()
 
 
 def run(args: argparse.Namespace) -> None:
@@ -147,16 +145,20 @@ def run(args: argparse.Namespace) -> None:
     )
     from sentence_transformers.base.sampler import BatchSamplers
 
-    from st_daft.cache import StaleEmbeddingCache, embed_documents, route_fingerprint
+    from st_daft.cache import StaleEmbeddingCache, embed_documents
+    from st_daft.callbacks import LogStatisticsCallback, negative_mining_callbacks
+    from st_daft.corrector import CorrectorTrainer
     from st_daft.evaluation import evaluate_retrieval
-    from st_daft.mining import MinedNegativesLoss, NegativeMiner, NegativeMiningCallback, parse_negatives
+    from st_daft.fingerprint import route_fingerprint
+    from st_daft.losses import CollapseSafeContrastiveLoss, MinedNegativesLoss
+    from st_daft.mining import NegativeMiner, RefreshPolicy, parse_negatives
     from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, route_parameter_pattern
 
     work = Path(args.work)
     strategy = parse_negatives(args.strategy)
     train = load_beir(args.data, split="train")
     torch.manual_seed(args.seed)
-    model = SentenceTransformer(str(work / "aligned"), device="cpu")
+    model = SentenceTransformer(str(work / "aligned"))
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     cache = None
@@ -171,17 +173,24 @@ def run(args: argparse.Namespace) -> None:
             train.queries[qid]: [did for did, score in judged.items() if score > 0]
             for qid, judged in train.qrels.items()
         },
-        corrector_lr=args.corrector_lr,
-        corrector_steps=args.corrector_steps,
-        corrector_buffer=args.corrector_buffer,
-        drift_loss=args.drift_loss,
         encode_batch_size=32,
     )
-    shadow = None
+    corrector_trainer = shadow = None
     if miner.corrector is not None:
-        shadow = ShadowCorrectorMiner(miner, "cosine" if args.drift_loss == "mse" else "mse")
-    loss = MinedNegativesLoss(model, miner, scale=20.0, guard="variance")
-    callback = NegativeMiningCallback(miner)
+        primary = CorrectorTrainer(
+            miner.corrector,
+            lr=args.corrector_lr,
+            steps=args.corrector_steps,
+            buffer=args.corrector_buffer,
+            drift_loss=args.drift_loss,
+        )
+        corrector_trainer = shadow = ShadowCorrectorTrainers(primary, "cosine" if args.drift_loss == "mse" else "mse")
+        shadow.bind(cache)
+    refresh = RefreshPolicy(strategy.refresh_every) if strategy.refresh_every else None
+    loss = MinedNegativesLoss(
+        model, CollapseSafeContrastiveLoss(model, scale=20.0, guard="variance"), miner, corrector_trainer
+    )
+    callbacks = [*negative_mining_callbacks(miner, corrector_trainer, refresh), LogStatisticsCallback(loss)]
     training_args = SentenceTransformerTrainingArguments(
         output_dir=str(work / f"run-{args.strategy.replace(':', '-').replace('+', '-')}"),
         max_steps=args.steps,
@@ -195,17 +204,15 @@ def run(args: argparse.Namespace) -> None:
         logging_steps=4,
         seed=args.seed,
         report_to="none",
-        use_cpu=True,
     )
     trainer = SentenceTransformerTrainer(
-        model=model, args=training_args, train_dataset=train.training_pairs(), loss=loss, callbacks=[callback]
+        model=model, args=training_args, train_dataset=train.training_pairs(), loss=loss, callbacks=callbacks
     )
-    trainer.callback_handler.callbacks.remove(callback)
-    trainer.callback_handler.callbacks.insert(0, callback)
     started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - started
 
+    statistics = miner.statistics
     result = {
         "strategy": strategy.spec,
         "steps": args.steps,
@@ -214,13 +221,13 @@ def run(args: argparse.Namespace) -> None:
         "document_lr": args.document_lr,
         "query_lr": args.query_lr,
         "train_seconds": train_seconds,
-        "counts": dict(miner.counts),
-        "documents_encoded_training": miner.documents_encoded,
-        "num_refreshes": miner.num_refreshes,
-        "seconds": dict(miner.seconds),
-        "mining_overhead": miner.seconds["mining"] / max(1e-9, miner.seconds["steps"]),
-        "history": miner.history,
-        "config": miner.config(),
+        "counts": dict(statistics.counts),
+        "documents_encoded_training": statistics.documents_encoded,
+        "num_refreshes": statistics.num_refreshes,
+        "seconds": dict(statistics.seconds),
+        "mining_overhead": statistics.seconds["mining"] / max(1e-9, statistics.seconds["steps"]),
+        "history": statistics.history,
+        "config": {**miner.config(), **(corrector_trainer.config() if corrector_trainer is not None else {})},
     }
     if cache is not None and args.sample_documents > 0:
         # End of training, eval mode (no dropout): how stale is the cache, how good is h, on documents drawn from
@@ -236,7 +243,7 @@ def run(args: argparse.Namespace) -> None:
             with torch.no_grad():
                 result["final_sample_corrected_error"] = staleness_error(miner.corrector(stale), fresh).mean().item()
                 result[f"final_sample_corrected_error_{shadow.drift}"] = (
-                    staleness_error(shadow.corrector(stale), fresh).mean().item()
+                    staleness_error(shadow.shadow.corrector(stale), fresh).mean().item()
                 )
             result[f"shadow_{shadow.drift}_step_errors"] = shadow.errors
     if not args.skip_evaluation:

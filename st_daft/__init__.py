@@ -5,7 +5,15 @@ DAFT (Leonhardt, Jahnke & Anand 2022) so that it neither collapses nor drifts ou
 """
 
 from st_daft.cache import CacheMismatchError, StaleEmbeddingCache
-from st_daft.callbacks import CollapseStopCallback
+from st_daft.callbacks import (
+    CollapseStopCallback,
+    CorpusRefreshCallback,
+    MiningStepCallback,
+    ModelCardCallback,
+    NegativeMiningStateCallback,
+    NonFiniteLossCallback,
+    negative_mining_callbacks,
+)
 from st_daft.collapse import (
     CollapseEvaluator,
     collapse_statistics,
@@ -16,11 +24,17 @@ from st_daft.collapse import (
     per_dimension_std,
 )
 from st_daft.corpus_alignment import alignment_dataset, alignment_texts
-from st_daft.corrector import CorrectorNetwork, drift_loss, staleness_error
+from st_daft.corrector import CorrectorNetwork, CorrectorTrainer, drift_loss, staleness_error
 from st_daft.data import DataError, RetrievalData, load_beir, load_corpus, load_queries_file
 from st_daft.evaluation import evaluate_retrieval, to_mteb_task
-from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
-from st_daft.mining import MinedNegativesLoss, NegativeMiner, NegativeMiningCallback, NegativeStrategy, parse_negatives
+from st_daft.losses import (
+    CollapseSafeContrastiveLoss,
+    DAFTAlignmentLoss,
+    LabelFreeAlignmentLoss,
+    MinedNegativesLoss,
+    build_negative_mining,
+)
+from st_daft.mining import NegativeMiner, NegativeStrategy, RefreshPolicy, parse_negatives
 from st_daft.model import (
     DOCUMENT_ROUTE,
     QUERY_ROUTE,
@@ -59,13 +73,16 @@ __all__ = [
     "alignment_texts",
     "attach_model_card",
     "build_asymmetric_model",
+    "build_negative_mining",
     "CacheMismatchError",
     "collapse_statistics",
     "CollapseEvaluator",
     "CollapseStopCallback",
     "CollapseSafeContrastiveLoss",
+    "CorpusRefreshCallback",
     "CorrectorNetwork",
     "CorpusStage",
+    "CorrectorTrainer",
     "count_parameters",
     "DAFTAlignmentLoss",
     "DAFTConfig",
@@ -95,8 +112,12 @@ __all__ = [
     "load_queries_file",
     "mean_pairwise_cosine",
     "MinedNegativesLoss",
+    "MiningStepCallback",
+    "ModelCardCallback",
+    "negative_mining_callbacks",
     "NegativeMiner",
-    "NegativeMiningCallback",
+    "NegativeMiningStateCallback",
+    "NonFiniteLossCallback",
     "NegativeStrategy",
     "parse_negatives",
     "per_dimension_std",
@@ -105,6 +126,7 @@ __all__ = [
     "record_evaluation",
     "record_negatives",
     "record_stage",
+    "RefreshPolicy",
     "RetrievalData",
     "route_parameter_pattern",
     "set_route_trainable",

@@ -15,7 +15,6 @@ embeddings go stale; :mod:`st_daft.corrector` maps them towards the current rout
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -27,7 +26,10 @@ from sentence_transformers import SentenceTransformer
 from torch import Tensor
 
 from st_daft.distributed import embed_sharded
-from st_daft.model import DOCUMENT_ROUTE, get_route
+from st_daft.fingerprint import route_fingerprint
+from st_daft.index import build_faiss_index
+from st_daft.io import atomic_save_npy, atomic_write_json, read_json
+from st_daft.model import DOCUMENT_ROUTE
 
 if TYPE_CHECKING:
     from st_daft.store import DocumentEmbeddingStore
@@ -40,7 +42,6 @@ __all__ = [
     "route_fingerprint",
     "token_keys",
     "embed_documents",
-    "build_faiss_index",
 ]
 
 CACHE_FORMAT_VERSION = 1
@@ -51,24 +52,6 @@ KEYS_FILE = "token_keys.npy"
 
 class CacheMismatchError(ValueError):
     """The cache on disk does not belong to this model, corpus or configuration."""
-
-
-def route_fingerprint(model: SentenceTransformer, route: str = DOCUMENT_ROUTE) -> str:
-    """A digest of a route's parameters and buffers: equal fingerprints mean equal document embeddings."""
-    digest = hashlib.blake2b(digest_size=16)
-    try:
-        module = get_route(model, route)
-    except ValueError:  # a symmetric model: its only route
-        module = model
-    hash_module_state(digest, module)
-    return digest.hexdigest()
-
-
-def hash_module_state(digest: Any, module: torch.nn.Module) -> None:
-    """Feed a module's parameters and buffers (names and bytes, in name order) into a hashlib ``digest``."""
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
 
 
 def token_keys(features: dict[str, Any]) -> list[bytes]:
@@ -182,8 +165,8 @@ class StaleEmbeddingCache:
 
     def build_index(self, kind: str = "flat", embeddings: Tensor | None = None, **options: Any) -> Any:
         """A faiss inner-product index over the cache (or over ``embeddings``, e.g. corrected ones), see
-        :func:`build_faiss_index`."""
-        return build_faiss_index(self.float32() if embeddings is None else embeddings, kind, **options)
+        :func:`st_daft.index.build_faiss_index` (filled chunk by chunk: no float32 copy of a float16 cache)."""
+        return build_faiss_index(self.embeddings if embeddings is None else embeddings, kind, **options)
 
     @property
     def dimension(self) -> int:
@@ -216,11 +199,11 @@ class StaleEmbeddingCache:
         if self.folder is not None and self.folder.resolve() == folder.resolve():
             return  # a memory-mapped cache saved in place is already there
         (folder / METADATA_FILE).unlink(missing_ok=True)
-        _atomic_save_npy(folder / EMBEDDINGS_FILE, self.embeddings.numpy())
+        atomic_save_npy(folder / EMBEDDINGS_FILE, self.embeddings.numpy())
         self._write_keys_and_metadata(folder, _dtype_name(self.embeddings.dtype), len(self), self.dimension)
 
     def _write_keys_and_metadata(self, folder: Path, dtype: str, size: int, dimension: int) -> None:
-        _atomic_save_npy(folder / KEYS_FILE, np.frombuffer(b"".join(self.keys), dtype=np.uint8).reshape(-1, 16))
+        atomic_save_npy(folder / KEYS_FILE, np.frombuffer(b"".join(self.keys), dtype=np.uint8).reshape(-1, 16))
         metadata = {
             "format_version": CACHE_FORMAT_VERSION,
             "ids": self.ids,
@@ -229,9 +212,7 @@ class StaleEmbeddingCache:
             "size": size,
             "dtype": dtype,
         }
-        temporary = folder / (METADATA_FILE + ".tmp")
-        temporary.write_text(json.dumps(metadata))
-        temporary.replace(folder / METADATA_FILE)
+        atomic_write_json(folder / METADATA_FILE, metadata, indent=None)
 
     @classmethod
     def load(
@@ -247,7 +228,7 @@ class StaleEmbeddingCache:
         metadata_file = folder / METADATA_FILE
         if not metadata_file.is_file():
             raise CacheMismatchError(f"{folder} is not an st-daft embedding cache (no {METADATA_FILE})")
-        metadata = json.loads(metadata_file.read_text())
+        metadata = read_json(metadata_file, "cache metadata")
         if metadata.get("format_version") != CACHE_FORMAT_VERSION:
             raise CacheMismatchError(f"{folder}: cache format {metadata.get('format_version')}, expected 1")
         checks = (
@@ -260,10 +241,13 @@ class StaleEmbeddingCache:
                 raise CacheMismatchError(
                     f"{folder}: cache {key} {metadata[key]!r} != expected {expected!r} ({meaning})"
                 )
-        embeddings = np.load(folder / EMBEDDINGS_FILE, mmap_mode="c" if mmap else None)
+        embeddings = _load_npy(folder / EMBEDDINGS_FILE, mmap)
         if embeddings.shape != (metadata["size"], metadata["dimension"]):
-            raise CacheMismatchError(f"{folder}: embeddings shape {embeddings.shape} does not match its metadata")
-        keys_array = np.load(folder / KEYS_FILE)
+            raise CacheMismatchError(
+                f"{folder / EMBEDDINGS_FILE}: embeddings shape {embeddings.shape} does not match its metadata "
+                f"({metadata['size']} x {metadata['dimension']})"
+            )
+        keys_array = _load_npy(folder / KEYS_FILE, mmap=False)
         keys = [row.tobytes() for row in keys_array]
         with warnings.catch_warnings():  # a read-only memmap: torch warns that the tensor is not writable
             warnings.simplefilter("ignore", UserWarning)
@@ -297,43 +281,6 @@ def embed_documents(
     return embeddings.detach().to("cpu", torch.float32)
 
 
-def build_faiss_index(
-    embeddings: Tensor,
-    kind: str = "flat",
-    nlist: int | None = None,
-    nprobe: int = 16,
-    hnsw_m: int = 32,
-    ef_search: int = 128,
-    seed: int = 0,
-) -> Any:
-    """A faiss inner-product index over ``embeddings`` (rows are L2-normalised document embeddings).
-
-    ``kind``: ``"flat"`` (``IndexFlatIP``: exact, the default), ``"ivf"`` (``IndexIVFFlat``, ``nlist`` cells, default
-    about 4 sqrt(n), searched with ``nprobe``) or ``"hnsw"`` (``IndexHNSWFlat``, ``hnsw_m`` links, ``ef_search``).
-    """
-    try:
-        import faiss
-    except ImportError:  # pragma: no cover - faiss-cpu is a dependency
-        raise ImportError("a cache index needs faiss: pip install faiss-cpu") from None
-    matrix = np.ascontiguousarray(embeddings.detach().to("cpu", torch.float32).numpy())
-    dimension = matrix.shape[1]
-    if kind == "flat":
-        index = faiss.IndexFlatIP(dimension)
-    elif kind == "ivf":
-        cells = nlist or max(1, min(len(matrix) // 39, int(4 * len(matrix) ** 0.5)))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dimension), dimension, cells, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        index.train(matrix)
-        index.nprobe = min(nprobe, cells)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dimension, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = ef_search
-    else:
-        raise ValueError(f"unknown index kind {kind!r}: choose 'flat', 'ivf' or 'hnsw'")
-    index.add(matrix)
-    return index
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -365,7 +312,11 @@ def _write_memmap(
     return dimension
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    temporary = path.with_name(path.name + ".tmp.npy")
-    np.save(temporary, array)
-    temporary.replace(path)
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+    """``np.load`` naming the file when it is missing, truncated or not an .npy array."""
+    if not path.is_file():
+        raise CacheMismatchError(f"{path}: cache file not found")
+    try:
+        return np.load(path, mmap_mode="c" if mmap else None)
+    except (OSError, ValueError, EOFError) as error:
+        raise CacheMismatchError(f"{path}: cache file is truncated or corrupt ({error}); rebuild the cache") from None

@@ -12,15 +12,15 @@ cosine, against 0.158 for the raw stale cache, on 256 corpus documents in eval m
 overlap. MSE is the default: it also pulls the norm of ``h(stale)`` to that of the unit-length fresh embeddings, so
 ``h(cache)`` needs no re-normalisation to be scored like the fresh embeddings (the miner normalises anyway).
 
-The corrector is a side artefact of training: it is saved beside a checkpoint (:meth:`CorrectorNetwork.save`), never
-inside the SentenceTransformer, which keeps loading with plain ``SentenceTransformer(path)``.
+Two classes, one job each: :class:`CorrectorNetwork` is the map ``h``; :class:`CorrectorTrainer` owns its optimizer
+and replay buffer and turns the fresh embeddings a training step observed into drift-loss updates. The corrector is a
+side artefact of training: it is saved beside a checkpoint, never inside the SentenceTransformer, which keeps loading
+with plain ``SentenceTransformer(path)``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CorrectorNetwork", "drift_loss", "staleness_error", "CORRECTOR_CITATION"]
+from st_daft.distributed import all_reduce_gradients
+from st_daft.io import atomic_torch_save, atomic_write_json, read_json
+
+__all__ = [
+    "CorrectorNetwork",
+    "CorrectorTrainer",
+    "CorrectorFileError",
+    "drift_loss",
+    "staleness_error",
+    "CORRECTOR_CITATION",
+]
 
 CORRECTOR_CITATION = """
 @inproceedings{monath2024corrector,
@@ -43,6 +53,11 @@ CORRECTOR_CITATION = """
 
 CONFIG_FILE = "corrector_config.json"
 WEIGHTS_FILE = "corrector.pt"
+TRAINER_FILE = "corrector_trainer.pt"
+
+
+class CorrectorFileError(ValueError):
+    """A saved corrector file is missing, truncated, corrupt or belongs to another corrector configuration."""
 
 DriftLossName = Literal["mse", "cosine"]
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -102,6 +117,7 @@ class CorrectorNetwork(nn.Module):
                 layers.append(_ACTIVATIONS[activation]())
             layers.append(nn.Linear(width_in, width_out))
         self.mlp = nn.Sequential(*layers)
+        self.version = 0  # bumped on every change of the weights, so scorers know when h(cache) must be recomputed
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -111,6 +127,7 @@ class CorrectorNetwork(nn.Module):
                 module.reset_parameters()
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
+        self.version += 1
 
     def forward(self, embeddings: Tensor) -> Tensor:
         corrected = embeddings + self.mlp(embeddings)
@@ -132,15 +149,19 @@ class CorrectorNetwork(nn.Module):
             "normalize": self.normalize,
         }
 
+    @property
+    def is_linear(self) -> bool:
+        """Whether ``h(e) = e + We + b`` (depth 1, no normalisation): then ``q . h(e) = (q + W^T q) . e + q . b``."""
+        return self.depth == 1 and not self.normalize
+
     def save(self, folder: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Write the configuration, the weights and (optionally) the optimizer state into ``folder``, atomically."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        payload = {"state_dict": self.state_dict()}
+        payload: dict[str, Any] = {"state_dict": self.state_dict()}
         if optimizer is not None:
             payload["optimizer"] = optimizer.state_dict()
         atomic_torch_save(payload, folder / WEIGHTS_FILE)
-        atomic_write_text(folder / CONFIG_FILE, json.dumps(self.config(), indent=2))
+        atomic_write_json(folder / CONFIG_FILE, self.config())
 
     @classmethod
     def load(
@@ -151,7 +172,7 @@ class CorrectorNetwork(nn.Module):
         Use :meth:`load_into` to restore into an existing corrector (whose optimizer holds its parameters).
         """
         folder = Path(folder)
-        corrector = cls(**json.loads((folder / CONFIG_FILE).read_text()))
+        corrector = cls(**_read_config(folder))
         corrector.load_into(folder, optimizer, map_location)
         return corrector
 
@@ -160,33 +181,154 @@ class CorrectorNetwork(nn.Module):
     ) -> None:
         """Restore weights (and optimizer state) saved by :meth:`save` into this corrector, checking the config."""
         folder = Path(folder)
-        saved = json.loads((folder / CONFIG_FILE).read_text())
+        saved = _read_config(folder)
         if saved != self.config():
-            raise ValueError(f"{folder}: corrector configuration {saved} differs from this corrector's {self.config()}")
-        payload = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+            raise CorrectorFileError(
+                f"{folder}: corrector configuration {saved} differs from this corrector's {self.config()}"
+            )
+        payload = load_torch_file(folder / WEIGHTS_FILE, map_location)
         self.load_state_dict(payload["state_dict"])
         if optimizer is not None and "optimizer" in payload:
             optimizer.load_state_dict(payload["optimizer"])
+        self.version += 1
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then an atomic rename."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
+class CorrectorTrainer:
+    """Trains a :class:`CorrectorNetwork` online: its own Adam optimizer, a replay buffer, drift-loss updates.
+
+    A training step hands it the fresh (detached) embeddings of the cache rows it encoded anyway (:meth:`observe`);
+    at the end of the optimiser step :meth:`step` makes ``steps`` drift-loss updates of ``h(stale[rows])`` towards
+    them. With ``buffer > 0`` the updates also replay up to that many of the most recent earlier observations, which
+    steadies the corrector when steps encode few documents. After a full re-embedding of the corpus the drift starts
+    from zero again: :meth:`reset` returns ``h`` to the identity.
+
+    Args:
+        corrector: the network to train.
+        lr: learning rate of the Adam optimizer.
+        steps: optimizer steps per training step.
+        buffer: replayed earlier observations (0: only the current step's).
+        drift_loss: ``"mse"`` or ``"cosine"`` (see :func:`drift_loss`).
+    """
+
+    def __init__(
+        self,
+        corrector: CorrectorNetwork,
+        lr: float = 1e-3,
+        steps: int = 1,
+        buffer: int = 0,
+        drift_loss: DriftLossName = "mse",
+    ) -> None:
+        if drift_loss not in ("mse", "cosine"):
+            raise ValueError(f"unknown drift loss {drift_loss!r}: choose 'mse' or 'cosine'")
+        if steps < 1 or buffer < 0:
+            raise ValueError(f"corrector steps must be >= 1 and buffer >= 0, got {steps} and {buffer}")
+        self.corrector = corrector
+        self.lr = lr
+        self.steps = steps
+        self.buffer = buffer
+        self.drift_loss = drift_loss
+        self.optimizer = torch.optim.Adam(corrector.parameters(), lr=lr)
+        self._pending_rows: list[Tensor] = []
+        self._pending_fresh: list[Tensor] = []
+        self._buffer_rows = torch.zeros(0, dtype=torch.long)
+        self._buffer_fresh = torch.zeros(0, corrector.dimension)
+
+    @torch.no_grad()
+    def observe(self, rows: Tensor, fresh: Tensor) -> None:
+        """Record fresh embeddings of cache rows (rows < 0, texts not in the cache, are ignored) for the next step."""
+        known = rows >= 0
+        if not bool(known.any()):
+            return
+        self._pending_rows.append(rows[known].cpu())
+        self._pending_fresh.append(fresh.detach()[known.to(fresh.device)].to("cpu", torch.float32))
+
+    @property
+    def pending(self) -> int:
+        return sum(len(rows) for rows in self._pending_rows)
+
+    def discard(self) -> None:
+        """Drop the step's observations without training (e.g. while the cache is exact)."""
+        self._pending_rows, self._pending_fresh = [], []
+
+    def step(self, cache: Any) -> float | None:
+        """Drift-loss updates on the observations since the last call (plus the replay buffer); the last loss value.
+
+        ``cache``: the :class:`~st_daft.cache.StaleEmbeddingCache` the observed rows index.
+        """
+        if not self._pending_rows:
+            return None
+        rows, fresh = torch.cat(self._pending_rows), torch.cat(self._pending_fresh)
+        self.discard()
+        if self.buffer > 0:
+            rows = torch.cat([self._buffer_rows, rows])[-(self.buffer + len(rows)) :]
+            fresh = torch.cat([self._buffer_fresh, fresh])[-len(rows) :]
+            self._buffer_rows, self._buffer_fresh = rows[-self.buffer :], fresh[-self.buffer :]
+        device = next(self.corrector.parameters()).device
+        stale, fresh = cache.float32(rows).to(device), fresh.to(device)
+        was_training = self.corrector.training
+        self.corrector.train()
+        value = 0.0
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = drift_loss(self.corrector(stale), fresh, self.drift_loss)
+                loss.backward()
+                all_reduce_gradients(self.corrector)  # under torchrun every process takes the same update
+                self.optimizer.step()
+                value = float(loss.detach())
+        self.corrector.train(was_training)
+        self.corrector.version += 1
+        return value
+
+    def reset(self) -> None:
+        """Back to the identity with a fresh optimizer state and an empty buffer (after a corpus re-embedding)."""
+        self.corrector.reset_parameters()
+        self.optimizer.state.clear()
+        self.discard()
+        self._buffer_rows, self._buffer_fresh = self._buffer_rows[:0], self._buffer_fresh[:0]
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "corrector": self.corrector.config(),
+            "corrector_lr": self.lr,
+            "corrector_steps": self.steps,
+            "corrector_buffer": self.buffer,
+            "drift_loss": self.drift_loss,
+        }
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Corrector (weights, configuration, optimizer state) and replay buffer into ``folder``, each file atomic."""
+        folder = Path(folder)
+        self.corrector.save(folder, self.optimizer)
+        atomic_torch_save({"rows": self._buffer_rows, "fresh": self._buffer_fresh}, folder / TRAINER_FILE)
+
+    def load(self, folder: str | os.PathLike) -> None:
+        """Restore what :meth:`save` wrote; a missing, truncated or mismatched file is named in the error."""
+        folder = Path(folder)
+        self.corrector.load_into(folder, self.optimizer)
+        buffer = load_torch_file(folder / TRAINER_FILE)
+        self._buffer_rows, self._buffer_fresh = buffer["rows"], buffer["fresh"]
+        self.discard()
+
+
+def load_torch_file(path: Path, map_location: str = "cpu") -> dict[str, Any]:
+    """``torch.load`` (weights only) of a file st-daft wrote, naming the file when it is missing or unreadable."""
+    if not path.is_file():
+        raise CorrectorFileError(f"{path}: corrector file not found")
     try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError ... on a damaged file
+        raise CorrectorFileError(
+            f"{path}: corrector file is truncated or corrupt ({type(error).__name__}: {error}); "
+            "restore it from an earlier checkpoint or start the corrector afresh"
+        ) from None
+    if not isinstance(payload, dict):
+        raise CorrectorFileError(f"{path}: not a corrector file written by st-daft")
+    return payload
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+def _read_config(folder: Path) -> dict[str, Any]:
     try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        return read_json(folder / CONFIG_FILE, "corrector configuration")
+    except (FileNotFoundError, ValueError) as error:
+        raise CorrectorFileError(str(error)) from None

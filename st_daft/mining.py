@@ -1,72 +1,59 @@
-"""In-training hard-negative mining from a stale embedding cache, optionally corrected by a corrector network.
+"""Hard negatives from a (corrected) stale cache: which strategy, which rows, and when to re-embed the corpus.
 
-Three pieces, composed around sentence-transformers' trainer:
+- :func:`parse_negatives` / :class:`NegativeStrategy`: ``in-batch`` (no mining), ``stale`` (cache, no correction),
+  ``corrected`` (Monath et al. 2024: score ``h(cache)``), ``refresh:N`` (re-embed the corpus every N steps,
+  ANCE-style) and ``corrected+refresh:N``.
+- :class:`NegativeMiner`: scores a batch's detached query embeddings against the (corrected) cache and returns, per
+  query, the top rows that are no positive of the batch (the softmax shares every column) nor a known positive of
+  the query, optionally outside a margin below the positive's score. It *reads* the corrector (to score
+  ``normalize(h(cache))``) but never trains it (:class:`~st_daft.corrector.CorrectorTrainer` does).
+- :class:`RefreshPolicy`: when a ``refresh:N`` strategy re-embeds the corpus.
+- :class:`MiningStatistics`: documents encoded, staleness errors, positive rank and overhead, per step and per
+  logging interval.
 
-- :class:`NegativeMiner` owns the :class:`~st_daft.cache.StaleEmbeddingCache`, the corpus texts, the optional
-  :class:`~st_daft.corrector.CorrectorNetwork` with its own optimizer, and the accounting. Given a batch's detached
-  query embeddings and its positives' cache rows it scores the queries against ``h(cache)`` (an exact matmul for
-  small corpora, a faiss index over the corrected matrix rebuilt every ``index_refresh_every`` steps for large ones),
-  takes the top ``num_negatives`` rows that are no known positive of the query (nor any positive of the batch, since
-  the softmax shares every column), optionally drops candidates within ``margin`` of the positive's score, and
-  encodes just those documents fresh with the current document route.
-- :class:`MinedNegativesLoss`, a :class:`~st_daft.losses.CollapseSafeContrastiveLoss` (same InfoNCE through
-  ``MultipleNegativesRankingLoss.compute_loss_from_embeddings``, same collapse guard) that appends the mined negatives
-  as extra document columns and hands the fresh embeddings of every document it encoded (positives and negatives)
-  to the miner.
-- :class:`NegativeMiningCallback`, a ``transformers.TrainerCallback`` that trains the corrector on those fresh
-  embeddings at the end of each optimiser step (drift loss between ``h(stale[rows])`` and the detached fresh
-  embeddings), re-embeds the corpus every N steps for the ``refresh:N`` strategies, merges the accounting into the
-  trainer's logs, and saves/restores cache, corrector and corrector optimizer in every checkpoint.
-
-Strategies (:func:`parse_negatives`): ``in-batch`` (no mining), ``stale`` (cache, no correction), ``corrected``
-(Monath et al. 2024), ``refresh:N`` (re-embed the corpus every N steps, ANCE-style) and ``corrected+refresh:N``.
+The forward pass of the mined documents and the corrector's observations happen in
+:class:`~st_daft.losses.MinedNegativesLoss`; the per-step work and checkpoints in
+:mod:`st_daft.callbacks.negative_mining`.
 
 While the document route is frozen and the cache's fingerprint matches it, the cache is exact: the miner then scores
-the raw cache and neither trains nor applies the corrector.
+the raw cache and the corrector is neither applied nor trained.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import shutil
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.base.losses.merged_forward import embed_columns
-from sentence_transformers.util import batch_to_device
 from torch import Tensor
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from st_daft.cache import CacheMismatchError, StaleEmbeddingCache, token_keys
-from st_daft.corrector import CORRECTOR_CITATION, CorrectorNetwork, atomic_write_text, drift_loss, staleness_error
-from st_daft.distributed import all_reduce_gradients, broadcast_parameters
-from st_daft.losses.collapse_safe import CollapseSafeContrastiveLoss
-from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, get_route
+from st_daft.corrector import CorrectorNetwork
+from st_daft.fingerprint import route_fingerprint
+from st_daft.index import build_faiss_index, corrected_matrix, query_side_queries
+from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, has_route, route_or_model
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "NEGATIVE_STRATEGIES",
+    "INDEX_MODES",
     "NegativeStrategy",
     "parse_negatives",
+    "check_num_negatives",
     "NegativeMiner",
-    "MinedNegativesLoss",
-    "NegativeMiningCallback",
-    "NEGATIVE_STRATEGIES",
+    "RefreshPolicy",
+    "MiningStatistics",
 ]
 
 NEGATIVE_STRATEGIES = ("in-batch", "stale", "corrected", "refresh:N", "corrected+refresh:N")
-CHECKPOINT_FOLDER = "negative_mining"
-STATE_FILE = "miner_state.json"
-CACHE_REFERENCE_FILE = "cache_reference.json"
+INDEX_MODES = ("exact", "flat", "ivf", "hnsw", "query-side", "two-step")
 _REFRESH = re.compile(r"^(corrected\+)?refresh:(\d+)$")
 
 
@@ -100,28 +87,143 @@ def parse_negatives(spec: str | NegativeStrategy) -> NegativeStrategy:
     )
 
 
+def check_num_negatives(num_negatives: int, corpus_size: int) -> None:
+    """Refuse a number of mined negatives per query that the corpus cannot supply (call it before any stage trains;
+    :class:`NegativeMiner` calls it too)."""
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives (--num-negatives) must be at least 1, got {num_negatives}")
+    if num_negatives >= corpus_size:
+        raise ValueError(
+            f"num_negatives (--num-negatives) is {num_negatives} but the corpus has only {corpus_size} documents: "
+            f"at most {corpus_size - 1} negatives can be mined per query (one is its positive)"
+        )
+
+
+class MiningStatistics:
+    """Accounting of negative mining: per-step averages (``history``), per-logging-interval averages, running counts.
+
+    ``counts``: documents encoded by the loss's own columns (``loss_documents``), mined negatives encoded fresh
+    (``negatives``) and corpus re-embeddings (``refresh``); ``seconds``: time spent mining, encoding negatives,
+    training the corrector, refreshing, and in whole training steps (the overhead is their ratio).
+    """
+
+    def __init__(self) -> None:
+        self.counts = {"loss_documents": 0, "negatives": 0, "refresh": 0}
+        self.seconds = {"mining": 0.0, "negative_encoding": 0.0, "corrector": 0.0, "refresh": 0.0, "steps": 0.0}
+        self.num_refreshes = 0
+        self.history: list[dict[str, float]] = []
+        self._step_sums: dict[str, float] = {}
+        self._step_counts: dict[str, int] = {}
+        self._log_sums: dict[str, float] = {}
+        self._log_counts: dict[str, int] = {}
+        self._log_seconds = {"mining": 0.0, "steps": 0.0}
+        self._new_steps = 0
+
+    @property
+    def documents_encoded(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, name: str, total: float, count: int = 1) -> None:
+        """Add ``total`` over ``count`` items to this step's average of ``name``."""
+        self._step_sums[name] = self._step_sums.get(name, 0.0) + total
+        self._step_counts[name] = self._step_counts.get(name, 0) + count
+
+    def time(self, name: str, seconds: float, overhead: bool = True) -> None:
+        self.seconds[name] += seconds
+        if overhead and name != "mining":
+            self.seconds["mining"] += seconds
+        if overhead:
+            self._log_seconds["mining"] += seconds
+
+    def end_step(self, step: int, step_seconds: float = 0.0) -> dict[str, float]:
+        """Close a training step: its averages join the history and the current logging interval."""
+        self.seconds["steps"] += step_seconds
+        self._log_seconds["steps"] += step_seconds
+        entry: dict[str, float] = {"step": float(step)}
+        for name, total in self._step_sums.items():
+            entry[name] = total / max(1, self._step_counts[name])
+        for name, value in entry.items():
+            if name != "step":
+                self._log_sums[name] = self._log_sums.get(name, 0.0) + value
+                self._log_counts[name] = self._log_counts.get(name, 0) + 1
+        self._step_sums, self._step_counts = {}, {}
+        self._new_steps += 1
+        if len(entry) > 1:
+            self.history.append(entry)
+        return entry
+
+    def pop_logging_statistics(self) -> dict[str, float]:
+        """``mining_*`` averages since the last call and the running counts; empty when no step closed since."""
+        if not self._new_steps:
+            return {}
+        statistics = {
+            f"mining_{name}": total / max(1, self._log_counts[name]) for name, total in self._log_sums.items()
+        }
+        statistics.update({f"mining_encoded_{name}": float(count) for name, count in self.counts.items()})
+        statistics["mining_encoded_total"] = float(self.documents_encoded)
+        statistics["mining_refreshes"] = float(self.num_refreshes)
+        if self._log_seconds["steps"] > 0:
+            statistics["mining_overhead"] = self._log_seconds["mining"] / self._log_seconds["steps"]
+        self._log_sums, self._log_counts, self._new_steps = {}, {}, 0
+        self._log_seconds = {"mining": 0.0, "steps": 0.0}
+        return statistics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "counts": dict(self.counts),
+            "seconds": dict(self.seconds),
+            "num_refreshes": self.num_refreshes,
+            "history": [dict(entry) for entry in self.history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.counts = {key: int(value) for key, value in state["counts"].items()}
+        self.seconds = {key: float(value) for key, value in state["seconds"].items()}
+        self.num_refreshes = int(state["num_refreshes"])
+        self.history = [dict(entry) for entry in state["history"]]
+
+
+@dataclass
+class RefreshPolicy:
+    """Re-embed the corpus every ``every`` completed steps (``refresh:N``); ``None`` never."""
+
+    every: int | None = None
+    last_step: int = 0
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step > 0 and step % self.every == 0 and step != self.last_step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"every": self.every, "last_step": self.last_step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.last_step = int(state["last_step"])
+
+
 class NegativeMiner:
-    """Mines hard negatives from a (corrected) stale cache and keeps the corrector and the accounting.
+    """Scores the (corrected) cache and returns each query's admissible hard-negative rows.
 
     Args:
         cache: embeddings of the corpus from the document route; may be None for ``"in-batch"`` (counting only).
         corpus: document id -> text, for every id of the cache (the texts encoded fresh and re-embedded).
         strategy: see :func:`parse_negatives`.
-        num_negatives: mined negatives per query (fewer when a query has fewer admissible candidates).
+        num_negatives: mined negatives per query (fewer when a query has fewer admissible candidates); must be
+            below the corpus size.
         query_positives: query text -> ids of its relevant documents, all kept out of that query's negatives
             (the batch's own positives are always kept out).
         margin: also drop candidates whose score is above ``positive score - margin`` (likely false negatives).
-        corrector: the corrector network; default a :class:`CorrectorNetwork` of ``corrector_depth`` layers of
-            width ``corrector_hidden`` for the correcting strategies.
-        corrector_lr: learning rate of the corrector's own Adam optimizer.
-        corrector_steps: optimizer steps on each training step's fresh embeddings.
-        corrector_buffer: also train on up to this many of the most recent earlier observations (0: only the
-            current step's), a replay buffer that steadies the corrector when steps encode few documents.
-        drift_loss: ``"mse"`` or ``"cosine"`` (see :func:`~st_daft.corrector.drift_loss`).
-        index: ``None`` (exact matmul up to ``exact_limit`` rows, else ``"flat"``), ``"exact"``, or a faiss index
-            kind: ``"flat"`` (``IndexFlatIP``), ``"ivf"`` or ``"hnsw"``; a faiss index is built over the (corrected)
-            matrix and rebuilt every ``index_refresh_every`` steps.
-        index_options: options of :func:`~st_daft.cache.build_faiss_index` (``nlist``, ``nprobe``, ``hnsw_m`` ...).
+        corrector: the corrector network whose ``normalize(h(cache))`` is scored for the correcting strategies;
+            default a 2-layer :class:`~st_daft.corrector.CorrectorNetwork`. Train it with a
+            :class:`~st_daft.corrector.CorrectorTrainer`.
+        index: ``None`` (exact matmul up to ``exact_limit`` rows, else ``"flat"``), ``"exact"``, a faiss index kind
+            (``"flat"``, ``"ivf"``, ``"hnsw"``: built over the (corrected) matrix and rebuilt every
+            ``index_refresh_every`` steps while correcting), ``"query-side"`` (a stale faiss index searched with
+            linearly corrected queries ``q + W^T q``, never rebuilt; needs a linear corrector, ranks by the
+            unnormalised ``q . h(e)``) or ``"two-step"`` (a shortlist of ``shortlist`` rows from the stale index
+            searched with the query-side correction of ``h``'s least-squares linear part, re-ranked exactly by
+            ``q . normalize(h(stale[rows]))``).
+        index_options: options of :func:`~st_daft.index.build_faiss_index` (``nlist``, ``nprobe``, ``hnsw_m`` ...)
+            and, for the query-side modes, ``base`` (the stale index kind, default ``"flat"``).
         encode_batch_size: batch size of full-corpus re-embeddings (``refresh:N``).
     """
 
@@ -134,38 +236,26 @@ class NegativeMiner:
         query_positives: Mapping[str, Iterable[str]] | None = None,
         margin: float | None = None,
         corrector: CorrectorNetwork | None = None,
-        corrector_hidden: int | None = None,
-        corrector_depth: int = 2,
-        corrector_lr: float = 1e-3,
-        corrector_steps: int = 1,
-        corrector_buffer: int = 0,
-        drift_loss: str = "mse",
         index: str | None = None,
         exact_limit: int = 100_000,
         index_refresh_every: int = 50,
         index_options: dict[str, Any] | None = None,
+        shortlist: int = 256,
         encode_batch_size: int = 64,
     ) -> None:
         self.strategy = parse_negatives(strategy)
         if self.strategy.mine and (cache is None or corpus is None):
             raise ValueError(f"negatives strategy {self.strategy.spec!r} needs a cache and the corpus texts")
-        if num_negatives < 1 and self.strategy.mine:
-            raise ValueError(f"num_negatives must be at least 1, got {num_negatives}")
-        if drift_loss not in ("mse", "cosine"):
-            raise ValueError(f"unknown drift loss {drift_loss!r}: choose 'mse' or 'cosine'")
-        if index not in (None, "exact", "flat", "ivf", "hnsw"):
-            raise ValueError(f"unknown index {index!r}: choose None, 'exact', 'flat', 'ivf' or 'hnsw'")
+        if index not in (None, *INDEX_MODES):
+            raise ValueError(f"unknown index {index!r}: choose None, {', '.join(map(repr, INDEX_MODES))}")
         self.cache = cache
         self.num_negatives = num_negatives
         self.margin = margin
-        self.drift_loss = drift_loss
-        self.corrector_steps = corrector_steps
-        self.corrector_buffer = corrector_buffer
-        self._buffer_rows = torch.zeros(0, dtype=torch.long)
-        self._buffer_fresh = torch.zeros(0, cache.dimension if cache is not None else 0)
+        self.validate()
         self.index_kind = index or ("exact" if cache is None or len(cache) <= exact_limit else "flat")
         self.index_refresh_every = max(1, index_refresh_every)
         self.index_options = dict(index_options or {})
+        self.shortlist = shortlist
         self.encode_batch_size = encode_batch_size
         self.texts: list[str] = []
         if cache is not None and corpus is not None:
@@ -175,37 +265,27 @@ class NegativeMiner:
             self.texts = [corpus[doc_id] for doc_id in cache.ids]
         self.query_positives = {query: list(ids) for query, ids in (query_positives or {}).items()}
         self._rows_of_query_key: dict[bytes, set[int]] = {}
-
         self.corrector: CorrectorNetwork | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.corrector_lr = corrector_lr
+        self.exact = False  # the cache equals the current document route (frozen route, same fingerprint)
         if self.strategy.correct:
-            self.corrector = corrector or CorrectorNetwork(
-                cache.dimension, hidden=corrector_hidden, depth=corrector_depth
-            )
+            self.corrector = corrector or CorrectorNetwork(cache.dimension)
             if self.corrector.dimension != cache.dimension:
                 raise ValueError(f"corrector dimension {self.corrector.dimension} != cache dimension {cache.dimension}")
-            self.optimizer = torch.optim.Adam(self.corrector.parameters(), lr=corrector_lr)
-
-        self.exact = False  # the cache equals the current document route (frozen route, same fingerprint)
-        self.counts = {"loss_documents": 0, "negatives": 0, "refresh": 0}
-        self.seconds = {"mining": 0.0, "negative_encoding": 0.0, "corrector": 0.0, "refresh": 0.0, "steps": 0.0}
-        self.num_refreshes = 0
-        self.last_refresh_step = 0
-        self.history: list[dict[str, float]] = []
-        self._pending_rows: list[Tensor] = []
-        self._pending_fresh: list[Tensor] = []
-        self._step_sums: dict[str, float] = {}
-        self._step_counts: dict[str, int] = {}
-        self._log_sums: dict[str, float] = {}
-        self._log_counts: dict[str, int] = {}
-        self._log_seconds = {"mining": 0.0, "steps": 0.0}
+        if self.index_kind == "query-side" and self.correcting and not self.corrector.is_linear:
+            raise ValueError("index='query-side' needs a linear corrector: CorrectorNetwork(dimension, depth=1)")
+        self.statistics = MiningStatistics()
         self._matrix: Tensor | None = None
-        self._matrix_version = -1
-        self._corrector_version = 0
+        self._matrix_version: Any = None
         self._index: Any = None
+        self._index_version: Any = None
         self._index_step = -1
-        self._step = 0
+        self._linear_part: tuple[Any, Tensor] | None = None
+        self.step = 0
+
+    def validate(self) -> None:
+        """Refuse settings that cannot mine what they ask for, before any training step."""
+        if self.strategy.mine:
+            check_num_negatives(self.num_negatives, len(self.cache))
 
     # ------------------------------------------------------------------ setup
 
@@ -214,7 +294,7 @@ class NegativeMiner:
         if self.cache is None or not self.query_positives:
             return
         queries = list(self.query_positives)
-        task = QUERY_ROUTE if _has_route(model, QUERY_ROUTE) else None
+        task = QUERY_ROUTE if has_route(model, QUERY_ROUTE) else None
         self._rows_of_query_key = {}
         for start in range(0, len(queries), 1024):
             chunk = queries[start : start + 1024]
@@ -227,12 +307,30 @@ class NegativeMiner:
                 }
                 self._rows_of_query_key.setdefault(key, set()).update(rows)
 
+    def check_cache(self, model: SentenceTransformer) -> None:
+        """Refuse, at the start of a run, a cache that another document encoder built (fingerprint or dimension)."""
+        if self.cache is None:
+            return
+        dimension = model.get_embedding_dimension()
+        if dimension is not None and dimension != self.cache.dimension:
+            raise CacheMismatchError(
+                f"the cache holds {self.cache.dimension}-d embeddings, the model's document route gives {dimension}-d"
+            )
+        current = route_fingerprint(model, DOCUMENT_ROUTE)
+        if current != self.cache.fingerprint:
+            where = f" (saved in {self.cache.folder})" if self.cache.folder is not None else ""
+            raise CacheMismatchError(
+                f"the negative-mining cache{where} was built by another document encoder: fingerprint "
+                f"{self.cache.fingerprint} != {current} of this model's document route; rebuild it with "
+                "StaleEmbeddingCache.build(model, corpus)"
+            )
+
     def check_exact(self, model: SentenceTransformer) -> bool:
         """Whether the cache is exact for ``model``: the document route is frozen and has the cache's fingerprint."""
         if self.cache is None:
             self.exact = False
             return False
-        module = get_route(model, DOCUMENT_ROUTE) if _has_route(model, DOCUMENT_ROUTE) else model
+        module = route_or_model(model, DOCUMENT_ROUTE)
         trainable = any(parameter.requires_grad for parameter in module.parameters())
         self.exact = (not trainable) and self.cache.is_current(model)
         if not trainable and not self.exact:
@@ -245,32 +343,57 @@ class NegativeMiner:
 
     # ------------------------------------------------------------------ scoring
 
+    def _version(self) -> Any:
+        return (id(self.cache.embeddings), self.corrector.version if self.correcting else None)
+
     def scoring_matrix(self) -> Tensor:
         """The matrix the queries are scored against: ``normalize(h(cache))`` when correcting, else the cache."""
-        version = self._corrector_version if self.correcting else -2
-        if self._matrix is None or self._matrix_version != version:
+        if self._matrix is None or self._matrix_version != self._version():
             if self.correcting:
-                self._matrix = F.normalize(self.corrector.correct(self.cache.embeddings), dim=1)
+                self._matrix = corrected_matrix(self.cache.embeddings, self.corrector)
             else:
                 self._matrix = self.cache.float32()
-            self._matrix_version = version
+            self._matrix_version = self._version()
         return self._matrix
 
-    def _scoring_index(self) -> Any:
-        stale = self._index is None or (self.correcting and self._step - self._index_step >= self.index_refresh_every)
-        if stale:
-            matrix = self.scoring_matrix() if self.correcting else None
-            self._index = self.cache.build_index(self.index_kind, embeddings=matrix, **self.index_options)
-            self._index_step = self._step
-        return self._index
-
-    def _row_vectors(self, rows: Tensor) -> Tensor:
+    def row_vectors(self, rows: Tensor) -> Tensor:
         """Scoring vectors of some rows: ``normalize(h(stale))`` or the stale rows."""
         stale = self.cache.float32(rows)
         if not self.correcting:
             return stale
         with torch.no_grad():
-            return F.normalize(self.corrector(stale.to(next(self.corrector.parameters()).device)).cpu(), dim=1)
+            parameter = next(self.corrector.parameters())
+            return F.normalize(self.corrector(stale.to(parameter.device)).cpu(), dim=1)
+
+    def _query_side(self) -> bool:
+        return self.index_kind in ("query-side", "two-step")
+
+    def _scoring_index(self) -> Any:
+        """The faiss index searched: over the stale cache (query-side modes, never rebuilt) or over the scoring
+        matrix (rebuilt every ``index_refresh_every`` steps while correcting, and after a refresh)."""
+        options = {key: value for key, value in self.index_options.items() if key != "base"}
+        if self._query_side():
+            if self._index is None or self._index_version != id(self.cache.embeddings):
+                kind = self.index_options.get("base", "flat")
+                self._index = build_faiss_index(self.cache.embeddings, kind, **options)
+                self._index_version = id(self.cache.embeddings)
+            return self._index
+        due = self.correcting and self.step - self._index_step >= self.index_refresh_every
+        if self._index is None or self._index_version != id(self.cache.embeddings) or due:
+            self._index = build_faiss_index(self.scoring_matrix(), self.index_kind, **options)
+            self._index_version = id(self.cache.embeddings)
+            self._index_step = self.step
+        return self._index
+
+    def _corrected_queries(self, queries: Tensor) -> Tensor:
+        """Query-side correction: the corrector's own ``W`` when linear, else its least-squares linear part."""
+        if not self.correcting:
+            return queries
+        if self.corrector.is_linear:
+            return query_side_queries(self.corrector, queries)
+        if self._linear_part is None or self._linear_part[0] != self._version():
+            self._linear_part = (self._version(), linear_part(self.corrector, self.cache))
+        return queries + queries @ self._linear_part[1]
 
     @torch.no_grad()
     def mine(self, query_embeddings: Tensor, positive_rows: Tensor, query_keys: list[bytes] | None = None) -> Tensor:
@@ -291,414 +414,97 @@ class NegativeMiner:
         valid_positive = positive_rows >= 0
         positive_scores = torch.full((batch,), float("nan"))
         if bool(valid_positive.any()):
-            vectors = self._row_vectors(positive_rows[valid_positive])
+            vectors = self.row_vectors(positive_rows[valid_positive])
             positive_scores[valid_positive] = (queries[valid_positive] * vectors).sum(dim=1)
 
         if self.index_kind == "exact":
-            scores = queries @ self.scoring_matrix().T
-            for index, rows in enumerate(excluded):
-                if rows:
-                    scores[index, list(rows)] = -torch.inf
-            if self.margin is not None:
-                limit = (positive_scores - self.margin).unsqueeze(1)
-                scores[torch.isfinite(limit).expand_as(scores) & (scores > limit)] = -torch.inf
-            available = int(torch.isfinite(scores).sum(dim=1).min())
-            k = min(self.num_negatives, available)
-            top_scores, top_rows = scores.topk(k, dim=1) if k > 0 else (scores[:, :0], scores[:, :0].long())
+            top_scores, top_rows = self._mine_exact(queries, excluded, positive_scores)
         else:
-            extra = max(len(rows) for rows in excluded) if excluded else 0
-            depth = min(len(self.cache), self.num_negatives + extra + (4 * self.num_negatives if self.margin else 0))
-            found_scores, found_rows = self._scoring_index().search(queries.numpy(), depth)
-            picked_rows, picked_scores = [], []
-            for index in range(batch):
-                rows, values = [], []
-                for row, score in zip(found_rows[index].tolist(), found_scores[index].tolist()):
-                    if row < 0 or row in excluded[index]:
-                        continue
-                    if self.margin is not None and score > float(positive_scores[index]) - self.margin:
-                        continue
-                    rows.append(row)
-                    values.append(score)
-                picked_rows.append(rows[: self.num_negatives])
-                picked_scores.append(values[: self.num_negatives])
-            k = min(len(rows) for rows in picked_rows)
-            top_rows = torch.tensor([rows[:k] for rows in picked_rows], dtype=torch.long).reshape(batch, k)
-            top_scores = torch.tensor([values[:k] for values in picked_scores]).reshape(batch, k)
-
+            top_scores, top_rows = self._mine_index(queries, excluded, positive_scores)
+        k = top_rows.shape[1]
         if k > 0 and bool(valid_positive.any()):
             # 1 = the positive outscores every mined negative; k + 1 = every mined negative outscores it.
             rank = 1 + (top_scores[valid_positive] > positive_scores[valid_positive].unsqueeze(1)).sum(dim=1)
-            self._add_step("positive_rank", rank.float().sum().item(), int(rank.numel()))
-        self.seconds["mining"] += time.perf_counter() - started
-        self._log_seconds["mining"] += time.perf_counter() - started
+            self.statistics.add("positive_rank", rank.float().sum().item(), int(rank.numel()))
+        self.statistics.time("mining", time.perf_counter() - started)
         return top_rows
 
-    # ------------------------------------------------------------------ encoding and observation
+    def _mine_exact(self, queries: Tensor, excluded: list[set[int]], positive_scores: Tensor) -> tuple[Tensor, Tensor]:
+        scores = queries @ self.scoring_matrix().T
+        for index, rows in enumerate(excluded):
+            if rows:
+                scores[index, list(rows)] = -torch.inf
+        if self.margin is not None:
+            limit = (positive_scores - self.margin).unsqueeze(1)
+            scores[torch.isfinite(limit).expand_as(scores) & (scores > limit)] = -torch.inf
+        k = min(self.num_negatives, int(torch.isfinite(scores).sum(dim=1).min()))
+        return scores.topk(k, dim=1) if k > 0 else (scores[:, :0], scores[:, :0].long())
 
-    def encode_rows(self, model: SentenceTransformer, rows: Tensor) -> Tensor:
-        """Fresh document-route embeddings (with gradient) of cache rows: tokenise, then forward through ``model``."""
-        texts = [self.texts[row] for row in rows.tolist()]
-        task = DOCUMENT_ROUTE if _has_route(model, DOCUMENT_ROUTE) else None
-        features = model.preprocess(texts, task=task) if task else model.preprocess(texts)
-        features = batch_to_device(features, model.device)
-        return model(features)["sentence_embedding"]
+    def _mine_index(self, queries: Tensor, excluded: list[set[int]], positive_scores: Tensor) -> tuple[Tensor, Tensor]:
+        extra = max(len(rows) for rows in excluded) if excluded else 0
+        depth = self.num_negatives + extra + (4 * self.num_negatives if self.margin else 0)
+        if self.index_kind == "two-step":
+            depth = max(depth, self.shortlist)
+        depth = min(len(self.cache), depth)
+        search_queries = self._corrected_queries(queries) if self._query_side() else queries
+        found_scores, found_rows = self._scoring_index().search(search_queries.numpy(), depth)
+        found_scores, found_rows = torch.from_numpy(found_scores), torch.from_numpy(found_rows).long()
+        if self.index_kind == "two-step":  # exact re-rank of the shortlist by q . normalize(h(stale[rows]))
+            vectors = self.row_vectors(found_rows.clamp(min=0).flatten()).reshape(*found_rows.shape, -1)
+            found_scores = torch.einsum("bd,bkd->bk", queries, vectors).masked_fill(found_rows < 0, -torch.inf)
+            found_scores, order = found_scores.sort(dim=1, descending=True)
+            found_rows = found_rows.gather(1, order)
+        picked_rows, picked_scores = [], []
+        for index in range(len(queries)):
+            rows, values = [], []
+            for row, score in zip(found_rows[index].tolist(), found_scores[index].tolist()):
+                if row < 0 or row in excluded[index]:
+                    continue
+                if self.margin is not None and score > float(positive_scores[index]) - self.margin:
+                    continue
+                rows.append(row)
+                values.append(score)
+            picked_rows.append(rows[: self.num_negatives])
+            picked_scores.append(values[: self.num_negatives])
+        k = min(len(rows) for rows in picked_rows)
+        top_rows = torch.tensor([rows[:k] for rows in picked_rows], dtype=torch.long).reshape(len(queries), k)
+        top_scores = torch.tensor([values[:k] for values in picked_scores]).reshape(len(queries), k)
+        return top_scores, top_rows
 
-    def mine_and_encode(
-        self,
-        model: SentenceTransformer,
-        query_features: dict[str, Any],
-        query_embeddings: Tensor,
-        positive_features: dict[str, Any],
-        positive_embeddings: Tensor,
-    ) -> list[Tensor]:
-        """Mine, encode the unique mined documents fresh, observe every fresh document; ``k`` columns ``(batch, d)``."""
-        positive_rows = self.cache.rows_for_features(positive_features)
-        rows = self.mine(query_embeddings, positive_rows, token_keys(query_features))
-        self.observe(positive_rows, positive_embeddings)
-        if rows.numel() == 0:
-            return []
-        unique, inverse = torch.unique(rows, return_inverse=True)
-        started = time.perf_counter()
-        fresh = self.encode_rows(model, unique)
-        self.seconds["negative_encoding"] += time.perf_counter() - started
-        self.counts["negatives"] += int(unique.numel())
-        self.observe(unique, fresh)
-        return [fresh[inverse[:, column]] for column in range(rows.shape[1])]
+    # ------------------------------------------------------------------ corpus refresh
 
-    def count_loss_documents(self, count: int) -> None:
-        """Count the document texts the loss's own columns encoded (positives and given negatives)."""
-        self.counts["loss_documents"] += int(count)
-
-    @torch.no_grad()
-    def observe(self, rows: Tensor, fresh: Tensor) -> None:
-        """Record fresh embeddings of cache rows (-1 rows are ignored): errors now, corrector targets at step end."""
-        if self.cache is None:
-            return
-        known = rows >= 0
-        if not bool(known.any()):
-            return
-        rows, fresh = rows[known].cpu(), fresh.detach()[known.to(fresh.device)].to("cpu", torch.float32)
-        stale = self.cache.float32(rows)
-        self._add_step("stale_error", staleness_error(stale, fresh).sum().item(), len(rows))
-        if self.corrector is not None:
-            corrected = self.corrector(stale.to(next(self.corrector.parameters()).device)).cpu()
-            self._add_step("corrected_error", staleness_error(corrected, fresh).sum().item(), len(rows))
-        self._pending_rows.append(rows)
-        self._pending_fresh.append(fresh)
-
-    def _add_step(self, name: str, total: float, count: int) -> None:
-        self._step_sums[name] = self._step_sums.get(name, 0.0) + total
-        self._step_counts[name] = self._step_counts.get(name, 0) + count
-
-    # ------------------------------------------------------------------ per-step work (called by the callback)
-
-    def train_corrector(self) -> float | None:
-        """Drift-loss updates of the corrector on the fresh embeddings observed since the last call."""
-        if not self.correcting or not self._pending_rows:
-            return None
-        rows, fresh = torch.cat(self._pending_rows), torch.cat(self._pending_fresh)
-        if self.corrector_buffer > 0:
-            rows = torch.cat([self._buffer_rows, rows])[-(self.corrector_buffer + len(rows)) :]
-            fresh = torch.cat([self._buffer_fresh, fresh])[-len(rows) :]
-            self._buffer_rows, self._buffer_fresh = rows[-self.corrector_buffer :], fresh[-self.corrector_buffer :]
-        device = next(self.corrector.parameters()).device
-        stale, fresh = self.cache.float32(rows).to(device), fresh.to(device)
-        was_training = self.corrector.training
-        self.corrector.train()
-        value = 0.0
-        with torch.enable_grad():
-            for _ in range(self.corrector_steps):
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = drift_loss(self.corrector(stale), fresh, self.drift_loss)
-                loss.backward()
-                all_reduce_gradients(self.corrector)  # one corrector across ranks: average its gradients
-                self.optimizer.step()
-                value = float(loss.detach())
-        self.corrector.train(was_training)
-        self._corrector_version += 1
-        return value
-
-    def end_step(self, step: int, step_seconds: float = 0.0) -> dict[str, float]:
-        """Train the corrector on this step's fresh embeddings and close the step's accounting."""
-        started = time.perf_counter()
-        corrector_loss = self.train_corrector()
-        corrector_seconds = time.perf_counter() - started
-        self.seconds["corrector"] += corrector_seconds
-        self.seconds["mining"] += corrector_seconds
-        self.seconds["steps"] += step_seconds
-        self._log_seconds["mining"] += corrector_seconds
-        self._log_seconds["steps"] += step_seconds
-        self._pending_rows, self._pending_fresh = [], []
-        entry: dict[str, float] = {"step": float(step)}
-        for name, total in self._step_sums.items():
-            entry[name] = total / max(1, self._step_counts[name])
-        if corrector_loss is not None:
-            entry["corrector_loss"] = corrector_loss
-        for name, value in entry.items():
-            if name != "step":
-                self._log_sums[name] = self._log_sums.get(name, 0.0) + value
-                self._log_counts[name] = self._log_counts.get(name, 0) + 1
-        self._step_sums, self._step_counts = {}, {}
-        self._step = step
-        if len(entry) > 1:
-            self.history.append(entry)
-        return entry
-
-    def maybe_refresh(self, model: SentenceTransformer, step: int) -> bool:
-        """Re-embed the corpus when a ``refresh:N`` strategy is due (every N completed steps)."""
-        every = self.strategy.refresh_every
-        if not every or step <= 0 or step % every or step == self.last_refresh_step:
-            return False
-        self.refresh(model, step)
-        return True
-
-    def refresh(self, model: SentenceTransformer, step: int | None = None) -> None:
-        """Re-embed the whole corpus with the current document route; the corrector restarts from the identity."""
+    def refresh(self, model: SentenceTransformer) -> None:
+        """Re-embed the whole corpus with the current document route (the expensive ANCE-style refresh)."""
         started = time.perf_counter()
         self.cache.refresh(model, self.texts, batch_size=self.encode_batch_size)
-        self.seconds["refresh"] += time.perf_counter() - started
-        self.counts["refresh"] += len(self.cache)
-        self.num_refreshes += 1
-        self.last_refresh_step = self._step if step is None else step
-        if self.corrector is not None:
-            self.corrector.reset_parameters()
-            self.optimizer.state.clear()
-            self._buffer_rows, self._buffer_fresh = self._buffer_rows[:0], self._buffer_fresh[:0]
-            self._corrector_version += 1
-        self._matrix, self._index = None, None
-        logger.info("negative mining: corpus re-embedded (%d documents) at step %s", len(self.cache), step)
-
-    # ------------------------------------------------------------------ logging
-
-    @property
-    def documents_encoded(self) -> int:
-        return sum(self.counts.values())
+        self.statistics.time("refresh", time.perf_counter() - started, overhead=False)
+        self.statistics.counts["refresh"] += len(self.cache)
+        self.statistics.num_refreshes += 1
+        self._matrix, self._index, self._linear_part = None, None, None
+        logger.info("negative mining: corpus re-embedded (%d documents)", len(self.cache))
 
     def pop_logging_statistics(self) -> dict[str, float]:
-        """Averages since the last call (errors, corrector loss, positive rank, overhead) and the running counts."""
-        statistics = {
-            f"mining_{name}": total / max(1, self._log_counts[name]) for name, total in self._log_sums.items()
-        }
-        statistics.update({f"mining_encoded_{name}": float(count) for name, count in self.counts.items()})
-        statistics["mining_encoded_total"] = float(self.documents_encoded)
-        statistics["mining_refreshes"] = float(self.num_refreshes)
-        if self._log_seconds["steps"] > 0:
-            statistics["mining_overhead"] = self._log_seconds["mining"] / self._log_seconds["steps"]
-        self._log_sums, self._log_counts = {}, {}
-        self._log_seconds = {"mining": 0.0, "steps": 0.0}
-        return statistics
-
-    # ------------------------------------------------------------------ persistence
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "strategy": self.strategy.spec,
-            "num_negatives": self.num_negatives,
-            "counts": dict(self.counts),
-            "seconds": dict(self.seconds),
-            "num_refreshes": self.num_refreshes,
-            "last_refresh_step": self.last_refresh_step,
-            "step": self._step,
-            "history": [dict(entry) for entry in self.history],
-        }
-
-    def save_state(self, folder: str | os.PathLike) -> Path:
-        """Write cache (or a reference to its unchanged on-disk folder), corrector, its optimizer and the accounting.
-
-        Everything is written into a temporary sibling folder that then replaces ``folder``, so an interrupted save
-        never leaves a half-written state where a complete one was.
-        """
-        folder = Path(folder)
-        temporary = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-        if self.cache is not None:
-            if self.cache.folder is not None:
-                reference = {
-                    "folder": str(self.cache.folder.resolve()),
-                    "fingerprint": self.cache.fingerprint,
-                    "size": len(self.cache),
-                    "dimension": self.cache.dimension,
-                }
-                atomic_write_text(temporary / CACHE_REFERENCE_FILE, json.dumps(reference, indent=2))
-            else:
-                self.cache.save(temporary / "cache")
-        if self.corrector is not None:
-            self.corrector.save(temporary / "corrector", self.optimizer)
-            torch.save({"rows": self._buffer_rows, "fresh": self._buffer_fresh}, temporary / "corrector" / "buffer.pt")
-        atomic_write_text(temporary / STATE_FILE, json.dumps(self.state_dict(), indent=2))
-        previous = folder.with_name(folder.name + ".old")
-        shutil.rmtree(previous, ignore_errors=True)
-        if folder.exists():
-            folder.rename(previous)
-        temporary.rename(folder)
-        shutil.rmtree(previous, ignore_errors=True)
-        return folder
-
-    def load_state(self, folder: str | os.PathLike) -> None:
-        """Restore what :meth:`save_state` wrote, refusing a state of another strategy, corpus or dimension."""
-        folder = Path(folder)
-        state = json.loads((folder / STATE_FILE).read_text())
-        if state["strategy"] != self.strategy.spec:
-            raise ValueError(
-                f"{folder}: saved with negatives {state['strategy']!r}, this run uses {self.strategy.spec!r}"
-            )
-        if self.cache is not None:
-            expected = {"expected_dimension": self.cache.dimension, "expected_size": len(self.cache)}
-            reference_file = folder / CACHE_REFERENCE_FILE
-            if reference_file.is_file():
-                reference = json.loads(reference_file.read_text())
-                cache = StaleEmbeddingCache.load(
-                    reference["folder"], expected_fingerprint=reference["fingerprint"], mmap=True, **expected
-                )
-            else:
-                cache = StaleEmbeddingCache.load(folder / "cache", **expected)
-            if cache.ids != self.cache.ids:
-                raise CacheMismatchError(f"{folder}: the saved cache holds other documents than this run's corpus")
-            self.cache = cache
-        if self.corrector is not None:
-            self.corrector.load_into(folder / "corrector", self.optimizer)
-            if (folder / "corrector" / "buffer.pt").is_file():
-                buffer = torch.load(folder / "corrector" / "buffer.pt", weights_only=True)
-                self._buffer_rows, self._buffer_fresh = buffer["rows"], buffer["fresh"]
-        self.counts = {key: int(value) for key, value in state["counts"].items()}
-        self.seconds = {key: float(value) for key, value in state["seconds"].items()}
-        self.num_refreshes = int(state["num_refreshes"])
-        self.last_refresh_step = int(state["last_refresh_step"])
-        self._step = int(state["step"])
-        self.history = [dict(entry) for entry in state["history"]]
-        self._matrix, self._index = None, None
-        self._corrector_version += 1
+        return self.statistics.pop_logging_statistics()
 
     def config(self) -> dict[str, Any]:
         return {
             "negatives": self.strategy.spec,
             "num_negatives": self.num_negatives,
             "margin": self.margin,
-            "drift_loss": self.drift_loss,
             "corrector": self.corrector.config() if self.corrector is not None else None,
-            "corrector_lr": self.corrector_lr,
-            "corrector_steps": self.corrector_steps,
-            "corrector_buffer": self.corrector_buffer,
             "index": self.index_kind,
         }
 
 
-class MinedNegativesLoss(CollapseSafeContrastiveLoss):
-    def __init__(self, model: SentenceTransformer, miner: NegativeMiner, **kwargs: Any) -> None:
-        """
-        :class:`~st_daft.losses.CollapseSafeContrastiveLoss` (InfoNCE + collapse guard) with negatives mined during
-        training by a :class:`NegativeMiner`: for each training batch the miner scores the detached query embeddings
-        against the (corrected) cache, and the fresh embeddings of the mined documents join the softmax as extra
-        document columns (every query sees every column, as in ``MultipleNegativesRankingLoss``). The fresh
-        embeddings of the batch's positives and mined negatives go to the miner, which trains its corrector on them.
-        Evaluation batches (no gradient) are not mined.
-
-        Add a :class:`NegativeMiningCallback` with the same miner to the trainer: it trains the corrector, refreshes
-        the corpus for ``refresh:N``, logs the accounting and checkpoints the miner.
-
-        Args:
-            model: an asymmetric model (or a symmetric one).
-            miner: the miner; ``strategy="in-batch"`` makes this the plain loss (with document counting).
-            kwargs: passed on to :class:`~st_daft.losses.CollapseSafeContrastiveLoss` (``scale``, ``guard`` ...).
-        """
-        super().__init__(model, **kwargs)
-        self.miner = miner
-        miner.bind(model)
-
-    def forward(
-        self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None
-    ) -> dict[str, Tensor]:
-        sentence_features = list(sentence_features)
-        embeddings = embed_columns(self.model, sentence_features)
-        if torch.is_grad_enabled():
-            self.miner.count_loss_documents(sum(len(embedding) for embedding in embeddings[1:]))
-            if self.miner.strategy.mine:
-                embeddings = embeddings + self.miner.mine_and_encode(
-                    self.model, sentence_features[0], embeddings[0], sentence_features[1], embeddings[1]
-                )
-        return self.compute_loss_from_embeddings(embeddings, labels)
-
-    def get_config_dict(self) -> dict[str, Any]:
-        return {**super().get_config_dict(), **self.miner.config()}
-
-    @property
-    def citation(self) -> str:
-        return super().citation + (CORRECTOR_CITATION if self.miner.corrector is not None else "")
-
-
-class NegativeMiningCallback(TrainerCallback):
-    """Drives a :class:`NegativeMiner` through training.
-
-    - ``on_train_begin``: restores the miner from ``{output_dir}/checkpoint-{global_step}/negative_mining`` when the
-      run resumes (cache, corrector, corrector optimizer, counts; nothing is re-embedded), and checks whether the
-      cache is exact (frozen document route with the cache's fingerprint: then nothing is corrected);
-    - ``on_step_begin``: re-embeds the corpus when a ``refresh:N`` strategy is due;
-    - ``on_step_end``: trains the corrector on the step's fresh embeddings and closes the step's accounting;
-    - ``on_log``: merges the miner's statistics (``mining_*``) into ``logs`` and ``state.log_history[-1]``;
-    - ``on_save``: writes the miner's state into the checkpoint folder.
-
-    Insert it first among the callbacks (``trainer.callback_handler.callbacks.insert(0, callback)``) for the merged
-    statistics to reach reporting integrations as well.
-    """
-
-    def __init__(self, miner: NegativeMiner) -> None:
-        self.miner = miner
-        self._step_started: float | None = None
-
-    def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
-    ) -> None:
-        if state.global_step > 0:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_FOLDER
-            if (folder / STATE_FILE).is_file():
-                self.miner.load_state(folder)
-                logger.info("negative miner restored from %s (no re-embedding)", folder)
-            elif self.miner.strategy.mine:
-                logger.warning(
-                    "resuming at step %d without a saved miner state: the cache may be stale", state.global_step
-                )
-        if model is not None and self.miner.cache is not None:
-            self.miner.check_exact(model)
-        if self.miner.corrector is not None:
-            broadcast_parameters(self.miner.corrector)  # every rank starts from rank 0's corrector
-
-    def on_step_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
-    ) -> None:
-        if model is not None and self.miner.cache is not None:
-            self.miner.maybe_refresh(model, state.global_step)
-        self._step_started = time.perf_counter()
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        seconds = time.perf_counter() - self._step_started if self._step_started is not None else 0.0
-        self.miner.end_step(state.global_step, seconds)
-        self._step_started = None
-
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        logs: dict[str, float] | None = None,
-        **kwargs,
-    ) -> None:
-        if logs is None or "loss" not in logs:
-            return
-        statistics = self.miner.pop_logging_statistics()
-        logs.update(statistics)
-        if state.log_history:
-            state.log_history[-1].update(statistics)
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        if not getattr(state, "is_world_process_zero", True):
-            return
-        self.miner.save_state(Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_FOLDER)
-
-
-def _has_route(model: SentenceTransformer, route: str) -> bool:
-    try:
-        get_route(model, route)
-    except ValueError:
-        return False
-    return True
+@torch.no_grad()
+def linear_part(corrector: CorrectorNetwork, cache: StaleEmbeddingCache, sample: int = 16384, seed: int = 0) -> Tensor:
+    """``A`` (``d x d``) with ``h(e) - e ~ e A`` in least squares over a sample of cache rows: the query-side
+    correction ``q + q A^T`` of a non-linear corrector, good enough to shortlist candidates for an exact re-rank."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(cache), generator=generator)[: min(sample, len(cache))].sort().values
+    stale = cache.float32(rows)
+    parameter = next(corrector.parameters())
+    residual = corrector(stale.to(parameter.device)).cpu() - stale
+    ones = torch.ones(len(stale), 1)
+    solution = torch.linalg.lstsq(torch.cat([stale, ones], dim=1), residual).solution  # bias absorbs the constant
+    return solution[:-1].T

@@ -571,16 +571,17 @@ class FinetuneStage(TrainedStage):
         return self.train(context, args, rows, loss, SequentialEvaluator(evaluators), callbacks)
 
     def _mining(self, context: StageContext, loss: Any) -> tuple[Any, list[Any]]:
-        """Negatives mined during training from the document cache: ``loss`` with mining, and the callbacks it
-        needs. (The one place that knows :mod:`st_daft.mining`'s API; today's ``MinedNegativesLoss`` builds its own
-        collapse-safe loss from the same settings, a wrapping one takes ``loss``.)"""
-        from st_daft.mining import MinedNegativesLoss, NegativeMiner, NegativeMiningCallback
+        """``loss`` wrapped by :class:`~st_daft.losses.MinedNegativesLoss` (negatives mined during training from the
+        document cache, corrected or refreshed by the strategy) and the callbacks that drive the mining."""
+        from st_daft.losses import build_negative_mining
 
         # The alignment stage's cache is exact for the document route fine-tuning starts from: reuse it.
         if context.cache is None or not context.cache.is_current(context.model):
             context.cache = StaleEmbeddingCache.build(context.model, context.corpus, store=context.store)
         data = context.train_data
-        miner = NegativeMiner(
+        return build_negative_mining(
+            context.model,
+            loss,
             context.cache,
             context.corpus,
             self.negatives,
@@ -590,10 +591,6 @@ class FinetuneStage(TrainedStage):
                 for qid, judged in data.qrels.items()
             },
         )
-        loss = MinedNegativesLoss(
-            context.model, miner, scale=self.scale, guard=self.guard, guard_weight=self.guard_weight
-        )
-        return loss, [NegativeMiningCallback(miner)]
 
 
 STAGE_TYPES: dict[str, type[Stage]] = {

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.base.modules.router import Router
 
-from st_daft.cache import hash_module_state, route_fingerprint
-from st_daft.model import DOCUMENT_ROUTE, get_route
+from st_daft.fingerprint import route_fingerprint
+from st_daft.io import atomic_write
+from st_daft.model import DOCUMENT_ROUTE
 
 logger = logging.getLogger(__name__)
 
@@ -36,25 +35,9 @@ __all__ = ["DocumentEmbeddingStore", "document_encoder_key"]
 
 
 def document_encoder_key(model: SentenceTransformer) -> str:
-    """A digest of everything that shapes ``model.encode_document``: equal keys mean equal document embeddings.
-
-    Covers the document route's parameters and buffers (the whole model when it has no ``Router``), the modules after
-    the ``Router`` with their parameters, and the route's ``max_seq_length``.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(route_fingerprint(model, DOCUMENT_ROUTE).encode())
-    for module in model:
-        if isinstance(module, Router):
-            continue
-        digest.update(type(module).__qualname__.encode())
-        hash_module_state(digest, module)
-    try:
-        route = get_route(model, DOCUMENT_ROUTE)
-        max_seq_length = getattr(route[0], "max_seq_length", None)
-    except ValueError:
-        max_seq_length = model.max_seq_length
-    digest.update(f"max_seq_length={max_seq_length}".encode())
-    return digest.hexdigest()
+    """The store's namespace for ``model``: :func:`st_daft.fingerprint.route_fingerprint` of its document route
+    (parameters, the modules after the ``Router``, truncation length). Equal keys mean equal document embeddings."""
+    return route_fingerprint(model, DOCUMENT_ROUTE)
 
 
 def _text_key(text: str, kind: str, prompt: str | None) -> bytes:
@@ -100,13 +83,13 @@ class DocumentEmbeddingStore:
         return rows
 
     def _write_shard(self, encoder_key: str, keys: list[bytes], vectors: np.ndarray) -> None:
-        folder = self.folder / encoder_key
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"shard-{uuid.uuid4().hex}"
-        temporary = folder / f".{name}.tmp"
-        with temporary.open("wb") as handle:
-            np.savez(handle, keys=np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 16), vectors=vectors)
-        os.replace(temporary, folder / f"{name}.npz")
+        key_array = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 16)
+
+        def write(temporary: str) -> None:
+            with open(temporary, "wb") as handle:
+                np.savez(handle, keys=key_array, vectors=vectors)
+
+        atomic_write(self.folder / encoder_key / f"shard-{uuid.uuid4().hex}.npz", write)
 
     def embeddings(
         self,

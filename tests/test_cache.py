@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from st_daft import CacheMismatchError, StaleEmbeddingCache, build_asymmetric_model, get_route
-from st_daft.cache import route_fingerprint
+from st_daft.fingerprint import route_fingerprint
 
 CORPUS = {
     "a": "cells divide by mitosis",
@@ -48,6 +48,9 @@ def test_fingerprint_follows_the_document_route_only(model) -> None:
     with torch.no_grad():
         next(get_route(model, "document").parameters()).add_(1e-3)
     assert route_fingerprint(model) != before
+    changed = route_fingerprint(model)
+    get_route(model, "document")[0].max_seq_length = 8
+    assert route_fingerprint(model) != changed, "truncation changes document embeddings: the cache must see it"
 
 
 def test_save_load_round_trip_and_refusals(model, tmp_path: Path) -> None:

@@ -6,24 +6,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from st_daft.corrector import CorrectorNetwork, drift_loss, staleness_error
+from st_daft.cache import StaleEmbeddingCache
+from st_daft.corrector import CorrectorFileError, CorrectorNetwork, CorrectorTrainer, drift_loss, staleness_error
 
 
 def _unit(rows: int, dimension: int, generator: torch.Generator) -> torch.Tensor:
     return F.normalize(torch.randn(rows, dimension, generator=generator), dim=1)
 
 
+def _cache(stale: torch.Tensor) -> StaleEmbeddingCache:
+    return StaleEmbeddingCache([str(i) for i in range(len(stale))], stale, [bytes(16)] * len(stale), "synthetic")
+
+
 def _train_online(
     corrector: CorrectorNetwork, stale: torch.Tensor, fresh: torch.Tensor, steps: int, kind: str, lr: float = 3e-3
-) -> None:
-    """Online training as the miner does it: one optimizer step per batch of 64 observed documents."""
-    optimizer = torch.optim.Adam(corrector.parameters(), lr=lr)
+) -> CorrectorTrainer:
+    """Online training as in a mining run: a CorrectorTrainer observes 64 documents a step, then steps once."""
+    trainer = CorrectorTrainer(corrector, lr=lr, drift_loss=kind)
+    cache = _cache(stale)
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
         rows = torch.randint(0, len(stale), (64,), generator=generator)
-        optimizer.zero_grad()
-        drift_loss(corrector(stale[rows]), fresh[rows], kind).backward()
-        optimizer.step()
+        trainer.observe(rows, fresh[rows])
+        assert trainer.step(cache) is not None
+    return trainer
 
 
 def test_identity_at_start() -> None:
@@ -45,10 +51,10 @@ def test_learns_synthetic_drift_and_cuts_the_error(drift: str, kind: str) -> Non
     else:
         mixing = torch.randn(dimension, dimension, generator=generator)
         fresh = F.normalize(stale + 0.4 * torch.tanh(2 * stale @ mixing), dim=1)
-    train, held_out = slice(0, 1000), slice(1000, 1500)  # judged on documents it never saw
     corrector = CorrectorNetwork(dimension, hidden=64, depth=2 if drift == "nonlinear" else 1)
-    before = staleness_error(stale[held_out], fresh[held_out]).mean().item()
-    _train_online(corrector, stale[train], fresh[train], steps=400, kind=kind)
+    before = staleness_error(stale[1000:], fresh[1000:]).mean().item()  # judged on documents it never saw
+    _train_online(corrector, stale[:1000], fresh[:1000], steps=400, kind=kind)
+    held_out = slice(1000, 1500)
     with torch.no_grad():
         after = staleness_error(corrector(stale[held_out]), fresh[held_out]).mean().item()
     assert before > 0.02
@@ -96,3 +102,51 @@ def test_reset_returns_to_identity() -> None:
     assert not torch.equal(corrector(x), x)
     corrector.reset_parameters()
     assert torch.equal(corrector(x), x)
+
+
+def test_trainer_observes_steps_and_resets() -> None:
+    generator = torch.Generator().manual_seed(0)
+    stale = _unit(200, 8, generator)
+    fresh = F.normalize(stale + 0.3 * _unit(200, 8, generator), dim=1)
+    corrector = CorrectorNetwork(8, hidden=16)
+    trainer = CorrectorTrainer(corrector, lr=1e-2, steps=2, buffer=32)
+    cache = _cache(stale)
+    assert trainer.step(cache) is None, "nothing observed, nothing to learn"
+    rows = torch.tensor([0, 1, -1, 3])  # -1: a text that is not in the cache
+    trainer.observe(rows, fresh[rows.clamp(min=0)])
+    assert trainer.pending == 3
+    version = corrector.version
+    assert trainer.step(cache) > 0 and trainer.pending == 0 and corrector.version > version
+    assert len(trainer._buffer_rows) == 3 and not torch.equal(corrector(stale), stale)
+    trainer.observe(torch.tensor([5]), fresh[5:6])
+    trainer.discard()
+    assert trainer.pending == 0
+    trainer.reset()
+    assert torch.equal(corrector(stale), stale) and not trainer.optimizer.state and len(trainer._buffer_rows) == 0
+    with pytest.raises(ValueError, match="unknown drift loss"):
+        CorrectorTrainer(corrector, drift_loss="l1")
+
+
+def test_trainer_save_load_round_trip_and_damaged_files_are_named(tmp_path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    stale, fresh = _unit(64, 8, generator), _unit(64, 8, generator)
+    trainer = CorrectorTrainer(CorrectorNetwork(8, hidden=16), buffer=16)
+    for start in range(0, 64, 16):
+        rows = torch.arange(start, start + 16)
+        trainer.observe(rows, fresh[rows])
+        trainer.step(_cache(stale))
+    trainer.save(tmp_path / "corrector")
+    restored = CorrectorTrainer(CorrectorNetwork(8, hidden=16), buffer=16)
+    restored.load(tmp_path / "corrector")
+    assert torch.equal(restored.corrector(stale), trainer.corrector(stale))
+    assert torch.equal(restored._buffer_fresh, trainer._buffer_fresh)
+    assert restored.optimizer.state_dict()["state"].keys() == trainer.optimizer.state_dict()["state"].keys()
+
+    weights = tmp_path / "corrector" / "corrector.pt"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(CorrectorFileError, match=f"{weights}: corrector file is truncated or corrupt"):
+        CorrectorTrainer(CorrectorNetwork(8, hidden=16)).load(tmp_path / "corrector")
+    config = tmp_path / "corrector" / "corrector_config.json"
+    config.write_text("{")
+    with pytest.raises(CorrectorFileError, match=f"{config}: corrector configuration is corrupt"):
+        CorrectorNetwork.load(tmp_path / "corrector")

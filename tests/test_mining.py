@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,14 +15,20 @@ from conftest import QUESTIONS, TOPICS
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-from st_daft.cache import CacheMismatchError, StaleEmbeddingCache, route_fingerprint
-from st_daft.mining import (
+from st_daft.cache import CacheMismatchError, StaleEmbeddingCache, route_fingerprint, token_keys
+from st_daft.callbacks import LogStatisticsCallback
+from st_daft.callbacks.negative_mining import (
+    CACHE_FOLDER,
     CHECKPOINT_FOLDER,
-    MinedNegativesLoss,
-    NegativeMiner,
-    NegativeMiningCallback,
-    parse_negatives,
+    STATE_FILE,
+    NegativeMiningStateCallback,
+    load_negative_mining_state,
+    negative_mining_callbacks,
+    save_negative_mining_state,
 )
+from st_daft.corrector import CorrectorNetwork, CorrectorTrainer
+from st_daft.losses import CollapseSafeContrastiveLoss, MinedNegativesLoss
+from st_daft.mining import NegativeMiner, RefreshPolicy, parse_negatives
 from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, build_asymmetric_model, freeze_route, get_route
 
 EXTRA = {
@@ -48,13 +56,22 @@ def cache(model: SentenceTransformer) -> StaleEmbeddingCache:
 
 
 def _miner(cache: StaleEmbeddingCache, strategy: str = "corrected", **kwargs) -> NegativeMiner:
-    options = {"num_negatives": 2, "query_positives": QUERY_POSITIVES, "corrector_hidden": 16} | kwargs
+    corrector = CorrectorNetwork(cache.dimension, hidden=16) if parse_negatives(strategy).correct else None
+    options = {"num_negatives": 2, "query_positives": QUERY_POSITIVES, "corrector": corrector} | kwargs
     return NegativeMiner(cache, CORPUS, strategy, **options)
 
 
-def _train(model, miner, output_dir: Path, max_steps: int, save_steps: int | None = None, resume: str | None = None):
-    loss = MinedNegativesLoss(model, miner, guard="none")
-    callback = NegativeMiningCallback(miner)
+def _mining(cache: StaleEmbeddingCache, strategy: str = "corrected", corrector_buffer: int = 0, **kwargs):
+    """A miner with its corrector trainer and refresh policy, as build_negative_mining makes them."""
+    miner = _miner(cache, strategy, **kwargs)
+    trainer = CorrectorTrainer(miner.corrector, buffer=corrector_buffer) if miner.corrector is not None else None
+    refresh = RefreshPolicy(miner.strategy.refresh_every) if miner.strategy.refresh_every else None
+    return SimpleNamespace(miner=miner, trainer=trainer, refresh=refresh)
+
+
+def _train(model, mining, output_dir: Path, max_steps: int, save_steps: int | None = None, resume: str | None = None):
+    loss = MinedNegativesLoss(model, CollapseSafeContrastiveLoss(model, guard="none"), mining.miner, mining.trainer)
+    callbacks = negative_mining_callbacks(mining.miner, mining.trainer, mining.refresh)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -66,9 +83,14 @@ def _train(model, miner, output_dir: Path, max_steps: int, save_steps: int | Non
         logging_steps=1,
         seed=0,
         report_to="none",
-        use_cpu=True,
     )
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=PAIRS, loss=loss, callbacks=[callback])
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=PAIRS,
+        loss=loss,
+        callbacks=[*callbacks, LogStatisticsCallback(loss)],
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -107,11 +129,10 @@ def test_mining_never_returns_a_positive(cache, model, index: str, strategy: str
     miner.bind(model)
     if miner.corrector is not None:  # a corrector that is not the identity
         torch.nn.init.normal_(miner.corrector.mlp[-1].weight, std=0.3)
-        miner._corrector_version += 1
+        miner.corrector.version += 1
     queries = list(QUESTIONS.values())[:4]
     positives = cache.rows_for_ids([f"d-{topic}" for topic in list(QUESTIONS)[:4]])
     query_features = model.preprocess(queries, task=QUERY_ROUTE)
-    from st_daft.cache import token_keys
 
     # the query embeddings are chosen to score the positives (and the second relevant document) highest
     query_embeddings = miner.scoring_matrix()[positives] + miner.scoring_matrix()[cache.rows_for_ids(["x0"])]
@@ -144,22 +165,33 @@ def test_in_batch_needs_no_cache_and_stale_does() -> None:
         NegativeMiner(None, strategy="stale")
 
 
+def test_more_negatives_than_the_corpus_is_refused_before_training(cache) -> None:
+    with pytest.raises(ValueError, match=r"num_negatives \(--num-negatives\) is 1000 .* only 16 documents"):
+        _miner(cache, "stale", num_negatives=1000)
+    with pytest.raises(ValueError, match="--num-negatives"):
+        _miner(cache, "corrected", num_negatives=len(CORPUS))
+    assert _miner(cache, "stale", num_negatives=len(CORPUS) - 1).num_negatives == len(CORPUS) - 1
+
+
 # ---------------------------------------------------------------------- training and accounting
 
 
 def test_counts_add_up_and_reach_the_logs(model, cache, tmp_path: Path) -> None:
-    miner = _miner(cache, "corrected")
+    mining = _mining(cache, "corrected")
+    miner, statistics = mining.miner, mining.miner.statistics
     corrector_before = {k: v.clone() for k, v in miner.corrector.state_dict().items()}
-    trainer = _train(model, miner, tmp_path / "run", max_steps=3)
-    assert miner.counts["loss_documents"] == 3 * 4
-    assert 0 < miner.counts["negatives"] <= 3 * 4 * 2
-    assert miner.counts["refresh"] == 0
-    assert miner.documents_encoded == miner.counts["loss_documents"] + miner.counts["negatives"]
-    assert len(miner.history) == 3
-    assert all({"stale_error", "corrected_error", "corrector_loss", "positive_rank"} <= set(h) for h in miner.history)
-    assert all(1 <= h["positive_rank"] <= 3 for h in miner.history)
+    trainer = _train(model, mining, tmp_path / "run", max_steps=3)
+    assert statistics.counts["loss_documents"] == 3 * 4
+    assert 0 < statistics.counts["negatives"] <= 3 * 4 * 2
+    assert statistics.counts["refresh"] == 0
+    assert statistics.documents_encoded == statistics.counts["loss_documents"] + statistics.counts["negatives"]
+    assert len(statistics.history) == 3
+    assert all(
+        {"stale_error", "corrected_error", "corrector_loss", "positive_rank"} <= set(h) for h in statistics.history
+    )
+    assert all(1 <= h["positive_rank"] <= 3 for h in statistics.history)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert logged[-1]["mining_encoded_total"] == miner.documents_encoded
+    assert logged[-1]["mining_encoded_total"] == statistics.documents_encoded
     assert "mining_stale_error" in logged[-1] and "mining_overhead" in logged[-1]
     # the corrector trained: it left the identity
     assert any(not torch.equal(v, miner.corrector.state_dict()[k]) for k, v in corrector_before.items())
@@ -169,50 +201,169 @@ def test_counts_add_up_and_reach_the_logs(model, cache, tmp_path: Path) -> None:
 
 
 def test_refresh_reembeds_the_corpus(model, cache, tmp_path: Path) -> None:
-    miner = _miner(cache, "corrected+refresh:2")
-    _train(model, miner, tmp_path / "run", max_steps=3)
-    assert miner.num_refreshes == 1 and miner.last_refresh_step == 2
-    assert miner.counts["refresh"] == len(CORPUS)
-    assert miner.documents_encoded == sum(miner.counts.values())
+    mining = _mining(cache, "corrected+refresh:2")
+    _train(model, mining, tmp_path / "run", max_steps=3)
+    statistics = mining.miner.statistics
+    assert statistics.num_refreshes == 1 and mining.refresh.last_step == 2
+    assert statistics.counts["refresh"] == len(CORPUS)
+    assert statistics.documents_encoded == sum(statistics.counts.values())
 
 
 def test_frozen_document_route_uses_the_exact_cache(model, cache, tmp_path: Path) -> None:
     freeze_route(model, DOCUMENT_ROUTE)
-    miner = _miner(cache, "corrected")
+    mining = _mining(cache, "corrected")
+    miner = mining.miner
     before = {k: v.clone() for k, v in miner.corrector.state_dict().items()}
-    _train(model, miner, tmp_path / "run", max_steps=2)
+    _train(model, mining, tmp_path / "run", max_steps=2)
     assert miner.exact and not miner.correcting
     assert all(torch.equal(v, miner.corrector.state_dict()[k]) for k, v in before.items())
     assert cache.is_current(model)  # still exact; the logged error is the dropout of train mode alone
-    assert all(h["stale_error"] == pytest.approx(h["corrected_error"]) for h in miner.history)
+    assert all(h["stale_error"] == pytest.approx(h["corrected_error"]) for h in miner.statistics.history)
+
+
+def test_a_cache_of_another_encoder_is_refused_when_training_starts(model, cache, tmp_path: Path) -> None:
+    with torch.no_grad():
+        next(get_route(model, DOCUMENT_ROUTE).parameters()).add_(0.01)
+    with pytest.raises(CacheMismatchError, match="another document encoder: fingerprint"):
+        _train(model, _mining(cache, "corrected"), tmp_path / "run", max_steps=1)
+
+
+# ---------------------------------------------------------------------- a user's own trainer script
+
+
+def _user_script(model, loss, callbacks, output_dir: Path, max_steps: int, resume: str | None = None, **overrides):
+    """What a user writes without the st-daft recipe: plain SentenceTransformerTrainer, the loss, the callbacks."""
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        router_mapping={"query": QUERY_ROUTE, "positive": DOCUMENT_ROUTE},
+        logging_steps=1,
+        seed=0,
+        report_to="none",
+        **({"learning_rate": 1e-5, "save_strategy": "no"} | overrides),
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=PAIRS, loss=loss, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _drifted_cache(model) -> StaleEmbeddingCache:
+    """A cache of this document route whose vectors drifted by a fixed linear map (a synthetic, learnable drift)."""
+    cache = StaleEmbeddingCache.build(model, CORPUS, batch_size=8, show_progress_bar=False)
+    generator = torch.Generator().manual_seed(0)
+    drift = torch.eye(cache.dimension) + 0.5 * torch.randn(cache.dimension, cache.dimension, generator=generator) / (
+        cache.dimension**0.5
+    )
+    cache.embeddings = torch.nn.functional.normalize(cache.embeddings @ drift, dim=1)
+    return cache
+
+
+def _plain_mnrl_mining(model, cache):
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    miner = NegativeMiner(
+        cache, CORPUS, "corrected", num_negatives=2, query_positives=QUERY_POSITIVES,
+        corrector=CorrectorNetwork(cache.dimension, depth=1),
+    )
+    corrector_trainer = CorrectorTrainer(miner.corrector, lr=1e-2, steps=5, buffer=64)
+    loss = MinedNegativesLoss(model, MultipleNegativesRankingLoss(model), miner, corrector_trainer)
+    return loss, negative_mining_callbacks(miner, corrector_trainer) + [LogStatisticsCallback(loss)]
+
+
+def test_user_script_wraps_multiple_negatives_ranking_loss(model, tmp_path: Path) -> None:
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    cache = _drifted_cache(model)
+    drifted = cache.embeddings.clone()
+    loss, callbacks = _plain_mnrl_mining(model, cache)
+    assert loss.get_config_dict()["negatives"] == "corrected" and "scale" in loss.get_config_dict()
+    assert loss.citation.startswith(MultipleNegativesRankingLoss(model).citation) and "2409.01890" in loss.citation
+    trainer = _user_script(model, loss, callbacks, tmp_path / "run", 16, save_strategy="steps", save_steps=8)
+    statistics = loss.miner.statistics
+    assert statistics.counts["negatives"] > 0 and statistics.counts["refresh"] == 0
+    history = statistics.history
+    late = history[-4:]
+    stale = sum(h["stale_error"] for h in late) / len(late)
+    corrected = sum(h["corrected_error"] for h in late) / len(late)
+    assert history[0]["corrected_error"] == pytest.approx(history[0]["stale_error"])  # h starts as the identity
+    assert corrected < 0.5 * stale, (stale, corrected)
+    assert any("mining_corrected_error" in row for row in trainer.state.log_history)
+
+    # resume from step 8 with a freshly built (undrifted) cache: the saved one comes back, nothing is re-embedded
+    resumed_loss, resumed_callbacks = _plain_mnrl_mining(
+        model, StaleEmbeddingCache.build(model, CORPUS, show_progress_bar=False)
+    )
+    _user_script(
+        model, resumed_loss, resumed_callbacks, tmp_path / "run", 16, resume=str(tmp_path / "run" / "checkpoint-8")
+    )
+    resumed = resumed_loss.miner
+    assert torch.equal(resumed.cache.embeddings.float(), drifted) and resumed.statistics.counts["refresh"] == 0
+    assert [h["step"] for h in resumed.statistics.history] == [h["step"] for h in history]
+    assert resumed.statistics.history[:8] == history[:8]
+
+
+def test_user_script_wraps_daft_alignment_loss(model, tmp_path: Path) -> None:
+    from st_daft.losses import DAFTAlignmentLoss
+
+    freeze_route(model, DOCUMENT_ROUTE)
+    document_before = [p.clone() for p in get_route(model, DOCUMENT_ROUTE).parameters()]
+    query_before = [p.clone() for p in get_route(model, QUERY_ROUTE).parameters()]
+    cache = StaleEmbeddingCache.build(model, CORPUS, batch_size=8, show_progress_bar=False)
+    miner = NegativeMiner(cache, CORPUS, "stale", num_negatives=3, query_positives=QUERY_POSITIVES)
+    loss = MinedNegativesLoss(model, DAFTAlignmentLoss(model, document_cache=cache, cache_negatives=False), miner)
+    trainer = _user_script(model, loss, [*negative_mining_callbacks(miner), LogStatisticsCallback(loss)], tmp_path, 3,
+                           learning_rate=1e-2)
+    assert miner.exact and miner.statistics.counts["negatives"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(document_before, get_route(model, DOCUMENT_ROUTE).parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(query_before, get_route(model, QUERY_ROUTE).parameters()))
+    assert all(np.isfinite(row["loss"]) for row in trainer.state.log_history if "loss" in row)
+    assert "2211.04942" in loss.citation and "2409.01890" not in loss.citation
+
+
+def test_user_script_wraps_collapse_safe_loss_and_keeps_its_components(model, cache, tmp_path: Path) -> None:
+    mining = _mining(cache, "stale")
+    loss = MinedNegativesLoss(model, CollapseSafeContrastiveLoss(model), mining.miner)
+    callbacks = [*negative_mining_callbacks(mining.miner), LogStatisticsCallback(loss)]
+    trainer = _user_script(model, loss, callbacks, tmp_path, 2)
+    logged = [row for row in trainer.state.log_history if "loss" in row][-1]
+    assert {"contrastive", "collapse_guard", "batch_query_mean_cosine", "mining_encoded_negatives"} <= set(logged)
+    assert logged["mining_encoded_negatives"] > 0
+    with pytest.raises(TypeError, match="compute_loss_from_embeddings"):
+        MinedNegativesLoss(model, torch.nn.Linear(2, 2), mining.miner)
 
 
 # ---------------------------------------------------------------------- checkpoints
 
 
-def _snapshot(miner: NegativeMiner) -> dict:
+def _snapshot(mining) -> dict:
+    miner, trainer = mining.miner, mining.trainer
     return {
         "cache": miner.cache.embeddings.clone(),
         "fingerprint": miner.cache.fingerprint,
         "corrector": {k: v.clone() for k, v in miner.corrector.state_dict().items()},
         "optimizer": {
             key: {field: value.clone() for field, value in state.items()}
-            for key, state in miner.optimizer.state_dict()["state"].items()
+            for key, state in trainer.optimizer.state_dict()["state"].items()
         },
-        "state": json.loads(json.dumps(miner.state_dict())),
+        "state": json.loads(json.dumps(miner.statistics.state_dict())),
+        "refresh": mining.refresh.state_dict() if mining.refresh else None,
+        "step": miner.step,
     }
 
 
 def test_resume_restores_cache_corrector_and_optimizer_exactly(model, cache, tmp_path: Path) -> None:
-    miner = _miner(cache, "corrected+refresh:1", corrector_buffer=16)  # refreshed cache: copied into the checkpoint
-    _train(model, miner, tmp_path / "run", max_steps=2, save_steps=2)
-    saved = _snapshot(miner)
+    mining = _mining(cache, "corrected+refresh:1", corrector_buffer=16)  # refreshed cache: saved beside checkpoints
+    _train(model, mining, tmp_path / "run", max_steps=2, save_steps=2)
+    saved = _snapshot(mining)
     checkpoint = tmp_path / "run" / "checkpoint-2" / CHECKPOINT_FOLDER
-    assert (checkpoint / "cache").is_dir() and not list(checkpoint.parent.glob("*.tmp"))
+    assert (tmp_path / "run" / CACHE_FOLDER / mining.miner.cache.fingerprint).is_dir()
+    assert not list(checkpoint.parent.glob("*.tmp"))
+    assert json.loads((checkpoint / STATE_FILE).read_text())["cache"]["folder"].startswith("..")  # relative
 
     fresh_cache = StaleEmbeddingCache.build(model, CORPUS, batch_size=8, show_progress_bar=False)
-    restored = _miner(fresh_cache, "corrected+refresh:1", corrector_buffer=16)
-    callback = NegativeMiningCallback(restored)
+    restored = _mining(fresh_cache, "corrected+refresh:1", corrector_buffer=16)
+    callback = NegativeMiningStateCallback(restored.miner, restored.trainer, restored.refresh)
     args, state = SimpleNamespace(output_dir=str(tmp_path / "run")), SimpleNamespace(global_step=2)
     callback.on_train_begin(args, state, SimpleNamespace(), model=model)
     again = _snapshot(restored)
@@ -221,34 +372,58 @@ def test_resume_restores_cache_corrector_and_optimizer_exactly(model, cache, tmp
     assert saved["optimizer"].keys() == again["optimizer"].keys() and saved["optimizer"]
     for key, fields in saved["optimizer"].items():
         assert all(torch.equal(value, again["optimizer"][key][field]) for field, value in fields.items())
-    assert saved["state"] == again["state"]
-    assert torch.equal(miner._buffer_fresh, restored._buffer_fresh) and len(restored._buffer_rows) > 0
+    assert saved["state"] == again["state"] and saved["refresh"] == again["refresh"] and saved["step"] == again["step"]
+    assert torch.equal(mining.trainer._buffer_fresh, restored.trainer._buffer_fresh)
+    assert len(restored.trainer._buffer_rows) > 0
 
     # a real resume continues from there without re-embedding what was restored
     cache_again = StaleEmbeddingCache.build(model, CORPUS, show_progress_bar=False)
-    restored_run = _miner(cache_again, "corrected+refresh:1", corrector_buffer=16)
+    restored_run = _mining(cache_again, "corrected+refresh:1", corrector_buffer=16)
     _train(model, restored_run, tmp_path / "run", max_steps=3, resume=str(tmp_path / "run" / "checkpoint-2"))
-    assert restored_run.counts["loss_documents"] == 3 * 4
-    assert restored_run.num_refreshes == saved["state"]["num_refreshes"] + 1  # only the refresh due at step 2
+    assert restored_run.miner.statistics.counts["loss_documents"] == 3 * 4
+    # only the refresh due at step 2
+    assert restored_run.miner.statistics.num_refreshes == saved["state"]["num_refreshes"] + 1
 
 
-def test_unchanged_on_disk_cache_is_referenced_not_copied(model, tmp_path: Path) -> None:
+def test_a_resumed_run_resumes_again_after_rotation_and_a_move(model, cache, tmp_path: Path) -> None:
+    """Issue 10: a checkpoint written after a resume must not point into a checkpoint that rotation deletes."""
+    _train(model, _mining(cache, "corrected"), tmp_path / "run", max_steps=2, save_steps=2)
+
+    def again():
+        return _mining(StaleEmbeddingCache.build(model, CORPUS, show_progress_bar=False), "corrected")
+
+    resumed = again()
+    _train(model, resumed, tmp_path / "run", max_steps=4, save_steps=2, resume=str(tmp_path / "run" / "checkpoint-2"))
+    shutil.rmtree(tmp_path / "run" / "checkpoint-2")  # what rotation with save_total_limit=1 does
+    (tmp_path / "run").rename(tmp_path / "moved")
+    restored = again()
+    callback = NegativeMiningStateCallback(restored.miner, restored.trainer)
+    callback.on_train_begin(
+        SimpleNamespace(output_dir=str(tmp_path / "moved")), SimpleNamespace(global_step=4), None, model=model
+    )
+    assert restored.miner.statistics.state_dict() == resumed.miner.statistics.state_dict()
+    assert torch.equal(restored.miner.cache.embeddings, resumed.miner.cache.embeddings)
+
+
+def test_unchanged_cache_is_saved_once_beside_the_checkpoints_not_copied_into_each(model, tmp_path: Path) -> None:
     cache = StaleEmbeddingCache.build(model, CORPUS, batch_size=8, show_progress_bar=False, folder=tmp_path / "c")
-    miner = _miner(cache, "stale")
-    folder = miner.save_state(tmp_path / "state")
-    assert (folder / "cache_reference.json").is_file() and not (folder / "cache").exists()
+    mining = _mining(cache, "stale")
+    first = save_negative_mining_state(tmp_path / "run" / "checkpoint-1" / CHECKPOINT_FOLDER, mining.miner)
+    second = save_negative_mining_state(tmp_path / "run" / "checkpoint-2" / CHECKPOINT_FOLDER, mining.miner)
+    assert (first / STATE_FILE).is_file() and not (first / "cache").exists() and not (second / "cache").exists()
+    assert [p.name for p in (tmp_path / "run" / CACHE_FOLDER).iterdir()] == [cache.fingerprint]
     restored = _miner(StaleEmbeddingCache.load(tmp_path / "c"), "stale")
-    restored.load_state(folder)
+    load_negative_mining_state(second, restored)
     assert torch.equal(restored.cache.embeddings, cache.embeddings)
 
 
 def test_mismatched_states_and_caches_are_refused(model, cache, tmp_path: Path) -> None:
-    folder = _miner(cache, "stale").save_state(tmp_path / "state")
+    folder = save_negative_mining_state(tmp_path / "run" / "checkpoint-1" / CHECKPOINT_FOLDER, _miner(cache, "stale"))
     with pytest.raises(ValueError, match="saved with negatives 'stale'"):
-        _miner(cache, "corrected").load_state(folder)
+        load_negative_mining_state(folder, _miner(cache, "corrected"))
     other = StaleEmbeddingCache.build(model, dict(list(CORPUS.items())[:5]), show_progress_bar=False)
     with pytest.raises(CacheMismatchError, match="size"):
-        _miner(other, "stale", query_positives={}).load_state(folder)
+        load_negative_mining_state(folder, _miner(other, "stale", query_positives={}, num_negatives=2))
     cache.save(tmp_path / "cache")
     with pytest.raises(CacheMismatchError, match="fingerprint"):
         StaleEmbeddingCache.load(tmp_path / "cache", expected_fingerprint="0" * 32)
@@ -256,6 +431,20 @@ def test_mismatched_states_and_caches_are_refused(model, cache, tmp_path: Path) 
         StaleEmbeddingCache.load(tmp_path / "cache", expected_dimension=cache.dimension + 1)
     with pytest.raises(CacheMismatchError, match="not in the corpus"):
         NegativeMiner(cache, {"d-cell": "x"}, "stale")
+
+
+def test_truncated_state_files_are_named(model, cache, tmp_path: Path) -> None:
+    mining = _mining(cache, "corrected")
+    checkpoint = tmp_path / "run" / "checkpoint-1" / CHECKPOINT_FOLDER
+    folder = save_negative_mining_state(checkpoint, mining.miner, mining.trainer)
+    state_file = folder / STATE_FILE
+    state_file.write_text(state_file.read_text()[:40])
+    with pytest.raises(ValueError, match=re.escape(f"{state_file}: negative-mining state is corrupt or truncated")):
+        load_negative_mining_state(folder, _mining(cache, "corrected").miner)
+    embeddings = tmp_path / "run" / CACHE_FOLDER / cache.fingerprint / "embeddings.npy"
+    embeddings.write_bytes(embeddings.read_bytes()[:100])
+    with pytest.raises(CacheMismatchError, match=re.escape(f"{embeddings}: cache file is truncated or corrupt")):
+        StaleEmbeddingCache.load(embeddings.parent)
 
 
 # ---------------------------------------------------------------------- cache storage and indexes
@@ -277,6 +466,48 @@ def test_build_into_memmap_folder_matches_in_memory(model, cache, tmp_path: Path
         assert rows[:, 0].tolist() == [0, 1]
     with pytest.raises(ValueError, match="unknown index kind"):
         mapped.build_index("lsh")
+
+
+def test_query_side_and_two_step_modes_match_exact_corrected_search(cache, model) -> None:
+    linear = CorrectorNetwork(cache.dimension, depth=1)
+    torch.nn.init.normal_(linear.mlp[-1].weight, std=0.2)
+    torch.nn.init.normal_(linear.mlp[-1].bias, std=0.2)
+    query_side = _miner(cache, "corrected", num_negatives=3, corrector=linear, index="query-side")
+    queries = torch.nn.functional.normalize(torch.randn(4, cache.dimension, generator=torch.Generator().manual_seed(0)))
+    positives = torch.tensor([0, 1, 2, 3])
+    rows = query_side.mine(queries, positives)
+    # the ranking of q . h(e), unnormalised: the stale index searched with q + W^T q, never rebuilt
+    with torch.no_grad():
+        scores = queries @ linear(cache.float32()).T
+    scores[:, positives] = -torch.inf
+    assert torch.equal(rows, scores.topk(3, dim=1).indices)
+    with pytest.raises(ValueError, match="linear corrector"):
+        _miner(cache, "corrected", index="query-side")  # the default 2-layer corrector
+
+    mlp = CorrectorNetwork(cache.dimension, hidden=16)
+    torch.nn.init.normal_(mlp.mlp[-1].weight, std=0.3)
+    two_step = _miner(cache, "corrected", num_negatives=3, corrector=mlp, index="two-step", shortlist=len(CORPUS))
+    exact = _miner(cache, "corrected", num_negatives=3, corrector=mlp, index="exact")
+    assert torch.equal(two_step.mine(queries, positives), exact.mine(queries, positives))
+
+
+def test_corrected_matrix_in_chunks_into_a_float16_memmap(cache, tmp_path: Path) -> None:
+    from st_daft.index import build_faiss_index, corrected_matrix, exact_search
+
+    corrector = CorrectorNetwork(cache.dimension, hidden=16)
+    torch.nn.init.normal_(corrector.mlp[-1].weight, std=0.3)
+    in_memory = corrected_matrix(cache.embeddings, corrector, chunk_size=5)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(corrector(cache.embeddings), dim=1)
+    torch.testing.assert_close(in_memory, expected)
+    mapped = corrected_matrix(cache.embeddings.half(), corrector, chunk_size=5, path=tmp_path / "corrected.npy")
+    assert mapped.dtype == np.float16 and isinstance(np.load(tmp_path / "corrected.npy", mmap_mode="r"), np.memmap)
+    np.testing.assert_allclose(mapped.astype(np.float32), expected.numpy(), atol=5e-3)
+    scores, rows = exact_search(mapped, expected[:3], 2, chunk_size=4)
+    assert rows[:, 0].tolist() == [0, 1, 2]
+    for kind in ("ivf", "hnsw"):
+        index = build_faiss_index(mapped, kind, nlist=2, storage="float16", chunk_size=5)
+        assert index.ntotal == len(cache) and index.search(expected[:2].numpy(), 1)[1][:, 0].tolist() == [0, 1]
 
 
 def test_refresh_follows_the_route(model, cache) -> None:
@@ -307,7 +538,7 @@ def test_recipe_finetunes_with_corrected_negatives(tiny_document_model_dir: Path
     summary = train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", config)
     logged = [row for row in summary.stages[1].log_history if "loss" in row]
     assert logged and logged[-1]["mining_encoded_negatives"] > 0 and "mining_corrected_error" in logged[-1]
-    assert (tmp_path / "run" / "stage-2-finetune" / "checkpoint-2" / CHECKPOINT_FOLDER / "miner_state.json").is_file()
+    assert (tmp_path / "run" / "stage-2-finetune" / "checkpoint-2" / CHECKPOINT_FOLDER / STATE_FILE).is_file()
     SentenceTransformer(str(tmp_path / "run"), device="cpu")  # a plain model: no corrector inside
 
 

@@ -312,38 +312,24 @@ def test_a_corrected_recipe_run_gets_its_card_and_keeps_artefacts_beside_the_mod
     evaluate_retrieval's scores), as the recipe is to record it. The recipe keeps cache and corrector in its stage
     checkpoints; the model itself (what modules.json names, what save() writes, what push_to_hub uploads) holds none
     of them, and uploading the run folder as is is refused."""
-    from st_daft import DAFTConfig, StageConfig, load_beir, train_daft
+    from st_daft import DAFTConfig, FinetuneStage, load_beir, train_daft
     from st_daft.evaluation import evaluate_retrieval
 
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
-    config = DAFTConfig(
-        stages=("finetune",),
-        finetune=StageConfig(max_steps=2, batch_size=4, eval_steps=1, warmup_ratio=0.0, logging_steps=1),
+    finetune = FinetuneStage(
+        max_steps=2, batch_size=4, eval_steps=1, warmup_ratio=0.0, logging_steps=1, learning_rate=1e-3,
         negatives="corrected",
         num_negatives=2,
-        validation_fraction=0.2,
-        num_validation_texts=16,
     )
+    config = DAFTConfig(stages=[finetune], validation_fraction=0.2, num_validation_texts=16)
     output = tmp_path / "run"
     summary = train_daft(model, load_beir(tiny_beir_dir, "train"), output, config)
-    stage = summary["stages"][0]
-    record_stage(
-        model,
-        {
-            "name": stage["stage"],
-            "steps": stage["global_step"],
-            "budget": config.finetune.max_steps,
-            "learning_rates": {
-                "query": config.finetune.learning_rate,
-                "document": config.finetune.document_learning_rate,
-            },
-            "stopped_reason": stage["stopped_reason"],
-            "collapsed": stage["collapsed"],
-            "final_metrics": stage["final_metrics"],
-        },
-    )
-    negatives = negatives_from_log_history(stage["log_history"], config.negatives)
-    record_negatives(model, {**negatives, "num_negatives": config.num_negatives})
+    # The recipe itself recorded the stage and its negatives on the card.
+    stage = summary.stages[0]
+    negatives = negatives_from_log_history(stage.log_history, finetune.negatives)
+    readme = (output / "README.md").read_text()
+    assert "| `finetune` | 2 of 2 | query 0.001, document 2e-05 | budget reached | no |" in readme
+    assert "2211.04942" in readme and "2409.01890" in readme
     scores = evaluate_retrieval(model, load_beir(tiny_beir_dir, "test"), show_progress_bar=False)
     record_evaluation(model, scores)
     write_model_card(model, output)

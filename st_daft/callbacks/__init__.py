@@ -2,14 +2,24 @@
 
 from st_daft.callbacks.collapse import CollapseStopCallback
 from st_daft.callbacks.model_card import ModelCardCallback
+from st_daft.callbacks.negative_mining import (
+    CorpusRefreshCallback,
+    MiningStepCallback,
+    NegativeMiningStateCallback,
+    negative_mining_callbacks,
+)
 from st_daft.callbacks.non_finite import NonFiniteLossCallback, NonFiniteLossError
 from st_daft.callbacks.statistics import LoggingStatistics, LogStatisticsCallback
 
 __all__ = [
     "CollapseStopCallback",
+    "CorpusRefreshCallback",
     "LoggingStatistics",
     "LogStatisticsCallback",
+    "MiningStepCallback",
     "ModelCardCallback",
+    "NegativeMiningStateCallback",
+    "negative_mining_callbacks",
     "NonFiniteLossCallback",
     "NonFiniteLossError",
 ]
