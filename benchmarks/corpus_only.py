@@ -36,8 +36,9 @@ from typing import Any
 
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.base.sampler import BatchSamplers
+from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator, SequentialEvaluator
 
-from st_daft import build_asymmetric_model, freeze_route, load_beir, unfreeze_route
+from st_daft import build_asymmetric_model, freeze_route, get_route, load_beir, unfreeze_route
 from st_daft.collapse import CollapseEvaluator, CollapseMonitorCallback
 from st_daft.corpus_alignment import TEXT_KINDS, alignment_dataset, alignment_examples, document_embeddings
 from st_daft.data import RetrievalData
@@ -45,11 +46,13 @@ from st_daft.evaluation import _documents_from_store, evaluate_retrieval
 from st_daft.losses import LabelFreeAlignmentLoss
 from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE
 from st_daft.store import DocumentEmbeddingStore
-from st_daft.vocabulary import initialize_static_route
+from st_daft.vocabulary import corpus_token_weights, initialize_static_route, reweight_static_route
 
 logger = logging.getLogger("corpus_only")
 RESULTS = Path(__file__).parent / "results" / "corpus_only"
 KL_NAME = "alignment"
+PSEUDO_NAME = "pseudo"
+PSEUDO_METRIC = f"eval_{PSEUDO_NAME}_cosine_ndcg@10"
 
 
 def kl_texts(corpus: dict[str, str], count: int, seed: int) -> list[str]:
@@ -60,6 +63,22 @@ def kl_texts(corpus: dict[str, str], count: int, seed: int) -> list[str]:
         first_sentence = re.split(r"(?<=[.!?])\s", corpus[doc_id], maxsplit=1)[0]
         texts.append(" ".join(first_sentence.split()[:48]))
     return texts
+
+
+def pseudo_queries(corpus: dict[str, str], count: int, seed: int) -> dict[str, tuple[str, str]]:
+    """``count`` random 4-10-word spans, one per random document: ``{query id: (span, source document id)}``.
+
+    The label-free proxy of retrieval quality: can the route find the document a span was cut from?
+    """
+    rng = random.Random(seed)
+    queries = {}
+    for doc_id in rng.sample(sorted(corpus), min(count, len(corpus))):
+        words = corpus[doc_id].split()
+        length = rng.randint(4, 10)
+        if len(words) > length:
+            start = rng.randrange(len(words) - length)
+            queries[f"pq-{doc_id}"] = (" ".join(words[start : start + length]), doc_id)
+    return queries
 
 
 def parse_args() -> argparse.Namespace:
@@ -88,6 +107,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kl-patience", type=int, default=3, help="0: no early stopping")
     parser.add_argument("--no-best", action="store_true", help="keep the last step, not the lowest-KL checkpoint")
     parser.add_argument("--no-vocabulary", action="store_true", help="skip the vocabulary stage")
+    parser.add_argument(
+        "--token-weights",
+        default="zipf",
+        choices=["zipf", "idf", "none"],
+        help="row norms of the distilled table: log(1 + token id) (model2vec), the corpus's BM25 IDF, or equal",
+    )
+    parser.add_argument(
+        "--select",
+        default="kl",
+        choices=["kl", "pseudo"],
+        help="checkpoint selection / early stopping: 1-NN KL, or nDCG@10 of held-out spans -> their documents",
+    )
+    parser.add_argument("--num-pseudo-queries", type=int, default=500)
     parser.add_argument("--num-kl-texts", type=int, default=500)
     parser.add_argument("--document-store", default=None)
     parser.add_argument("--name", default=None, help="results file name (default: derived from the settings)")
@@ -104,7 +136,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     model = build_asymmetric_model(query_encoder="static", seed=args.seed)
     if not args.no_vocabulary:
-        initialize_static_route(model, store=store)
+        initialize_static_route(model, zipf_weighting=args.token_weights == "zipf", store=store)
+        if args.token_weights == "idf":
+            static = get_route(model, QUERY_ROUTE)[0]
+            reweight_static_route(model, corpus_token_weights(static, data.corpus.values()))
     timings["vocabulary_s"] = time.perf_counter() - started
 
     freeze_route(model, DOCUMENT_ROUTE)
@@ -119,6 +154,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.text_seed,
         spans_per_document=args.spans_per_document,
     )
+    held_out = pseudo_queries(data.corpus, args.num_pseudo_queries, args.text_seed + 2)
+    held_out_texts = {text for text, _ in held_out.values()}
+    examples = [example for example in examples if example[0] not in held_out_texts]
     texts = [text for text, _ in examples]
     documents = None
     rows = None
@@ -138,7 +176,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         document_weight=args.document_weight,
         document_scale=args.document_scale,
     )
-    evaluator = CollapseEvaluator(kl_texts(data.corpus, args.num_kl_texts, args.text_seed + 1), name=KL_NAME)
+    evaluator = SequentialEvaluator(
+        [
+            CollapseEvaluator(kl_texts(data.corpus, args.num_kl_texts, args.text_seed + 1), name=KL_NAME),
+            InformationRetrievalEvaluator(
+                {qid: text for qid, (text, _) in held_out.items()},
+                data.corpus,
+                {qid: {doc_id} for qid, (_, doc_id) in held_out.items()},
+                name=PSEUDO_NAME,
+                batch_size=64,
+                write_csv=False,
+                show_progress_bar=False,
+            ),
+        ]
+    )
     monitor = CollapseMonitorCallback(
         evaluator_name=KL_NAME, kl_patience=args.kl_patience or None, stop_on_collapse=False
     )
@@ -156,8 +207,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save_steps=args.eval_steps,
         save_total_limit=2,
         load_best_model_at_end=not args.no_best,
-        metric_for_best_model=f"eval_{KL_NAME}_knn_kl",
-        greater_is_better=False,
+        metric_for_best_model=f"eval_{KL_NAME}_knn_kl" if args.select == "kl" else PSEUDO_METRIC,
+        greater_is_better=args.select != "kl",
         logging_steps=10,
         seed=args.seed,
         report_to="none",
@@ -190,6 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "best_kl": trainer.state.best_metric,
         "stopped_reason": monitor.stopped_reason,
         "kl_history": [(row["step"], row[f"eval_{KL_NAME}_knn_kl"]) for row in evaluations],
+        "pseudo_ndcg_history": [(row["step"], row.get(PSEUDO_METRIC)) for row in evaluations],
         "ndcg_at_10": scores["ndcg_at_10"],
         "recall_at_100": scores.get("recall_at_100"),
         "mrr_at_10": scores.get("mrr_at_10"),

@@ -11,7 +11,13 @@ import torch
 from st_daft import DAFTConfig, StageConfig, build_asymmetric_model, get_route, load_beir, train_daft
 from st_daft.corpus_alignment import alignment_dataset, alignment_examples, alignment_texts, document_embeddings
 from st_daft.losses import LabelFreeAlignmentLoss
-from st_daft.vocabulary import distill_token_embeddings, initialize_static_route, vocabulary_texts
+from st_daft.vocabulary import (
+    corpus_token_weights,
+    distill_token_embeddings,
+    initialize_static_route,
+    reweight_static_route,
+    vocabulary_texts,
+)
 
 CORPUS = {
     "a": "Cells divide by mitosis. The nucleus holds the chromosomes and the genome inside them.",
@@ -270,3 +276,27 @@ def test_label_free_loss_ranks_each_text_s_source_document_first(model) -> None:
         loss([model.preprocess(texts, task="query") | {"task": "query"}], labels[:, :-1])
     with pytest.raises(ValueError, match="document_weight"):
         LabelFreeAlignmentLoss(model, document_weight=-1.0)
+
+
+def test_corpus_token_weights_give_rare_tokens_larger_norms(tiny_document_model_dir: Path) -> None:
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    static = get_route(model, "query")[0]
+    documents = ["the heart pumps blood", "the cells divide", "the heart and the cells"]
+    weights = corpus_token_weights(static, documents)
+    vocabulary = static.tokenizer.get_vocab()
+    the, heart, pumps = (weights[vocabulary[token]].item() for token in ("the", "heart", "pumps"))
+    assert the < heart < pumps  # in 3, 2 and 1 of the 3 documents
+    assert pumps == pytest.approx(np.log1p(2.5 / 1.5), rel=1e-5)  # BM25's IDF
+    queries = ["heart cells divide", "blood"]
+    before_norm = static.embedding.weight.detach().norm(dim=1).mean().item()
+    directions = torch.nn.functional.normalize(static.embedding.weight.detach().clone(), dim=1)
+    reweight_static_route(model, weights)
+    table = static.embedding.weight.detach()
+    assert table.norm(dim=1).mean().item() == pytest.approx(before_norm, rel=1e-4), "keeps the table's scale"
+    used = directions.norm(dim=1) > 0  # rows that are all zero (padding) stay zero
+    ratio = table.norm(dim=1)[used] / weights[used]
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4), "norms proportional to the weights"
+    assert torch.allclose(torch.nn.functional.normalize(table, dim=1), directions, atol=1e-5), "directions kept"
+    assert model.encode_query(queries).shape[0] == 2
+    with pytest.raises(ValueError, match="one weight per table row"):
+        reweight_static_route(model, weights[:3])
