@@ -122,6 +122,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-pseudo-queries", type=int, default=500)
     parser.add_argument("--num-kl-texts", type=int, default=500)
     parser.add_argument("--document-store", default=None)
+    parser.add_argument("--document-encoder", default=None, help="default: the packaged all-MiniLM-L6-v2")
     parser.add_argument("--name", default=None, help="results file name (default: derived from the settings)")
     parser.add_argument("--work", default=None, help="checkpoint folder (default: a temporary folder)")
     return parser.parse_args()
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    model = build_asymmetric_model(query_encoder="static", seed=args.seed)
+    model = build_asymmetric_model(args.document_encoder, query_encoder="static", seed=args.seed)
     if not args.no_vocabulary:
         initialize_static_route(model, zipf_weighting=args.token_weights == "zipf", store=store)
         if args.token_weights == "idf":
