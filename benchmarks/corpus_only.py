@@ -40,7 +40,13 @@ from sentence_transformers.sentence_transformer.evaluation import InformationRet
 
 from st_daft import build_asymmetric_model, freeze_route, get_route, load_beir, unfreeze_route
 from st_daft.collapse import CollapseEvaluator, CollapseMonitorCallback
-from st_daft.corpus_alignment import TEXT_KINDS, alignment_dataset, alignment_examples, document_embeddings
+from st_daft.corpus_alignment import (
+    TEXT_KINDS,
+    alignment_dataset,
+    alignment_examples,
+    document_embeddings,
+    pseudo_query_dataset,
+)
 from st_daft.data import RetrievalData
 from st_daft.evaluation import _documents_from_store, evaluate_retrieval
 from st_daft.losses import LabelFreeAlignmentLoss
@@ -103,6 +109,13 @@ def parse_args() -> argparse.Namespace:
         "--document-weight", type=float, default=0.0, help="text -> source-document InfoNCE over the corpus (0: off)"
     )
     parser.add_argument("--document-scale", type=float, default=None)
+    parser.add_argument(
+        "--targets",
+        default="text",
+        choices=["text", "document"],
+        help="regression targets: the document route's embedding of each text (encodes every text once), or of "
+        "its source document (pseudo-query -> document pairs; nothing to encode beyond the corpus)",
+    )
     parser.add_argument("--eval-steps", type=int, default=250, help="KL evaluation / checkpoint interval")
     parser.add_argument("--kl-patience", type=int, default=3, help="0: no early stopping")
     parser.add_argument("--no-best", action="store_true", help="keep the last step, not the lowest-KL checkpoint")
@@ -160,12 +173,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     examples = [example for example in examples if example[0] not in held_out_texts]
     texts = [text for text, _ in examples]
     documents = None
-    rows = None
-    if args.document_weight > 0:
+    if args.targets == "document":
         ids, documents = document_embeddings(model, data.corpus, store=store)
-        row_of = {doc_id: row for row, doc_id in enumerate(ids)}
-        rows = [row_of[doc_id] for _, doc_id in examples]
-    pairs = alignment_dataset(model, texts, store=store, document_rows=rows)
+        pairs = pseudo_query_dataset(examples, ids, documents)
+    else:
+        rows = None
+        if args.document_weight > 0:
+            ids, documents = document_embeddings(model, data.corpus, store=store)
+            row_of = {doc_id: row for row, doc_id in enumerate(ids)}
+            rows = [row_of[doc_id] for _, doc_id in examples]
+        pairs = alignment_dataset(model, texts, store=store, document_rows=rows)
     timings["targets_s"] = time.perf_counter() - started - timings["vocabulary_s"]
 
     loss = LabelFreeAlignmentLoss(
@@ -177,9 +194,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         document_weight=args.document_weight,
         document_scale=args.document_scale,
     )
+    evaluators: list[Any] = []
+    if args.num_kl_texts:  # the KL criterion needs the document route's embeddings of its texts
+        evaluators.append(
+            CollapseEvaluator(kl_texts(data.corpus, args.num_kl_texts, args.text_seed + 1), name=KL_NAME)
+        )
+    elif args.select == "kl":
+        raise SystemExit("--select kl needs --num-kl-texts > 0")
     evaluator = SequentialEvaluator(
         [
-            CollapseEvaluator(kl_texts(data.corpus, args.num_kl_texts, args.text_seed + 1), name=KL_NAME),
+            *evaluators,
             InformationRetrievalEvaluator(
                 {qid: text for qid, (text, _) in held_out.items()},
                 data.corpus,
@@ -216,10 +240,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         router_mapping={"text": QUERY_ROUTE},
     )
     trainer = SentenceTransformerTrainer(
-        model=model, args=training_args, train_dataset=pairs, loss=loss, evaluator=evaluator, callbacks=[monitor]
+        model=model, args=training_args, train_dataset=pairs, loss=loss, evaluator=evaluator
     )
-    trainer.callback_handler.callbacks.remove(monitor)
-    trainer.callback_handler.callbacks.insert(0, monitor)
+    if args.num_kl_texts:
+        trainer.callback_handler.callbacks.insert(0, monitor)  # before the printer: it merges statistics into logs
     train_started = time.perf_counter()
     # The document route is frozen: the KL evaluator's document embeddings come from the store.
     with _documents_from_store(model, store):
@@ -228,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unfreeze_route(model, DOCUMENT_ROUTE)
     model.eval()
 
-    evaluations = [row for row in trainer.state.log_history if f"eval_{KL_NAME}_knn_kl" in row]
+    evaluations = [row for row in trainer.state.log_history if PSEUDO_METRIC in row]
     scores = evaluate_retrieval(model, data, show_progress_bar=False, document_store=store)
     timings["total_s"] = time.perf_counter() - started
     return {
@@ -241,7 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "best_kl": trainer.state.best_metric,
         "stopped_reason": monitor.stopped_reason,
-        "kl_history": [(row["step"], row[f"eval_{KL_NAME}_knn_kl"]) for row in evaluations],
+        "kl_history": [(row["step"], row.get(f"eval_{KL_NAME}_knn_kl")) for row in evaluations],
         "pseudo_ndcg_history": [(row["step"], row.get(PSEUDO_METRIC)) for row in evaluations],
         "ndcg_at_10": scores["ndcg_at_10"],
         "recall_at_100": scores.get("recall_at_100"),

@@ -20,7 +20,14 @@ from torch import Tensor
 from st_daft.cache import embed_documents
 from st_daft.store import DocumentEmbeddingStore
 
-__all__ = ["alignment_examples", "alignment_texts", "alignment_dataset", "document_embeddings", "TEXT_KINDS"]
+__all__ = [
+    "alignment_examples",
+    "alignment_texts",
+    "alignment_dataset",
+    "document_embeddings",
+    "pseudo_query_dataset",
+    "TEXT_KINDS",
+]
 
 TEXT_KINDS = ("titles", "sentences", "spans", "passages")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -152,3 +159,24 @@ def document_embeddings(
         model, [corpus[doc_id] for doc_id in ids], batch_size, show_progress_bar=show_progress_bar, store=store
     )
     return ids, embeddings
+
+
+def pseudo_query_dataset(
+    examples: list[tuple[str, str]], document_ids: list[str], document_embeddings: Tensor
+) -> Dataset:
+    """``{"text", "label"}`` rows for ``(text, source document id)`` pairs (:func:`alignment_examples`) whose target
+    is the source document's embedding, with the document's row appended as the last label column.
+
+    A text cut from a document is a pseudo-query for it: these pairs train the query route on the real task (query
+    -> document) with no labels, and they need no encoding beyond the corpus itself, which retrieval embeds anyway.
+    Use with :class:`~st_daft.losses.LabelFreeAlignmentLoss` given the same ``document_embeddings``.
+    """
+    if not examples:
+        raise ValueError("no alignment texts")
+    row_of = {doc_id: row for row, doc_id in enumerate(document_ids)}
+    unknown = sorted({doc_id for _, doc_id in examples if doc_id not in row_of})
+    if unknown:
+        raise ValueError(f"source document(s) {unknown[:3]} are not among the {len(row_of)} document ids")
+    rows = torch.tensor([row_of[doc_id] for _, doc_id in examples])
+    targets = torch.cat([document_embeddings[rows].float(), rows[:, None].float()], dim=1)
+    return Dataset.from_dict({"text": [text for text, _ in examples], "label": targets.tolist()})
