@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from st_daft import DAFTConfig, StageConfig, build_asymmetric_model, get_route, load_beir, train_daft
-from st_daft.corpus_alignment import alignment_dataset, alignment_examples, alignment_texts, document_embeddings
+from st_daft.corpus_alignment import (
+    alignment_dataset,
+    alignment_examples,
+    alignment_texts,
+    document_embeddings,
+    pseudo_query_dataset,
+)
 from st_daft.losses import LabelFreeAlignmentLoss
 from st_daft.vocabulary import (
     corpus_token_weights,
@@ -300,3 +306,18 @@ def test_corpus_token_weights_give_rare_tokens_larger_norms(tiny_document_model_
     assert model.encode_query(queries).shape[0] == 2
     with pytest.raises(ValueError, match="one weight per table row"):
         reweight_static_route(model, weights[:3])
+
+
+def test_pseudo_query_dataset_targets_the_source_documents(model) -> None:
+    examples = alignment_examples(CORPUS, TITLES, max_texts=10)
+    ids, documents = document_embeddings(model, CORPUS, show_progress_bar=False)
+    dataset = pseudo_query_dataset(examples, ids, documents)
+    labels = torch.tensor(dataset["label"])
+    rows = [ids.index(doc_id) for _, doc_id in examples]
+    assert dataset["text"] == [text for text, _ in examples] and labels[:, -1].tolist() == rows
+    assert torch.allclose(labels[:, :-1], documents[rows], atol=1e-6)
+    loss = LabelFreeAlignmentLoss(model, document_embeddings=documents)
+    features = model.preprocess(dataset["text"], task="query") | {"task": "query"}
+    assert set(loss([features], labels)) == {"regression", "contrastive", "document"}
+    with pytest.raises(ValueError, match="not among the 2 document ids"):
+        pseudo_query_dataset([("a text", "zzz")], ids, documents)
