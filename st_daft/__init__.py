@@ -15,7 +15,7 @@ from st_daft.collapse import (
     mean_pairwise_cosine,
     per_dimension_std,
 )
-from st_daft.corpus_alignment import alignment_dataset, alignment_texts
+from st_daft.corpus_alignment import alignment_dataset, alignment_examples, alignment_texts, pseudo_query_dataset
 from st_daft.corrector import CorrectorNetwork, drift_loss, staleness_error
 from st_daft.data import DataError, RetrievalData, load_beir
 from st_daft.evaluation import evaluate_retrieval, to_mteb_task
@@ -45,6 +45,8 @@ __version__ = "0.1.0"
 __all__ = [
     "alignment_dataset",
     "alignment_texts",
+    "alignment_examples",
+    "pseudo_query_dataset",
     "build_asymmetric_model",
     "CacheMismatchError",
     "collapse_statistics",
