@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "texts_by_kind_sample": texts[:8],
         "global_step": trainer.state.global_step,
         "best_checkpoint": trainer.state.best_model_checkpoint,
-        "best_kl": trainer.state.best_metric,
+        "best_metric": trainer.state.best_metric,  # the KL or the proxy, as --select says
         "stopped_reason": monitor.stopped_reason,
         "kl_history": [(row["step"], row.get(f"eval_{KL_NAME}_knn_kl")) for row in evaluations],
         "pseudo_ndcg_history": [(row["step"], row.get(PSEUDO_METRIC)) for row in evaluations],
@@ -286,7 +286,7 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2, default=str))
     print(
         f"{name}: nDCG@10 {result['ndcg_at_10']:.4f} R@100 {result['recall_at_100']:.4f} "
-        f"steps {result['global_step']} best KL {result['best_kl']} ({result['timings']}) -> {path}"
+        f"steps {result['global_step']} best {args.select} {result['best_metric']} ({result['timings']}) -> {path}"
     )
 
 
