@@ -23,7 +23,7 @@ from st_daft.collapse import (
     mean_pairwise_cosine,
     per_dimension_std,
 )
-from st_daft.corpus_alignment import alignment_dataset, alignment_texts
+from st_daft.corpus_alignment import alignment_dataset, alignment_examples, alignment_texts, pseudo_query_dataset
 from st_daft.corrector import CorrectorNetwork, CorrectorTrainer, drift_loss, staleness_error
 from st_daft.data import DataError, RetrievalData, load_beir, load_corpus, load_queries_file
 from st_daft.evaluation import evaluate_retrieval, to_mteb_task
@@ -72,6 +72,8 @@ __all__ = [
     "alignment_dataset",
     "alignment_texts",
     "attach_model_card",
+    "alignment_examples",
+    "pseudo_query_dataset",
     "build_asymmetric_model",
     "build_negative_mining",
     "CacheMismatchError",

@@ -20,6 +20,7 @@ corpus and align stages; the ``tokenlearn`` query encoder was removed for it.)
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -32,7 +33,13 @@ from st_daft.store import DocumentEmbeddingStore
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["distill_token_embeddings", "initialize_static_route", "vocabulary_texts"]
+__all__ = [
+    "corpus_token_weights",
+    "distill_token_embeddings",
+    "initialize_static_route",
+    "reweight_static_route",
+    "vocabulary_texts",
+]
 
 
 def vocabulary_texts(static: StaticEmbedding) -> list[str]:
@@ -196,3 +203,47 @@ def _fit_projection(tokens: Tensor, targets: Tensor, projection: Dense, ridge: f
         if projection.linear.bias is not None:
             projection.linear.bias.copy_(solution[-1].float())
     return (inputs @ solution).float()
+
+
+def corpus_token_weights(static: StaticEmbedding, documents: Iterable[str], batch_size: int = 1024) -> Tensor:
+    """BM25's inverse document frequency of every row of a static table over ``documents``.
+
+    ``log(1 + (N - df + 0.5) / (df + 0.5))`` with ``df`` the number of documents whose tokens (the static route's
+    own tokenizer) include the row's token; a token no document uses gets the largest weight, ``log(1 + 2N + 1)``.
+    """
+    documents = list(documents)
+    if not documents:
+        raise ValueError("corpus_token_weights needs at least one document")
+    frequency = torch.zeros(static.num_embeddings, dtype=torch.float64)
+    for start in range(0, len(documents), batch_size):
+        for encoding in static.tokenizer.encode_batch(documents[start : start + batch_size], add_special_tokens=False):
+            frequency[torch.tensor(sorted(set(encoding.ids)), dtype=torch.long)] += 1
+    count = len(documents)
+    return torch.log1p((count - frequency + 0.5) / (frequency + 0.5)).float()
+
+
+def reweight_static_route(model: SentenceTransformer, weights: Tensor, keep_scale: bool = True) -> None:
+    """Give every row of the static query table the norm ``weights[row]``, keeping its direction.
+
+    A static route mean-pools its token vectors, so a row's norm is that token's weight in every query: with
+    :func:`corpus_token_weights` rare words of the corpus count more than common ones, as in BM25 (an alternative to
+    the Zipf weighting of :func:`initialize_static_route`, which uses tokenizer ids as a frequency proxy). With
+    ``keep_scale`` the table is then rescaled to its previous mean row norm (same outputs; see
+    :func:`initialize_static_route`).
+    """
+    static = get_route(model, QUERY_ROUTE)[0]
+    if not isinstance(static, StaticEmbedding):
+        raise ValueError(f"token weights need a static query route, found {type(static).__name__}")
+    weight = static.embedding.weight
+    if weights.shape != (weight.shape[0],):
+        raise ValueError(f"expected one weight per table row ({weight.shape[0]}), got shape {tuple(weights.shape)}")
+    with torch.no_grad():
+        table = weight.detach().float()
+        norms = table.norm(dim=1, keepdim=True)
+        used = norms.squeeze(1) > 0
+        scaled = torch.where(norms > 0, table / norms.clamp_min(1e-12), table) * weights.float()[:, None]
+        if keep_scale and used.any():
+            new_norm = scaled[used].norm(dim=1).mean()
+            if new_norm > 0:
+                scaled = scaled * (norms.squeeze(1)[used].mean() / new_norm)
+        weight.copy_(scaled.to(weight.dtype))

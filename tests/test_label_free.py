@@ -9,9 +9,21 @@ import pytest
 import torch
 
 from st_daft import AlignStage, CorpusStage, DAFTConfig, build_asymmetric_model, get_route, load_beir, train_daft
-from st_daft.corpus_alignment import alignment_dataset, alignment_texts
+from st_daft.corpus_alignment import (
+    alignment_dataset,
+    alignment_examples,
+    alignment_texts,
+    document_embeddings,
+    pseudo_query_dataset,
+)
 from st_daft.losses import LabelFreeAlignmentLoss
-from st_daft.vocabulary import distill_token_embeddings, initialize_static_route, vocabulary_texts
+from st_daft.vocabulary import (
+    corpus_token_weights,
+    distill_token_embeddings,
+    initialize_static_route,
+    reweight_static_route,
+    vocabulary_texts,
+)
 
 CORPUS = {
     "a": "Cells divide by mitosis. The nucleus holds the chromosomes and the genome inside them.",
@@ -205,3 +217,106 @@ def test_vocabulary_texts_drop_word_boundary_markers() -> None:
     vocabulary = {"[UNK]": 0, "\u2581python": 1, "\u0120string": 2, "##ing": 3, "\u2581": 4, "plain": 5}
     static = StaticEmbedding(Tokenizer(WordLevel(vocabulary, unk_token="[UNK]")), embedding_dim=4)
     assert vocabulary_texts(static) == ["[UNK]", "python", "string", "ing", "\u2581", "plain"]
+
+
+def test_alignment_examples_name_the_document_each_text_comes_from() -> None:
+    examples = alignment_examples(CORPUS, TITLES, max_texts=1000, seed=0)
+    assert [text for text, _ in examples] == alignment_texts(CORPUS, TITLES, max_texts=1000, seed=0)
+    for text, doc_id in examples:
+        assert text in CORPUS[doc_id] or text == TITLES[doc_id], (text, doc_id)
+    spans = alignment_examples(CORPUS, kinds=["spans"], span_words=(2, 2), spans_per_document=5, seed=1)
+    assert spans and all(len(text.split()) == 2 for text, _ in spans)
+    with pytest.raises(ValueError, match="span_words"):
+        alignment_examples(CORPUS, kinds=["spans"], span_words=(5, 2))
+
+
+def test_alignment_dataset_appends_the_source_document_row(model) -> None:
+    examples = alignment_examples(CORPUS, TITLES, max_texts=6)
+    ids, documents = document_embeddings(model, CORPUS, show_progress_bar=False)
+    assert ids == list(CORPUS) and documents.shape == (2, model.get_embedding_dimension())
+    np.testing.assert_allclose(documents.numpy(), model.encode_document(list(CORPUS.values())), atol=1e-5)
+    rows = [ids.index(doc_id) for _, doc_id in examples]
+    dataset = alignment_dataset(model, [text for text, _ in examples], show_progress_bar=False, document_rows=rows)
+    labels = np.array(dataset["label"])
+    assert labels.shape == (6, documents.shape[1] + 1) and labels[:, -1].tolist() == rows
+    with pytest.raises(ValueError, match="document_rows has 1 entries for 6 texts"):
+        alignment_dataset(model, [text for text, _ in examples], show_progress_bar=False, document_rows=[0])
+
+
+def test_label_free_loss_ranks_each_text_s_source_document_first(model) -> None:
+    corpus = {
+        "a": "mitosis splits the cell nucleus",
+        "b": "the heart pumps blood",
+        "c": "python strings are immutable",
+        "d": "rivers flow to the sea",
+    }
+    examples = [(text, doc_id) for doc_id, doc in corpus.items() for text in (doc, " ".join(doc.split()[-2:]))]
+    texts = [text for text, _ in examples]
+    ids, documents = document_embeddings(model, corpus, show_progress_bar=False)
+    rows = [ids.index(doc_id) for _, doc_id in examples]
+    labels = torch.tensor(alignment_dataset(model, texts, show_progress_bar=False, document_rows=rows)["label"])
+    loss = LabelFreeAlignmentLoss(model, contrastive_weight=0.0, document_embeddings=documents, document_weight=1.0)
+    assert loss.get_config_dict()["document_weight"] == 1.0
+    optimizer = torch.optim.Adam(get_route(model, "query").parameters(), lr=1e-2)
+    model.train()
+
+    def step() -> float:
+        features = model.preprocess(texts, task="query")
+        features["task"] = "query"
+        parts = loss([features], labels)
+        assert set(parts) == {"regression", "document"}
+        optimizer.zero_grad()
+        sum(parts.values()).backward()
+        optimizer.step()
+        return parts["document"].item()
+
+    first = step()
+    for _ in range(60):
+        last = step()
+    assert last < first / 2, (first, last)
+    scores = model.encode_query(texts, convert_to_tensor=True) @ documents.T.to(model.device)
+    assert scores.argmax(dim=1).tolist() == rows
+
+    with pytest.raises(ValueError, match="labels need"):
+        loss([model.preprocess(texts, task="query") | {"task": "query"}], labels[:, :-1])
+    with pytest.raises(ValueError, match="document_weight"):
+        LabelFreeAlignmentLoss(model, document_weight=-1.0)
+
+
+def test_corpus_token_weights_give_rare_tokens_larger_norms(tiny_document_model_dir: Path) -> None:
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    static = get_route(model, "query")[0]
+    documents = ["the heart pumps blood", "the cells divide", "the heart and the cells"]
+    weights = corpus_token_weights(static, documents)
+    vocabulary = static.tokenizer.get_vocab()
+    the, heart, pumps = (weights[vocabulary[token]].item() for token in ("the", "heart", "pumps"))
+    assert the < heart < pumps  # in 3, 2 and 1 of the 3 documents
+    assert pumps == pytest.approx(np.log1p(2.5 / 1.5), rel=1e-5)  # BM25's IDF
+    queries = ["heart cells divide", "blood"]
+    before_norm = static.embedding.weight.detach().norm(dim=1).mean().item()
+    directions = torch.nn.functional.normalize(static.embedding.weight.detach().clone(), dim=1)
+    reweight_static_route(model, weights)
+    table = static.embedding.weight.detach()
+    assert table.norm(dim=1).mean().item() == pytest.approx(before_norm, rel=1e-4), "keeps the table's scale"
+    used = directions.norm(dim=1) > 0  # rows that are all zero (padding) stay zero
+    ratio = table.norm(dim=1)[used] / weights[used]
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4), "norms proportional to the weights"
+    assert torch.allclose(torch.nn.functional.normalize(table, dim=1), directions, atol=1e-5), "directions kept"
+    assert model.encode_query(queries).shape[0] == 2
+    with pytest.raises(ValueError, match="one weight per table row"):
+        reweight_static_route(model, weights[:3])
+
+
+def test_pseudo_query_dataset_targets_the_source_documents(model) -> None:
+    examples = alignment_examples(CORPUS, TITLES, max_texts=10)
+    ids, documents = document_embeddings(model, CORPUS, show_progress_bar=False)
+    dataset = pseudo_query_dataset(examples, ids, documents)
+    labels = torch.tensor(dataset["label"])
+    rows = [ids.index(doc_id) for _, doc_id in examples]
+    assert dataset["text"] == [text for text, _ in examples] and labels[:, -1].tolist() == rows
+    assert torch.allclose(labels[:, :-1], documents[rows], atol=1e-6)
+    loss = LabelFreeAlignmentLoss(model, document_embeddings=documents)
+    features = model.preprocess(dataset["text"], task="query") | {"task": "query"}
+    assert set(loss([features], labels)) == {"regression", "contrastive", "document"}
+    with pytest.raises(ValueError, match="not among the 2 document ids"):
+        pseudo_query_dataset([("a text", "zzz")], ids, documents)

@@ -20,6 +20,9 @@ class LabelFreeAlignmentLoss(nn.Module):
         regression: Literal["cosine", "mse"] = "cosine",
         contrastive_weight: float = 1.0,
         scale: float = 20.0,
+        document_embeddings: Tensor | None = None,
+        document_weight: float = 1.0,
+        document_scale: float | None = None,
     ) -> None:
         """
         Distribution alignment without labelled queries. DAFT (Leonhardt, Jahnke & Anand 2022) aligns a light query
@@ -35,18 +38,30 @@ class LabelFreeAlignmentLoss(nn.Module):
         Regression pulls each embedding onto its target; the contrastive term keeps neighbouring texts apart, which
         is what retrieval needs.
 
+        The task itself is query -> document, and a text cut from a document is a label-free pseudo-query for it:
+        with ``document_embeddings`` (the document route's embeddings of the whole corpus), each label carries one
+        extra column, the row of the text's source document (:func:`st_daft.corpus_alignment.alignment_dataset`
+        with ``document_rows``), and a third term, weighted by ``document_weight``, is the InfoNCE of ``Q(t)``
+        against every document of the corpus with its source as the positive (DAFT's alignment loss with all corpus
+        documents as negatives, on pseudo-queries instead of labelled ones). Texts whose row is ``-1`` skip it.
+
         Args:
             model: an asymmetric model; the text column must be routed to ``"query"``.
             regression: ``"cosine"`` or ``"mse"``.
             contrastive_weight: weight of the in-batch InfoNCE term (0 disables it).
             scale: inverse temperature of the InfoNCE term.
+            document_embeddings: ``(num_documents, dim)`` document-route embeddings of the corpus the texts come
+                from (rows as in the labels' last column); None disables the text -> source-document term.
+            document_weight: weight of the text -> source-document InfoNCE term.
+            document_scale: its inverse temperature (default ``scale``).
 
         Inputs:
-            +--------+--------------------------------------------+
-            | Texts  | Labels                                     |
-            +========+============================================+
-            | text   | document-route embedding of the same text  |
-            +--------+--------------------------------------------+
+            +--------+-------------------------------------------------------------------------------------+
+            | Texts  | Labels                                                                              |
+            +========+=====================================================================================+
+            | text   | document-route embedding of the same text (+ the row of its source document, with  |
+            |        | ``document_embeddings``)                                                            |
+            +--------+-------------------------------------------------------------------------------------+
         """
         super().__init__()
         if regression not in ("cosine", "mse"):
@@ -56,7 +71,22 @@ class LabelFreeAlignmentLoss(nn.Module):
         self.model = model
         self.regression = regression
         self.contrastive_weight = contrastive_weight
+        if document_weight < 0:
+            raise ValueError("document_weight must be non-negative")
         self.ranking_loss = MultipleNegativesRankingLoss(model, scale=scale)
+        self.document_weight = document_weight
+        self.document_scale = scale if document_scale is None else document_scale
+        if document_embeddings is not None:
+            if document_embeddings.ndim != 2 or len(document_embeddings) == 0:
+                raise ValueError("document_embeddings must be a non-empty (num_documents, dim) matrix")
+            # A buffer follows the model's device; not persistent: the loss is not saved with the model.
+            self.register_buffer(
+                "document_embeddings",
+                torch.nn.functional.normalize(document_embeddings.detach().float(), dim=1),
+                persistent=False,
+            )
+        else:
+            self.document_embeddings = None
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> dict[str, Tensor]:
         sentence_features = list(sentence_features)
@@ -64,6 +94,15 @@ class LabelFreeAlignmentLoss(nn.Module):
             raise ValueError("LabelFreeAlignmentLoss needs the document-route embeddings of the texts as labels")
         embeddings = self.model(sentence_features[0])["sentence_embedding"]
         targets = labels.to(embeddings.device, embeddings.dtype)
+        source_rows = None
+        if self.document_embeddings is not None:
+            if targets.ndim != 2 or targets.shape[1] != embeddings.shape[1] + 1:
+                raise ValueError(
+                    f"with document_embeddings, labels need {embeddings.shape[1] + 1} columns (the text's target "
+                    f"embedding and its source document's row), got shape {tuple(targets.shape)}"
+                )
+            source_rows = labels[:, -1].to(embeddings.device).round().long()
+            targets = targets[:, :-1]
         if targets.shape != embeddings.shape:
             raise ValueError(
                 f"label embeddings of shape {tuple(targets.shape)} do not match the query route's "
@@ -77,13 +116,30 @@ class LabelFreeAlignmentLoss(nn.Module):
         if self.contrastive_weight > 0:
             contrastive = self.ranking_loss.compute_loss_from_embeddings([embeddings, targets], None)
             parts["contrastive"] = self.contrastive_weight * contrastive
+        if source_rows is not None and self.document_weight > 0:
+            parts["document"] = self.document_weight * self._document_term(embeddings, source_rows)
         return parts
+
+    def _document_term(self, embeddings: Tensor, source_rows: Tensor) -> Tensor:
+        """InfoNCE of each text against the whole corpus, its source document the positive."""
+        if source_rows.max() >= len(self.document_embeddings):
+            raise ValueError(
+                f"a label names document row {source_rows.max().item()} but there are only "
+                f"{len(self.document_embeddings)} document embeddings"
+            )
+        documents = self.document_embeddings.to(embeddings.device, embeddings.dtype)
+        scores = self.document_scale * torch.nn.functional.normalize(embeddings, dim=1) @ documents.T
+        if not (source_rows >= 0).any():
+            return scores.sum() * 0.0  # keeps the graph when no text in the batch has a source
+        return torch.nn.functional.cross_entropy(scores, source_rows, ignore_index=-1)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {
             "regression": self.regression,
             "contrastive_weight": self.contrastive_weight,
             "scale": self.ranking_loss.scale,
+            "document_weight": self.document_weight if self.document_embeddings is not None else 0.0,
+            "document_scale": self.document_scale,
         }
 
     @property
