@@ -106,8 +106,10 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "without queries: the label-free stages",
     )
     budget = train.add_argument_group("budgets and learning rates")
-    budget.add_argument("--corpus-steps", type=_positive_int, default=None, help="corpus-stage steps (default 1000)")
-    budget.add_argument("--corpus-max-texts", type=_positive_int, default=None, help="texts cut from the corpus")
+    budget.add_argument("--corpus-steps", type=_positive_int, default=None, help="corpus-stage steps (default 600)")
+    budget.add_argument(
+        "--corpus-max-texts", type=_positive_int, default=None, help="texts cut from the corpus (default 20000)"
+    )
     budget.add_argument("--corpus-lr", type=_positive_float, default=None, help="corpus-stage learning rate (1e-3)")
     budget.add_argument("--no-zipf", action="store_true", help="vocabulary stage without Zipf weighting")
     budget.add_argument("--max-steps", type=_positive_int, default=None, help="step budget of every stage")
