@@ -57,7 +57,8 @@ class BM25Search:
         language: an ISO 639-3 code (``"eng"``); by default the task's own language when bm25s has stopwords for it
             (English, German, Dutch, French, Spanish, Portuguese, Italian, Russian, Swedish, Norwegian), else no
             stopwords and no stemmer.
-        k1, b: BM25's term-frequency saturation and length normalisation.
+        k1: BM25's term-frequency saturation.
+        b: BM25's length normalisation.
         method: bm25s's scoring variant: ``"lucene"``, ``"robertson"``, ``"atire"``, ``"bm25l"``, ``"bm25+"``.
         show_progress_bar: bm25s's progress bars.
 

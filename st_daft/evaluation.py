@@ -476,7 +476,9 @@ def evaluate_collections(
         split: the split of every collection (``"test"`` by default).
         labels: a row label per model; by default the path given, the model's name, or ``"BM25"``.
         output_path: if given, the returned dict is written there as JSON.
-        batch_size, show_progress_bar, document_store: as in :func:`evaluate_retrieval`.
+        batch_size: as in :func:`evaluate_retrieval`.
+        show_progress_bar: as in :func:`evaluate_retrieval`.
+        document_store: as in :func:`evaluate_retrieval`.
 
     Returns:
         ``{"split", "collections": [names], "models": [labels], "scores": {label: {collection: flat scores}},
