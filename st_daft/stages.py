@@ -19,6 +19,7 @@ the lowest KL.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -182,24 +183,30 @@ def training_arguments(
     )
 
 
-def last_complete_checkpoint(folder: str | Path) -> str | None:
-    """The newest ``checkpoint-N`` in ``folder`` that was written to the end (transformers'
-    ``get_last_checkpoint``, skipping, with a warning, folders a kill left half-written)."""
+def last_complete_checkpoint(folder: str | Path, required: tuple[str, ...] = ()) -> str | None:
+    """The newest ``checkpoint-N`` in ``folder`` that was written to the end, skipping with a warning those a kill left
+    half-written: a checkpoint is complete when transformers' ``trainer_state.json`` (written last by the trainer)
+    parses, and every file in ``required`` (written after it by callbacks' ``on_save``, e.g. the miner's state) is
+    there."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if not folder.is_dir() or get_last_checkpoint(str(folder)) is None:
         return None
-    last = get_last_checkpoint(str(folder))
-    if last is None or (Path(last) / COMPLETE_CHECKPOINT_MARKER).is_file():
-        return last
     for candidate in reversed(sort_checkpoints(str(folder))):
-        if (Path(candidate) / COMPLETE_CHECKPOINT_MARKER).is_file():
+        missing = _incomplete(Path(candidate), required)
+        if missing is None:
             return candidate
-        logger.warning(
-            "skipping incomplete checkpoint %s (no %s: the run was interrupted while writing it)",
-            candidate,
-            COMPLETE_CHECKPOINT_MARKER,
-        )
+        logger.warning("skipping incomplete checkpoint %s (%s: interrupted while it was written)", candidate, missing)
     return None
+
+
+def _incomplete(checkpoint: Path, required: tuple[str, ...]) -> str | None:
+    """Why ``checkpoint`` is incomplete, or None."""
+    try:
+        json.loads((checkpoint / COMPLETE_CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"no readable {COMPLETE_CHECKPOINT_MARKER}"
+    absent = [name for name in required if not (checkpoint / name).exists()]
+    return f"no {absent[0]}" if absent else None
 
 
 @dataclass
@@ -226,6 +233,10 @@ class Stage:
 
     def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None) -> StageResult:
         raise NotImplementedError
+
+    def checkpoint_files(self) -> tuple[str, ...]:
+        """Files a complete checkpoint of this stage holds beside the trainer's (written by its callbacks)."""
+        return ()
 
     def settings(self) -> dict[str, Any]:
         return {"stage": self.name, **asdict(self)}
@@ -320,7 +331,7 @@ class TrainedStage(Stage):
             callbacks=[LogStatisticsCallback(loss), *callbacks],
         )
         trainer.add_callback(NonFiniteLossCallback(loss))  # after DefaultFlowCallback: it cancels that step's save
-        resume = last_complete_checkpoint(args.output_dir) if context.resume else None
+        resume = last_complete_checkpoint(args.output_dir, self.checkpoint_files()) if context.resume else None
         logger.info("stage %s: %s%s", self.name, args.output_dir, f" (resuming from {resume})" if resume else "")
         trainer.train(resume_from_checkpoint=resume)
         # Resuming replaces stateful callbacks by restored copies: read them back from the trainer.
@@ -507,6 +518,9 @@ class FinetuneStage(TrainedStage):
         parse_negatives(self.negatives)  # a malformed strategy fails here, before any training
         if self.num_negatives < 1:
             raise ValueError(f"num_negatives (--num-negatives) must be at least 1, got {self.num_negatives}")
+
+    def checkpoint_files(self) -> tuple[str, ...]:
+        return ("negative_mining/miner_state.json",) if self.mines() else ()
 
     def mines(self) -> bool:
         from st_daft.mining import parse_negatives

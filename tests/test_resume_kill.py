@@ -48,6 +48,8 @@ def _args(document_model: Path, data: Path, output: Path, *extra: str) -> list[s
         output,
         "--query-encoder",
         "tiny:1,32",
+        "--stages",
+        "align,finetune",
         "--align-steps",
         "4",
         "--finetune-steps",
@@ -89,14 +91,7 @@ SCENARIOS = {
         _exists(f"{FINETUNE}/checkpoint-6/negative_mining/miner_state.json"),
     ],
 }
-NEEDS_OTHER_BRANCHES = {
-    "finetune-while-writing-checkpoint": "a half-written checkpoint-N is picked by --resume and fails with "
-    "'Unrecognized model ... model_type' (the recipe branch skips incomplete checkpoints)",
-    "finetune-before-miner-state": "killed while trainer_state.json is written (or before negative_mining/ is): "
-    "--resume picks the incomplete checkpoint and fails parsing it (the recipe branch skips incomplete checkpoints)",
-    "finetune-twice": "checkpoints written after a resume hold only cache_reference.json into the checkpoint resumed "
-    "from, which rotation deletes unless it is the best one (the mining branch saves the cache itself)",
-}
+NEEDS_OTHER_BRANCHES: dict[str, str] = {}  # every scenario passes since the recipe and mining reshaping
 
 
 def _kill_when(process: subprocess.Popen, output: Path, moment: Callable[[Path], bool], log: Path) -> None:
@@ -115,13 +110,9 @@ def _kill_when(process: subprocess.Popen, output: Path, moment: Callable[[Path],
 def _miner_state(checkpoint: Path) -> tuple[dict, torch.Tensor, dict[str, torch.Tensor]]:
     folder = checkpoint / "negative_mining"
     state = json.loads((folder / "miner_state.json").read_text())
-    reference_file = folder / "cache_reference.json"
-    cache_folder = folder / "cache"
-    if reference_file.is_file():
-        cache_folder = Path(json.loads(reference_file.read_text())["folder"])
-    cache = StaleEmbeddingCache.load(cache_folder)
+    cache = StaleEmbeddingCache.load((folder / state["cache"]["folder"]).resolve())  # relative to the checkpoint
     corrector = torch.load(folder / "corrector" / "corrector.pt", weights_only=True)["state_dict"]
-    return state, cache.float32(), corrector
+    return state["statistics"], cache.float32(), corrector
 
 
 def _params(scenarios: dict) -> list:
