@@ -589,12 +589,20 @@ class FinetuneStage(TrainedStage):
     def _mining(self, context: StageContext, loss: Any) -> tuple[Any, list[Any]]:
         """``loss`` wrapped by :class:`~st_daft.losses.MinedNegativesLoss` (negatives mined during training from the
         document cache, corrected or refreshed by the strategy) and the callbacks that drive the mining."""
-        from st_daft.losses import build_negative_mining
 
         # The alignment stage's cache is exact for the document route fine-tuning starts from: reuse it.
         if context.cache is None or not context.cache.is_current(context.model):
             context.cache = StaleEmbeddingCache.build(context.model, context.corpus, store=context.store)
         data = context.train_data
+        # The corrector's hidden layers start from the run's seed, not from whatever the random state is after the
+        # earlier stages (a resumed run skips their steps): same seed, same corrector, resumed or not.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(context.seed)
+            return self._build_mining(context, loss, data)
+
+    def _build_mining(self, context: StageContext, loss: Any, data: RetrievalData) -> tuple[Any, list[Any]]:
+        from st_daft.losses import build_negative_mining
+
         return build_negative_mining(
             context.model,
             loss,
