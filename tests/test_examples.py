@@ -20,29 +20,28 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _slice(source: Path, target: Path, documents: int, splits: tuple[str, ...]) -> Path:
-    """A BEIR folder with the first ``documents`` documents and the queries all of whose judged documents are in it."""
+def _slice(source: Path, target: Path, documents: int, splits: tuple[str, ...], queries_per_split: int = 30) -> Path:
+    """A BEIR folder with the first ``queries_per_split`` judged queries of each split, every document they judge, and
+    other documents up to ``documents``."""
     (target / "qrels").mkdir(parents=True)
-    kept: set[str] = set()
+    kept_queries: set[str] = set()
+    kept_documents: set[str] = set()
+    for split in splits:
+        lines = (source / "qrels" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
+        rows = [line.split("\t") for line in lines[1:] if line.strip()]
+        chosen = list(dict.fromkeys(row[0] for row in rows))[:queries_per_split]
+        keep = [row for row in rows if row[0] in chosen]
+        kept_queries.update(chosen)
+        kept_documents.update(row[1] for row in keep)
+        (target / "qrels" / f"{split}.tsv").write_text("\n".join([lines[0]] + ["\t".join(row) for row in keep]) + "\n")
     with (source / "corpus.jsonl").open(encoding="utf-8") as handle, (target / "corpus.jsonl").open("w") as out:
         for line in handle:
-            if len(kept) == documents:
-                break
-            kept.add(json.loads(line)["_id"])
-            out.write(line)
-    queries: set[str] = set()
-    for split in splits:
-        rows = [line.rstrip("\n").split("\t") for line in (source / "qrels" / f"{split}.tsv").open(encoding="utf-8")]
-        header, rows = rows[0], rows[1:]
-        judged: dict[str, list[list[str]]] = {}
-        for row in rows:
-            judged.setdefault(row[0], []).append(row)
-        keep = [row for qid, group in judged.items() if all(r[1] in kept for r in group) for row in group]
-        queries.update(row[0] for row in keep)
-        lines = ["\t".join(header)] + ["\t".join(row) for row in keep]
-        (target / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+            doc_id = json.loads(line)["_id"]
+            if doc_id in kept_documents or len(kept_documents) < documents:
+                kept_documents.add(doc_id)
+                out.write(line)
     with (source / "queries.jsonl").open(encoding="utf-8") as handle, (target / "queries.jsonl").open("w") as out:
-        out.writelines(line for line in handle if json.loads(line)["_id"] in queries)
+        out.writelines(line for line in handle if json.loads(line)["_id"] in kept_queries)
     return target
 
 
