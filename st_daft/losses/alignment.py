@@ -12,7 +12,7 @@ from sentence_transformers.util import cos_sim
 from torch import Tensor, nn
 
 from st_daft.cache import StaleEmbeddingCache
-from st_daft.model import DOCUMENT_ROUTE, get_route
+from st_daft.model import DOCUMENT_ROUTE, route_or_model
 
 DAFT_CITATION = """
 @misc{leonhardt2022daft,
@@ -111,7 +111,7 @@ class DAFTAlignmentLoss(nn.Module):
         device = self.model.device
         if bool((rows >= 0).all()):
             return self.document_cache.embeddings[rows].to(device, torch.float32), rows
-        document_route = _document_route(self.model)
+        document_route = route_or_model(self.model, DOCUMENT_ROUTE)
         was_training = document_route.training
         document_route.eval()
         try:
@@ -149,13 +149,6 @@ class DAFTAlignmentLoss(nn.Module):
     @property
     def citation(self) -> str:
         return DAFT_CITATION
-
-
-def _document_route(model: SentenceTransformer) -> nn.Module:
-    try:
-        return get_route(model, DOCUMENT_ROUTE)
-    except ValueError:
-        return model
 
 
 def _batch_size(features: dict[str, Any]) -> int:
