@@ -137,6 +137,66 @@ class ShadowCorrectorTrainers:
         return self.primary.config()
 
 
+class TopKAgreementCallback:
+    """Every ``every`` steps (and at the end): which hard negatives would be mined from the stale cache, from the
+    corrected cache ``normalize(h(stale))`` and from a fresh embedding of the whole corpus by the current document
+    route, for a fixed sample of training queries (their positives excluded); records the top-``k`` overlap of the
+    stale and the corrected negatives with the fresh ones. The fresh embedding is a full re-embedding of the corpus,
+    which is what the corrector saves: this callback costs one per checkpoint."""
+
+    def __init__(self, miner, queries: list[str], positives: list[list[int]], every: int, k: int = 10) -> None:
+        self.miner, self.queries, self.positives, self.every, self.k = miner, queries, positives, every, k
+        self.checkpoints: list[dict[str, float]] = []
+
+    def measure(self, model, step: int) -> None:
+        import torch.nn.functional as F
+
+        from st_daft.cache import embed_documents
+
+        started = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            queries = F.normalize(
+                model.encode_query(self.queries, convert_to_tensor=True, batch_size=64).float(), dim=1
+            )
+            fresh = embed_documents(model, self.miner.texts, batch_size=64, show_progress_bar=False).float()
+            stale = self.miner.cache.float32()
+            corrected = F.normalize(self.miner.corrector(stale), dim=1) if self.miner.corrector is not None else None
+        model.train(was_training)
+        mask = torch.zeros(len(self.queries), len(stale), dtype=torch.bool)
+        for row, positive_rows in enumerate(self.positives):
+            mask[row, positive_rows] = True
+
+        def overlap(matrix: torch.Tensor) -> float:
+            scores = (queries @ matrix.T).masked_fill(mask, -torch.inf)
+            truth = (queries @ fresh.T).masked_fill(mask, -torch.inf)
+            found, expected = scores.topk(self.k, dim=1).indices, truth.topk(self.k, dim=1).indices
+            hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, expected))
+            return hits / (self.k * len(self.queries))
+
+        point = {"step": step, "stale_vs_fresh": overlap(stale)}
+        if corrected is not None:
+            point["corrected_vs_fresh"] = overlap(corrected)
+            point["corrected_error"] = staleness_error(corrected, fresh).mean().item()
+        point["stale_error"] = staleness_error(stale, fresh).mean().item()
+        point["seconds"] = time.perf_counter() - started
+        self.checkpoints.append(point)
+        print(json.dumps(point), flush=True)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step % outer.every == 0 or state.global_step == state.max_steps:
+                    outer.measure(model, state.global_step)
+
+        return _Callback()
+
+
 def run(args: argparse.Namespace) -> None:
     from sentence_transformers import (
         SentenceTransformer,
@@ -191,6 +251,20 @@ def run(args: argparse.Namespace) -> None:
         model, CollapseSafeContrastiveLoss(model, scale=20.0, guard="variance"), miner, corrector_trainer
     )
     callbacks = [*negative_mining_callbacks(miner, corrector_trainer, refresh), LogStatisticsCallback(loss)]
+    agreement = None
+    if args.agreement_every and cache is not None:
+        generator = torch.Generator().manual_seed(args.seed)
+        judged = [qid for qid in train.qrels if any(score > 0 for score in train.qrels[qid].values())]
+        picked = [judged[i] for i in torch.randperm(len(judged), generator=generator)[: args.agreement_queries]]
+        row_of = {doc_id: row for row, doc_id in enumerate(cache.ids)}
+        agreement = TopKAgreementCallback(
+            miner,
+            [train.queries[qid] for qid in picked],
+            [[row_of[d] for d, score in train.qrels[qid].items() if score > 0 and d in row_of] for qid in picked],
+            args.agreement_every,
+            k=args.agreement_k,
+        )
+        callbacks.append(agreement.callback())
     training_args = SentenceTransformerTrainingArguments(
         output_dir=str(work / f"run-{args.strategy.replace(':', '-').replace('+', '-')}"),
         max_steps=args.steps,
@@ -252,6 +326,13 @@ def run(args: argparse.Namespace) -> None:
         result["evaluation_seconds"] = time.perf_counter() - started
         result["test_ndcg_at_10"] = scores["ndcg_at_10"]
         result["test_recall_at_100"] = scores.get("recall_at_100")
+    if agreement is not None:
+        result["topk_agreement"] = {
+            "k": agreement.k,
+            "queries": len(agreement.queries),
+            "checkpoints": agreement.checkpoints,
+        }
+        (work / "topk_agreement.json").write_text(json.dumps(result["topk_agreement"], indent=2))
     result["log_history"] = trainer.state.log_history
     name = strategy.spec.replace(":", "-").replace("+", "-") + args.tag
     (work / f"result-{name}.json").write_text(json.dumps(result, indent=2))
@@ -368,6 +449,11 @@ def main() -> None:
             command.add_argument("--sample-documents", type=int, default=256, help="eval-mode error sample at the end")
             command.add_argument("--skip-evaluation", action="store_true", help="smoke runs: no test evaluation")
             command.add_argument("--tag", default="", help="suffix of the result file")
+            command.add_argument(
+                "--agreement-every", type=int, default=0, help="measure top-k agreement every N steps (0: never)"
+            )
+            command.add_argument("--agreement-queries", type=int, default=200)
+            command.add_argument("--agreement-k", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     if args.command == "prepare":

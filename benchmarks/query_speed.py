@@ -21,7 +21,9 @@ against all-MiniLM-L6-v2 and the floor::
 - ``full model encode_query``: the asymmetric Router model;
 - ``sentence-transformers export``: ``st-daft export`` (``export_route``), loaded with ``SentenceTransformer(path)``;
 - ``model2vec export (float32|float16|int8)``: ``st-daft export --format model2vec``, loaded with
-  ``model2vec.StaticModel.from_pretrained(path)``.
+  ``model2vec.StaticModel.from_pretrained(path)``;
+- ``StaticQueryEncoder (float32|float16|int8)``: the same folders served by :class:`st_daft.serving.StaticQueryEncoder`
+  (model2vec's arithmetic, without its per-call set-up).
 
 Each MODEL must be an asymmetric model with a static query route (default: the untrained static route of
 ``build_asymmetric_model(query_encoder="static")``, whose speed is that of any trained one: same table, same
@@ -53,7 +55,7 @@ from sentence_transformers.sentence_transformer.modules import Router
 from tokenizers import Tokenizer
 
 from st_daft import build_asymmetric_model, default_document_encoder, export_route, load_beir
-from st_daft.serving import export_static_model, static_route_table
+from st_daft.serving import StaticQueryEncoder, export_static_model, static_route_table
 
 QUERY_ONLY_SUFFIX = " (query route only)"
 
@@ -152,6 +154,7 @@ def serving_encoders(model: SentenceTransformer, folder: Path, prefix: str) -> d
         export_static_model(model, folder / dtype, dtype=dtype)
         static_model = StaticModel.from_pretrained(str(folder / dtype))
         encoders[f"{prefix}model2vec export ({dtype})"] = static_model.encode
+        encoders[f"{prefix}StaticQueryEncoder ({dtype})"] = StaticQueryEncoder(folder / dtype).encode
     return encoders
 
 

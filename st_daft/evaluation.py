@@ -194,6 +194,30 @@ def _resolve_task(data: RetrievalData | str | Path | AbsTaskRetrieval, split: st
         ) from None
 
 
+def warn_zero_query_vectors(embeddings: Any, inputs: Any = None, examples: int = 3) -> int:
+    """Warn when some queries encode to the zero vector, and return how many do.
+
+    A static query route maps a query none of whose tokens it knows (only punctuation, an unknown script) to the
+    mean of no rows: the zero vector, which scores every document 0, so the ranking of that query is arbitrary.
+    The warning names a few of them (``inputs``: the batches MTEB encodes, each with a ``"text"`` column).
+    """
+    vectors = np.asarray(embeddings.detach().cpu() if hasattr(embeddings, "detach") else embeddings)
+    zero = np.flatnonzero(~np.any(vectors != 0, axis=1))
+    if len(zero) == 0:
+        return 0
+    named = ""
+    if inputs is not None:
+        texts = [text for batch in inputs for text in batch.get("text", [])]
+        if len(texts) == len(vectors):
+            named = ", e.g. " + ", ".join(repr(texts[row][:60]) for row in zero[:examples])
+    warnings.warn(
+        f"{len(zero)} of {len(vectors)} queries encode to the zero vector with this query route{named}: they score "
+        f"every document 0 and their ranking is arbitrary (a static route knows none of their tokens)",
+        stacklevel=2,
+    )
+    return len(zero)
+
+
 @functools.cache
 def _store_encoder_class() -> type[SentenceTransformerEncoderWrapper]:
     """MTEB's SentenceTransformer wrapper, with documents read from a document store; created on first use."""
@@ -227,6 +251,17 @@ def _store_encoder_class() -> type[SentenceTransformerEncoderWrapper]:
             prompt_type: PromptType | None = None,
             **kwargs: Any,
         ) -> Any:
+            if prompt_type == PromptType.query:
+                embeddings = super().encode(
+                    inputs,
+                    task_metadata=task_metadata,
+                    hf_split=hf_split,
+                    hf_subset=hf_subset,
+                    prompt_type=prompt_type,
+                    **kwargs,
+                )
+                warn_zero_query_vectors(embeddings, inputs)
+                return embeddings
             texts = None
             if self.document_store is not None and prompt_type == PromptType.document:
                 batches = list(inputs)

@@ -2,7 +2,9 @@
 never needs a full float32 copy.
 
 - :func:`build_faiss_index`: an inner-product faiss index (``flat`` exact, ``ivf`` or ``hnsw`` approximate) filled
-  chunk by chunk from a tensor or a (memory-mapped) array.
+  chunk by chunk from a tensor or a (memory-mapped) array, optionally through a ``transform`` (the corrector: the
+  corrected cache streams into the index and is never stored) and re-using a previous IVF index's trained cells
+  (``like``: a rebuild after a corrector update skips k-means, it only re-assigns rows).
 - :func:`corrected_matrix`: ``normalize(h(cache))`` computed chunk by chunk, into memory or into a float16 ``.npy``
   memmap.
 - :func:`query_side_queries`: for a *linear* corrector ``h(e) = e + We + b`` the score ``q . h(e)`` equals
@@ -58,6 +60,8 @@ def build_faiss_index(
     train_size: int = 262144,
     storage: str = "float32",
     show_progress_bar: bool = False,
+    transform: Any = None,
+    like: Any = None,
 ) -> Any:
     """A faiss inner-product index over ``embeddings`` (rows: L2-normalised document embeddings), added in chunks.
 
@@ -65,6 +69,12 @@ def build_faiss_index(
     about 4 sqrt(n), trained on up to ``train_size`` rows, searched with ``nprobe``) or ``"hnsw"`` (``IndexHNSWFlat``,
     ``hnsw_m`` links, ``ef_construction``, searched with ``ef_search``). ``storage="float16"`` keeps the vectors of
     an ``ivf``/``hnsw`` index as float16 (faiss scalar quantizer): half the memory of a float32 index.
+
+    ``transform`` maps each float32 chunk (a ``(rows, dim)`` tensor) before it is added, e.g.
+    ``lambda chunk: F.normalize(corrector(chunk), dim=1)``: the index is built over the corrected cache without
+    writing the corrected matrix anywhere. ``like`` is a previous index of the same kind and dimension (e.g. over the
+    stale cache): an IVF index re-uses its trained cells instead of running k-means again (the corrector's drift moves
+    rows a little; the cells still partition the space), any other kind is built as usual.
     """
     try:
         import faiss
@@ -76,7 +86,13 @@ def build_faiss_index(
         raise ValueError(f"unknown index storage {storage!r}: choose 'float32' or 'float16'")
     size, dimension = int(embeddings.shape[0]), int(embeddings.shape[1])
     half = storage == "float16"
-    if kind == "flat":
+    if like is not None and kind == "ivf" and isinstance(like, faiss.IndexIVF):
+        if like.d != dimension:
+            raise ValueError(f"the index to re-use has dimension {like.d}, the embeddings {dimension}")
+        index = faiss.clone_index(like)
+        index.reset()  # keeps the trained cells, drops the rows
+        index.nprobe = min(nprobe, index.nlist)
+    elif kind == "flat":
         index = faiss.IndexFlatIP(dimension)
     elif kind == "ivf":
         cells = nlist or max(1, min(size // 39, int(4 * size**0.5)))
@@ -88,7 +104,7 @@ def build_faiss_index(
             index = faiss.IndexIVFFlat(quantizer, dimension, cells, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
         sample = np.sort(np.random.default_rng(seed).choice(size, min(size, train_size), replace=False))
-        index.train(np.ascontiguousarray(_rows(embeddings, sample), dtype=np.float32))
+        index.train(_transformed(_rows(embeddings, sample), transform))
         index.nprobe = min(nprobe, cells)
     else:
         if half:
@@ -101,8 +117,16 @@ def build_faiss_index(
     chunks = as_float32_chunks(embeddings, chunk_size)
     total = (size + chunk_size - 1) // chunk_size
     for _, chunk in tqdm(chunks, total=total, desc=f"faiss {kind} index", disable=not show_progress_bar):
-        index.add(chunk)
+        index.add(_transformed(chunk, transform))
     return index
+
+
+@torch.no_grad()
+def _transformed(chunk: np.ndarray, transform: Any) -> np.ndarray:
+    if transform is None:
+        return np.ascontiguousarray(chunk, dtype=np.float32)
+    vectors = transform(torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)))
+    return np.ascontiguousarray(vectors.detach().to("cpu", torch.float32).numpy())
 
 
 @torch.no_grad()

@@ -379,11 +379,24 @@ class NegativeMiner:
                 self._index_version = id(self.cache.embeddings)
             return self._index
         due = self.correcting and self.step - self._index_step >= self.index_refresh_every
-        if self._index is None or self._index_version != id(self.cache.embeddings) or due:
-            self._index = build_faiss_index(self.scoring_matrix(), self.index_kind, **options)
+        same_cache = self._index is not None and self._index_version == id(self.cache.embeddings)
+        if not same_cache or due:
+            # The corrected rows stream into the index (no corrected copy of the cache is kept); a rebuild after a
+            # corrector update re-uses the IVF cells trained on this cache, a refreshed cache trains new ones.
+            self._index = build_faiss_index(
+                self.cache.embeddings,
+                self.index_kind,
+                transform=self._correct_rows if self.correcting else None,
+                like=self._index if same_cache else None,
+                **options,
+            )
             self._index_version = id(self.cache.embeddings)
             self._index_step = self.step
         return self._index
+
+    def _correct_rows(self, rows: Tensor) -> Tensor:
+        parameter = next(self.corrector.parameters())
+        return F.normalize(self.corrector(rows.to(parameter.device)), dim=1)
 
     def _corrected_queries(self, queries: Tensor) -> Tensor:
         """Query-side correction: the corrector's own ``W`` when linear, else its least-squares linear part."""

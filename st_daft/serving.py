@@ -29,29 +29,32 @@ Load the folder with ``model2vec.StaticModel.from_pretrained(path)``, no torch a
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Router, StaticEmbedding
 from tokenizers import Tokenizer
-from torch import nn
 
-from st_daft.model import QUERY_ROUTE, _route_prompt
-
+# torch and sentence-transformers are imported by the export functions only: a query service that imports
+# StaticQueryEncoder loads numpy, tokenizers and model2vec, nothing more.
 if TYPE_CHECKING:
     from model2vec import StaticModel
+    from sentence_transformers import SentenceTransformer
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SERVING_DTYPES", "export_static_model", "static_route_table"]
+__all__ = ["SERVING_DTYPES", "StaticQueryEncoder", "export_static_model", "static_route_table"]
 
+QUERY_ROUTE = "query"  # st_daft.model.QUERY_ROUTE, repeated here so that serving does not import torch
 SERVING_DTYPES = ("float32", "float16", "int8")
 
 
 def _is_affine(module: nn.Module) -> bool:
+    from sentence_transformers.sentence_transformer.modules import Dense
+    from torch import nn
+
     return (
         isinstance(module, Dense)
         and isinstance(module.activation_function, nn.Identity)
@@ -59,7 +62,6 @@ def _is_affine(module: nn.Module) -> bool:
     )
 
 
-@torch.no_grad()
 def static_route_table(
     model: SentenceTransformer, route: str = QUERY_ROUTE, chunk_rows: int = 65536
 ) -> tuple[np.ndarray, Tokenizer, bool]:
@@ -73,6 +75,11 @@ def static_route_table(
             a non-linear ``Dense``, modules other than ``Normalize`` after the Router, a prompt, or ``truncate_dim``
             (each of them would change the vectors in a way a model2vec model cannot reproduce).
     """
+    import torch
+    from sentence_transformers.sentence_transformer.modules import Normalize, Router, StaticEmbedding
+
+    from st_daft.model import _route_prompt
+
     modules = list(model.children())
     routers = [index for index, module in enumerate(modules) if isinstance(module, Router)]
     if not routers:
@@ -108,11 +115,12 @@ def static_route_table(
     static = route_modules[0]
     weight = static.embedding.weight
     chunks = []
-    for start in range(0, weight.shape[0], chunk_rows):
-        features = {"sentence_embedding": weight[start : start + chunk_rows].float()}
-        for dense in route_modules[1:]:
-            features = dense(features)
-        chunks.append(features["sentence_embedding"].cpu().numpy())
+    with torch.no_grad():
+        for start in range(0, weight.shape[0], chunk_rows):
+            features = {"sentence_embedding": weight[start : start + chunk_rows].float()}
+            for dense in route_modules[1:]:
+                features = dense(features)
+            chunks.append(features["sentence_embedding"].cpu().numpy())
     table = np.ascontiguousarray(np.concatenate(chunks).astype(np.float32))
     tokenizer = Tokenizer.from_str(static.tokenizer.to_str())
     return table, tokenizer, any(isinstance(module, Normalize) for module in modules)
@@ -179,3 +187,82 @@ def export_static_model(
         static_model.save_pretrained(str(output_path), model_name=title)
         logger.info("%s route saved to %s as a model2vec model (%s table)", route, output_path, dtype)
     return static_model
+
+
+class StaticQueryEncoder:
+    """A static query route served at its floor: tokenize, gather rows, mean, normalise, in numpy, no torch.
+
+    model2vec's ``StaticModel.encode`` does this work, plus a fixed cost on every call (splitting into batches, a
+    progress bar, setting and resetting the tokenizer's truncation) that at batch size 1 is as large as the work
+    itself (docs/benchmarks.md: 0.22 ms a query against the floor's 0.10 ms). This encoder loads the same folder
+    with model2vec (``StaticModel.from_pretrained``) and encodes with exactly its arithmetic (unknown tokens dropped,
+    its character and token truncation, per-token weights, normalisation), set up once instead of per call; its
+    vectors equal ``StaticModel.encode``'s (tested).
+
+    Example::
+
+        from st_daft.serving import StaticQueryEncoder  # imports numpy, tokenizers and model2vec only
+
+        encoder = StaticQueryEncoder("model-query-m2v")  # a folder from `st-daft export --format model2vec`
+        vector = encoder.encode("how do I sort a dict by value?")  # (dim,) float32, unit length
+
+    Args:
+        model: a model2vec ``StaticModel``, or the folder (or Hub id) to load one from.
+    """
+
+    def __init__(self, model: StaticModel | str | Path) -> None:
+        from model2vec import StaticModel
+
+        if not isinstance(model, StaticModel):
+            model = StaticModel.from_pretrained(str(model))
+        self.model = model
+        self.tokenizer = Tokenizer.from_str(model.tokenizer.to_str())  # a private copy: its settings are fixed
+        self.tokenizer.no_padding()
+        if model.max_length is None:
+            self.tokenizer.no_truncation()
+            self.max_characters = None
+        else:
+            self.tokenizer.enable_truncation(model.max_length)
+            self.max_characters = model.max_length * model.median_token_length
+        self.table = model.embedding
+        self.token_mapping = model.token_mapping
+        self.weights = model.weights
+        self.unknown_id = model.unk_token_id
+        self.normalize = model.normalize
+        self.dimension = model.dim
+        self.dtype = np.dtype(np.float32) if self.table.dtype == np.int8 else self.table.dtype
+
+    @classmethod
+    def from_model(
+        cls, model: SentenceTransformer, route: str = QUERY_ROUTE, dtype: str = "float32"
+    ) -> StaticQueryEncoder:
+        """The encoder of a static route of an asymmetric model, in memory (:func:`export_static_model`)."""
+        return cls(export_static_model(model, route=route, dtype=dtype))
+
+    def _rows(self, ids: list[int]) -> np.ndarray:
+        rows = self.table[ids if self.token_mapping is None else self.token_mapping[ids]]
+        return rows if self.weights is None else rows * self.weights[ids][:, None]
+
+    def encode(self, texts: str | Sequence[str]) -> np.ndarray:
+        """The route's vectors of ``texts``: ``(dim,)`` for one string, ``(len(texts), dim)`` for a list. A text with
+        no known token gets the zero vector (as with model2vec)."""
+        single = isinstance(texts, str)
+        batch = [texts] if single else list(texts)
+        if self.max_characters is not None:
+            batch = [text[: self.max_characters] for text in batch]
+        vectors = np.zeros((len(batch), self.dimension), dtype=self.dtype)
+        for row, encoding in enumerate(self.tokenizer.encode_batch_fast(batch, add_special_tokens=False)):
+            ids = encoding.ids
+            if self.unknown_id is not None:
+                ids = [token for token in ids if token != self.unknown_id]
+            if ids:
+                vectors[row] = self._rows(ids).mean(axis=0)
+        if self.normalize:
+            as_float32 = vectors.astype(np.float32, copy=False)
+            vectors = (as_float32 / (np.linalg.norm(as_float32, axis=1, keepdims=True) + 1e-32)).astype(self.dtype)
+        return vectors[0] if single else vectors
+
+    __call__ = encode
+
+    def __repr__(self) -> str:
+        return f"StaticQueryEncoder(vocabulary={len(self.table)}, dimension={self.dimension}, dtype={self.dtype})"

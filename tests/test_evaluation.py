@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import socket
 import sys
 from collections import Counter
@@ -271,6 +272,27 @@ def test_empty_documents_are_named_and_evaluated(
         from st_daft.baselines import BM25Search
 
         assert evaluate_retrieval(BM25Search(), tiny_beir_dir, show_progress_bar=False)["num_documents"] == 9
+
+
+def test_queries_encoding_to_the_zero_vector_are_named(tiny_bert_dir: Path, tiny_beir_dir: Path) -> None:
+    queries = tiny_beir_dir / "queries.jsonl"
+    rows = [json.loads(line) for line in queries.read_text().splitlines()]
+    rows[0]["text"] = "\u200b"  # a zero-width space: no token at all for the static route
+    queries.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    named = re.escape(repr("\u200b"))
+    with pytest.warns(UserWarning, match=rf"1 of \d+ queries encode to the zero vector .*e\.g\. {named}"):
+        result = evaluate_retrieval(_router_model(tiny_bert_dir), tiny_beir_dir, split="test", show_progress_bar=False)
+    assert 0 <= result["ndcg_at_10"] <= 1
+
+
+def test_zero_query_vectors_are_counted() -> None:
+    import numpy as np
+
+    from st_daft.evaluation import warn_zero_query_vectors
+
+    assert warn_zero_query_vectors(np.ones((3, 4))) == 0
+    with pytest.warns(UserWarning, match="2 of 3 queries"):
+        assert warn_zero_query_vectors(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])) == 2
 
 
 def _second_collection(tmp_path: Path) -> Path:

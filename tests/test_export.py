@@ -254,6 +254,47 @@ np.save({str(tmp_path / "vectors.npy")!r}, vectors)
     np.testing.assert_allclose(np.load(tmp_path / "vectors.npy"), model.encode_query(TEXTS), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_static_query_encoder_gives_model2vecs_vectors(tiny_document_model_dir: Path, tmp_path: Path, dtype) -> None:
+    from model2vec import StaticModel
+
+    from st_daft.serving import StaticQueryEncoder, export_static_model
+
+    model = _static_dense_model(tiny_document_model_dir, tmp_path)
+    get_route(model, "query")[0].tokenizer.enable_truncation(16)  # token and character truncation both apply
+    export_static_model(model, tmp_path / "m2v", dtype=dtype)
+    loaded = StaticModel.from_pretrained(str(tmp_path / "m2v"))
+    encoder = StaticQueryEncoder(tmp_path / "m2v")
+    texts = [*M2V_TEXTS, "", "☃", " ".join("abcdefghijklmnopqrstuvwxyz")]
+    vectors = encoder.encode(texts)
+    assert vectors.dtype == loaded.encode(texts).dtype and vectors.shape == (len(texts), 32)
+    np.testing.assert_allclose(vectors.astype(np.float32), loaded.encode(texts).astype(np.float32), atol=1e-3)
+    for text in texts:  # batch size 1, as served; a single string gives one vector
+        np.testing.assert_allclose(encoder(text).astype(np.float32), loaded.encode(text).astype(np.float32), atol=1e-3)
+    np.testing.assert_array_equal(encoder.encode(["", "☃"]), 0)
+    if dtype == "float32":
+        np.testing.assert_allclose(vectors[: len(TEXTS)], model.encode_query(TEXTS), atol=1e-5)
+        in_memory = StaticQueryEncoder.from_model(model)
+        np.testing.assert_allclose(in_memory.encode(TEXTS), vectors[: len(TEXTS)], atol=1e-6)
+
+
+def test_static_query_encoder_imports_without_torch(tiny_document_model_dir: Path, tmp_path: Path) -> None:
+    from st_daft.serving import export_static_model
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    export_static_model(model, tmp_path / "m2v")
+    script = f"""
+import sys, numpy as np
+from st_daft.serving import StaticQueryEncoder
+vectors = StaticQueryEncoder({str(tmp_path / "m2v")!r}).encode({TEXTS!r})
+heavy = [name for name in ("torch", "transformers", "sentence_transformers", "mteb") if name in sys.modules]
+assert not heavy, heavy
+np.save({str(tmp_path / "vectors.npy")!r}, vectors)
+"""
+    subprocess.run([sys.executable, "-c", script], check=True)
+    np.testing.assert_allclose(np.load(tmp_path / "vectors.npy"), model.encode_query(TEXTS), atol=1e-5)
+
+
 def test_model2vec_export_errors(tiny_document_model_dir: Path, tmp_path: Path) -> None:
     from st_daft.serving import export_static_model
 

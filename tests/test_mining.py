@@ -510,6 +510,42 @@ def test_corrected_matrix_in_chunks_into_a_float16_memmap(cache, tmp_path: Path)
         assert index.ntotal == len(cache) and index.search(expected[:2].numpy(), 1)[1][:, 0].tolist() == [0, 1]
 
 
+def test_index_streams_the_corrected_cache_and_reuses_trained_cells(cache) -> None:
+    import faiss
+
+    from st_daft.index import build_faiss_index, corrected_matrix
+
+    corrector = CorrectorNetwork(cache.dimension, hidden=16)
+    torch.nn.init.normal_(corrector.mlp[-1].weight, std=0.3)
+    expected = corrected_matrix(cache.embeddings, corrector)
+
+    def transform(rows: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(corrector(rows), dim=1)
+
+    streamed = build_faiss_index(cache.embeddings, "flat", transform=transform, chunk_size=3)
+    np.testing.assert_allclose(streamed.reconstruct_n(0, len(cache)), expected.numpy(), atol=1e-6)
+    stale_ivf = build_faiss_index(cache.embeddings, "ivf", nlist=2, nprobe=2, chunk_size=4)
+    rebuilt = build_faiss_index(cache.embeddings, "ivf", transform=transform, like=stale_ivf, nprobe=2, chunk_size=4)
+    # same cells as the stale index (no k-means), the corrected rows, and the stale index itself untouched
+    cells = faiss.vector_to_array(faiss.downcast_index(rebuilt.quantizer).codes)
+    assert np.array_equal(cells, faiss.vector_to_array(faiss.downcast_index(stale_ivf.quantizer).codes))
+    assert rebuilt.ntotal == stale_ivf.ntotal == len(cache) and rebuilt.nprobe == 2
+    assert rebuilt.search(expected[:3].numpy(), 1)[1][:, 0].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="dimension"):
+        build_faiss_index(torch.zeros(4, cache.dimension + 1), "ivf", like=stale_ivf)
+
+
+def test_correcting_miner_with_an_index_matches_exact_mining(cache) -> None:
+    corrector = CorrectorNetwork(cache.dimension, hidden=16)
+    torch.nn.init.normal_(corrector.mlp[-1].weight, std=0.3)
+    queries = torch.nn.functional.normalize(torch.randn(4, cache.dimension, generator=torch.Generator().manual_seed(0)))
+    positives = torch.tensor([0, 1, 2, 3])
+    flat = _miner(cache, "corrected", num_negatives=3, corrector=corrector, index="flat")
+    exact = _miner(cache, "corrected", num_negatives=3, corrector=corrector, index="exact")
+    assert torch.equal(flat.mine(queries, positives), exact.mine(queries, positives))
+    assert flat._matrix is None  # the corrected cache streamed into the index, no copy kept
+
+
 def test_refresh_follows_the_route(model, cache) -> None:
     get_route(model, DOCUMENT_ROUTE)[0].auto_model.embeddings.word_embeddings.weight.data.mul_(1.5)
     assert not cache.is_current(model)
