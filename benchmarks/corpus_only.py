@@ -37,9 +37,11 @@ from typing import Any
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.base.sampler import BatchSamplers
 from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator, SequentialEvaluator
+from transformers import EarlyStoppingCallback
 
 from st_daft import build_asymmetric_model, freeze_route, get_route, load_beir, unfreeze_route
-from st_daft.collapse import CollapseEvaluator, CollapseMonitorCallback
+from st_daft.callbacks import CollapseStopCallback
+from st_daft.collapse import CollapseEvaluator
 from st_daft.corpus_alignment import (
     TEXT_KINDS,
     alignment_dataset,
@@ -48,7 +50,7 @@ from st_daft.corpus_alignment import (
     pseudo_query_dataset,
 )
 from st_daft.data import RetrievalData
-from st_daft.evaluation import _documents_from_store, evaluate_retrieval
+from st_daft.evaluation import evaluate_retrieval
 from st_daft.losses import LabelFreeAlignmentLoss
 from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE
 from st_daft.store import DocumentEmbeddingStore
@@ -132,7 +134,9 @@ def parse_args() -> argparse.Namespace:
         choices=["kl", "pseudo"],
         help="checkpoint selection / early stopping: 1-NN KL, or nDCG@10 of held-out spans -> their documents",
     )
-    parser.add_argument("--num-pseudo-queries", type=int, default=500)
+    parser.add_argument(
+        "--num-pseudo-queries", type=int, default=0, help="held-out spans of the label-free proxy (0: no proxy)"
+    )
     parser.add_argument("--num-kl-texts", type=int, default=500)
     parser.add_argument("--document-store", default=None)
     parser.add_argument("--document-encoder", default=None, help="default: the packaged all-MiniLM-L6-v2")
@@ -196,14 +200,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     evaluators: list[Any] = []
     if args.num_kl_texts:  # the KL criterion needs the document route's embeddings of its texts
-        evaluators.append(
-            CollapseEvaluator(kl_texts(data.corpus, args.num_kl_texts, args.text_seed + 1), name=KL_NAME)
-        )
+        evaluators.append(CollapseEvaluator(kl_texts(data.corpus, args.num_kl_texts, args.text_seed + 1), name=KL_NAME))
     elif args.select == "kl":
         raise SystemExit("--select kl needs --num-kl-texts > 0")
-    evaluator = SequentialEvaluator(
-        [
-            *evaluators,
+    if args.num_pseudo_queries:  # re-encodes the whole corpus with the (frozen) document route at every evaluation
+        evaluators.append(
             InformationRetrievalEvaluator(
                 {qid: text for qid, (text, _) in held_out.items()},
                 data.corpus,
@@ -212,12 +213,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 batch_size=64,
                 write_csv=False,
                 show_progress_bar=False,
-            ),
-        ]
-    )
-    monitor = CollapseMonitorCallback(
-        evaluator_name=KL_NAME, kl_patience=args.kl_patience or None, stop_on_collapse=False
-    )
+            )
+        )
+    elif args.select == "pseudo":
+        raise SystemExit("--select pseudo needs --num-pseudo-queries > 0")
+    evaluator = SequentialEvaluator(evaluators)
+    callbacks: list[Any] = []
+    if args.num_kl_texts:
+        collapse = CollapseStopCallback(KL_NAME, stop_on_collapse=False)
+        callbacks.append(collapse)
+    if args.kl_patience:
+        callbacks.append(EarlyStoppingCallback(args.kl_patience))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="corpus_only-"))
     training_args = SentenceTransformerTrainingArguments(
         output_dir=str(work),
@@ -240,14 +246,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         router_mapping={"text": QUERY_ROUTE},
     )
     trainer = SentenceTransformerTrainer(
-        model=model, args=training_args, train_dataset=pairs, loss=loss, evaluator=evaluator
+        model=model, args=training_args, train_dataset=pairs, loss=loss, evaluator=evaluator, callbacks=callbacks
     )
-    if args.num_kl_texts:
-        trainer.callback_handler.callbacks.insert(0, monitor)  # before the printer: it merges statistics into logs
     train_started = time.perf_counter()
-    # The document route is frozen: the KL evaluator's document embeddings come from the store.
-    with _documents_from_store(model, store):
-        trainer.train()
+    trainer.train()
     timings["train_s"] = time.perf_counter() - train_started
     unfreeze_route(model, DOCUMENT_ROUTE)
     model.eval()
@@ -264,7 +266,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "global_step": trainer.state.global_step,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "best_metric": trainer.state.best_metric,  # the KL or the proxy, as --select says
-        "stopped_reason": monitor.stopped_reason,
+        "stopped_early": trainer.state.global_step < args.steps,
         "kl_history": [(row["step"], row.get(f"eval_{KL_NAME}_knn_kl")) for row in evaluations],
         "pseudo_ndcg_history": [(row["step"], row.get(PSEUDO_METRIC)) for row in evaluations],
         "ndcg_at_10": scores["ndcg_at_10"],

@@ -144,8 +144,22 @@ class TopKAgreementCallback:
     stale and the corrected negatives with the fresh ones. The fresh embedding is a full re-embedding of the corpus,
     which is what the corrector saves: this callback costs one per checkpoint."""
 
-    def __init__(self, miner, queries: list[str], positives: list[list[int]], every: int, k: int = 10) -> None:
-        self.miner, self.queries, self.positives, self.every, self.k = miner, queries, positives, every, k
+    def __init__(
+        self,
+        miner,
+        queries: list[str],
+        positives: list[list[int]],
+        every: int,
+        k: int = 10,
+        rows: list[int] | None = None,
+    ) -> None:
+        self.miner, self.queries, self.every, self.k = miner, queries, every, k
+        # the cache rows searched (all by default; a sample keeps every positive so that each can be excluded)
+        self.rows = sorted(
+            set(range(len(miner.cache))) if rows is None else set(rows) | {r for p in positives for r in p}
+        )
+        position = {row: index for index, row in enumerate(self.rows)}
+        self.positives = [[position[row] for row in rows_of_query] for rows_of_query in positives]
         self.checkpoints: list[dict[str, float]] = []
 
     def measure(self, model, step: int) -> None:
@@ -160,8 +174,9 @@ class TopKAgreementCallback:
             queries = F.normalize(
                 model.encode_query(self.queries, convert_to_tensor=True, batch_size=64).float(), dim=1
             )
-            fresh = embed_documents(model, self.miner.texts, batch_size=64, show_progress_bar=False).float()
-            stale = self.miner.cache.float32()
+            texts = [self.miner.texts[row] for row in self.rows]
+            fresh = embed_documents(model, texts, batch_size=64, show_progress_bar=False).float()
+            stale = self.miner.cache.float32(torch.tensor(self.rows))
             corrected = F.normalize(self.miner.corrector(stale), dim=1) if self.miner.corrector is not None else None
         model.train(was_training)
         mask = torch.zeros(len(self.queries), len(stale), dtype=torch.bool)
@@ -263,6 +278,9 @@ def run(args: argparse.Namespace) -> None:
             [[row_of[d] for d, score in train.qrels[qid].items() if score > 0 and d in row_of] for qid in picked],
             args.agreement_every,
             k=args.agreement_k,
+            rows=torch.randperm(len(cache), generator=generator)[: args.agreement_documents].tolist()
+            if args.agreement_documents
+            else None,
         )
         callbacks.append(agreement.callback())
     training_args = SentenceTransformerTrainingArguments(
@@ -454,6 +472,9 @@ def main() -> None:
             )
             command.add_argument("--agreement-queries", type=int, default=200)
             command.add_argument("--agreement-k", type=int, default=10)
+            command.add_argument(
+                "--agreement-documents", type=int, default=0, help="search a random sample of the corpus (0: all)"
+            )
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     if args.command == "prepare":

@@ -111,6 +111,13 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "--corpus-max-texts", type=_positive_int, default=None, help="texts cut from the corpus (default 20000)"
     )
     budget.add_argument("--corpus-lr", type=_positive_float, default=None, help="corpus-stage learning rate (1e-3)")
+    budget.add_argument(
+        "--corpus-document-weight",
+        type=_non_negative_float,
+        default=None,
+        help="corpus stage: weight of the pseudo-query term, each cut text against the whole corpus with its "
+        "source document as the positive (default 1; 0: regression onto the texts' own embeddings only)",
+    )
     budget.add_argument("--no-zipf", action="store_true", help="vocabulary stage without Zipf weighting")
     budget.add_argument("--max-steps", type=_positive_int, default=None, help="step budget of every stage")
     budget.add_argument("--align-steps", type=_positive_int, default=None, help="alignment steps (default 300)")
@@ -215,7 +222,12 @@ def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
         "vocabulary": lambda: VocabularyStage(zipf_weighting=not args.no_zipf),
         "corpus": lambda: CorpusStage(
             **{
-                **given(max_steps=args.corpus_steps, learning_rate=args.corpus_lr, max_texts=args.corpus_max_texts),
+                **given(
+                    max_steps=args.corpus_steps,
+                    learning_rate=args.corpus_lr,
+                    max_texts=args.corpus_max_texts,
+                    document_weight=args.corpus_document_weight,
+                ),
                 **every,
                 **patience,
             }

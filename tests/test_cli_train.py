@@ -102,6 +102,7 @@ def test_device_and_precision_flags(tiny_document_model_dir: Path, tiny_beir_dir
         ("--align-lr", "-1e-3"),
         ("--document-lr", "-2e-5"),
         ("--corpus-lr", "0"),
+        ("--corpus-document-weight", "-1"),
         ("--num-negatives", "0"),
         ("--kl-patience", "-1"),
         ("--eval-steps", "0"),

@@ -104,4 +104,6 @@ def test_serve_query_route(trained_static: Path, tmp_path: Path) -> None:
     )
     difference = float(printed.split("max |model2vec - encode_query| = ")[1].split()[0])
     assert difference < 1e-5
+    assert float(printed.split("max |StaticQueryEncoder - model2vec| = ")[1].split()[0]) < 1e-6
+    assert "StaticQueryEncoder, batch 1" in printed and "model2vec StaticModel, batch 1" in printed
     assert "queries/s" in printed and (tmp_path / "served" / "config.json").is_file()

@@ -179,12 +179,52 @@ def test_recipe_runs_the_label_free_stages(tiny_document_model_dir: Path, tiny_b
     corpus_stage = summary.stages[1]
     assert corpus_stage.steps == 4 and 0 < corpus_stage.extra["num_texts"] <= 40
     logged = {key for row in corpus_stage.log_history for key in row}
-    assert {"regression", "contrastive", "eval_alignment_knn_kl"} <= logged
+    assert {"regression", "contrastive", "document", "eval_alignment_knn_kl"} <= logged
 
     tiny = build_asymmetric_model(str(tiny_document_model_dir), "tiny:1,8")
     config = DAFTConfig(stages=["vocabulary", corpus], validation_fraction=0.2, num_validation_texts=16)
     summary = train_daft(tiny, load_beir(tiny_beir_dir, "train"), tmp_path / "tiny", config)
     assert [stage.name for stage in summary.stages] == ["corpus"], "vocabulary is skipped for tiny routes"
+
+
+def test_corpus_stage_pseudo_query_term_shares_the_align_stages_cache(
+    tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path, monkeypatch
+) -> None:
+    from st_daft import cache as cache_module
+    from st_daft.losses import LabelFreeAlignmentLoss
+
+    builds, losses = [], []
+    original_build = cache_module.StaleEmbeddingCache.build.__func__
+    original_init = LabelFreeAlignmentLoss.__init__
+
+    def counting_build(cls, *args, **kwargs):
+        builds.append(1)
+        return original_build(cls, *args, **kwargs)
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        losses.append(self)
+
+    monkeypatch.setattr(cache_module.StaleEmbeddingCache, "build", classmethod(counting_build))
+    monkeypatch.setattr(LabelFreeAlignmentLoss, "__init__", recording_init)
+    data = load_beir(tiny_beir_dir, "train")
+    budget = {"max_steps": 1, "batch_size": 8, "eval_steps": 1, "warmup_ratio": 0.0}
+    config = DAFTConfig(
+        stages=[CorpusStage(max_texts=40, **budget), AlignStage(**{**budget, "batch_size": 4})],
+        validation_fraction=0.2,
+        num_validation_texts=16,
+    )
+    train_daft(build_asymmetric_model(str(tiny_document_model_dir), "static"), data, tmp_path / "run", config)
+    assert len(builds) == 1, "the corpus is embedded once, for both stages"
+    (loss,) = losses
+    assert loss.document_embeddings.shape == (len(data.corpus), 32) and loss.get_config_dict()["document_weight"] == 1
+
+    losses.clear()
+    config = DAFTConfig(stages=[CorpusStage(max_texts=40, document_weight=0, **budget)], validation_fraction=0.2)
+    train_daft(build_asymmetric_model(str(tiny_document_model_dir), "static"), data, tmp_path / "off", config)
+    assert losses[0].document_embeddings is None
+    with pytest.raises(ValueError, match="document_weight"):
+        CorpusStage(document_weight=-1)
 
 
 def test_recipe_reuses_the_document_store(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
