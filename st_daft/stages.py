@@ -322,6 +322,7 @@ class TrainedStage(Stage):
     ) -> StageResult:
         """Run ``SentenceTransformerTrainer`` (resumed from the last complete checkpoint when asked) and sum it up."""
         started = time.perf_counter()
+        _fit_batch_to_rows(self.name, args, len(rows))
         trainer = SentenceTransformerTrainer(
             model=context.model,
             args=args,
@@ -358,6 +359,24 @@ class TrainedStage(Stage):
             seconds=round(time.perf_counter() - started, 1),
             log_history=state.log_history,
         )
+
+
+def _fit_batch_to_rows(stage: str, args: SentenceTransformerTrainingArguments, num_rows: int) -> None:
+    """Under DDP sentence-transformers drops each process's last incomplete batch (an uneven one would hang the
+    gather), so fewer rows than one global batch train for zero steps without a word: shrink the per-process batch
+    to what the rows fill, and say so."""
+    if not args.dataloader_drop_last:
+        return
+    processes = max(1, args.world_size)
+    if num_rows < processes:
+        raise ValueError(f"{stage} stage: {num_rows} training rows cannot feed {processes} processes")
+    if num_rows < args.per_device_train_batch_size * processes:
+        fitted = num_rows // processes
+        logger.warning(
+            "stage %s: %d training rows fill no batch of %d x %d processes; the batch size is %d per process",
+            stage, num_rows, args.per_device_train_batch_size, processes, fitted,
+        )  # fmt: skip
+        args.per_device_train_batch_size = fitted
 
 
 @dataclass

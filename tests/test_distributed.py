@@ -191,3 +191,35 @@ def test_two_process_training_with_corrected_negatives(tiny_document_model_dir: 
     mining = output / "stage-2-finetune" / "checkpoint-4" / "negative_mining"
     miner = json.loads((mining / "miner_state.json").read_text())
     assert miner["statistics"]["counts"]["negatives"] > 0 and (mining / "corrector" / "corrector.pt").is_file()
+
+
+def test_two_process_label_free_stages(tiny_document_model_dir: Path, beir_dir: Path, tmp_path: Path):
+    """The static default (vocabulary, corpus with its pseudo-query term over the sharded-then-gathered corpus
+    embeddings, align) under torchrun: finishes, and the corpus stage checkpoints once."""
+    output, log = tmp_path / "two", tmp_path / "two.log"
+    args = tiny_train_args(
+        tiny_document_model_dir,
+        beir_dir,
+        output,
+        "--dev-split",
+        "dev",
+        "--device",
+        "cpu",
+        "--corpus-steps",
+        "2",
+        "--corpus-max-texts",
+        "24",
+        "--align-steps",
+        "2",
+        "--keep-checkpoints",
+    )
+    finish(start(_torchrun(["-m", "st_daft.cli", *args]), log), log)
+    summary = json.loads((output / "daft_summary.json").read_text())
+    assert [stage["name"] for stage in summary["stages"]] == ["vocabulary", "corpus", "align"]
+    assert [stage["steps"] for stage in summary["stages"][1:]] == [2, 2]
+    corpus_config = next(stage for stage in summary["config"]["stages"] if stage["stage"] == "corpus")
+    assert corpus_config["document_weight"] == 1.0, "the pseudo-query term is on"
+    # 24 texts over 2 processes fill no batch of 128 x 2: the batch shrinks instead of the stage training 0 steps
+    assert "fill no batch of 128 x 2 processes; the batch size is 12 per process" in log.read_text()
+    assert sorted(path.name for path in (output / "stage-0-corpus").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not list(output.rglob("*.tmp")) and not list(output.rglob("*.old"))
