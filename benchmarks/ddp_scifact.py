@@ -99,7 +99,7 @@ def main() -> None:
             "train_wall_seconds": round(seconds, 1),
             "ndcg_at_10": scores.get("ndcg_at_10"),
             "final_knn_kl": summary["stages"][-1]["final_metrics"].get("alignment_knn_kl"),
-            "global_step": summary["stages"][-1]["global_step"],
+            "steps": summary["stages"][-1]["steps"],
         }
         print(name, results["runs"][name], flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -116,7 +116,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         type=_non_negative_float,
         default=None,
         help="corpus stage: weight of the pseudo-query term, each cut text against the whole corpus with its "
-        "source document as the positive (default 1; 0: regression onto the texts' own embeddings only)",
+        "source document as the positive (default: 1 for a corpus alone, 0 with labelled queries)",
     )
     budget.add_argument("--no-zipf", action="store_true", help="vocabulary stage without Zipf weighting")
     budget.add_argument("--max-steps", type=_positive_int, default=None, help="step budget of every stage")

@@ -211,14 +211,15 @@ def test_two_process_label_free_stages(tiny_document_model_dir: Path, beir_dir: 
         "24",
         "--align-steps",
         "2",
+        "--corpus-document-weight",
+        "1",
         "--keep-checkpoints",
     )
     finish(start(_torchrun(["-m", "st_daft.cli", *args]), log), log)
     summary = json.loads((output / "daft_summary.json").read_text())
     assert [stage["name"] for stage in summary["stages"]] == ["vocabulary", "corpus", "align"]
     assert [stage["steps"] for stage in summary["stages"][1:]] == [2, 2]
-    corpus_config = next(stage for stage in summary["config"]["stages"] if stage["stage"] == "corpus")
-    assert corpus_config["document_weight"] == 1.0, "the pseudo-query term is on"
+    assert summary["stages"][1]["extra"]["document_weight"] == 1.0, "the pseudo-query term is on"
     # 24 texts over 2 processes fill no batch of 128 x 2: the batch shrinks instead of the stage training 0 steps
     assert "fill no batch of 128 x 2 processes; the batch size is 12 per process" in log.read_text()
     assert sorted(path.name for path in (output / "stage-0-corpus").glob("checkpoint-*")) == ["checkpoint-2"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +168,9 @@ def test_vocabulary_initialisation_needs_a_static_route(model) -> None:
 
 def test_recipe_runs_the_label_free_stages(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
-    corpus = CorpusStage(max_steps=4, batch_size=8, eval_steps=2, warmup_ratio=0.0, logging_steps=1, max_texts=40)
+    corpus = CorpusStage(
+        max_steps=4, batch_size=8, eval_steps=2, warmup_ratio=0.0, logging_steps=1, max_texts=40, document_weight=1
+    )
     config = DAFTConfig(
         stages=["vocabulary", corpus, AlignStage(max_steps=2, batch_size=4, eval_steps=2, warmup_ratio=0.0)],
         validation_fraction=0.2,
@@ -209,20 +212,23 @@ def test_corpus_stage_pseudo_query_term_shares_the_align_stages_cache(
     monkeypatch.setattr(LabelFreeAlignmentLoss, "__init__", recording_init)
     data = load_beir(tiny_beir_dir, "train")
     budget = {"max_steps": 1, "batch_size": 8, "eval_steps": 1, "warmup_ratio": 0.0}
-    config = DAFTConfig(
-        stages=[CorpusStage(max_texts=40, **budget), AlignStage(**{**budget, "batch_size": 4})],
-        validation_fraction=0.2,
-        num_validation_texts=16,
-    )
-    train_daft(build_asymmetric_model(str(tiny_document_model_dir), "static"), data, tmp_path / "run", config)
-    assert len(builds) == 1, "the corpus is embedded once, for both stages"
-    (loss,) = losses
-    assert loss.document_embeddings.shape == (len(data.corpus), 32) and loss.get_config_dict()["document_weight"] == 1
 
-    losses.clear()
-    config = DAFTConfig(stages=[CorpusStage(max_texts=40, document_weight=0, **budget)], validation_fraction=0.2)
-    train_daft(build_asymmetric_model(str(tiny_document_model_dir), "static"), data, tmp_path / "off", config)
-    assert losses[0].document_embeddings is None
+    def run(name: str, corpus_stage: CorpusStage, train_data) -> None:
+        stages = [corpus_stage] if isinstance(train_data, dict) else [corpus_stage, AlignStage(**budget)]
+        config = DAFTConfig(stages=stages, validation_fraction=0.2, num_validation_texts=16)
+        model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+        train_daft(model, train_data, tmp_path / name, config, titles=data.titles if name == "alone" else None)
+
+    run("on", CorpusStage(max_texts=40, document_weight=1, **budget), data)
+    assert len(builds) == 1, "the corpus is embedded once, for both stages"
+    assert losses[-1].document_embeddings.shape == (len(data.corpus), 32)
+    assert losses[-1].get_config_dict()["document_weight"] == 1
+    run("labelled", CorpusStage(max_texts=40, **budget), data)  # default beside labelled queries: off
+    assert losses[-1].document_embeddings is None and len(builds) == 2, "only the align stage embeds the corpus"
+    run("alone", CorpusStage(max_texts=40, **budget), dict(data.corpus))  # default for a corpus alone: on
+    assert losses[-1].document_embeddings is not None
+    summary = json.loads((tmp_path / "alone" / "daft_summary.json").read_text())
+    assert summary["stages"][0]["extra"]["document_weight"] == 1.0
     with pytest.raises(ValueError, match="document_weight"):
         CorpusStage(document_weight=-1)
 
