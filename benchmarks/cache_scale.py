@@ -204,13 +204,16 @@ def main() -> None:
         "peak_rss_gib_so_far": peak_rss_gib(),
     }
     print(json.dumps(result["rebuild_streamed"], indent=2))
-    for nprobe in args.nprobe:
-        streamed_ivf.nprobe = nprobe
-        found, qps = timed_search(faiss_search(streamed_ivf), queries, k)
-        modes[f"ivf nlist={args.nlist} nprobe={nprobe} (corrected, streamed rebuild, stale cells)"] = {
-            "queries_per_second": qps,
-            "recall_at_k": recall(found, truth, k),
-        }
+    def measure_ivf(index, label: str) -> None:
+        for nprobe in args.nprobe:
+            index.nprobe = nprobe
+            found, qps = timed_search(faiss_search(index), queries, k)
+            modes[f"ivf nlist={args.nlist} nprobe={nprobe} ({label})"] = {
+                "queries_per_second": qps,
+                "recall_at_k": recall(found, truth, k),
+            }
+
+    measure_ivf(streamed_ivf, "corrected, streamed rebuild, stale cells")
     del streamed_ivf
     write_partial()
 
@@ -237,13 +240,7 @@ def main() -> None:
         "recall_at_k": recall(found, truth[: args.exact_queries], k),
     }
     exact_qps.append(qps)
-    for nprobe in args.nprobe:
-        ivf.nprobe = nprobe
-        found, qps = timed_search(faiss_search(ivf), queries, k)
-        modes[f"ivf nlist={args.nlist} nprobe={nprobe} (corrected, rebuilt)"] = {
-            "queries_per_second": qps,
-            "recall_at_k": recall(found, truth, k),
-        }
+    measure_ivf(ivf, "corrected, rebuilt")
     del ivf
     print(json.dumps(modes, indent=2))
     write_partial()

@@ -251,7 +251,12 @@ def _store_encoder_class() -> type[SentenceTransformerEncoderWrapper]:
             prompt_type: PromptType | None = None,
             **kwargs: Any,
         ) -> Any:
-            if prompt_type == PromptType.query:
+            texts = None
+            if self.document_store is not None and prompt_type == PromptType.document:
+                batches = list(inputs)
+                if all("text" in batch for batch in batches):
+                    texts = [text for batch in batches for text in batch["text"]]
+            if texts is None or not all(isinstance(text, str) for text in texts):
                 embeddings = super().encode(
                     inputs,
                     task_metadata=task_metadata,
@@ -260,22 +265,9 @@ def _store_encoder_class() -> type[SentenceTransformerEncoderWrapper]:
                     prompt_type=prompt_type,
                     **kwargs,
                 )
-                warn_zero_query_vectors(embeddings, inputs)
+                if prompt_type == PromptType.query:
+                    warn_zero_query_vectors(embeddings, inputs)
                 return embeddings
-            texts = None
-            if self.document_store is not None and prompt_type == PromptType.document:
-                batches = list(inputs)
-                if all("text" in batch for batch in batches):
-                    texts = [text for batch in batches for text in batch["text"]]
-            if texts is None or not all(isinstance(text, str) for text in texts):
-                return super().encode(
-                    inputs,
-                    task_metadata=task_metadata,
-                    hf_split=hf_split,
-                    hf_subset=hf_subset,
-                    prompt_type=prompt_type,
-                    **kwargs,
-                )
             prompt_name = self.get_prompt_name(task_metadata, prompt_type)
             prompt = (self.model_prompts or {}).get(prompt_name) if prompt_name else None
             options = {**kwargs, "convert_to_numpy": True, "convert_to_tensor": False}

@@ -362,8 +362,7 @@ class NegativeMiner:
         if not self.correcting:
             return stale
         with torch.no_grad():
-            parameter = next(self.corrector.parameters())
-            return F.normalize(self.corrector(stale.to(parameter.device)).cpu(), dim=1)
+            return self._correct_rows(stale).cpu()
 
     def _query_side(self) -> bool:
         return self.index_kind in ("query-side", "two-step")
@@ -395,6 +394,7 @@ class NegativeMiner:
         return self._index
 
     def _correct_rows(self, rows: Tensor) -> Tensor:
+        """``normalize(h(rows))`` on the corrector's device."""
         parameter = next(self.corrector.parameters())
         return F.normalize(self.corrector(rows.to(parameter.device)), dim=1)
 

@@ -133,6 +133,13 @@ class StageContext:
     def asymmetric(self) -> bool:
         return has_route(self.model, QUERY_ROUTE)
 
+    def current_cache(self) -> StaleEmbeddingCache:
+        """The corpus cache of the document route as it is now: the one an earlier stage built while the route was
+        frozen (the corpus stage's, the align stage's), or embedded now (or read from the store)."""
+        if self.cache is None or not self.cache.is_current(self.model):
+            self.cache = StaleEmbeddingCache.build(self.model, self.corpus, store=self.store)
+        return self.cache
+
     @property
     def router_mapping(self) -> dict[str, str]:
         return {"query": QUERY_ROUTE, "positive": DOCUMENT_ROUTE} if self.asymmetric else {}
@@ -486,10 +493,9 @@ class CorpusStage(_FrozenDocumentStage):
         document_weight = self.resolved_document_weight(context)
         if document_weight > 0:
             # The corpus embeddings are the align stage's cache: embedded once (or read from the store), shared.
-            if context.cache is None or not context.cache.is_current(context.model):
-                context.cache = StaleEmbeddingCache.build(context.model, context.corpus, store=context.store)
-            documents = context.cache.float32()
-            row_of = {doc_id: row for row, doc_id in enumerate(context.cache.ids)}
+            cache = context.current_cache()
+            documents = cache.float32()
+            row_of = {doc_id: row for row, doc_id in enumerate(cache.ids)}
             source_rows = [row_of[doc_id] for _, doc_id in examples] + [-1] * len(queries)  # a query has no source
         rows = alignment_dataset(context.model, texts + queries, store=context.store, document_rows=source_rows)
         loss = LabelFreeAlignmentLoss(
@@ -526,10 +532,11 @@ class AlignStage(_FrozenDocumentStage):
 
     def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None) -> StageResult:
         freeze_route(context.model, DOCUMENT_ROUTE)
-        if context.cache is None or not context.cache.is_current(context.model):  # the corpus stage's, if current
-            context.cache = StaleEmbeddingCache.build(context.model, context.corpus, store=context.store)
         loss = DAFTAlignmentLoss(
-            context.model, scale=self.scale, document_cache=context.cache, cache_negatives=self.cache_negatives
+            context.model,
+            scale=self.scale,
+            document_cache=context.current_cache(),  # the corpus stage's, if it built one
+            cache_negatives=self.cache_negatives,
         )
         return self.train_frozen(context, args, context.train_data.training_pairs(), loss)
 
@@ -647,8 +654,7 @@ class FinetuneStage(TrainedStage):
         document cache, corrected or refreshed by the strategy) and the callbacks that drive the mining."""
 
         # The alignment stage's cache is exact for the document route fine-tuning starts from: reuse it.
-        if context.cache is None or not context.cache.is_current(context.model):
-            context.cache = StaleEmbeddingCache.build(context.model, context.corpus, store=context.store)
+        context.current_cache()
         data = context.train_data
         # The corrector's hidden layers start from the run's seed, not from whatever the random state is after the
         # earlier stages (a resumed run skips their steps): same seed, same corrector, resumed or not.

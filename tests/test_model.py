@@ -175,3 +175,17 @@ def test_tokenlearn_query_encoder_was_removed_with_a_reason(tiny_document_model_
     with pytest.raises(ValueError, match=r"'tokenlearn' was removed.*0\.363.*0\.790.*--query-encoder static"):
         build_asymmetric_model(str(tiny_document_model_dir), "tokenlearn")
 
+
+
+def test_public_names_resolve_lazily() -> None:
+    """``st_daft`` names its public API three times (type-checking imports, ``_MODULE_OF``, ``__all__``): the two
+    run-time lists agree and every name resolves to an object of its module."""
+    import importlib
+
+    import st_daft
+
+    assert sorted(st_daft.__all__, key=str.lower) == sorted(st_daft._MODULE_OF, key=str.lower)
+    for name, module in st_daft._MODULE_OF.items():
+        assert getattr(st_daft, name) is getattr(importlib.import_module(module), name)
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        st_daft.nothing_here  # noqa: B018
