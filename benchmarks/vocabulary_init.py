@@ -1,11 +1,17 @@
-"""Vocabulary initialisation of the static query route, with no training: SciFact test and python-faq nDCG@10.
+"""Vocabulary initialisation of the static query route, with no training: SciFact and python-faq nDCG@10.
 
 Usage::
 
-    python benchmarks/vocabulary_init.py --shared ../shared/data
+    python benchmarks/vocabulary_init.py --shared ../shared/data --document-store runs/store
+    python benchmarks/vocabulary_init.py --scifact-split train   # SciFact's training claims as dev
 
 The document route is frozen (plain all-MiniLM-L6-v2), so both corpora are embedded once and every variant of the
 static table is scored against those embeddings (what ``st-daft evaluate`` computes for a frozen document route).
+
+Variants: MiniLM's input embeddings; one-token distillation (model2vec's, with and without centring and Zipf
+weights); and contextual token vectors (the vocabulary stage's default), their statistics taken from each
+collection's own corpus (what a corpus-only run does) or from SciFact's corpus (what a run trained on SciFact does,
+scored on python-faq, a collection it never saw).
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ import numpy as np
 import torch
 from sentence_transformers.util import cos_sim
 
-from st_daft import RetrievalData, build_asymmetric_model, load_beir
-from st_daft.vocabulary import initialize_static_route
+from st_daft import DocumentEmbeddingStore, RetrievalData, build_asymmetric_model, load_beir
+from st_daft.vocabulary import contextual_token_statistics, initialize_static_route
 
 
 def ndcg_at_10(query_embeddings: torch.Tensor, document_embeddings: torch.Tensor, data: RetrievalData) -> float:
@@ -37,28 +43,56 @@ def ndcg_at_10(query_embeddings: torch.Tensor, document_embeddings: torch.Tensor
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", default="../shared/data")
+    parser.add_argument("--scifact-split", default="test", help="test, or train to use SciFact's claims as dev")
+    parser.add_argument("--document-store", default=None, help="DocumentEmbeddingStore folder (and token statistics)")
     parser.add_argument("--output", default="benchmarks/results/vocabulary_init.json")
     args = parser.parse_args()
-    sets = {name: load_beir(Path(args.shared) / name, "test") for name in ("scifact", "python-faq")}
+    splits = {"scifact": args.scifact_split, "python-faq": "test"}
+    sets = {name: load_beir(Path(args.shared) / name, split, empty_texts="warn") for name, split in splits.items()}
+    store = DocumentEmbeddingStore(args.document_store) if args.document_store else None
     model = build_asymmetric_model(query_encoder="static")
-    documents = {
-        name: model.encode_document(list(data.corpus.values()), convert_to_tensor=True) for name, data in sets.items()
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        if store is not None:
+            return torch.from_numpy(store.encode_document(model, texts, show_progress_bar=True))
+        return model.encode_document(texts, convert_to_tensor=True, show_progress_bar=True).cpu()
+
+    documents = {name: embed(list(data.corpus.values())) for name, data in sets.items()}
+    statistics = {
+        name: contextual_token_statistics(
+            model, list(data.corpus.values()), cache_folder=store.folder if store is not None else None
+        )
+        for name, data in sets.items()
     }
 
-    def score(model) -> dict[str, float]:
+    def score(model, only: str | None = None) -> dict[str, float]:
         return {
             name: ndcg_at_10(
-                model.encode_query(list(data.queries.values()), convert_to_tensor=True), documents[name], data
+                model.encode_query(list(data.queries.values()), convert_to_tensor=True).cpu(), documents[name], data
             )
             for name, data in sets.items()
+            if only in (None, name)
         }
 
     results = [{"table": "MiniLM input embeddings", **score(model)}]
     for center, zipf in [(False, True), (True, False), (True, True)]:
         model = build_asymmetric_model(query_encoder="static")
-        initialize_static_route(model, zipf_weighting=zipf, center=center)
-        results.append({"table": f"distilled, center={center}, zipf={zipf}", **score(model)})
+        initialize_static_route(model, zipf_weighting=zipf, center=center, store=store)
+        results.append({"table": f"one-token, center={center}, zipf={zipf}", **score(model)})
         print(results[-1], flush=True)
+    own: dict[str, float] = {}
+    for name in sets:
+        model = build_asymmetric_model(query_encoder="static")
+        initialize_static_route(model, store=store, contextual=statistics[name])
+        own.update(score(model, only=name))
+    results.append({"table": "contextual, each collection's own corpus", **own})
+    print(results[-1], flush=True)
+    model = build_asymmetric_model(query_encoder="static")
+    initialize_static_route(model, store=store, contextual=statistics["scifact"])
+    results.append({"table": "contextual, SciFact's corpus", **score(model)})
+    print(results[-1], flush=True)
+    for row in results:
+        row["scifact_split"] = args.scifact_split
     Path(args.output).write_text(json.dumps(results, indent=2))
 
 

@@ -116,7 +116,7 @@ if TYPE_CHECKING:
         DocumentEmbeddingStore,
         document_encoder_key,
     )
-    from st_daft.vocabulary import initialize_static_route
+    from st_daft.vocabulary import contextual_token_statistics, initialize_static_route
 
 # public name -> the module that defines it; imported when first asked for
 _MODULE_OF: dict[str, str] = {
@@ -197,7 +197,7 @@ _MODULE_OF: dict[str, str] = {
     **dict.fromkeys(("StaticQueryEncoder", "export_static_model"), "st_daft.serving"),
     **dict.fromkeys(("AlignStage", "CorpusStage", "FinetuneStage", "StageResult", "VocabularyStage"), "st_daft.stages"),
     **dict.fromkeys(("DocumentEmbeddingStore", "document_encoder_key"), "st_daft.store"),
-    **dict.fromkeys(("initialize_static_route",), "st_daft.vocabulary"),
+    **dict.fromkeys(("contextual_token_statistics", "initialize_static_route"), "st_daft.vocabulary"),
 }
 
 __all__ = [
@@ -213,6 +213,7 @@ __all__ = [
     "CollapseEvaluator",
     "CollapseSafeContrastiveLoss",
     "CollapseStopCallback",
+    "contextual_token_statistics",
     "CorpusRefreshCallback",
     "CorpusStage",
     "CorrectorNetwork",

@@ -119,6 +119,13 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "source document as the positive (default: 1 for a corpus alone, 0 with labelled queries)",
     )
     budget.add_argument("--no-zipf", action="store_true", help="vocabulary stage without Zipf weighting")
+    budget.add_argument(
+        "--contextual-vocabulary",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="vocabulary stage: the corpus's tokens take their mean contextual vectors over the corpus (one pass of "
+        "the document encoder over it); auto (default): on for a corpus alone, off beside labelled queries",
+    )
     budget.add_argument("--max-steps", type=_positive_int, default=None, help="step budget of every stage")
     budget.add_argument("--align-steps", type=_positive_int, default=None, help="alignment steps (default 300)")
     budget.add_argument("--align-batch-size", type=_positive_int, default=None, help="alignment batch size (64)")
@@ -219,7 +226,10 @@ def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
     finetune_budget = given(epochs=args.finetune_epochs, max_steps=-1 if args.finetune_epochs else None)
     finetune_budget.update(given(max_steps=args.finetune_steps))
     builders = {
-        "vocabulary": lambda: VocabularyStage(zipf_weighting=not args.no_zipf),
+        "vocabulary": lambda: VocabularyStage(
+            zipf_weighting=not args.no_zipf,
+            contextual={"auto": None, "on": True, "off": False}[args.contextual_vocabulary],
+        ),
         "corpus": lambda: CorpusStage(
             **{
                 **given(

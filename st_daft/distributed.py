@@ -41,6 +41,7 @@ __all__ = [
     "barrier",
     "embed_sharded",
     "all_reduce_gradients",
+    "all_reduce_sum",
     "broadcast_parameters",
 ]
 
@@ -129,6 +130,18 @@ def embed_sharded(
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(gathered, padded)
     return torch.cat(gathered)[: len(texts)].to("cpu", torch.float32)
+
+
+def all_reduce_sum(*tensors: Tensor) -> list[Tensor]:
+    """Each tensor summed over the process group (unchanged in one process), on the device it came from."""
+    if not is_distributed():
+        return list(tensors)
+    reduced = []
+    for tensor in tensors:
+        shared = tensor.to(_communication_device(tensor.device))
+        dist.all_reduce(shared)
+        reduced.append(shared.to(tensor.device))
+    return reduced
 
 
 def all_reduce_gradients(module: torch.nn.Module) -> None:

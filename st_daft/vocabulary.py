@@ -15,28 +15,44 @@ For a static route whose table is narrower than the document space (a narrow mod
 ridge-regression map from the token vectors to their distilled document-space vectors. (For the 64-d
 tokenlearn model this fit reached a mean cosine of only 0.205, and the route 0.363 SciFact nDCG@10 after the
 corpus and align stages; the ``tokenlearn`` query encoder was removed for it.)
+
+A token embedded alone is a poor stand-in for the same token inside a sentence. When the document route mean-pools
+its token outputs (all-MiniLM-L6-v2 does), a document's embedding *is* the mean of its contextual token vectors, so
+the static table closest to the document route on a given corpus holds, for every token, the mean of that token's
+contextual output vectors over the corpus (the "aggregated" static embeddings of Bommasani, Davis & Cardie, ACL
+2020, https://aclanthology.org/2020.acl-main.431, here in the document encoder's own output space).
+:func:`contextual_token_statistics` collects those sums in one pass of the document route over (a sample of) the
+corpus, and :func:`initialize_static_route` uses them for every token the corpus contains, the one-token vectors for
+the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.modules import Dense, StaticEmbedding
+from sentence_transformers.sentence_transformer.modules import Dense, Pooling, StaticEmbedding
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from st_daft.distributed import all_reduce_sum, get_rank, get_world_size, is_main_process
+from st_daft.io import atomic_torch_save
 from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, get_route
-from st_daft.store import DocumentEmbeddingStore
+from st_daft.store import DocumentEmbeddingStore, document_encoder_key
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "contextual_token_statistics",
+    "contextual_token_vectors",
     "corpus_token_weights",
     "distill_token_embeddings",
     "initialize_static_route",
+    "mean_pooled_transformer",
     "reweight_static_route",
     "vocabulary_texts",
 ]
@@ -113,6 +129,120 @@ def distill_token_embeddings(
     return embeddings
 
 
+def mean_pooled_transformer(model: SentenceTransformer) -> str | None:
+    """Why the document route's embedding is not a mean of its first module's token outputs; ``None`` when it is
+    (a ``Transformer`` then mean ``Pooling``, nothing else before the ``Router``'s end)."""
+    route = list(get_route(model, DOCUMENT_ROUTE))
+    if len(route) != 2 or not isinstance(route[1], Pooling):
+        return f"the document route is {[type(module).__name__ for module in route]}, not a Transformer and a Pooling"
+    mode = route[1].get_config_dict().get("pooling_mode")
+    if mode not in ("mean", ("mean",), ["mean"]):
+        return f"the document route pools with {mode!r}, not 'mean'"
+    return None
+
+
+@torch.no_grad()
+def contextual_token_statistics(
+    model: SentenceTransformer,
+    documents: Sequence[str],
+    batch_size: int = 32,
+    show_progress_bar: bool = True,
+    cache_folder: str | Path | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sum and count of the document route's contextual output vectors of every token over ``documents``.
+
+    One pass of the document route's ``Transformer`` over the documents, truncated as the route truncates them;
+    each non-special token's output vector is added to its token id's row. Under ``torchrun`` each process reads
+    one shard of ``documents`` and the sums are all-reduced, so every process returns the same statistics.
+    With a ``cache_folder`` the statistics are kept there, under a digest of the document route and the documents,
+    and read back by a later call (a resumed run, another seed) instead of encoding the documents again.
+
+    Returns:
+        ``(sums, counts)``: ``(vocabulary size, dim)`` float32 sums and ``(vocabulary size,)`` float32 counts,
+        indexed by the document tokenizer's token ids.
+    """
+    reason = mean_pooled_transformer(model)
+    if reason is not None:
+        raise ValueError(f"contextual token statistics need a mean-pooled document route: {reason}")
+    cached = None
+    if cache_folder is not None:
+        digest = hashlib.blake2b(document_encoder_key(model).encode(), digest_size=16)
+        for document in documents:
+            digest.update(document.encode() + b"\x00")
+        cached = Path(cache_folder) / f"token-statistics-{digest.hexdigest()}.pt"
+        if cached.is_file():
+            statistics = torch.load(cached, map_location="cpu")
+            logger.info("contextual token statistics read from %s", cached)
+            return statistics["sums"], statistics["counts"]
+    sums, counts = _contextual_token_sums(model, documents, batch_size, show_progress_bar)
+    if cached is not None and is_main_process():
+        atomic_torch_save({"sums": sums, "counts": counts}, cached)
+    return sums, counts
+
+
+def _contextual_token_sums(
+    model: SentenceTransformer, documents: Sequence[str], batch_size: int, show_progress_bar: bool
+) -> tuple[Tensor, Tensor]:
+    transformer = get_route(model, DOCUMENT_ROUTE)[0]
+    tokenizer = transformer.tokenizer
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    rank, world_size = get_rank(), get_world_size()
+    shard = list(documents)[rank::world_size]
+    # Length-sorted batches pad little; the sums do not depend on the order.
+    shard.sort(key=len)
+    vocabulary_size = max(len(tokenizer), transformer.auto_model.get_input_embeddings().num_embeddings)
+    sums: Tensor | None = None
+    counts = torch.zeros(vocabulary_size, dtype=torch.float32, device=model.device)
+    was_training = transformer.training
+    transformer.eval()
+    try:
+        for start in tqdm(
+            range(0, len(shard), batch_size),
+            desc="Contextual token vectors",
+            disable=not show_progress_bar or rank != 0,
+        ):
+            features = model.preprocess(shard[start : start + batch_size], task=DOCUMENT_ROUTE)
+            features = {k: v.to(model.device) if isinstance(v, Tensor) else v for k, v in features.items()}
+            outputs = transformer(features)["token_embeddings"].float()
+            ids = features["input_ids"]
+            keep = features["attention_mask"].bool() & ~torch.isin(ids, special.to(ids.device))
+            if sums is None:
+                sums = torch.zeros(vocabulary_size, outputs.shape[-1], dtype=torch.float32, device=model.device)
+            sums.index_add_(0, ids[keep], outputs[keep])
+            counts.index_add_(0, ids[keep], torch.ones_like(ids[keep], dtype=torch.float32))
+    finally:
+        transformer.train(was_training)
+    if sums is None:  # an empty shard (more processes than documents)
+        dimension = transformer.get_embedding_dimension()
+        sums = torch.zeros(vocabulary_size, dimension, dtype=torch.float32, device=model.device)
+    sums, counts = all_reduce_sum(sums, counts)
+    return sums.cpu(), counts.cpu()
+
+
+def contextual_token_vectors(model: SentenceTransformer, sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean contextual vector of each row of the static query table, from :func:`contextual_token_statistics`.
+
+    Document-tokenizer ids are matched to static rows by token string, so the static route may have its own
+    tokenizer. Returns ``(vectors, counts)`` over the static table's rows (rows no document token matched: count 0,
+    zero vector).
+    """
+    static = get_route(model, QUERY_ROUTE)[0]
+    document_tokenizer = get_route(model, DOCUMENT_ROUTE)[0].tokenizer
+    static_vocabulary = static.tokenizer.get_vocab()
+    seen = torch.nonzero(counts > 0).squeeze(1)
+    tokens = document_tokenizer.convert_ids_to_tokens(seen.tolist())
+    pairs = [(i, static_vocabulary[token]) for i, token in zip(seen.tolist(), tokens) if token in static_vocabulary]
+    vectors = torch.zeros(static.num_embeddings, sums.shape[1])
+    row_counts = torch.zeros(static.num_embeddings)
+    if pairs:
+        source, target = (torch.tensor(column, dtype=torch.long) for column in zip(*pairs))
+        vectors.index_add_(0, target, sums[source].float())
+        row_counts.index_add_(0, target, counts[source].float())
+    used = row_counts > 0
+    vectors[used] /= row_counts[used, None]
+    return vectors, row_counts
+
+
 def _zipf_weights(count: int) -> Tensor:
     # Tokenizer ids roughly follow frequency for WordPiece/BPE vocabularies; log(1 + rank) as in model2vec.
     return torch.log1p(torch.arange(count, dtype=torch.float32) + 1.0)
@@ -129,6 +259,7 @@ def initialize_static_route(
     seed: int = 0,
     store: DocumentEmbeddingStore | None = None,
     keep_scale: bool = True,
+    contextual: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, float]:
     """Initialise the model's static query route from document-route embeddings of its whole vocabulary.
 
@@ -139,10 +270,13 @@ def initialize_static_route(
     - A narrower table followed by a ``Dense`` projection keeps its vectors; the projection is fitted by ridge
       regression onto the distilled vectors of a random sample of ``max_fit_tokens`` tokens (a 65-parameter-wide
       regression needs no more, and distilling a 270k-token vocabulary would take many minutes).
+    - With ``contextual`` (the ``(sums, counts)`` of :func:`contextual_token_statistics` over a corpus), every token
+      the corpus contains gets its mean contextual vector instead of its one-token vector, centred on the mean of
+      all token occurrences (the direction every contextual vector shares) and normalised like the others.
 
     Returns:
         ``{"tokens": vocabulary size, "fit_cosine": mean cosine between the route's token vectors and the
-        distilled ones after initialisation}``.
+        distilled ones after initialisation, "contextual_tokens": rows set from contextual vectors}``.
     """
     query_route = list(get_route(model, QUERY_ROUTE))
     static = query_route[0]
@@ -165,6 +299,16 @@ def initialize_static_route(
     if center:
         targets[used] -= targets[used].mean(dim=0)
     targets = torch.nn.functional.normalize(targets, dim=1)
+    contextual_rows = 0
+    if contextual is not None:
+        vectors, counts = contextual_token_vectors(model, *contextual)
+        vectors, counts = vectors[rows], counts[rows]
+        seen = counts > 0
+        if seen.any():
+            occurrence_mean = (vectors[seen] * counts[seen, None]).sum(dim=0) / counts[seen].sum()
+            targets[seen] = torch.nn.functional.normalize(vectors[seen] - occurrence_mean, dim=1)
+            used |= seen
+        contextual_rows = int(seen.sum())
     if weight.shape[1] == targets.shape[1] and projection is None:
         scaled = targets * (_zipf_weights(len(texts))[:, None] if zipf_weighting else 1.0)
         if keep_scale:
@@ -184,8 +328,13 @@ def initialize_static_route(
             f"{targets.shape[1]}"
         )
     fit_cosine = torch.nn.functional.cosine_similarity(fitted[used], targets[used], dim=1).mean().item()
-    logger.info("vocabulary initialisation: %d tokens, mean cosine to distilled vectors %.3f", len(rows), fit_cosine)
-    return {"tokens": float(len(rows)), "fit_cosine": fit_cosine}
+    logger.info(
+        "vocabulary initialisation: %d tokens (%d from contextual vectors), mean cosine to the targets %.3f",
+        len(rows),
+        contextual_rows,
+        fit_cosine,
+    )
+    return {"tokens": float(len(rows)), "fit_cosine": fit_cosine, "contextual_tokens": float(contextual_rows)}
 
 
 def _fit_projection(tokens: Tensor, targets: Tensor, projection: Dense, ridge: float) -> Tensor:

@@ -268,6 +268,7 @@ def test_a_corpus_alone_runs_the_label_free_stages(
     assert "stages: vocabulary,corpus (default for --query-encoder static)" in printed
     summary = json.loads((output / "daft_summary.json").read_text())
     assert [stage["name"] for stage in summary["stages"]] == ["vocabulary", "corpus"]
+    assert summary["stages"][0]["extra"]["contextual"], "a corpus alone: contextual token vectors by default"
     corpus_stage = summary["stages"][1]
     assert corpus_stage["steps"] == 2 and corpus_stage["extra"]["num_unlabeled_queries"] == 2
     assert 0 < corpus_stage["extra"]["num_texts"] <= 20

@@ -17,7 +17,9 @@ import torch
 from conftest import QUESTIONS, TOPICS, write_beir
 from training_runs import cli, finish, free_port, model_weights, start, tiny_train_args
 
+from st_daft import build_asymmetric_model, load_beir
 from st_daft.distributed import embed_sharded, get_world_size, is_main_process
+from st_daft.vocabulary import contextual_token_statistics
 
 
 def _torchrun(script_or_module: list[str], processes: int = 2) -> list[str]:
@@ -194,8 +196,9 @@ def test_two_process_training_with_corrected_negatives(tiny_document_model_dir: 
 
 
 def test_two_process_label_free_stages(tiny_document_model_dir: Path, beir_dir: Path, tmp_path: Path):
-    """The static default (vocabulary, corpus with its pseudo-query term over the sharded-then-gathered corpus
-    embeddings, align) under torchrun: finishes, and the corpus stage checkpoints once."""
+    """The static default (vocabulary with contextual token vectors summed over both processes' shards of the corpus,
+    corpus with its pseudo-query term over the sharded-then-gathered corpus embeddings, align) under torchrun:
+    finishes, the token statistics equal one process's, and the corpus stage checkpoints once."""
     output, log = tmp_path / "two", tmp_path / "two.log"
     args = tiny_train_args(
         tiny_document_model_dir,
@@ -213,6 +216,8 @@ def test_two_process_label_free_stages(tiny_document_model_dir: Path, beir_dir: 
         "2",
         "--corpus-document-weight",
         "1",
+        "--contextual-vocabulary",
+        "on",
         "--keep-checkpoints",
     )
     finish(start(_torchrun(["-m", "st_daft.cli", *args]), log), log)
@@ -224,3 +229,11 @@ def test_two_process_label_free_stages(tiny_document_model_dir: Path, beir_dir: 
     assert "fill no batch of 128 x 2 processes; the batch size is 12 per process" in log.read_text()
     assert sorted(path.name for path in (output / "stage-0-corpus").glob("checkpoint-*")) == ["checkpoint-2"]
     assert not list(output.rglob("*.tmp")) and not list(output.rglob("*.old"))
+    assert summary["stages"][0]["extra"]["contextual_tokens"] > 0
+    (kept,) = (output / "stage-vocabulary").glob("token-statistics-*.pt")
+    single = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    documents = list(load_beir(beir_dir, "train").corpus.values())
+    sums, counts = contextual_token_statistics(single, documents, show_progress_bar=False)
+    two_process = torch.load(kept)
+    assert torch.equal(two_process["counts"], counts)
+    torch.testing.assert_close(two_process["sums"], sums, atol=1e-4, rtol=1e-4)

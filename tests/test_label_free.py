@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from st_daft import AlignStage, CorpusStage, DAFTConfig, build_asymmetric_model, get_route, load_beir, train_daft
+from st_daft import (
+    AlignStage,
+    CorpusStage,
+    DAFTConfig,
+    VocabularyStage,
+    build_asymmetric_model,
+    get_route,
+    load_beir,
+    train_daft,
+)
 from st_daft.corpus_alignment import (
     alignment_dataset,
     alignment_examples,
@@ -172,13 +181,21 @@ def test_recipe_runs_the_label_free_stages(tiny_document_model_dir: Path, tiny_b
         max_steps=4, batch_size=8, eval_steps=2, warmup_ratio=0.0, logging_steps=1, max_texts=40, document_weight=1
     )
     config = DAFTConfig(
-        stages=["vocabulary", corpus, AlignStage(max_steps=2, batch_size=4, eval_steps=2, warmup_ratio=0.0)],
+        stages=[
+            VocabularyStage(contextual=True),
+            corpus,
+            AlignStage(max_steps=2, batch_size=4, eval_steps=2, warmup_ratio=0.0),
+        ],
         validation_fraction=0.2,
         num_validation_texts=16,
     )
     summary = train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", config)
     assert [stage.name for stage in summary.stages] == ["vocabulary", "corpus", "align"]
     assert all("alignment_knn_kl" in stage.final_metrics for stage in summary.stages), "every stage's KL"
+    vocabulary = summary.stages[0]
+    assert vocabulary.extra["contextual_tokens"] > 0 and vocabulary.extra["contextual_documents"] == 8
+    assert "of them from contextual vectors over 8 documents" in vocabulary.describe()
+    assert list((tmp_path / "run" / "stage-vocabulary").glob("token-statistics-*.pt")), "kept for --resume"
     corpus_stage = summary.stages[1]
     assert corpus_stage.steps == 4 and 0 < corpus_stage.extra["num_texts"] <= 40
     logged = {key for row in corpus_stage.log_history for key in row}
@@ -245,7 +262,9 @@ def test_recipe_reuses_the_document_store(tiny_document_model_dir: Path, tiny_be
         document_store=str(tmp_path / "store"),
     )
     data = load_beir(tiny_beir_dir, "train")
-    train_daft(build_asymmetric_model(str(tiny_document_model_dir), "static"), data, tmp_path / "first", config)
+    first = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    summary = train_daft(first, data, tmp_path / "first", config)
+    assert summary.stages[0].extra["contextual"] is False, "beside labelled queries: one-token vectors by default"
     shards = sorted((tmp_path / "store").rglob("shard-*.npz"))
     # Vocabulary vectors are one kind of row; alignment targets and the corpus cache share "document" rows.
     stored_keys = {key.tobytes() for shard in shards for key in np.load(shard)["keys"]}
@@ -366,3 +385,88 @@ def test_pseudo_query_dataset_targets_the_source_documents(model) -> None:
     assert set(loss([features], labels)) == {"regression", "contrastive", "document"}
     with pytest.raises(ValueError, match="not among the 2 document ids"):
         pseudo_query_dataset([("a text", "zzz")], ids, documents)
+
+
+def _direct_token_sums(model, documents: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contextual output sums computed one document at a time, straight from the document route's Transformer."""
+    transformer = get_route(model, "document")[0]
+    special = set(transformer.tokenizer.all_special_ids)
+    vocabulary_size = transformer.auto_model.get_input_embeddings().num_embeddings
+    sums, counts = torch.zeros(vocabulary_size, 32), torch.zeros(vocabulary_size)
+    transformer.eval()  # no dropout
+    with torch.no_grad():
+        for document in documents:
+            features = model.preprocess([document], task="document")
+            outputs = transformer(features)["token_embeddings"][0]
+            for position, token in enumerate(features["input_ids"][0].tolist()):
+                if token not in special:
+                    sums[token] += outputs[position]
+                    counts[token] += 1
+    return sums, counts
+
+
+def test_contextual_token_statistics_sum_each_token_s_outputs(tiny_document_model_dir: Path, tmp_path) -> None:
+    from st_daft.vocabulary import contextual_token_statistics
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    documents = list(CORPUS.values()) + ["the heart of a cell", "blood"]
+    sums, counts = contextual_token_statistics(model, documents, batch_size=2, show_progress_bar=False)
+    expected_sums, expected_counts = _direct_token_sums(model, documents)
+    assert torch.equal(counts, expected_counts) and counts.sum() > 20
+    torch.testing.assert_close(sums, expected_sums, atol=1e-5, rtol=1e-5)
+    cls_id = get_route(model, "document")[0].tokenizer.cls_token_id
+    assert counts[cls_id] == 0, "special tokens are left out: the static route has none"
+
+    # Kept in a folder, keyed by the documents: read back, not computed again.
+    kept = contextual_token_statistics(model, documents, show_progress_bar=False, cache_folder=tmp_path)
+    files = list(tmp_path.glob("token-statistics-*.pt"))
+    assert len(files) == 1
+    from st_daft import vocabulary
+
+    original = vocabulary._contextual_token_sums
+    vocabulary._contextual_token_sums = lambda *args: pytest.fail("statistics computed again")
+    try:
+        again = contextual_token_statistics(model, documents, show_progress_bar=False, cache_folder=tmp_path)
+    finally:
+        vocabulary._contextual_token_sums = original
+    assert all(torch.equal(a, b) for a, b in zip(kept, again))
+    contextual_token_statistics(model, documents[:2], show_progress_bar=False, cache_folder=tmp_path)
+    assert len(list(tmp_path.glob("token-statistics-*.pt"))) == 2, "other documents, another file"
+
+
+def test_vocabulary_initialisation_from_contextual_vectors(tiny_document_model_dir: Path) -> None:
+    from st_daft.vocabulary import contextual_token_statistics
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    one_token = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    documents = list(CORPUS.values())
+    sums, counts = contextual_token_statistics(model, documents, show_progress_bar=False)
+    info = initialize_static_route(model, show_progress_bar=False, contextual=(sums, counts), keep_scale=False)
+    initialize_static_route(one_token, show_progress_bar=False, keep_scale=False)
+    assert info["contextual_tokens"] == (counts > 0).sum().item() > 10
+    static = get_route(model, "query")[0]
+    texts = vocabulary_texts(static)
+    heart, absent = texts.index("heart"), texts.index("stars")
+    assert counts[heart] > 0 and counts[absent] == 0
+    occurrence_mean = sums.sum(dim=0) / counts.sum()
+    expected = sums[heart] / counts[heart] - occurrence_mean  # the centred mean contextual vector
+    row = static.embedding.weight[heart].detach()
+    assert torch.nn.functional.cosine_similarity(row, expected, dim=0) > 0.9999
+    assert row.norm().item() == pytest.approx(np.log1p(heart + 1), rel=1e-4), "Zipf-weighted like the others"
+    one_token_table = get_route(one_token, "query")[0].embedding.weight.detach()
+    assert torch.equal(static.embedding.weight[absent].detach(), one_token_table[absent]), "absent: one-token vector"
+
+
+def test_contextual_vectors_need_a_mean_pooled_document_route(tiny_document_model_dir: Path, caplog) -> None:
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    from st_daft.vocabulary import contextual_token_statistics, mean_pooled_transformer
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    assert mean_pooled_transformer(model) is None
+    get_route(model, "document")[1] = Pooling(32, "cls")
+    assert "'cls'" in mean_pooled_transformer(model)
+    with pytest.raises(ValueError, match="mean-pooled document route"):
+        contextual_token_statistics(model, ["a text"], show_progress_bar=False)
+    with pytest.raises(ValueError, match="max_documents"):
+        VocabularyStage(max_documents=0)
