@@ -170,7 +170,9 @@ def contextual_token_statistics(
         for document in documents:
             digest.update(document.encode() + b"\x00")
         cached = Path(cache_folder) / f"token-statistics-{digest.hexdigest()}.pt"
-        if cached.is_file():
+        # Every process must take the same branch (the computation all-reduces): read back only if all see the file.
+        (seen,) = all_reduce_sum(torch.tensor([float(cached.is_file())]))
+        if seen.item() == get_world_size():
             statistics = torch.load(cached, map_location="cpu")
             logger.info("contextual token statistics read from %s", cached)
             return statistics["sums"], statistics["counts"]
