@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Dense, Pooling, StaticEmbedding
+from sentence_transformers.util import batch_to_device
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -108,21 +110,13 @@ def distill_token_embeddings(
         )
         return torch.from_numpy(vectors)
     document_route = get_route(model, DOCUMENT_ROUTE)
-    was_training = document_route.training
-    document_route.eval()
     outputs: list[Tensor] = []
-    try:
-        for start in tqdm(
-            range(0, len(texts), batch_size), desc="Distilling vocabulary", disable=not show_progress_bar
-        ):
-            batch = [text if text.strip() else "[UNK]" for text in texts[start : start + batch_size]]
-            features = model.preprocess(batch, task=DOCUMENT_ROUTE)
-            features = {k: v.to(model.device) if isinstance(v, Tensor) else v for k, v in features.items()}
-            for module in document_route:
-                features = module(features)
-            outputs.append(features["sentence_embedding"].float().cpu())
-    finally:
-        document_route.train(was_training)
+    inputs = [text if text.strip() else "[UNK]" for text in texts]
+    batches = _document_batches(model, document_route, inputs, batch_size, "Distilling vocabulary", show_progress_bar)
+    for features in batches:
+        for module in document_route:
+            features = module(features)
+        outputs.append(features["sentence_embedding"].float().cpu())
     embeddings = torch.cat(outputs)
     empty = torch.tensor([not text.strip() for text in texts])
     embeddings[empty] = 0.0
@@ -193,30 +187,17 @@ def _contextual_token_sums(
     # Length-sorted batches pad little; the sums do not depend on the order.
     shard.sort(key=len)
     vocabulary_size = max(len(tokenizer), transformer.auto_model.get_input_embeddings().num_embeddings)
-    sums: Tensor | None = None
+    # Allocated before the loop: a process whose shard is empty (more processes than documents) still all-reduces.
+    dimension = transformer.get_embedding_dimension()
+    sums = torch.zeros(vocabulary_size, dimension, dtype=torch.float32, device=model.device)
     counts = torch.zeros(vocabulary_size, dtype=torch.float32, device=model.device)
-    was_training = transformer.training
-    transformer.eval()
-    try:
-        for start in tqdm(
-            range(0, len(shard), batch_size),
-            desc="Contextual token vectors",
-            disable=not show_progress_bar or rank != 0,
-        ):
-            features = model.preprocess(shard[start : start + batch_size], task=DOCUMENT_ROUTE)
-            features = {k: v.to(model.device) if isinstance(v, Tensor) else v for k, v in features.items()}
-            outputs = transformer(features)["token_embeddings"].float()
-            ids = features["input_ids"]
-            keep = features["attention_mask"].bool() & ~torch.isin(ids, special.to(ids.device))
-            if sums is None:
-                sums = torch.zeros(vocabulary_size, outputs.shape[-1], dtype=torch.float32, device=model.device)
-            sums.index_add_(0, ids[keep], outputs[keep])
-            counts.index_add_(0, ids[keep], torch.ones_like(ids[keep], dtype=torch.float32))
-    finally:
-        transformer.train(was_training)
-    if sums is None:  # an empty shard (more processes than documents)
-        dimension = transformer.get_embedding_dimension()
-        sums = torch.zeros(vocabulary_size, dimension, dtype=torch.float32, device=model.device)
+    show = show_progress_bar and rank == 0
+    for features in _document_batches(model, transformer, shard, batch_size, "Contextual token vectors", show):
+        outputs = transformer(features)["token_embeddings"].float()
+        ids = features["input_ids"]
+        keep = features["attention_mask"].bool() & ~torch.isin(ids, special.to(ids.device))
+        sums.index_add_(0, ids[keep], outputs[keep])
+        counts.index_add_(0, ids[keep], torch.ones_like(ids[keep], dtype=torch.float32))
     sums, counts = all_reduce_sum(sums, counts)
     return sums.cpu(), counts.cpu()
 
@@ -243,6 +224,26 @@ def contextual_token_vectors(model: SentenceTransformer, sums: Tensor, counts: T
     used = row_counts > 0
     vectors[used] /= row_counts[used, None]
     return vectors, row_counts
+
+
+def _document_batches(
+    model: SentenceTransformer,
+    module: torch.nn.Module,
+    texts: Sequence[str],
+    batch_size: int,
+    description: str,
+    show_progress_bar: bool,
+) -> Iterator[dict[str, Any]]:
+    """The document route's preprocessed batches of ``texts`` on the model's device, with ``module`` in eval mode
+    (no dropout) while they are read and back in its previous mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc=description, disable=not show_progress_bar):
+            features = model.preprocess(list(texts[start : start + batch_size]), task=DOCUMENT_ROUTE)
+            yield batch_to_device(features, model.device)
+    finally:
+        module.train(was_training)
 
 
 def _zipf_weights(count: int) -> Tensor:

@@ -405,7 +405,9 @@ def _direct_token_sums(model, documents: list[str]) -> tuple[torch.Tensor, torch
     return sums, counts
 
 
-def test_contextual_token_statistics_sum_each_token_s_outputs(tiny_document_model_dir: Path, tmp_path) -> None:
+def test_contextual_token_statistics_sum_each_token_s_outputs(
+    tiny_document_model_dir: Path, tmp_path, monkeypatch
+) -> None:
     from st_daft.vocabulary import contextual_token_statistics
 
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
@@ -423,12 +425,9 @@ def test_contextual_token_statistics_sum_each_token_s_outputs(tiny_document_mode
     assert len(files) == 1
     from st_daft import vocabulary
 
-    original = vocabulary._contextual_token_sums
-    vocabulary._contextual_token_sums = lambda *args: pytest.fail("statistics computed again")
-    try:
-        again = contextual_token_statistics(model, documents, show_progress_bar=False, cache_folder=tmp_path)
-    finally:
-        vocabulary._contextual_token_sums = original
+    monkeypatch.setattr(vocabulary, "_contextual_token_sums", lambda *args: pytest.fail("statistics computed again"))
+    again = contextual_token_statistics(model, documents, show_progress_bar=False, cache_folder=tmp_path)
+    monkeypatch.undo()
     assert all(torch.equal(a, b) for a, b in zip(kept, again))
     contextual_token_statistics(model, documents[:2], show_progress_bar=False, cache_folder=tmp_path)
     assert len(list(tmp_path.glob("token-statistics-*.pt"))) == 2, "other documents, another file"
