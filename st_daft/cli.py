@@ -118,6 +118,13 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="corpus stage: weight of the pseudo-query term, each cut text against the whole corpus with its "
         "source document as the positive (default: 1 for a corpus alone, 0 with labelled queries)",
     )
+    budget.add_argument(
+        "--corpus-pseudo-queries",
+        type=_non_negative_int,
+        default=None,
+        help="corpus stage: more texts cut from the corpus, not encoded, each trained only as a pseudo-query for its "
+        "source document (needs the pseudo-query term; default 0)",
+    )
     budget.add_argument("--no-zipf", action="store_true", help="vocabulary stage without Zipf weighting")
     budget.add_argument(
         "--contextual-vocabulary",
@@ -237,6 +244,7 @@ def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
                     learning_rate=args.corpus_lr,
                     max_texts=args.corpus_max_texts,
                     document_weight=args.corpus_document_weight,
+                    pseudo_queries=args.corpus_pseudo_queries,
                 ),
                 **every,
                 **patience,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.base.sampler import BatchSamplers
 from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator, SequentialEvaluator
@@ -38,7 +38,7 @@ from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 from st_daft.cache import StaleEmbeddingCache
 from st_daft.callbacks import CollapseStopCallback, LogStatisticsCallback, NonFiniteLossCallback
 from st_daft.collapse import CollapseEvaluator
-from st_daft.corpus_alignment import TEXT_KINDS, alignment_dataset, alignment_examples
+from st_daft.corpus_alignment import TEXT_KINDS, alignment_dataset, alignment_examples, pseudo_query_dataset
 from st_daft.data import RetrievalData
 from st_daft.distributed import is_distributed
 from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
@@ -504,6 +504,9 @@ class CorpusStage(_FrozenDocumentStage):
             python-faq, a collection unlike the training one, 0.487 -> 0.460: the term fits the route to the
             training corpus, which is what a corpus-only run wants and what a labelled run already gets from align.
         document_scale: inverse temperature of that term (default: the in-batch term's, 20).
+        pseudo_queries: more texts cut from the corpus beyond ``max_texts`` that are not encoded: each is a
+            pseudo-query whose target is its source document's embedding (from the corpus cache), so they add
+            query -> document pairs at no encoding cost. Only with the pseudo-query term (``document_weight > 0``).
     """
 
     name: ClassVar[str] = "corpus"
@@ -520,9 +523,12 @@ class CorpusStage(_FrozenDocumentStage):
     contrastive_weight: float = 1.0
     document_weight: float | None = None
     document_scale: float | None = None
+    pseudo_queries: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.pseudo_queries < 0:
+            raise ValueError(f"corpus stage: pseudo_queries must be 0 or more, got {self.pseudo_queries}")
         if self.max_texts < 1:
             raise ValueError(f"corpus stage: max_texts must be at least 1, got {self.max_texts}")
         if self.document_weight is not None and not self.document_weight >= 0:
@@ -539,14 +545,23 @@ class CorpusStage(_FrozenDocumentStage):
 
     def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None) -> StageResult:
         freeze_route(context.model, DOCUMENT_ROUTE)
+        document_weight = self.resolved_document_weight(context)
+        pseudo_queries = self.pseudo_queries if document_weight > 0 else 0
+        if self.pseudo_queries and not pseudo_queries:
+            logger.warning("corpus stage: pseudo_queries=%d ignored: the pseudo-query term is off", self.pseudo_queries)
+        # One cut for both: the first max_texts are the same texts a run without pseudo-queries encodes.
         examples = alignment_examples(
-            context.corpus, context.titles, kinds=self.text_kinds, max_texts=self.max_texts, seed=context.seed
+            context.corpus,
+            context.titles,
+            kinds=self.text_kinds,
+            max_texts=self.max_texts + pseudo_queries,
+            seed=context.seed,
         )
+        examples, extra = examples[: self.max_texts], examples[self.max_texts :]
         texts = [text for text, _ in examples]
         cut = set(texts)
         queries = [query for query in dict.fromkeys(context.unlabeled_queries) if query not in cut]
         documents, source_rows = None, None
-        document_weight = self.resolved_document_weight(context)
         if document_weight > 0:
             # The corpus embeddings are the align stage's cache: embedded once (or read from the store), shared.
             cache = context.current_cache()
@@ -554,6 +569,8 @@ class CorpusStage(_FrozenDocumentStage):
             row_of = {doc_id: row for row, doc_id in enumerate(cache.ids)}
             source_rows = [row_of[doc_id] for _, doc_id in examples] + [-1] * len(queries)  # a query has no source
         rows = alignment_dataset(context.model, texts + queries, store=context.store, document_rows=source_rows)
+        if extra:
+            rows = concatenate_datasets([rows, pseudo_query_dataset(extra, cache.ids, documents)])
         loss = LabelFreeAlignmentLoss(
             context.model,
             regression=self.regression,
@@ -564,7 +581,10 @@ class CorpusStage(_FrozenDocumentStage):
         )
         result = self.train_frozen(context, args, rows, loss)
         result.extra.update(
-            num_texts=len(texts), num_unlabeled_queries=len(queries), document_weight=document_weight
+            num_texts=len(texts),
+            num_pseudo_queries=len(extra),
+            num_unlabeled_queries=len(queries),
+            document_weight=document_weight,
         )
         return result
 

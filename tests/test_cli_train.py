@@ -103,6 +103,7 @@ def test_device_and_precision_flags(tiny_document_model_dir: Path, tiny_beir_dir
         ("--document-lr", "-2e-5"),
         ("--corpus-lr", "0"),
         ("--corpus-document-weight", "-1"),
+        ("--corpus-pseudo-queries", "-5"),
         ("--num-negatives", "0"),
         ("--kl-patience", "-1"),
         ("--eval-steps", "0"),
@@ -260,7 +261,15 @@ def test_a_corpus_alone_runs_the_label_free_stages(
     queries.write_text("how do cells divide\nwhat pumps blood\n\nwhat pumps blood\n")
     output = tmp_path / "model"
     code = _train(
-        tiny_document_model_dir, data, output, "--corpus-max-texts", "20", "--unlabeled-queries", str(queries)
+        tiny_document_model_dir,
+        data,
+        output,
+        "--corpus-max-texts",
+        "10",
+        "--corpus-pseudo-queries",
+        "6",
+        "--unlabeled-queries",
+        str(queries),
     )
     assert code == 0
     printed = capsys.readouterr().out
@@ -271,7 +280,7 @@ def test_a_corpus_alone_runs_the_label_free_stages(
     assert summary["stages"][0]["extra"]["contextual"], "a corpus alone: contextual token vectors by default"
     corpus_stage = summary["stages"][1]
     assert corpus_stage["steps"] == 2 and corpus_stage["extra"]["num_unlabeled_queries"] == 2
-    assert 0 < corpus_stage["extra"]["num_texts"] <= 20
+    assert corpus_stage["extra"]["num_texts"] == 10 and corpus_stage["extra"]["num_pseudo_queries"] == 6
     assert json.loads((output / RECIPE_FILE).read_text()) == {"stages": ["vocabulary", "corpus"], "labelled": False}
 
     # --corpus FILE: any text file, one document a line; stages that need labels are refused, naming --stages

@@ -250,6 +250,54 @@ def test_corpus_stage_pseudo_query_term_shares_the_align_stages_cache(
         CorpusStage(document_weight=-1)
 
 
+def test_corpus_stage_pseudo_queries_need_no_encoding(
+    tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path, monkeypatch, caplog
+) -> None:
+    from st_daft import stages as stages_module
+
+    encoded, datasets = [], []
+    original_dataset = stages_module.alignment_dataset
+    original_pseudo = stages_module.pseudo_query_dataset
+
+    def recording_dataset(model, texts, **kwargs):
+        encoded.append(list(texts))
+        return original_dataset(model, texts, **kwargs)
+
+    def recording_pseudo(examples, ids, embeddings):
+        rows = original_pseudo(examples, ids, embeddings)
+        datasets.append((examples, ids, embeddings, rows))
+        return rows
+
+    monkeypatch.setattr(stages_module, "alignment_dataset", recording_dataset)
+    monkeypatch.setattr(stages_module, "pseudo_query_dataset", recording_pseudo)
+    data = load_beir(tiny_beir_dir, "train")
+    budget = {"max_steps": 1, "batch_size": 8, "eval_steps": 1, "warmup_ratio": 0.0}
+
+    def config() -> DAFTConfig:
+        stage = CorpusStage(max_texts=10, pseudo_queries=15, **budget)
+        return DAFTConfig(stages=[stage], validation_fraction=0.2, num_validation_texts=16)
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    summary = train_daft(model, dict(data.corpus), tmp_path / "alone", config())
+    extra = summary.stages[0].extra
+    assert extra["num_texts"] == 10 and len(encoded[-1]) == 10, "only max_texts texts are encoded"
+    examples, ids, embeddings, rows = datasets[-1]
+    assert extra["num_pseudo_queries"] == len(examples) == len(rows) > 0
+    assert not {text for text, _ in examples} & set(encoded[-1]), "the extra texts are other texts"
+    text, doc_id = examples[0]
+    label = torch.tensor(rows[0]["label"])
+    assert label[-1].item() == ids.index(doc_id), "the source document's row"
+    assert torch.allclose(label[:-1], embeddings[ids.index(doc_id)].float(), atol=1e-6), "its embedding the target"
+
+    # beside labelled queries the pseudo-query term is off, so the extra texts are not cut (and the user is told)
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    with caplog.at_level("WARNING", logger="st_daft.stages"):
+        summary = train_daft(model, data, tmp_path / "labelled", config())
+    assert summary.stages[0].extra["num_pseudo_queries"] == 0 and "pseudo_queries=15 ignored" in caplog.text
+    with pytest.raises(ValueError, match="pseudo_queries"):
+        CorpusStage(pseudo_queries=-1)
+
+
 def test_recipe_reuses_the_document_store(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
     config = DAFTConfig(
         stages=[
