@@ -204,6 +204,7 @@ def main() -> None:
         "peak_rss_gib_so_far": peak_rss_gib(),
     }
     print(json.dumps(result["rebuild_streamed"], indent=2))
+
     def measure_ivf(index, label: str) -> None:
         for nprobe in args.nprobe:
             index.nprobe = nprobe

@@ -27,7 +27,12 @@ model = SentenceTransformer(default_document_encoder())  # all-MiniLM-L6-v2, fin
 cache = StaleEmbeddingCache.build(model, data.corpus)  # embedded once; never re-embedded by "corrected"
 positives = {data.queries[qid]: [did for did, s in judged.items() if s > 0] for qid, judged in data.qrels.items()}
 loss, mining_callbacks = build_negative_mining(
-    model, MultipleNegativesRankingLoss(model), cache, data.corpus, "corrected", num_negatives=4,
+    model,
+    MultipleNegativesRankingLoss(model),
+    cache,
+    data.corpus,
+    "corrected",
+    num_negatives=4,
     query_positives=positives,
 )
 args_ = SentenceTransformerTrainingArguments(
@@ -41,7 +46,10 @@ args_ = SentenceTransformerTrainingArguments(
     report_to="none",
 )
 trainer = SentenceTransformerTrainer(
-    model=model, args=args_, train_dataset=data.training_pairs(), loss=loss,
+    model=model,
+    args=args_,
+    train_dataset=data.training_pairs(),
+    loss=loss,
     callbacks=[*mining_callbacks, LogStatisticsCallback(loss)],  # corrector steps, checkpoints, mining_* logs
 )
 trainer.train()

@@ -8,6 +8,7 @@ scripts/setup.sh "$venv"
 . "$venv/bin/activate"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ruff check st_daft tests benchmarks examples
+ruff format --check st_daft tests benchmarks examples
 # the docs site, warnings as errors, into a throwaway folder (offline: no fonts or inventories are fetched);
 # not --quiet: it hides the warnings from --strict, and the build then passes whatever they say
 docs_site="$(mktemp -d)"

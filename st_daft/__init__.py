@@ -101,6 +101,7 @@ if TYPE_CHECKING:
         default_stages,
         train_daft,
     )
+    from st_daft.retrieval_evaluator import CachedCorpusRetrievalEvaluator
     from st_daft.serving import (
         StaticQueryEncoder,
         export_static_model,
@@ -152,6 +153,7 @@ _MODULE_OF: dict[str, str] = {
     **dict.fromkeys(("CorrectorNetwork", "CorrectorTrainer", "drift_loss", "staleness_error"), "st_daft.corrector"),
     **dict.fromkeys(("DataError", "RetrievalData", "load_beir", "load_corpus", "load_queries_file"), "st_daft.data"),
     **dict.fromkeys(("evaluate_retrieval", "to_mteb_task"), "st_daft.evaluation"),
+    "CachedCorpusRetrievalEvaluator": "st_daft.retrieval_evaluator",
     **dict.fromkeys(
         (
             "CollapseSafeContrastiveLoss",
@@ -208,6 +210,7 @@ __all__ = [
     "attach_model_card",
     "build_asymmetric_model",
     "build_negative_mining",
+    "CachedCorpusRetrievalEvaluator",
     "CacheMismatchError",
     "collapse_statistics",
     "CollapseEvaluator",

@@ -137,6 +137,14 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     budget.add_argument("--align-steps", type=_positive_int, default=None, help="alignment steps (default 300)")
     budget.add_argument("--align-batch-size", type=_positive_int, default=None, help="alignment batch size (64)")
     budget.add_argument("--align-lr", type=_positive_float, default=None, help="alignment learning rate (1e-3)")
+    budget.add_argument(
+        "--align-select",
+        choices=("auto", "kl", "validation"),
+        default="auto",
+        help="which alignment checkpoint is kept: validation (best validation nDCG@10, the full budget), kl "
+        "(lowest 1-NN KL, early-stopped: DAFT's criterion) or auto (default): validation when the run has "
+        "labelled queries",
+    )
     budget.add_argument("--finetune-epochs", type=_positive_float, default=None, help="fine-tuning epochs (2)")
     budget.add_argument("--finetune-steps", type=_positive_int, default=None, help="fine-tuning steps (over epochs)")
     budget.add_argument("--batch-size", type=_positive_int, default=None, help="fine-tuning batch size (default 32)")
@@ -253,6 +261,7 @@ def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
         "align": lambda: AlignStage(
             **{
                 **given(max_steps=args.align_steps, batch_size=args.align_batch_size, learning_rate=args.align_lr),
+                "selection": args.align_select,
                 **every,
                 **patience,
             }

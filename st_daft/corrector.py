@@ -59,6 +59,7 @@ TRAINER_FILE = "corrector_trainer.pt"
 class CorrectorFileError(ValueError):
     """A saved corrector file is missing, truncated, corrupt or belongs to another corrector configuration."""
 
+
 DriftLossName = Literal["mse", "cosine"]
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
 

@@ -212,9 +212,7 @@ def _query_modules_from_spec(
         )
     if "/" in spec:  # pragma: no cover - Hub ids need a reachable hub
         return _load_document_modules(spec, device)
-    raise ValueError(
-        f"unknown query encoder {spec!r}: use 'static', 'tiny:L,H', or a model folder or Hub id"
-    )
+    raise ValueError(f"unknown query encoder {spec!r}: use 'static', 'tiny:L,H', or a model folder or Hub id")
 
 
 def build_asymmetric_model(

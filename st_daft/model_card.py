@@ -60,8 +60,8 @@ STAGE_DESCRIPTIONS = {
     "(no training steps)",
     "corpus": "label-free alignment: the query route learns the frozen document route's embeddings of texts cut "
     "from the corpus",
-    "align": "DAFT alignment: the query route trains against the frozen document route, early-stopped on the "
-    "1-NN KL estimate",
+    "align": "DAFT alignment: the query route trains against the frozen document route; the checkpoint kept is "
+    "the best on validation nDCG@10 where there are validation queries, else the lowest 1-NN KL estimate",
     "finetune": "joint fine-tuning of both routes, each with its own learning rate",
 }
 
@@ -200,9 +200,13 @@ MTEB (`st_daft.evaluation.evaluate_retrieval`).
 {% endif %}
 """
 
-_RECORD_SECTION = """
-<!-- """ + RECORD_MARKER + """ {{ daft_record_json }} -->
+_RECORD_SECTION = (
+    """
+<!-- """
+    + RECORD_MARKER
+    + """ {{ daft_record_json }} -->
 """
+)
 
 # (section, anchor it goes before); a section whose anchor is missing is appended at the end.
 _INSERTIONS = (

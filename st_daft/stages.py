@@ -51,6 +51,7 @@ from st_daft.model import (
     route_parameter_pattern,
     unfreeze_route,
 )
+from st_daft.retrieval_evaluator import CachedCorpusRetrievalEvaluator
 from st_daft.store import DocumentEmbeddingStore
 from st_daft.vocabulary import contextual_token_statistics, initialize_static_route, mean_pooled_transformer
 
@@ -73,6 +74,8 @@ __all__ = [
 KL_EVALUATOR_NAME = "alignment"
 IR_EVALUATOR_NAME = "validation"
 KL_METRIC = f"eval_{KL_EVALUATOR_NAME}_knn_kl"
+VALIDATION_METRIC = f"eval_{IR_EVALUATOR_NAME}_cosine_ndcg@10"
+ALIGN_SELECTIONS = ("auto", "kl", "validation")
 #: What transformers writes last into a checkpoint folder (``Trainer._save_checkpoint``): a folder without it was
 #: interrupted while it was written.
 COMPLETE_CHECKPOINT_MARKER = "trainer_state.json"
@@ -444,10 +447,12 @@ def _fit_batch_to_rows(stage: str, args: SentenceTransformerTrainingArguments, n
 
 @dataclass
 class _FrozenDocumentStage(TrainedStage):
-    """A stage that trains the query route against the frozen document route, early-stopped on the KL.
+    """A stage that trains the query route against the frozen document route, early-stopped on the KL (or keeping
+    its best checkpoint on validation retrieval, where :meth:`selects_by_validation` says so).
 
     Args:
-        kl_patience: evaluations without KL improvement before the stage ends (None: run the full budget).
+        kl_patience: evaluations without KL improvement before the stage ends (None: run the full budget); a stage
+            that keeps its best checkpoint on validation retrieval runs its budget.
         kl_min_delta: smallest decrease of the KL that counts as an improvement.
     """
 
@@ -459,13 +464,18 @@ class _FrozenDocumentStage(TrainedStage):
         if self.kl_patience is not None and self.kl_patience < 1:
             raise ValueError(f"{self.name} stage: kl_patience must be None or at least 1, got {self.kl_patience}")
 
+    def selects_by_validation(self, context: StageContext) -> bool:
+        """Whether the kept checkpoint is the best on validation retrieval instead of the lowest KL."""
+        return False
+
     def prepare(self, context: StageContext) -> SentenceTransformerTrainingArguments:
+        by_validation = self.selects_by_validation(context)
         return training_arguments(
             self.stage_dir(context),
             self,
             context,
-            metric=KL_METRIC,
-            greater_is_better=False,
+            metric=VALIDATION_METRIC if by_validation else KL_METRIC,
+            greater_is_better=by_validation,
             router_mapping=self.router_mapping(context),
         )
 
@@ -478,9 +488,13 @@ class _FrozenDocumentStage(TrainedStage):
         # A randomly initialised query route starts out "collapsed" (near-constant outputs): alignment is what
         # fixes that, so these stages record collapse but do not stop on it.
         callbacks: list[Any] = [CollapseStopCallback(KL_EVALUATOR_NAME, stop_on_collapse=False)]
-        if self.kl_patience is not None:
+        evaluator: Any = CollapseEvaluator(context.kl_texts, name=KL_EVALUATOR_NAME)
+        if self.selects_by_validation(context):
+            # The budget runs out and the best checkpoint on validation retrieval is kept; the documents' side of
+            # it is the frozen route's cache, so an evaluation encodes only the validation queries.
+            evaluator = SequentialEvaluator([validation_evaluator(context, context.current_cache()), evaluator])
+        elif self.kl_patience is not None:
             callbacks.append(EarlyStoppingCallback(self.kl_patience, early_stopping_threshold=self.kl_min_delta))
-        evaluator = CollapseEvaluator(context.kl_texts, name=KL_EVALUATOR_NAME)
         try:
             return self.train(context, args, rows, loss, evaluator, callbacks)
         finally:
@@ -558,6 +572,11 @@ class CorpusStage(_FrozenDocumentStage):
             seed=context.seed,
         )
         examples, extra = examples[: self.max_texts], examples[self.max_texts :]
+        if len(extra) < pseudo_queries:
+            logger.warning(
+                "corpus stage: %d pseudo-queries asked for, the corpus has %d texts to cut beyond max_texts=%d",
+                pseudo_queries, len(extra), self.max_texts,
+            )  # fmt: skip
         texts = [text for text, _ in examples]
         cut = set(texts)
         queries = [query for query in dict.fromkeys(context.unlabeled_queries) if query not in cut]
@@ -593,9 +612,18 @@ class CorpusStage(_FrozenDocumentStage):
 class AlignStage(_FrozenDocumentStage):
     """DAFT's alignment: the query route against the frozen document route's corpus cache.
 
+    Which checkpoint is kept: DAFT early-stops alignment on the 1-NN KL between the two routes' embeddings of the
+    same texts (``selection="kl"``, the paper's recipe). After the label-free stages the query route starts closer
+    to the document route, by that KL, than contrastive alignment keeps it, so the KL is lowest at the first
+    evaluation and the stage stopped after 50 of 300 steps, well before retrieval stopped improving. With
+    validation queries (a labelled run) ``selection="auto"`` therefore runs the budget and keeps the checkpoint with
+    the best validation nDCG@10, scored against the frozen route's cache (the KL is still logged).
+
     Args:
         scale: inverse softmax temperature of :class:`~st_daft.losses.DAFTAlignmentLoss`.
         cache_negatives: use every corpus document as a negative.
+        selection: ``"validation"`` (best validation nDCG@10), ``"kl"`` (lowest KL, early-stopped by
+            ``kl_patience``) or ``"auto"``: validation when the run has validation queries, else KL.
     """
 
     name: ClassVar[str] = "align"
@@ -605,6 +633,20 @@ class AlignStage(_FrozenDocumentStage):
     eval_steps: int = 50
     scale: float = 20.0
     cache_negatives: bool = True
+    selection: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.selection not in ALIGN_SELECTIONS:
+            raise ValueError(f"align stage: selection must be one of {ALIGN_SELECTIONS}, got {self.selection!r}")
+
+    def check(self, context: StageContext) -> None:
+        super().check(context)
+        if self.selection == "validation" and context.validation_data is None:
+            raise ValueError("align stage: selection='validation' needs validation queries, and this run has none")
+
+    def selects_by_validation(self, context: StageContext) -> bool:
+        return self.selection == "validation" or (self.selection == "auto" and context.validation_data is not None)
 
     def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None) -> StageResult:
         freeze_route(context.model, DOCUMENT_ROUTE)
@@ -682,7 +724,7 @@ class FinetuneStage(TrainedStage):
             # The trainer's base learning rate applies to everything not in learning_rate_mapping: the documents.
             learning_rate = self.document_learning_rate
         if context.validation_data is not None:
-            metric, greater = f"eval_{IR_EVALUATOR_NAME}_cosine_ndcg@10", True
+            metric, greater = VALIDATION_METRIC, True
         else:
             metric, greater = KL_METRIC, False
         return training_arguments(
@@ -702,24 +744,7 @@ class FinetuneStage(TrainedStage):
             loss, callbacks = self._mining(context, loss)
         evaluators: list[Any] = []
         if context.validation_data is not None:
-            validation = context.validation_data
-            if context.validation_corpus_size is not None and context.validation_corpus_size < len(validation.corpus):
-                # The validation queries, their judged documents and random others up to the size asked for.
-                judged = {did for docs in validation.qrels.values() for did in docs}
-                validation = validation.sample(
-                    len(validation.qrels), max(0, context.validation_corpus_size - len(judged)), seed=context.seed
-                )
-            evaluators.append(
-                InformationRetrievalEvaluator(
-                    validation.queries,
-                    validation.corpus,
-                    validation.relevant_docs,
-                    name=IR_EVALUATOR_NAME,
-                    batch_size=64,
-                    write_csv=False,
-                    show_progress_bar=True,
-                )
-            )
+            evaluators.append(validation_evaluator(context))  # the documents train: re-encoded at each evaluation
         evaluators.append(CollapseEvaluator(context.kl_texts, name=KL_EVALUATOR_NAME))
         callbacks.append(CollapseStopCallback(KL_EVALUATOR_NAME, stop_on_collapse=self.stop_on_collapse))
         rows = context.train_data.training_pairs()
@@ -758,6 +783,32 @@ class FinetuneStage(TrainedStage):
 STAGE_TYPES: dict[str, type[Stage]] = {
     stage.name: stage for stage in (VocabularyStage, CorpusStage, AlignStage, FinetuneStage)
 }
+
+
+def validation_evaluator(
+    context: StageContext, cache: StaleEmbeddingCache | None = None
+) -> InformationRetrievalEvaluator:
+    """nDCG@10 (and the rest) of the held-out validation queries over a sample of the corpus: the queries, their
+    judged documents and random others up to ``context.validation_corpus_size``. With ``cache`` (a frozen document
+    route's embeddings) the documents are read from it instead of being encoded at every evaluation."""
+    validation = context.validation_data
+    if validation is None:
+        raise ValueError("validation retrieval needs validation queries (labelled training data)")
+    if context.validation_corpus_size is not None and context.validation_corpus_size < len(validation.corpus):
+        judged = {did for docs in validation.qrels.values() for did in docs}
+        validation = validation.sample(
+            len(validation.qrels), max(0, context.validation_corpus_size - len(judged)), seed=context.seed
+        )
+    settings: dict[str, Any] = {"name": IR_EVALUATOR_NAME, "batch_size": 64, "write_csv": False}
+    if cache is not None and all(doc_id in cache.row_of_id for doc_id in validation.corpus):
+        corpus_ids = list(validation.corpus)
+        rows = torch.tensor([cache.row_of_id[doc_id] for doc_id in corpus_ids])
+        return CachedCorpusRetrievalEvaluator(
+            validation.queries, validation.relevant_docs, corpus_ids, cache.float32(rows), **settings
+        )
+    return InformationRetrievalEvaluator(
+        validation.queries, validation.corpus, validation.relevant_docs, show_progress_bar=True, **settings
+    )
 
 
 def _find(trainer: SentenceTransformerTrainer, kind: type) -> Any:

@@ -108,6 +108,7 @@ def test_device_and_precision_flags(tiny_document_model_dir: Path, tiny_beir_dir
         ("--kl-patience", "-1"),
         ("--eval-steps", "0"),
         ("--stages", "align,pretrain"),
+        ("--align-select", "ndcg"),
     ],
 )
 def test_bad_options_are_named(option: str, value: str, tmp_path: Path, capsys) -> None:
@@ -232,13 +233,17 @@ def test_the_chosen_stages_are_printed_and_recorded(
     tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path: Path, capsys
 ) -> None:
     output = tmp_path / "model"
-    assert _train(tiny_document_model_dir, tiny_beir_dir, output, "--query-encoder", "tiny:1,8") == 0
+    assert (
+        _train(tiny_document_model_dir, tiny_beir_dir, output, "--query-encoder", "tiny:1,8", "--align-select", "kl")
+        == 0
+    )
     printed = capsys.readouterr().out
     assert printed.startswith("stages: corpus,align (default for --query-encoder tiny:1,8)")
     assert json.loads((output / RECIPE_FILE).read_text()) == {"stages": ["corpus", "align"], "labelled": True}
     summary = json.loads((output / "daft_summary.json").read_text())
     assert [stage["name"] for stage in summary["stages"]] == ["corpus", "align"]
     assert [stage["stage"] for stage in summary["config"]["stages"]] == ["corpus", "align"]
+    assert summary["config"]["stages"][1]["selection"] == "kl"
     SentenceTransformer(str(output))  # a plain model
     card = (output / "README.md").read_text()  # the stages among the model card's tags
     assert "- st-daft-stage-corpus" in card and "- st-daft-stage-align" in card

@@ -368,4 +368,4 @@ def test_cli_evaluate_table_and_errors(
     # Without the bm25 extra, --baseline bm25 says what to install.
     monkeypatch.setitem(sys.modules, "bm25s", None)
     assert main([*arguments[:4], "--baseline", "bm25"]) == 2
-    assert "pip install \"st-daft[bm25]\"" in capsys.readouterr().err
+    assert 'pip install "st-daft[bm25]"' in capsys.readouterr().err

@@ -59,7 +59,10 @@ def _run(script: str, *arguments: str | Path) -> str:
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     completed = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *map(str, arguments), "--quick"],
-        capture_output=True, text=True, env=environment, timeout=900,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     return completed.stdout
@@ -99,8 +102,12 @@ def test_evaluate_collections(trained_static: Path, scifact_slice: Path, faq_sli
 
 def test_serve_query_route(trained_static: Path, tmp_path: Path) -> None:
     printed = _run(
-        "serve_query_route.py", trained_static, "--queries", SHARED_DATA / "scifact" / "queries.jsonl",
-        "--output", tmp_path / "served",
+        "serve_query_route.py",
+        trained_static,
+        "--queries",
+        SHARED_DATA / "scifact" / "queries.jsonl",
+        "--output",
+        tmp_path / "served",
     )
     difference = float(printed.split("max |model2vec - encode_query| = ")[1].split()[0])
     assert difference < 1e-5

@@ -294,6 +294,13 @@ def test_corpus_stage_pseudo_queries_need_no_encoding(
     with caplog.at_level("WARNING", logger="st_daft.stages"):
         summary = train_daft(model, data, tmp_path / "labelled", config())
     assert summary.stages[0].extra["num_pseudo_queries"] == 0 and "pseudo_queries=15 ignored" in caplog.text
+    # more than the corpus can give: the texts there are, and a warning that says how many
+    stage = CorpusStage(max_texts=10, pseudo_queries=100_000, **budget)
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    with caplog.at_level("WARNING", logger="st_daft.stages"):
+        summary = train_daft(model, dict(data.corpus), tmp_path / "more", DAFTConfig(stages=[stage]))
+    given = summary.stages[0].extra["num_pseudo_queries"]
+    assert 0 < given < 100_000 and f"100000 pseudo-queries asked for, the corpus has {given} texts" in caplog.text
     with pytest.raises(ValueError, match="pseudo_queries"):
         CorpusStage(pseudo_queries=-1)
 

@@ -263,7 +263,11 @@ def _plain_mnrl_mining(model, cache):
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     miner = NegativeMiner(
-        cache, CORPUS, "corrected", num_negatives=2, query_positives=QUERY_POSITIVES,
+        cache,
+        CORPUS,
+        "corrected",
+        num_negatives=2,
+        query_positives=QUERY_POSITIVES,
         corrector=CorrectorNetwork(cache.dimension, depth=1),
     )
     corrector_trainer = CorrectorTrainer(miner.corrector, lr=1e-2, steps=5, buffer=64)
@@ -312,8 +316,9 @@ def test_user_script_wraps_daft_alignment_loss(model, tmp_path: Path) -> None:
     cache = StaleEmbeddingCache.build(model, CORPUS, batch_size=8, show_progress_bar=False)
     miner = NegativeMiner(cache, CORPUS, "stale", num_negatives=3, query_positives=QUERY_POSITIVES)
     loss = MinedNegativesLoss(model, DAFTAlignmentLoss(model, document_cache=cache, cache_negatives=False), miner)
-    trainer = _user_script(model, loss, [*negative_mining_callbacks(miner), LogStatisticsCallback(loss)], tmp_path, 3,
-                           learning_rate=1e-2)
+    trainer = _user_script(
+        model, loss, [*negative_mining_callbacks(miner), LogStatisticsCallback(loss)], tmp_path, 3, learning_rate=1e-2
+    )
     assert miner.exact and miner.statistics.counts["negatives"] > 0
     assert all(torch.equal(a, b) for a, b in zip(document_before, get_route(model, DOCUMENT_ROUTE).parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(query_before, get_route(model, QUERY_ROUTE).parameters()))

@@ -176,7 +176,6 @@ def test_tokenlearn_query_encoder_was_removed_with_a_reason(tiny_document_model_
         build_asymmetric_model(str(tiny_document_model_dir), "tokenlearn")
 
 
-
 def test_public_names_resolve_lazily() -> None:
     """``st_daft`` names its public API three times (type-checking imports, ``_MODULE_OF``, ``__all__``): the two
     run-time lists agree and every name resolves to an object of its module."""

@@ -257,12 +257,28 @@ def test_callback_records_a_users_own_trainer_run(tiny_document_model_dir: Path,
 
 def test_negatives_from_the_miners_logged_statistics() -> None:
     history = [
-        {"loss": 1.0, "step": 1, "mining_stale_error": 0.02, "mining_corrected_error": 0.01, "mining_refreshes": 0.0,
-         "mining_encoded_loss_documents": 8.0, "mining_encoded_negatives": 4.0, "mining_encoded_total": 12.0},
+        {
+            "loss": 1.0,
+            "step": 1,
+            "mining_stale_error": 0.02,
+            "mining_corrected_error": 0.01,
+            "mining_refreshes": 0.0,
+            "mining_encoded_loss_documents": 8.0,
+            "mining_encoded_negatives": 4.0,
+            "mining_encoded_total": 12.0,
+        },
         {"eval_align_knn_kl": 3.0, "step": 2},
-        {"loss": 0.9, "step": 2, "mining_stale_error": 0.03, "mining_corrected_error": 0.012, "mining_refreshes": 1.0,
-         "mining_encoded_loss_documents": 16.0, "mining_encoded_negatives": 8.0, "mining_encoded_refresh": 8.0,
-         "mining_encoded_total": 32.0},
+        {
+            "loss": 0.9,
+            "step": 2,
+            "mining_stale_error": 0.03,
+            "mining_corrected_error": 0.012,
+            "mining_refreshes": 1.0,
+            "mining_encoded_loss_documents": 16.0,
+            "mining_encoded_negatives": 8.0,
+            "mining_encoded_refresh": 8.0,
+            "mining_encoded_total": 32.0,
+        },
     ]
     stats = negatives_from_log_history(history)
     assert stats == {
@@ -317,7 +333,12 @@ def test_a_corrected_recipe_run_gets_its_card_and_keeps_artefacts_beside_the_mod
 
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     finetune = FinetuneStage(
-        max_steps=2, batch_size=4, eval_steps=1, warmup_ratio=0.0, logging_steps=1, learning_rate=1e-3,
+        max_steps=2,
+        batch_size=4,
+        eval_steps=1,
+        warmup_ratio=0.0,
+        logging_steps=1,
+        learning_rate=1e-3,
         negatives="corrected",
         num_negatives=2,
     )

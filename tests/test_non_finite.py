@@ -74,4 +74,3 @@ def test_without_raising_training_just_stops(tiny_document_model_dir, tmp_path) 
     assert callback.stopped_step == 2 and "step 2" in callback.message
     assert [path.name for path in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-1"]
     assert all(bool(torch.isfinite(parameter).all()) for parameter in model.parameters())
-

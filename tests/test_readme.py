@@ -46,8 +46,13 @@ def test_readme_has_the_snippets_this_file_runs() -> None:
 
 def test_mining_snippet(inputs: dict, tmp_path: Path) -> None:
     inputs["args"] = SentenceTransformerTrainingArguments(
-        output_dir=str(tmp_path / "mined"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
-        router_mapping={"query": "query", "positive": "document"}, report_to="none", save_strategy="no",
+        output_dir=str(tmp_path / "mined"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        router_mapping={"query": "query", "positive": "document"},
+        report_to="none",
+        save_strategy="no",
     )
     exec(_snippet("NegativeMiner(cache"), inputs)
     assert inputs["trainer"].state.global_step == 3

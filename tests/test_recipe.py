@@ -9,8 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-from st_daft import AlignStage, DAFTConfig, FinetuneStage, build_asymmetric_model, get_route, load_beir, train_daft
+from st_daft import (
+    AlignStage,
+    CachedCorpusRetrievalEvaluator,
+    DAFTConfig,
+    FinetuneStage,
+    build_asymmetric_model,
+    get_route,
+    load_beir,
+    train_daft,
+)
 from st_daft.cli import main
 from st_daft.evaluation import evaluate_retrieval
 from st_daft.recipe import split_validation, validation_texts
@@ -150,7 +160,9 @@ def test_kl_patience_ends_a_frozen_stage(tiny_document_model_dir: Path, tiny_bei
     """transformers' EarlyStoppingCallback on the KL ends the stage; the result says why and keeps the best step."""
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     # no decrease counts as an improvement (the threshold): two evaluations after the first end the stage
-    align = AlignStage(max_steps=8, batch_size=4, eval_steps=1, warmup_ratio=0.0, kl_patience=2, kl_min_delta=1e6)
+    align = AlignStage(
+        max_steps=8, batch_size=4, eval_steps=1, warmup_ratio=0.0, kl_patience=2, kl_min_delta=1e6, selection="kl"
+    )
     config = DAFTConfig(stages=[align], validation_fraction=0.2, num_validation_texts=16)
     result = train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", config).stages[0]
     assert result.steps == 3
@@ -158,3 +170,49 @@ def test_kl_patience_ends_a_frozen_stage(tiny_document_model_dir: Path, tiny_bei
     best_step = re.search(r"at step (\d+)\)", result.stopped_reason).group(1)
     assert result.best_checkpoint.endswith(f"checkpoint-{best_step}")
     assert not result.collapsed
+
+
+def test_align_keeps_its_best_validation_checkpoint(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path):
+    """With validation queries the align stage runs its budget, ignores the KL patience and keeps the checkpoint
+    with the best validation nDCG@10 (scored against the frozen document route's cache)."""
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    align = AlignStage(max_steps=5, batch_size=4, eval_steps=1, warmup_ratio=0.0, kl_patience=1, kl_min_delta=1e6)
+    config = DAFTConfig(stages=[align], validation_fraction=0.2, num_validation_texts=16)
+    result = train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", config).stages[0]
+    assert result.steps == 5 and result.stopped_reason is None
+    evaluations = [row for row in result.log_history if "eval_validation_cosine_ndcg@10" in row]
+    scores = {row["step"]: row["eval_validation_cosine_ndcg@10"] for row in evaluations}
+    assert sorted(scores) == [1, 2, 3, 4, 5]
+    assert all("eval_alignment_knn_kl" in row for row in evaluations), "the KL is still logged"
+    best_step = max(scores, key=lambda step: (scores[step], -step))  # transformers keeps the first best
+    assert result.best_checkpoint.endswith(f"checkpoint-{best_step}")
+    assert result.best_metric == pytest.approx(scores[best_step])
+    assert result.final_metrics["validation_cosine_ndcg@10"] == pytest.approx(scores[best_step])
+    summary = json.loads((tmp_path / "run" / "daft_summary.json").read_text())
+    assert summary["config"]["stages"][0]["selection"] == "auto"
+
+
+def test_align_selection_is_checked_before_training(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path):
+    with pytest.raises(ValueError, match="selection must be one of"):
+        AlignStage(selection="ndcg")
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    config = DAFTConfig(stages=[AlignStage(max_steps=2, selection="validation")], validation_fraction=0.0)
+    with pytest.raises(ValueError, match="selection='validation' needs validation queries"):
+        train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", config)
+    assert not (tmp_path / "run" / "stage-1-align").exists()
+
+
+def test_cached_corpus_evaluator_matches_sentence_transformers(tiny_document_model_dir: Path, tiny_beir_dir: Path):
+    """Scoring against given document embeddings gives sentence-transformers' own evaluator's figures."""
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    data = load_beir(tiny_beir_dir, "test")
+    corpus_ids = list(data.corpus)
+    documents = model.encode_document([data.corpus[doc_id] for doc_id in corpus_ids], convert_to_tensor=True)
+    reference = InformationRetrievalEvaluator(data.queries, data.corpus, data.relevant_docs, name="v")(model)
+    cached = CachedCorpusRetrievalEvaluator(data.queries, data.relevant_docs, corpus_ids, documents, name="v")
+    scores = cached(model)
+    assert scores.keys() == reference.keys() and "v_cosine_ndcg@10" in scores
+    for key, value in reference.items():
+        assert scores[key] == pytest.approx(value, abs=1e-6), key
+    with pytest.raises(ValueError, match="one row per corpus id"):
+        CachedCorpusRetrievalEvaluator(data.queries, data.relevant_docs, corpus_ids[:-1], documents)

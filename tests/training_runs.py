@@ -74,8 +74,9 @@ def model_weights(folder: Path) -> dict[str, torch.Tensor]:
 def assert_same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], **tolerance: float) -> None:
     assert first.keys() == second.keys()
     for name in first:
-        torch.testing.assert_close(first[name], second[name], msg=lambda message, name=name: f"{name}: {message}",
-                                   **tolerance)
+        torch.testing.assert_close(
+            first[name], second[name], msg=lambda message, name=name: f"{name}: {message}", **tolerance
+        )
 
 
 def free_port() -> int:

@@ -259,5 +259,3 @@ def prune_caches(output_dir: Path, keep: str) -> None:
     for cache_folder in root.iterdir():
         if cache_folder.is_dir() and cache_folder.name not in referenced:
             shutil.rmtree(cache_folder, ignore_errors=True)
-
-
