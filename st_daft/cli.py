@@ -106,7 +106,12 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "without queries: the label-free stages",
     )
     budget = train.add_argument_group("budgets and learning rates")
-    budget.add_argument("--corpus-steps", type=_positive_int, default=None, help="corpus-stage steps (default 600)")
+    budget.add_argument(
+        "--corpus-steps",
+        type=_positive_int,
+        default=None,
+        help="corpus-stage steps (default: 600 beside labelled queries, 1200 for a corpus alone)",
+    )
     budget.add_argument(
         "--corpus-max-texts", type=_positive_int, default=None, help="texts cut from the corpus (default 20000)"
     )
@@ -125,7 +130,19 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="corpus stage: more texts cut from the corpus, not encoded, each trained only as a pseudo-query for its "
         "source document (needs the pseudo-query term; default 0)",
     )
+    budget.add_argument(
+        "--corpus-ranking-weight",
+        type=_non_negative_float,
+        default=None,
+        help="corpus stage: weight of a term distilling the document encoder's ranking of the whole corpus for each "
+        "text (default 0)",
+    )
     budget.add_argument("--no-zipf", action="store_true", help="vocabulary stage without Zipf weighting")
+    budget.add_argument(
+        "--idf-weights",
+        action="store_true",
+        help="vocabulary stage: each token's weight in a query is its BM25 IDF over the corpus (row norms)",
+    )
     budget.add_argument(
         "--contextual-vocabulary",
         choices=["auto", "on", "off"],
@@ -243,6 +260,7 @@ def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
     builders = {
         "vocabulary": lambda: VocabularyStage(
             zipf_weighting=not args.no_zipf,
+            idf_weighting=args.idf_weights,
             contextual={"auto": None, "on": True, "off": False}[args.contextual_vocabulary],
         ),
         "corpus": lambda: CorpusStage(
@@ -253,6 +271,7 @@ def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
                     max_texts=args.corpus_max_texts,
                     document_weight=args.corpus_document_weight,
                     pseudo_queries=args.corpus_pseudo_queries,
+                    ranking_weight=args.corpus_ranking_weight,
                 ),
                 **every,
                 **patience,

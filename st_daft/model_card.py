@@ -59,7 +59,7 @@ STAGE_DESCRIPTIONS = {
     "vocabulary": "every query-tokenizer token embedded by the document route initialises the static table "
     "(no training steps)",
     "corpus": "label-free alignment: the query route learns the frozen document route's embeddings of texts cut "
-    "from the corpus",
+    "from the corpus, and its ranking of the corpus for them",
     "align": "DAFT alignment: the query route trains against the frozen document route; the checkpoint kept is "
     "the best on validation nDCG@10 where there are validation queries, else the lowest 1-NN KL estimate",
     "finetune": "joint fine-tuning of both routes, each with its own learning rate",

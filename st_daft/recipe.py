@@ -343,6 +343,7 @@ def _runnable_stages(config: DAFTConfig, context: StageContext) -> list[Stage]:
         if skipped:
             logger.warning("%s stage skipped: %s", stage.name, skipped)
             continue
+        stage = stage.resolved(context)
         stage.check(context)
         stages.append(stage)
     if not stages:

@@ -104,6 +104,7 @@ def test_device_and_precision_flags(tiny_document_model_dir: Path, tiny_beir_dir
         ("--corpus-lr", "0"),
         ("--corpus-document-weight", "-1"),
         ("--corpus-pseudo-queries", "-5"),
+        ("--corpus-ranking-weight", "-2"),
         ("--num-negatives", "0"),
         ("--kl-patience", "-1"),
         ("--eval-steps", "0"),
@@ -275,6 +276,9 @@ def test_a_corpus_alone_runs_the_label_free_stages(
         "6",
         "--unlabeled-queries",
         str(queries),
+        "--corpus-ranking-weight",
+        "3",
+        "--idf-weights",
     )
     assert code == 0
     printed = capsys.readouterr().out
@@ -283,6 +287,8 @@ def test_a_corpus_alone_runs_the_label_free_stages(
     summary = json.loads((output / "daft_summary.json").read_text())
     assert [stage["name"] for stage in summary["stages"]] == ["vocabulary", "corpus"]
     assert summary["stages"][0]["extra"]["contextual"], "a corpus alone: contextual token vectors by default"
+    assert summary["stages"][0]["extra"]["idf"] and summary["config"]["stages"][0]["idf_weighting"]
+    assert summary["config"]["stages"][1]["ranking_weight"] == 3.0
     corpus_stage = summary["stages"][1]
     assert corpus_stage["steps"] == 2 and corpus_stage["extra"]["num_unlabeled_queries"] == 2
     assert corpus_stage["extra"]["num_texts"] == 10 and corpus_stage["extra"]["num_pseudo_queries"] == 6

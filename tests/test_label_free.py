@@ -241,13 +241,30 @@ def test_corpus_stage_pseudo_query_term_shares_the_align_stages_cache(
     assert losses[-1].document_embeddings.shape == (len(data.corpus), 32)
     assert losses[-1].get_config_dict()["document_weight"] == 1
     run("labelled", CorpusStage(max_texts=40, **budget), data)  # default beside labelled queries: off
-    assert losses[-1].document_embeddings is None and len(builds) == 2, "only the align stage embeds the corpus"
+    # the ranking term (on by default) still scores the corpus: the same cache, embedded once for both stages
+    assert losses[-1].get_config_dict()["document_weight"] == 0 and len(builds) == 2
+    assert losses[-1].get_config_dict()["ranking_weight"] == 10.0
+    run("neither", CorpusStage(max_texts=40, ranking_weight=0, **budget), data)
+    assert losses[-1].document_embeddings is None and len(builds) == 3, "only the align stage embeds the corpus"
     run("alone", CorpusStage(max_texts=40, **budget), dict(data.corpus))  # default for a corpus alone: on
     assert losses[-1].document_embeddings is not None
     summary = json.loads((tmp_path / "alone" / "daft_summary.json").read_text())
     assert summary["stages"][0]["extra"]["document_weight"] == 1.0
     with pytest.raises(ValueError, match="document_weight"):
         CorpusStage(document_weight=-1)
+    with pytest.raises(ValueError, match="ranking_weight"):
+        CorpusStage(ranking_weight=-1)
+
+
+def test_corpus_stage_budget_depends_on_labels() -> None:
+    from types import SimpleNamespace
+
+    alone, labelled = SimpleNamespace(train_data=None), SimpleNamespace(train_data=object())
+    assert CorpusStage().resolved(alone).max_steps == 1200
+    assert CorpusStage().resolved(labelled).max_steps == 600
+    assert CorpusStage(max_steps=7).resolved(alone).max_steps == 7, "a budget given is kept"
+    with pytest.raises(ValueError, match="max_steps must be at least 1"):
+        CorpusStage(max_steps=0)
 
 
 def test_corpus_stage_pseudo_queries_need_no_encoding(
@@ -403,6 +420,49 @@ def test_label_free_loss_ranks_each_text_s_source_document_first(model) -> None:
         LabelFreeAlignmentLoss(model, document_weight=-1.0)
 
 
+def test_label_free_loss_ranking_term_distils_the_document_route_s_ranking(model) -> None:
+    corpus = {"a": "mitosis splits the cell nucleus", "b": "the heart pumps blood", "c": "rivers flow to the sea"}
+    _, documents = document_embeddings(model, corpus, show_progress_bar=False)
+    texts = ["the cell nucleus", "blood and the heart", "the sea", "rivers and cells"]
+    rows = [0, 1, 2, -1]  # the last text has no source document; the ranking term still applies to it
+    labels = torch.tensor(alignment_dataset(model, texts, show_progress_bar=False, document_rows=rows)["label"])
+    loss = LabelFreeAlignmentLoss(
+        model, contrastive_weight=0.0, document_embeddings=documents, document_weight=0.0, ranking_weight=2.0
+    )
+    assert loss.get_config_dict()["ranking_weight"] == 2.0
+    targets = labels[:, :-1]
+    # KL(teacher || student) over the corpus: zero when the query route gives the document route's embeddings.
+    assert loss._ranking_term(targets * 3.0, targets).item() == pytest.approx(0.0, abs=1e-6)
+    student = torch.randn_like(targets)
+    unit = torch.nn.functional.normalize
+    normed = unit(documents.float(), dim=1)
+    p = torch.softmax(20 * unit(targets, dim=1) @ normed.T, dim=1)
+    q = torch.log_softmax(20 * unit(student, dim=1) @ normed.T, dim=1)
+    expected = (p * (p.log() - q)).sum(dim=1).mean()
+    assert loss._ranking_term(student, targets).item() == pytest.approx(expected.item(), rel=1e-4)
+
+    optimizer = torch.optim.Adam(get_route(model, "query").parameters(), lr=1e-2)
+    model.train()
+
+    def step() -> float:
+        features = model.preprocess(texts, task="query") | {"task": "query"}
+        parts = loss([features], labels)
+        assert set(parts) == {"regression", "ranking"}, "document_weight 0 leaves the pseudo-query term out"
+        optimizer.zero_grad()
+        sum(parts.values()).backward()
+        optimizer.step()
+        return parts["ranking"].item()
+
+    first = step()
+    for _ in range(40):
+        last = step()
+    assert last < first / 2, (first, last)
+    with pytest.raises(ValueError, match="needs document_embeddings"):
+        LabelFreeAlignmentLoss(model, ranking_weight=1.0)
+    with pytest.raises(ValueError, match="ranking_weight must be non-negative"):
+        LabelFreeAlignmentLoss(model, document_embeddings=documents, ranking_weight=-1.0)
+
+
 def test_corpus_token_weights_give_rare_tokens_larger_norms(tiny_document_model_dir: Path) -> None:
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     static = get_route(model, "query")[0]
@@ -425,6 +485,25 @@ def test_corpus_token_weights_give_rare_tokens_larger_norms(tiny_document_model_
     assert model.encode_query(queries).shape[0] == 2
     with pytest.raises(ValueError, match="one weight per table row"):
         reweight_static_route(model, weights[:3])
+
+
+def test_vocabulary_stage_idf_weighting_sets_row_norms_to_the_corpus_idf(
+    tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path
+) -> None:
+    data = load_beir(tiny_beir_dir, "train")
+    config = DAFTConfig(stages=[VocabularyStage(idf_weighting=True)], validation_fraction=0.2, num_validation_texts=8)
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    summary = train_daft(model, data.corpus, tmp_path / "run", config, titles=data.titles)
+    assert summary.stages[0].extra["idf"] is True
+    static = get_route(model, "query")[0]
+    weights = corpus_token_weights(static, data.corpus.values())
+    norms = static.embedding.weight.detach().norm(dim=1)
+    used = norms > 0
+    ratio = norms[used] / weights[used]
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4), "every row's norm is its IDF, scaled"
+    vocabulary = static.tokenizer.get_vocab()
+    common, rare = (norms[vocabulary[token]].item() for token in ("the", "mitosis"))
+    assert common < rare
 
 
 def test_pseudo_query_dataset_targets_the_source_documents(model) -> None:

@@ -23,6 +23,7 @@ class LabelFreeAlignmentLoss(nn.Module):
         document_embeddings: Tensor | None = None,
         document_weight: float = 1.0,
         document_scale: float | None = None,
+        ranking_weight: float = 0.0,
     ) -> None:
         """
         Distribution alignment without labelled queries. DAFT (Leonhardt, Jahnke & Anand 2022) aligns a light query
@@ -45,6 +46,13 @@ class LabelFreeAlignmentLoss(nn.Module):
         against every document of the corpus with its source as the positive (DAFT's alignment loss with all corpus
         documents as negatives, on pseudo-queries instead of labelled ones). Texts whose row is ``-1`` skip it.
 
+        With ``ranking_weight > 0`` (and ``document_embeddings``), a fourth term distils the document route's
+        *ranking* of the corpus for each text rather than its embedding: the KL divergence from the softmax of
+        ``D(t)``'s scores against every corpus document to the softmax of ``Q(t)``'s, both at ``document_scale``
+        (listwise distillation, as in RocketQAv2, Ren et al. 2021, over the whole corpus instead of a few
+        candidates). A static route cannot reproduce ``D(t)`` exactly; this term spends its capacity on the
+        directions that order this corpus's documents.
+
         Args:
             model: an asymmetric model; the text column must be routed to ``"query"``.
             regression: ``"cosine"`` or ``"mse"``.
@@ -53,7 +61,9 @@ class LabelFreeAlignmentLoss(nn.Module):
             document_embeddings: ``(num_documents, dim)`` document-route embeddings of the corpus the texts come
                 from (rows as in the labels' last column); None disables the text -> source-document term.
             document_weight: weight of the text -> source-document InfoNCE term.
-            document_scale: its inverse temperature (default ``scale``).
+            document_scale: its inverse temperature (default ``scale``), also the ranking term's.
+            ranking_weight: weight of the listwise ranking-distillation term over the corpus (needs
+                ``document_embeddings``; 0 disables it).
 
         Inputs:
             +--------+-------------------------------------------------------------------------------------+
@@ -73,6 +83,11 @@ class LabelFreeAlignmentLoss(nn.Module):
         self.contrastive_weight = contrastive_weight
         if document_weight < 0:
             raise ValueError("document_weight must be non-negative")
+        if ranking_weight < 0:
+            raise ValueError("ranking_weight must be non-negative")
+        if ranking_weight > 0 and document_embeddings is None:
+            raise ValueError("ranking_weight > 0 needs document_embeddings (the corpus the texts are ranked against)")
+        self.ranking_weight = ranking_weight
         self.ranking_loss = MultipleNegativesRankingLoss(model, scale=scale)
         self.document_weight = document_weight
         self.document_scale = scale if document_scale is None else document_scale
@@ -118,7 +133,18 @@ class LabelFreeAlignmentLoss(nn.Module):
             parts["contrastive"] = self.contrastive_weight * contrastive
         if source_rows is not None and self.document_weight > 0:
             parts["document"] = self.document_weight * self._document_term(embeddings, source_rows)
+        if self.document_embeddings is not None and self.ranking_weight > 0:
+            parts["ranking"] = self.ranking_weight * self._ranking_term(embeddings, targets)
         return parts
+
+    def _ranking_term(self, embeddings: Tensor, targets: Tensor) -> Tensor:
+        """KL from the document route's score distribution over the corpus to the query route's."""
+        documents = self.document_embeddings.to(embeddings.device, embeddings.dtype)
+        normalize = torch.nn.functional.normalize
+        student = torch.log_softmax(self.document_scale * normalize(embeddings, dim=1) @ documents.T, dim=1)
+        with torch.no_grad():
+            teacher = torch.log_softmax(self.document_scale * normalize(targets, dim=1) @ documents.T, dim=1)
+        return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
     def _document_term(self, embeddings: Tensor, source_rows: Tensor) -> Tensor:
         """InfoNCE of each text against the whole corpus, its source document the positive."""
@@ -140,6 +166,7 @@ class LabelFreeAlignmentLoss(nn.Module):
             "scale": self.ranking_loss.scale,
             "document_weight": self.document_weight if self.document_embeddings is not None else 0.0,
             "document_scale": self.document_scale,
+            "ranking_weight": self.ranking_weight,
         }
 
     @property

@@ -1,0 +1,74 @@
+"""Weight interpolation of a trained static query table with its starting table (WiSE-FT for a static route).
+
+WiSE-FT (Wortsman et al., CVPR 2022) averages a fine-tuned model's weights with its starting weights and often
+gains on data unlike the training data at little cost on the training data. For a static query route the weights
+are one table: ``table = alpha * trained + (1 - alpha) * start``. This script loads a trained model and a model
+holding the starting table (``st-daft train --stages vocabulary`` with the same data and seed), scores every alpha
+on the given collections with ``evaluate_collections`` and writes the figures.
+
+Example (the seventh session's check)::
+
+    st-daft train --data ../shared/data/scifact --stages vocabulary --output runs/vocab-s0 --seed 0
+    python benchmarks/interpolate_static_table.py runs/static-s0 runs/vocab-s0 --alphas 1,0.7,0.5 \\
+        --data ../shared/data/scifact --data ../shared/data/python-faq --document-store ../notes/store
+
+Results go to ``benchmarks/results/interpolate_static_table/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import date
+from pathlib import Path
+
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+
+from st_daft import get_route
+from st_daft.evaluation import evaluate_collections
+
+RESULTS = Path(__file__).parent / "results" / "interpolate_static_table"
+
+
+def static_table(model: SentenceTransformer) -> torch.nn.Parameter:
+    route = get_route(model, "query")[0]
+    if not isinstance(route, StaticEmbedding):
+        raise SystemExit(f"the query route starts with {type(route).__name__}, not a StaticEmbedding")
+    return route.embedding.weight
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("trained", help="the trained model")
+    parser.add_argument("start", help="a model whose query table is the trained one's starting point")
+    parser.add_argument("--alphas", default="1,0.85,0.7,0.5", help="comma-separated weights of the trained table")
+    parser.add_argument("--data", action="append", required=True, help="a collection (repeatable)")
+    parser.add_argument("--document-store", default=None)
+    parser.add_argument("--name", default=None, help="result file name (default: the trained model's folder name)")
+    args = parser.parse_args()
+
+    model = SentenceTransformer(args.trained, device="cpu")
+    trained = static_table(model).detach().clone()
+    start = static_table(SentenceTransformer(args.start, device="cpu")).detach()
+    if start.shape != trained.shape:
+        raise SystemExit(f"tables differ in shape: {tuple(trained.shape)} and {tuple(start.shape)}")
+    scores = {}
+    for alpha in (float(value) for value in args.alphas.split(",")):
+        with torch.no_grad():
+            static_table(model).copy_(alpha * trained + (1 - alpha) * start)
+        label = f"alpha={alpha:g}"
+        result = evaluate_collections(
+            [model], args.data, labels=[label], document_store=args.document_store, show_progress_bar=False
+        )
+        scores[label] = {name: flat["ndcg_at_10"] for name, flat in result["scores"][label].items()}
+        print(label, scores[label], flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = args.name or Path(args.trained).name
+    record = {"date": str(date.today()), "trained": args.trained, "start": args.start, "ndcg_at_10": scores}
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
