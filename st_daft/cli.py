@@ -135,7 +135,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         type=_non_negative_float,
         default=None,
         help="corpus stage: weight of a term distilling the document encoder's ranking of the whole corpus for each "
-        "text (default 0)",
+        "text (default 10; 0 turns it off)",
     )
     budget.add_argument("--no-zipf", action="store_true", help="vocabulary stage without Zipf weighting")
     budget.add_argument(

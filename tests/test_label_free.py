@@ -380,6 +380,22 @@ def test_alignment_dataset_appends_the_source_document_row(model) -> None:
         alignment_dataset(model, [text for text, _ in examples], show_progress_bar=False, document_rows=[0])
 
 
+def _train_query_route(model, loss, texts, labels, term: str, steps: int) -> tuple[float, float]:
+    """Adam steps on the query route with ``loss``, whose parts must be exactly the regression and ``term``; the
+    value of ``term`` at the first and last step."""
+    optimizer = torch.optim.Adam(get_route(model, "query").parameters(), lr=1e-2)
+    model.train()
+    values = []
+    for _ in range(steps):
+        parts = loss([model.preprocess(texts, task="query") | {"task": "query"}], labels)
+        assert set(parts) == {"regression", term}
+        optimizer.zero_grad()
+        sum(parts.values()).backward()
+        optimizer.step()
+        values.append(parts[term].item())
+    return values[0], values[-1]
+
+
 def test_label_free_loss_ranks_each_text_s_source_document_first(model) -> None:
     corpus = {
         "a": "mitosis splits the cell nucleus",
@@ -394,22 +410,7 @@ def test_label_free_loss_ranks_each_text_s_source_document_first(model) -> None:
     labels = torch.tensor(alignment_dataset(model, texts, show_progress_bar=False, document_rows=rows)["label"])
     loss = LabelFreeAlignmentLoss(model, contrastive_weight=0.0, document_embeddings=documents, document_weight=1.0)
     assert loss.get_config_dict()["document_weight"] == 1.0
-    optimizer = torch.optim.Adam(get_route(model, "query").parameters(), lr=1e-2)
-    model.train()
-
-    def step() -> float:
-        features = model.preprocess(texts, task="query")
-        features["task"] = "query"
-        parts = loss([features], labels)
-        assert set(parts) == {"regression", "document"}
-        optimizer.zero_grad()
-        sum(parts.values()).backward()
-        optimizer.step()
-        return parts["document"].item()
-
-    first = step()
-    for _ in range(60):
-        last = step()
+    first, last = _train_query_route(model, loss, texts, labels, "document", steps=61)
     assert last < first / 2, (first, last)
     scores = model.encode_query(texts, convert_to_tensor=True) @ documents.T.to(model.device)
     assert scores.argmax(dim=1).tolist() == rows
@@ -432,30 +433,17 @@ def test_label_free_loss_ranking_term_distils_the_document_route_s_ranking(model
     assert loss.get_config_dict()["ranking_weight"] == 2.0
     targets = labels[:, :-1]
     # KL(teacher || student) over the corpus: zero when the query route gives the document route's embeddings.
-    assert loss._ranking_term(targets * 3.0, targets).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss._ranking_term(loss._corpus_scores(targets * 3.0), targets).item() == pytest.approx(0.0, abs=1e-6)
     student = torch.randn_like(targets)
     unit = torch.nn.functional.normalize
     normed = unit(documents.float(), dim=1)
     p = torch.softmax(20 * unit(targets, dim=1) @ normed.T, dim=1)
     q = torch.log_softmax(20 * unit(student, dim=1) @ normed.T, dim=1)
     expected = (p * (p.log() - q)).sum(dim=1).mean()
-    assert loss._ranking_term(student, targets).item() == pytest.approx(expected.item(), rel=1e-4)
+    assert loss._ranking_term(loss._corpus_scores(student), targets).item() == pytest.approx(expected.item(), rel=1e-4)
 
-    optimizer = torch.optim.Adam(get_route(model, "query").parameters(), lr=1e-2)
-    model.train()
-
-    def step() -> float:
-        features = model.preprocess(texts, task="query") | {"task": "query"}
-        parts = loss([features], labels)
-        assert set(parts) == {"regression", "ranking"}, "document_weight 0 leaves the pseudo-query term out"
-        optimizer.zero_grad()
-        sum(parts.values()).backward()
-        optimizer.step()
-        return parts["ranking"].item()
-
-    first = step()
-    for _ in range(40):
-        last = step()
+    # document_weight 0 leaves the pseudo-query term out (checked at every step)
+    first, last = _train_query_route(model, loss, texts, labels, "ranking", steps=41)
     assert last < first / 2, (first, last)
     with pytest.raises(ValueError, match="needs document_embeddings"):
         LabelFreeAlignmentLoss(model, ranking_weight=1.0)

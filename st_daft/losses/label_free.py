@@ -131,30 +131,36 @@ class LabelFreeAlignmentLoss(nn.Module):
         if self.contrastive_weight > 0:
             contrastive = self.ranking_loss.compute_loss_from_embeddings([embeddings, targets], None)
             parts["contrastive"] = self.contrastive_weight * contrastive
-        if source_rows is not None and self.document_weight > 0:
-            parts["document"] = self.document_weight * self._document_term(embeddings, source_rows)
-        if self.document_embeddings is not None and self.ranking_weight > 0:
-            parts["ranking"] = self.ranking_weight * self._ranking_term(embeddings, targets)
+        use_document = source_rows is not None and self.document_weight > 0
+        use_ranking = self.document_embeddings is not None and self.ranking_weight > 0
+        if use_document or use_ranking:
+            # One (batch x corpus) score matrix serves both corpus-wide terms: it is the costly part at scale.
+            scores = self._corpus_scores(embeddings)
+            if use_document:
+                parts["document"] = self.document_weight * self._document_term(scores, source_rows)
+            if use_ranking:
+                parts["ranking"] = self.ranking_weight * self._ranking_term(scores, targets)
         return parts
 
-    def _ranking_term(self, embeddings: Tensor, targets: Tensor) -> Tensor:
-        """KL from the document route's score distribution over the corpus to the query route's."""
+    def _corpus_scores(self, embeddings: Tensor) -> Tensor:
+        """Scaled cosine scores of each embedding against every corpus document."""
         documents = self.document_embeddings.to(embeddings.device, embeddings.dtype)
-        normalize = torch.nn.functional.normalize
-        student = torch.log_softmax(self.document_scale * normalize(embeddings, dim=1) @ documents.T, dim=1)
+        return self.document_scale * torch.nn.functional.normalize(embeddings, dim=1) @ documents.T
+
+    def _ranking_term(self, scores: Tensor, targets: Tensor) -> Tensor:
+        """KL from the document route's score distribution over the corpus to the query route's (``scores``)."""
+        student = torch.log_softmax(scores, dim=1)
         with torch.no_grad():
-            teacher = torch.log_softmax(self.document_scale * normalize(targets, dim=1) @ documents.T, dim=1)
+            teacher = torch.log_softmax(self._corpus_scores(targets), dim=1)
         return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
-    def _document_term(self, embeddings: Tensor, source_rows: Tensor) -> Tensor:
-        """InfoNCE of each text against the whole corpus, its source document the positive."""
+    def _document_term(self, scores: Tensor, source_rows: Tensor) -> Tensor:
+        """InfoNCE of each text against the whole corpus (``scores``), its source document the positive."""
         if source_rows.max() >= len(self.document_embeddings):
             raise ValueError(
                 f"a label names document row {source_rows.max().item()} but there are only "
                 f"{len(self.document_embeddings)} document embeddings"
             )
-        documents = self.document_embeddings.to(embeddings.device, embeddings.dtype)
-        scores = self.document_scale * torch.nn.functional.normalize(embeddings, dim=1) @ documents.T
         if not (source_rows >= 0).any():
             return scores.sum() * 0.0  # keeps the graph when no text in the batch has a source
         return torch.nn.functional.cross_entropy(scores, source_rows, ignore_index=-1)
