@@ -17,7 +17,7 @@ from datasets import Dataset
 from sentence_transformers import SentenceTransformer
 from torch import Tensor
 
-from st_daft.cache import embed_documents
+from st_daft.distributed import embed_sharded
 from st_daft.store import DocumentEmbeddingStore
 
 __all__ = [
@@ -137,7 +137,8 @@ def alignment_dataset(
     """
     if not texts:
         raise ValueError("no alignment texts")
-    targets = embed_documents(model, texts, batch_size, show_progress_bar=show_progress_bar, store=store)
+    # Under torchrun each process embeds 1/world_size of the texts; every process gets all the targets.
+    targets = embed_sharded(model, texts, batch_size, show_progress_bar=show_progress_bar, store=store)
     if document_rows is not None:
         if len(document_rows) != len(texts):
             raise ValueError(f"document_rows has {len(document_rows)} entries for {len(texts)} texts")
@@ -155,7 +156,7 @@ def document_embeddings(
 ) -> tuple[list[str], Tensor]:
     """The corpus ids and the document route's embeddings of the documents, in the same order (rows)."""
     ids = list(corpus)
-    embeddings = embed_documents(
+    embeddings = embed_sharded(
         model, [corpus[doc_id] for doc_id in ids], batch_size, show_progress_bar=show_progress_bar, store=store
     )
     return ids, embeddings

@@ -9,6 +9,7 @@ through it:
   (:func:`is_main_process`), the others wait (:func:`barrier`);
 - the corpus cache: every rank would embed the whole corpus; :func:`embed_sharded` embeds ``1/world_size`` of it per
   rank and all-gathers the rows, so each rank holds the same full cache (every rank mines from the same matrix);
+  :func:`compute_sharded` does the same for any per-item computation (the vocabulary stage's one-token vectors);
 - the corrector network is trained by each rank on its own batch's fresh embeddings: :func:`all_reduce_gradients`
   averages its gradients before each optimizer step (the DDP rule, by hand), and :func:`broadcast_parameters` makes
   every rank start from rank 0's weights, so the correctors stay identical.
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 
     from st_daft.store import DocumentEmbeddingStore
 
+T = TypeVar("T")
 __all__ = [
     "init_distributed",
     "is_distributed",
@@ -40,6 +43,7 @@ __all__ = [
     "is_main_process",
     "barrier",
     "embed_sharded",
+    "compute_sharded",
     "all_reduce_gradients",
     "all_reduce_sum",
     "broadcast_parameters",
@@ -110,17 +114,32 @@ def embed_sharded(
     """
     from st_daft.cache import embed_documents
 
+    def embed(shard: list[str], show: bool) -> Tensor:
+        return embed_documents(model, shard, batch_size, show_progress_bar=show, store=store)
+
+    return compute_sharded(texts, embed, show_progress_bar, like=model.device)
+
+
+def compute_sharded(
+    items: list[T],
+    compute: Callable[[list[T], bool], Tensor],
+    show_progress_bar: bool = False,
+    like: torch.device | None = None,
+) -> Tensor:
+    """``compute(items, show_progress_bar)`` (one row per item), with the work split across the process group.
+
+    In a process group each rank computes one contiguous shard of ``items`` (only rank 0 shows progress) and the
+    shards are all-gathered, so every rank returns the full ``(len(items), dim)`` CPU float32 matrix, in order; in
+    one process this is ``compute(items, show_progress_bar)``. ``like``: the device the rows are computed on (the
+    collective runs where its backend needs).
+    """
     if not is_distributed():
-        return embed_documents(model, texts, batch_size, show_progress_bar=show_progress_bar, store=store)
+        return compute(items, show_progress_bar).to("cpu", torch.float32)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    shard_size = math.ceil(len(texts) / world_size)
-    shard = texts[rank * shard_size : (rank + 1) * shard_size]
-    device = _communication_device(model.device)
-    if shard:
-        progress = show_progress_bar and rank == 0
-        local = embed_documents(model, shard, batch_size, show_progress_bar=progress, store=store)
-    else:  # more ranks than texts
-        local = None
+    shard_size = math.ceil(len(items) / world_size)
+    shard = items[rank * shard_size : (rank + 1) * shard_size]
+    device = _communication_device(like)
+    local = compute(shard, show_progress_bar and rank == 0) if shard else None  # None: more ranks than items
     # Every rank must pass tensors of one shape: learn the dimension, pad the last shard.
     dimension = torch.tensor([local.shape[1] if local is not None else 0], device=device)
     dist.all_reduce(dimension, op=dist.ReduceOp.MAX)
@@ -129,7 +148,7 @@ def embed_sharded(
         padded[: len(local)] = local.to(device)
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(gathered, padded)
-    return torch.cat(gathered)[: len(texts)].to("cpu", torch.float32)
+    return torch.cat(gathered)[: len(items)].to("cpu", torch.float32)
 
 
 def all_reduce_sum(*tensors: Tensor) -> list[Tensor]:

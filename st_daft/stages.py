@@ -249,7 +249,11 @@ class Stage:
         """Raise ``ValueError`` (naming the setting) for settings that cannot work on this data, before any step."""
 
     def resolved(self, context: StageContext) -> Stage:
-        """This stage with the settings left to the data (None: "decide from the run") filled in."""
+        """This stage with the settings left to the run (None or ``"auto"``: "decide from the data") filled in.
+
+        :func:`~st_daft.recipe.train_daft` resolves every stage before :meth:`check` and :meth:`prepare`, so the
+        trainer, the model card and :meth:`run` see the values the run uses; every run-dependent default is here.
+        """
         return self
 
     def prepare(self, context: StageContext) -> SentenceTransformerTrainingArguments | None:
@@ -310,9 +314,11 @@ class VocabularyStage(Stage):
                 f"{self.batch_size}"
             )
 
-    def resolved_contextual(self, context: StageContext) -> bool:
-        """Whether contextual vectors are used: as set, or on for a corpus alone and off beside labelled queries."""
-        return self.contextual if self.contextual is not None else context.train_data is None
+    def resolved(self, context: StageContext) -> VocabularyStage:
+        """Contextual vectors as set, or on for a corpus alone and off beside labelled queries."""
+        if self.contextual is not None:
+            return self
+        return replace(self, contextual=context.train_data is None)
 
     def applies_to(self, model: SentenceTransformer) -> str | None:
         from sentence_transformers.sentence_transformer.modules import StaticEmbedding
@@ -323,7 +329,8 @@ class VocabularyStage(Stage):
 
     def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None = None) -> StageResult:
         started = time.perf_counter()
-        statistics = self._contextual_statistics(context) if self.resolved_contextual(context) else None
+        _require_resolved(self, "contextual")
+        statistics = self._contextual_statistics(context) if self.contextual else None
         info = initialize_static_route(
             context.model, zipf_weighting=self.zipf_weighting, store=context.store, contextual=statistics
         )
@@ -577,22 +584,22 @@ class CorpusStage(_FrozenDocumentStage):
             raise ValueError(f"corpus stage: document_weight must be 0 or more, got {self.document_weight}")
 
     def resolved(self, context: StageContext) -> CorpusStage:
-        if self.max_steps is not None:
-            return self
-        return replace(self, max_steps=600 if context.train_data is not None else 1200)
-
-    def resolved_document_weight(self, context: StageContext) -> float:
-        """The pseudo-query term's weight: as set, or 1 for a corpus alone and 0 beside labelled queries."""
-        if self.document_weight is not None:
-            return self.document_weight
-        return 1.0 if context.train_data is None else 0.0
+        """The budget (600 steps beside labelled queries, 1,200 alone) and the pseudo-query term's weight (0 beside
+        labelled queries, 1 alone), where left to the run."""
+        labelled = context.train_data is not None
+        return replace(
+            self,
+            max_steps=self.max_steps if self.max_steps is not None else (600 if labelled else 1200),
+            document_weight=self.document_weight if self.document_weight is not None else (0.0 if labelled else 1.0),
+        )
 
     def router_mapping(self, context: StageContext) -> dict[str, str]:
         return {"text": QUERY_ROUTE}
 
     def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None) -> StageResult:
+        _require_resolved(self, "document_weight")
         freeze_route(context.model, DOCUMENT_ROUTE)
-        document_weight = self.resolved_document_weight(context)
+        document_weight = self.document_weight
         pseudo_queries = self.pseudo_queries if document_weight > 0 else 0
         if self.pseudo_queries and not pseudo_queries:
             logger.warning("corpus stage: pseudo_queries=%d ignored: the pseudo-query term is off", self.pseudo_queries)
@@ -674,13 +681,20 @@ class AlignStage(_FrozenDocumentStage):
         if self.selection not in ALIGN_SELECTIONS:
             raise ValueError(f"align stage: selection must be one of {ALIGN_SELECTIONS}, got {self.selection!r}")
 
+    def resolved(self, context: StageContext) -> AlignStage:
+        """``selection="auto"``: validation where the run has validation queries, else the KL."""
+        if self.selection != "auto":
+            return self
+        return replace(self, selection="validation" if context.validation_data is not None else "kl")
+
     def check(self, context: StageContext) -> None:
         super().check(context)
         if self.selection == "validation" and context.validation_data is None:
             raise ValueError("align stage: selection='validation' needs validation queries, and this run has none")
 
     def selects_by_validation(self, context: StageContext) -> bool:
-        return self.selection == "validation" or (self.selection == "auto" and context.validation_data is not None)
+        _require_resolved(self, "selection", unresolved="auto")
+        return self.selection == "validation"
 
     def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None) -> StageResult:
         freeze_route(context.model, DOCUMENT_ROUTE)
@@ -817,6 +831,14 @@ class FinetuneStage(TrainedStage):
 STAGE_TYPES: dict[str, type[Stage]] = {
     stage.name: stage for stage in (VocabularyStage, CorpusStage, AlignStage, FinetuneStage)
 }
+
+
+def _require_resolved(stage: Stage, setting: str, unresolved: Any = None) -> None:
+    if getattr(stage, setting) == unresolved:
+        raise RuntimeError(
+            f"{stage.name} stage: {setting} is left to the run; call resolved(context) before prepare/run "
+            "(train_daft does)"
+        )
 
 
 def validation_evaluator(

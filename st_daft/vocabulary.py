@@ -41,7 +41,7 @@ from sentence_transformers.util import batch_to_device
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from st_daft.distributed import all_reduce_sum, get_rank, get_world_size, is_main_process
+from st_daft.distributed import all_reduce_sum, compute_sharded, get_rank, get_world_size, is_main_process
 from st_daft.io import atomic_torch_save
 from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, get_route
 from st_daft.store import DocumentEmbeddingStore, document_encoder_key
@@ -99,16 +99,27 @@ def distill_token_embeddings(
     """Embed each text (a vocabulary token) with the document route, before normalisation.
 
     Returns ``(len(texts), dim)`` float32 embeddings; empty texts get a zero vector. With a ``store``, vectors an
-    earlier run distilled through the same document route are read back.
+    earlier run distilled through the same document route are read back. Under ``torchrun`` each process distils
+    ``1/world_size`` of the texts and every process gets all the rows.
     """
-    if store is not None:
+
+    def distill(shard: list[str], show: bool) -> Tensor:
+        if store is None:
+            return _distill_token_embeddings(model, shard, batch_size, show)
         vectors = store.embeddings(
             model,
-            texts,
-            lambda missing: distill_token_embeddings(model, missing, batch_size, show_progress_bar).numpy(),
+            shard,
+            lambda missing: _distill_token_embeddings(model, missing, batch_size, show).numpy(),
             kind="vocabulary",
         )
         return torch.from_numpy(vectors)
+
+    return compute_sharded(texts, distill, show_progress_bar, like=model.device)
+
+
+def _distill_token_embeddings(
+    model: SentenceTransformer, texts: list[str], batch_size: int, show_progress_bar: bool
+) -> Tensor:
     document_route = get_route(model, DOCUMENT_ROUTE)
     outputs: list[Tensor] = []
     inputs = [text if text.strip() else "[UNK]" for text in texts]

@@ -58,7 +58,8 @@ def test_training_arguments_follow_the_device_and_precision(
 
     def arguments(stage, **shared):
         config = DAFTConfig(stages=[stage], validation_fraction=0.2, num_validation_texts=8, **shared)
-        return stage.prepare(_context(model, data, tmp_path, config, None, None, None))
+        context = _context(model, data, tmp_path, config, None, None, None)
+        return stage.resolved(context).prepare(context)
 
     default = arguments(AlignStage(max_steps=2))
     assert default.use_cpu is False and not default.fp16 and not default.bf16  # transformers picks the device

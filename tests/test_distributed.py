@@ -52,6 +52,17 @@ HELPERS_SCRIPT = textwrap.dedent(
     rank = get_rank()
     texts = [f"text number {i} about cells" for i in range(7)]  # 7 rows over 2 ranks: a padded last shard
     embeddings = embed_sharded(model, texts, batch_size=2)
+    from st_daft import vocabulary
+    from st_daft.model import build_asymmetric_model
+    pair = build_asymmetric_model(model_dir, "static")
+    distilled_counts = []
+    local_distill = vocabulary._distill_token_embeddings
+    def counting(model, shard, *args):
+        distilled_counts.append(len(shard))
+        return local_distill(model, shard, *args)
+    vocabulary._distill_token_embeddings = counting
+    tokens = ["cell", "heart", "", "blood", "star", "fuse", "virus", "gene", "protein"]
+    token_vectors = vocabulary.distill_token_embeddings(pair, tokens, batch_size=4, show_progress_bar=False)
     torch.manual_seed(rank)  # different starting correctors on purpose
     corrector = CorrectorNetwork(embeddings.shape[1], depth=2)
     broadcast_parameters(corrector)
@@ -64,7 +75,8 @@ HELPERS_SCRIPT = textwrap.dedent(
         optimizer.step()
     state = {name: tensor.tolist() for name, tensor in corrector.state_dict().items()}
     with open(f"{output}/rank{rank}.json", "w") as handle:
-        json.dump({"embeddings": embeddings.tolist(), "corrector": state, "main": is_main_process()}, handle)
+        json.dump({"embeddings": embeddings.tolist(), "corrector": state, "main": is_main_process(),
+                   "token_vectors": token_vectors.tolist(), "distilled": distilled_counts}, handle)
     """
 )
 
@@ -84,6 +96,17 @@ def test_helpers_in_a_two_process_group(tiny_document_model_dir: Path, tmp_path:
     for rank in ranks:  # every rank holds the full matrix, in order, equal to a 1-process encoding
         torch.testing.assert_close(torch.tensor(rank["embeddings"]), expected, rtol=1e-4, atol=1e-5)
     assert ranks[0]["corrector"] == ranks[1]["corrector"], "the correctors must stay identical across ranks"
+    # The one-token distillation is split: each rank distils its own 5 or 4 of the 9 tokens and holds all 9 rows,
+    # equal to one process's.
+    from st_daft.vocabulary import distill_token_embeddings
+
+    tokens = ["cell", "heart", "", "blood", "star", "fuse", "virus", "gene", "protein"]
+    single = distill_token_embeddings(
+        build_asymmetric_model(str(tiny_document_model_dir), "static"), tokens, batch_size=4, show_progress_bar=False
+    )
+    assert [rank["distilled"] for rank in ranks] == [[5], [4]]
+    for rank in ranks:
+        torch.testing.assert_close(torch.tensor(rank["token_vectors"]), single, rtol=1e-4, atol=1e-5)
 
 
 def test_helpers_outside_a_process_group(tiny_document_model_dir: Path) -> None:

@@ -256,13 +256,28 @@ def test_corpus_stage_pseudo_query_term_shares_the_align_stages_cache(
         CorpusStage(ranking_weight=-1)
 
 
-def test_corpus_stage_budget_depends_on_labels() -> None:
+def test_run_dependent_defaults_resolve_in_one_place() -> None:
     from types import SimpleNamespace
 
-    alone, labelled = SimpleNamespace(train_data=None), SimpleNamespace(train_data=object())
+    alone = SimpleNamespace(train_data=None, validation_data=None)
+    labelled = SimpleNamespace(train_data=object(), validation_data=object())
     assert CorpusStage().resolved(alone).max_steps == 1200
     assert CorpusStage().resolved(labelled).max_steps == 600
     assert CorpusStage(max_steps=7).resolved(alone).max_steps == 7, "a budget given is kept"
+    assert CorpusStage().resolved(alone).document_weight == 1.0
+    assert CorpusStage().resolved(labelled).document_weight == 0.0
+    assert CorpusStage(document_weight=0.5).resolved(alone).document_weight == 0.5, "a weight given is kept"
+    assert VocabularyStage().resolved(alone).contextual is True
+    assert VocabularyStage().resolved(labelled).contextual is False
+    assert VocabularyStage(contextual=True).resolved(labelled).contextual is True
+    assert AlignStage().resolved(labelled).selection == "validation"
+    assert AlignStage().resolved(alone).selection == "kl"
+    assert AlignStage(selection="kl").resolved(labelled).selection == "kl"
+    # A stage used without resolving says so instead of guessing.
+    with pytest.raises(RuntimeError, match="selection is left to the run"):
+        AlignStage().selects_by_validation(labelled)
+    with pytest.raises(RuntimeError, match="document_weight is left to the run"):
+        CorpusStage().run(alone, None)
     with pytest.raises(ValueError, match="max_steps must be at least 1"):
         CorpusStage(max_steps=0)
 
