@@ -171,6 +171,7 @@ def training_arguments(
 ) -> SentenceTransformerTrainingArguments:
     """The one place training arguments are built. The device is transformers' choice (CUDA, MPS, else CPU) unless
     ``context.device`` names one; ``context.precision`` maps to the trainer's ``fp16``/``bf16``."""
+    _require_resolved(stage, "max_steps")  # a budget left to the run (CorpusStage) reaches the trainer resolved
     strategy = "steps" if stage.eval_steps > 0 else "epoch"
     if context.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' (--device cuda) was asked for, but torch sees no CUDA device")

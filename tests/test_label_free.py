@@ -278,6 +278,8 @@ def test_run_dependent_defaults_resolve_in_one_place() -> None:
         AlignStage().selects_by_validation(labelled)
     with pytest.raises(RuntimeError, match="document_weight is left to the run"):
         CorpusStage().run(alone, None)
+    with pytest.raises(RuntimeError, match="max_steps is left to the run"):
+        CorpusStage().prepare(SimpleNamespace(output_dir=Path("unused"), validation_data=None))
     with pytest.raises(ValueError, match="max_steps must be at least 1"):
         CorpusStage(max_steps=0)
 
