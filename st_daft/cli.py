@@ -144,6 +144,14 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="vocabulary stage: each token's weight in a query is its BM25 IDF over the corpus (row norms)",
     )
     budget.add_argument(
+        "--corpus-words",
+        type=_non_negative_int,
+        default=None,
+        help="vocabulary stage: give up to N of the corpus's words that the tokenizer splits into pieces their own "
+        "whole-word rows in the static query route, words in most documents first (default: 20000 for a corpus "
+        "alone, 0 beside labelled queries)",
+    )
+    budget.add_argument(
         "--contextual-vocabulary",
         choices=["auto", "on", "off"],
         default="auto",
@@ -261,6 +269,7 @@ def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
         "vocabulary": lambda: VocabularyStage(
             zipf_weighting=not args.no_zipf,
             idf_weighting=args.idf_weights,
+            corpus_words=args.corpus_words,
             contextual={"auto": None, "on": True, "off": False}[args.contextual_vocabulary],
         ),
         "corpus": lambda: CorpusStage(

@@ -54,8 +54,10 @@ from st_daft.model import (
 from st_daft.retrieval_evaluator import CachedCorpusRetrievalEvaluator
 from st_daft.store import DocumentEmbeddingStore
 from st_daft.vocabulary import (
+    add_words_to_static_route,
     contextual_token_statistics,
     corpus_token_weights,
+    corpus_words,
     initialize_static_route,
     mean_pooled_transformer,
     reweight_static_route,
@@ -294,9 +296,14 @@ class VocabularyStage(Stage):
         contextual: take contextual vectors for the corpus's tokens. Default (None): on for a corpus without
             labelled queries, off beside them. Needs a mean-pooled document route (skipped with a warning
             otherwise).
-        max_documents: documents read for the contextual vectors (a seeded sample of a larger corpus): one pass of
-            the document route over them.
+        max_documents: documents read for the contextual vectors and the corpus words (a seeded sample of a larger
+            corpus): one pass of the document route over them.
         batch_size: documents per document-route batch in that pass.
+        corpus_words: add up to this many of the corpus's words that the query tokenizer splits into pieces as
+            whole-word rows of the table (:func:`~st_daft.vocabulary.add_words_to_static_route`), the words in most
+            documents first; 0 adds none. Default (None): 20,000 for a corpus without labelled queries, 0 beside
+            them.
+        min_word_documents: a word is added only when at least this many documents contain it.
     """
 
     name: ClassVar[str] = "vocabulary"
@@ -307,8 +314,15 @@ class VocabularyStage(Stage):
     contextual: bool | None = None
     max_documents: int = 20000
     batch_size: int = 32
+    corpus_words: int | None = None
+    min_word_documents: int = 2
 
     def __post_init__(self) -> None:
+        if (self.corpus_words is not None and self.corpus_words < 0) or self.min_word_documents < 1:
+            raise ValueError(
+                f"vocabulary stage: corpus_words must be >= 0 and min_word_documents >= 1, got {self.corpus_words} "
+                f"and {self.min_word_documents}"
+            )
         if self.max_documents < 1 or self.batch_size < 1:
             raise ValueError(
                 f"vocabulary stage: max_documents and batch_size must be at least 1, got {self.max_documents} and "
@@ -316,10 +330,12 @@ class VocabularyStage(Stage):
             )
 
     def resolved(self, context: StageContext) -> VocabularyStage:
-        """Contextual vectors as set, or on for a corpus alone and off beside labelled queries."""
-        if self.contextual is not None:
-            return self
-        return replace(self, contextual=context.train_data is None)
+        """Contextual vectors and corpus words as set, or else by the run: for a corpus alone, contextual vectors on
+        and up to 20,000 corpus words; beside labelled queries, neither."""
+        alone = context.train_data is None
+        contextual = alone if self.contextual is None else self.contextual
+        words = (20000 if alone else 0) if self.corpus_words is None else self.corpus_words
+        return replace(self, contextual=contextual, corpus_words=words)
 
     def applies_to(self, model: SentenceTransformer) -> str | None:
         from sentence_transformers.sentence_transformer.modules import StaticEmbedding
@@ -331,11 +347,26 @@ class VocabularyStage(Stage):
     def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None = None) -> StageResult:
         started = time.perf_counter()
         _require_resolved(self, "contextual")
-        statistics = self._contextual_statistics(context) if self.contextual else None
+        _require_resolved(self, "corpus_words")
+        words: list[str] = []
+        if self.corpus_words:
+            static = get_route(context.model, QUERY_ROUTE)[0]
+            words = corpus_words(
+                static.tokenizer, self._sampled_documents(context), self.corpus_words, self.min_word_documents
+            )
+        statistics = self._contextual_statistics(context, words) if self.contextual else None
+        added = add_words_to_static_route(context.model, words) if words else 0
+        if words:
+            logger.info("vocabulary stage: %d corpus words added to the query route's vocabulary", added)
         info = initialize_static_route(
-            context.model, zipf_weighting=self.zipf_weighting, store=context.store, contextual=statistics
+            context.model,
+            zipf_weighting=self.zipf_weighting,
+            store=context.store,
+            contextual=statistics,
+            contextual_words=words,
         )
         info["contextual"] = statistics is not None
+        info["corpus_words"] = float(added)
         if self.idf_weighting:
             static = get_route(context.model, QUERY_ROUTE)[0]
             reweight_static_route(context.model, corpus_token_weights(static, context.corpus.values()))
@@ -347,19 +378,28 @@ class VocabularyStage(Stage):
         final_metrics = CollapseEvaluator(context.kl_texts, name=KL_EVALUATOR_NAME, write_csv=False)(context.model)
         return StageResult(self.name, final_metrics=final_metrics, seconds=seconds, extra=dict(info))
 
-    def _contextual_statistics(self, context: StageContext) -> tuple[torch.Tensor, torch.Tensor] | None:
-        reason = mean_pooled_transformer(context.model)
-        if reason is not None:
-            logger.warning("vocabulary stage: one-token vectors only, no contextual ones: %s", reason)
-            return None
+    def _sampled_documents(self, context: StageContext) -> list[str]:
+        """The corpus, or a seeded sample of ``max_documents`` of it (the same on every process)."""
         documents = list(context.corpus.values())
         if len(documents) > self.max_documents:
             generator = torch.Generator().manual_seed(context.seed)
             sample = torch.randperm(len(documents), generator=generator)[: self.max_documents]
             documents = [documents[i] for i in sample.tolist()]
+        return documents
+
+    def _contextual_statistics(
+        self, context: StageContext, words: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        reason = mean_pooled_transformer(context.model)
+        if reason is not None:
+            logger.warning("vocabulary stage: one-token vectors only, no contextual ones: %s", reason)
+            return None
+        documents = self._sampled_documents(context)
         # Kept in the document store (shared by runs) or else the run's folder (read back on --resume).
         folder = context.store.folder if context.store is not None else context.output_dir / self.folder
-        return contextual_token_statistics(context.model, documents, batch_size=self.batch_size, cache_folder=folder)
+        return contextual_token_statistics(
+            context.model, documents, batch_size=self.batch_size, cache_folder=folder, words=words
+        )
 
 
 @dataclass

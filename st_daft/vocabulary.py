@@ -29,7 +29,9 @@ the rest.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Dense, Pooling, StaticEmbedding
 from sentence_transformers.util import batch_to_device
+from tokenizers import Tokenizer
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -49,9 +52,11 @@ from st_daft.store import DocumentEmbeddingStore, document_encoder_key
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "add_words_to_static_route",
     "contextual_token_statistics",
     "contextual_token_vectors",
     "corpus_token_weights",
+    "corpus_words",
     "distill_token_embeddings",
     "initialize_static_route",
     "mean_pooled_transformer",
@@ -153,6 +158,7 @@ def contextual_token_statistics(
     batch_size: int = 32,
     show_progress_bar: bool = True,
     cache_folder: str | Path | None = None,
+    words: Sequence[str] = (),
 ) -> tuple[Tensor, Tensor]:
     """Sum and count of the document route's contextual output vectors of every token over ``documents``.
 
@@ -162,9 +168,13 @@ def contextual_token_statistics(
     With a ``cache_folder`` the statistics are kept there, under a digest of the document route and the documents,
     and read back by a later call (a resumed run, another seed) instead of encoding the documents again.
 
+    With ``words`` (whole words the document tokenizer splits into pieces, e.g. :func:`corpus_words`), every
+    occurrence of a word also adds the mean of its pieces' output vectors to that word's row, appended after the
+    vocabulary's rows in ``words``' order.
+
     Returns:
-        ``(sums, counts)``: ``(vocabulary size, dim)`` float32 sums and ``(vocabulary size,)`` float32 counts,
-        indexed by the document tokenizer's token ids.
+        ``(sums, counts)``: ``(vocabulary size + len(words), dim)`` float32 sums and ``(vocabulary size +
+        len(words),)`` float32 counts, indexed by the document tokenizer's token ids, then by ``words``.
     """
     reason = mean_pooled_transformer(model)
     if reason is not None:
@@ -174,6 +184,8 @@ def contextual_token_statistics(
         digest = hashlib.blake2b(document_encoder_key(model).encode(), digest_size=16)
         for document in documents:
             digest.update(document.encode() + b"\x00")
+        if words:
+            digest.update(b"words\x00" + "\x00".join(words).encode())
         cached = Path(cache_folder) / f"token-statistics-{digest.hexdigest()}.pt"
         # Every process must take the same branch (the computation all-reduces): read back only if all see the file.
         (seen,) = all_reduce_sum(torch.tensor([float(cached.is_file())]))
@@ -181,14 +193,18 @@ def contextual_token_statistics(
             statistics = torch.load(cached, map_location="cpu")
             logger.info("contextual token statistics read from %s", cached)
             return statistics["sums"], statistics["counts"]
-    sums, counts = _contextual_token_sums(model, documents, batch_size, show_progress_bar)
+    sums, counts = _contextual_token_sums(model, documents, batch_size, show_progress_bar, words)
     if cached is not None and is_main_process():
         atomic_torch_save({"sums": sums, "counts": counts}, cached)
     return sums, counts
 
 
 def _contextual_token_sums(
-    model: SentenceTransformer, documents: Sequence[str], batch_size: int, show_progress_bar: bool
+    model: SentenceTransformer,
+    documents: Sequence[str],
+    batch_size: int,
+    show_progress_bar: bool,
+    words: Sequence[str] = (),
 ) -> tuple[Tensor, Tensor]:
     transformer = get_route(model, DOCUMENT_ROUTE)[0]
     tokenizer = transformer.tokenizer
@@ -200,8 +216,11 @@ def _contextual_token_sums(
     vocabulary_size = max(len(tokenizer), transformer.auto_model.get_input_embeddings().num_embeddings)
     # Allocated before the loop: a process whose shard is empty (more processes than documents) still all-reduces.
     dimension = transformer.get_embedding_dimension()
-    sums = torch.zeros(vocabulary_size, dimension, dtype=torch.float32, device=model.device)
-    counts = torch.zeros(vocabulary_size, dtype=torch.float32, device=model.device)
+    rows = vocabulary_size + len(words)
+    sums = torch.zeros(rows, dimension, dtype=torch.float32, device=model.device)
+    counts = torch.zeros(rows, dtype=torch.float32, device=model.device)
+    word_rows = {word: vocabulary_size + index for index, word in enumerate(words)}
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) if word_rows else []
     show = show_progress_bar and rank == 0
     for features in _document_batches(model, transformer, shard, batch_size, "Contextual token vectors", show):
         outputs = transformer(features)["token_embeddings"].float()
@@ -209,22 +228,50 @@ def _contextual_token_sums(
         keep = features["attention_mask"].bool() & ~torch.isin(ids, special.to(ids.device))
         sums.index_add_(0, ids[keep], outputs[keep])
         counts.index_add_(0, ids[keep], torch.ones_like(ids[keep], dtype=torch.float32))
+        if word_rows:
+            for row, positions, word in _split_words(ids, keep, pieces):
+                if word in word_rows:
+                    sums[word_rows[word]] += outputs[row, positions].mean(dim=0)
+                    counts[word_rows[word]] += 1
     sums, counts = all_reduce_sum(sums, counts)
     return sums.cpu(), counts.cpu()
 
 
-def contextual_token_vectors(model: SentenceTransformer, sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+def _split_words(ids: Tensor, keep: Tensor, pieces: list[str]) -> Iterator[tuple[int, list[int], str]]:
+    """``(row, positions, word)`` for every word of a batch that WordPiece split into several pieces: a word is a
+    piece without ``##`` and the ``##`` pieces that follow it."""
+    for row, (row_ids, row_keep) in enumerate(zip(ids.tolist(), keep.tolist())):
+        positions: list[int] = []
+        for position, (token_id, kept) in enumerate(zip(row_ids, row_keep)):
+            piece = pieces[token_id] if kept else ""
+            if kept and piece.startswith("##") and positions:
+                positions.append(position)
+                continue
+            if len(positions) > 1:
+                yield row, positions, "".join(_surface_form(pieces[row_ids[p]]) for p in positions)
+            positions = [position] if kept else []
+        if len(positions) > 1:
+            yield row, positions, "".join(_surface_form(pieces[row_ids[p]]) for p in positions)
+
+
+def contextual_token_vectors(
+    model: SentenceTransformer, sums: Tensor, counts: Tensor, words: Sequence[str] = ()
+) -> tuple[Tensor, Tensor]:
     """The mean contextual vector of each row of the static query table, from :func:`contextual_token_statistics`.
 
     Document-tokenizer ids are matched to static rows by token string, so the static route may have its own
-    tokenizer. Returns ``(vectors, counts)`` over the static table's rows (rows no document token matched: count 0,
-    zero vector).
+    tokenizer; the rows after the document vocabulary's are ``words``' (as passed to
+    :func:`contextual_token_statistics`), matched to the static rows of those words. Returns ``(vectors, counts)``
+    over the static table's rows (rows nothing matched: count 0, zero vector).
     """
     static = get_route(model, QUERY_ROUTE)[0]
     document_tokenizer = get_route(model, DOCUMENT_ROUTE)[0].tokenizer
     static_vocabulary = static.tokenizer.get_vocab()
+    vocabulary_size = sums.shape[0] - len(words)
     seen = torch.nonzero(counts > 0).squeeze(1)
-    tokens = document_tokenizer.convert_ids_to_tokens(seen.tolist())
+    token_ids = [i for i in seen.tolist() if i < vocabulary_size]
+    tokens = document_tokenizer.convert_ids_to_tokens(token_ids)
+    tokens += [words[i - vocabulary_size] for i in seen.tolist() if i >= vocabulary_size]
     pairs = [(i, static_vocabulary[token]) for i, token in zip(seen.tolist(), tokens) if token in static_vocabulary]
     vectors = torch.zeros(static.num_embeddings, sums.shape[1])
     row_counts = torch.zeros(static.num_embeddings)
@@ -274,6 +321,7 @@ def initialize_static_route(
     store: DocumentEmbeddingStore | None = None,
     keep_scale: bool = True,
     contextual: tuple[Tensor, Tensor] | None = None,
+    contextual_words: Sequence[str] = (),
 ) -> dict[str, float]:
     """Initialise the model's static query route from document-route embeddings of its whole vocabulary.
 
@@ -286,7 +334,8 @@ def initialize_static_route(
       regression needs no more, and distilling a 270k-token vocabulary would take many minutes).
     - With ``contextual`` (the ``(sums, counts)`` of :func:`contextual_token_statistics` over a corpus), every token
       the corpus contains gets its mean contextual vector instead of its one-token vector, centred on the mean of
-      all token occurrences (the direction every contextual vector shares) and normalised like the others.
+      all token occurrences (the direction every contextual vector shares) and normalised like the others;
+      ``contextual_words`` are the ``words`` the statistics were collected with.
 
     Returns:
         ``{"tokens": vocabulary size, "fit_cosine": mean cosine between the route's token vectors and the
@@ -315,7 +364,7 @@ def initialize_static_route(
     targets = torch.nn.functional.normalize(targets, dim=1)
     contextual_rows = 0
     if contextual is not None:
-        vectors, counts = contextual_token_vectors(model, *contextual)
+        vectors, counts = contextual_token_vectors(model, *contextual, words=contextual_words)
         vectors, counts = vectors[rows], counts[rows]
         seen = counts > 0
         if seen.any():
@@ -410,3 +459,78 @@ def reweight_static_route(model: SentenceTransformer, weights: Tensor, keep_scal
             if new_norm > 0:
                 scaled = scaled * (norms.squeeze(1)[used].mean() / new_norm)
         weight.copy_(scaled.to(weight.dtype))
+
+
+def corpus_words(
+    tokenizer: Tokenizer, documents: Iterable[str], max_words: int, min_document_frequency: int = 2
+) -> list[str]:
+    """The corpus's most widespread words that ``tokenizer`` splits into several tokens, most documents first.
+
+    Words are what the tokenizer's own normaliser and pre-tokeniser make of the text (lower-cased, split at spaces and
+    punctuation for BERT's); a word counts once per document. Words without a letter are skipped (numbers and
+    symbols carry little meaning alone), as are words in fewer than ``min_document_frequency`` documents (a word a
+    single document holds cannot be learnt from the rest of the corpus). Ties keep first-seen order.
+    """
+    if max_words < 0 or min_document_frequency < 1:
+        raise ValueError(
+            f"corpus_words needs max_words >= 0 and min_document_frequency >= 1, got {max_words} and "
+            f"{min_document_frequency}"
+        )
+    vocabulary = tokenizer.get_vocab()
+    normalizer, pre_tokenizer = tokenizer.normalizer, tokenizer.pre_tokenizer
+    frequency: Counter[str] = Counter()
+    for document in documents:
+        text = normalizer.normalize_str(document) if normalizer is not None else document
+        words = [word for word, _ in pre_tokenizer.pre_tokenize_str(text)] if pre_tokenizer else text.split()
+        frequency.update(dict.fromkeys(words).keys())  # once per document, in first-seen order
+    candidates = [
+        (word, count)
+        for word, count in frequency.items()
+        if count >= min_document_frequency and word not in vocabulary and any(ch.isalpha() for ch in word)
+    ]
+    candidates.sort(key=lambda pair: -pair[1])
+    return [word for word, _ in candidates[:max_words]]
+
+
+def add_words_to_static_route(model: SentenceTransformer, words: Sequence[str]) -> int:
+    """Give each of ``words`` its own row in the static query route: a whole-word token in the route's tokenizer.
+
+    A static route means its token rows, so a word the tokenizer splits into pieces (``hypoxia`` -> ``h ##yp ##ox
+    ##ia``) is the mean of the pieces' rows, which other words share: the route cannot tell the word from its pieces'
+    other uses, where BM25 matches it exactly. With its own row the word gets a vector of its own (model2vec's
+    vocabulary extension; Tulkens & van Dongen 2024). The words are appended to the WordPiece vocabulary, whose
+    longest-match-first rule then picks the whole word; only the query route's tokenizer changes, the document
+    route reads text as before. New rows start at zero (:func:`initialize_static_route` sets them).
+
+    Returns:
+        The number of rows added (words already in the vocabulary are skipped).
+    """
+    static = get_route(model, QUERY_ROUTE)[0]
+    if not isinstance(static, StaticEmbedding):
+        raise ValueError(f"corpus words need a static query route, found {type(static).__name__}")
+    state = json.loads(static.tokenizer.to_str())
+    if state.get("model", {}).get("type") != "WordPiece":
+        raise ValueError(
+            f"corpus words need a WordPiece query tokenizer (as all-MiniLM-L6-v2's), found "
+            f"{state.get('model', {}).get('type')!r}"
+        )
+    vocabulary: dict[str, int] = state["model"]["vocab"]
+    taken = set(vocabulary) | {token["content"] for token in state.get("added_tokens", [])}
+    next_id = max([*vocabulary.values(), *(t["id"] for t in state.get("added_tokens", []))], default=-1) + 1
+    new_words = [word for word in dict.fromkeys(words) if word and word not in taken]
+    if next_id != static.num_embeddings:
+        raise ValueError(
+            f"the query tokenizer's ids end at {next_id - 1} but the static table has {static.num_embeddings} rows"
+        )
+    for offset, word in enumerate(new_words):
+        vocabulary[word] = next_id + offset
+    tokenizer = Tokenizer.from_str(json.dumps(state))
+    tokenizer.no_padding()
+    old = static.embedding
+    table = torch.zeros(old.num_embeddings + len(new_words), old.embedding_dim, dtype=old.weight.dtype)
+    table[: old.num_embeddings] = old.weight.detach().cpu()
+    embedding = torch.nn.EmbeddingBag.from_pretrained(table, freeze=False, mode=old.mode)
+    static.embedding = embedding.to(old.weight.device)
+    static.num_embeddings = static.embedding.num_embeddings
+    static.tokenizer = tokenizer
+    return len(new_words)

@@ -280,6 +280,8 @@ def test_a_corpus_alone_runs_the_label_free_stages(
         "--corpus-ranking-weight",
         "3",
         "--idf-weights",
+        "--corpus-words",
+        "7",
     )
     assert code == 0
     printed = capsys.readouterr().out
@@ -290,6 +292,8 @@ def test_a_corpus_alone_runs_the_label_free_stages(
     assert summary["stages"][0]["extra"]["contextual"], "a corpus alone: contextual token vectors by default"
     assert summary["stages"][0]["extra"]["idf"] and summary["config"]["stages"][0]["idf_weighting"]
     assert summary["config"]["stages"][1]["ranking_weight"] == 3.0
+    assert summary["config"]["stages"][0]["corpus_words"] == 7  # the fixture's words are all whole tokens already
+    assert summary["stages"][0]["extra"]["corpus_words"] == 0
     corpus_stage = summary["stages"][1]
     assert corpus_stage["steps"] == 2 and corpus_stage["extra"]["num_unlabeled_queries"] == 2
     assert corpus_stage["extra"]["num_texts"] == 10 and corpus_stage["extra"]["num_pseudo_queries"] == 6

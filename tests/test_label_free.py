@@ -28,7 +28,9 @@ from st_daft.corpus_alignment import (
 )
 from st_daft.losses import LabelFreeAlignmentLoss
 from st_daft.vocabulary import (
+    add_words_to_static_route,
     corpus_token_weights,
+    corpus_words,
     distill_token_embeddings,
     initialize_static_route,
     reweight_static_route,
@@ -270,6 +272,9 @@ def test_run_dependent_defaults_resolve_in_one_place() -> None:
     assert VocabularyStage().resolved(alone).contextual is True
     assert VocabularyStage().resolved(labelled).contextual is False
     assert VocabularyStage(contextual=True).resolved(labelled).contextual is True
+    assert VocabularyStage().resolved(alone).corpus_words == 20000
+    assert VocabularyStage().resolved(labelled).corpus_words == 0
+    assert VocabularyStage(corpus_words=5).resolved(labelled).corpus_words == 5, "a count given is kept"
     assert AlignStage().resolved(labelled).selection == "validation"
     assert AlignStage().resolved(alone).selection == "kl"
     assert AlignStage(selection="kl").resolved(labelled).selection == "kl"
@@ -278,6 +283,8 @@ def test_run_dependent_defaults_resolve_in_one_place() -> None:
         AlignStage().selects_by_validation(labelled)
     with pytest.raises(RuntimeError, match="document_weight is left to the run"):
         CorpusStage().run(alone, None)
+    with pytest.raises(RuntimeError, match="corpus_words is left to the run"):
+        VocabularyStage(contextual=False).run(alone, None)
     with pytest.raises(RuntimeError, match="max_steps is left to the run"):
         CorpusStage().prepare(SimpleNamespace(output_dir=Path("unused"), validation_data=None))
     with pytest.raises(ValueError, match="max_steps must be at least 1"):
@@ -511,6 +518,69 @@ def test_vocabulary_stage_idf_weighting_sets_row_norms_to_the_corpus_idf(
     assert common < rare
 
 
+WORD_DOCUMENTS = [
+    "Photosynthesis makes sugar in cells",
+    "photosynthesis needs light, and sugar feeds cells",
+    "light of stars; 123 123 zebra",
+    "x-ray light",
+]
+
+
+def test_corpus_words_are_split_words_in_several_documents(tiny_document_model_dir: Path) -> None:
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    tokenizer = get_route(model, "query")[0].tokenizer
+    assert len(tokenizer.encode("photosynthesis", add_special_tokens=False).ids) > 1
+    # light: 3 documents; photosynthesis, sugar: 2 (first seen in that order); cells/stars/of: whole tokens already;
+    # 123: no letter; zebra, ray: one document each.
+    assert corpus_words(tokenizer, WORD_DOCUMENTS, max_words=10) == ["light", "photosynthesis", "sugar"]
+    assert corpus_words(tokenizer, WORD_DOCUMENTS, max_words=1) == ["light"]
+    assert corpus_words(tokenizer, WORD_DOCUMENTS, max_words=10, min_document_frequency=3) == ["light"]
+    assert "zebra" in corpus_words(tokenizer, WORD_DOCUMENTS, max_words=10, min_document_frequency=1)
+    with pytest.raises(ValueError, match="min_document_frequency"):
+        corpus_words(tokenizer, WORD_DOCUMENTS, max_words=10, min_document_frequency=0)
+
+
+def test_added_words_get_their_own_rows_and_survive_saving(tiny_document_model_dir: Path, tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    static = get_route(model, "query")[0]
+    rows_before, table_before = static.num_embeddings, static.embedding.weight.detach().clone()
+    unchanged = ["how do cells divide", "what pumps blood"]
+    before = model.encode_query(unchanged, convert_to_tensor=True)
+    assert add_words_to_static_route(model, ["photosynthesis", "sugar", "cells", "sugar"]) == 2  # cells: known
+    static = get_route(model, "query")[0]
+    assert static.num_embeddings == rows_before + 2 == static.embedding.weight.shape[0]
+    assert static.tokenizer.encode("Photosynthesis sugars", add_special_tokens=False).tokens[:2] == [
+        "photosynthesis",
+        "sugar",
+    ]
+    assert torch.equal(static.embedding.weight.detach()[:rows_before], table_before), "old rows kept"
+    assert torch.allclose(model.encode_query(unchanged, convert_to_tensor=True), before), "old texts unchanged"
+    assert get_route(model, "document")[0].tokenizer.tokenize("photosynthesis") != ["photosynthesis"]
+    initialize_static_route(model, show_progress_bar=False)
+    new_row = static.embedding.weight.detach()[static.tokenizer.token_to_id("photosynthesis")]
+    assert new_row.norm() > 0, "the vocabulary initialisation sets the new rows"
+    model.save(str(tmp_path / "saved"))
+    loaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    texts = ["photosynthesis needs sugar", "cells divide"]
+    assert torch.allclose(
+        model.encode_query(texts, convert_to_tensor=True), loaded.encode_query(texts, convert_to_tensor=True)
+    )
+
+
+def test_vocabulary_stage_adds_corpus_words(tiny_document_model_dir: Path, tmp_path: Path) -> None:
+    corpus = {f"w{i}": text for i, text in enumerate(WORD_DOCUMENTS)} | {f"c{i}": t for i, t in CORPUS.items()}
+    config = DAFTConfig(stages=[VocabularyStage(corpus_words=2)], validation_fraction=0.2, num_validation_texts=4)
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    summary = train_daft(model, corpus, tmp_path / "run", config)
+    assert summary.stages[0].extra["corpus_words"] == 2
+    tokens = get_route(model, "query")[0].tokenizer.encode("light photosynthesis sugar", add_special_tokens=False)
+    assert tokens.tokens[:2] == ["light", "photosynthesis"] and tokens.tokens[2] != "sugar"
+    with pytest.raises(ValueError, match="corpus_words"):
+        VocabularyStage(corpus_words=-1)
+
+
 def test_pseudo_query_dataset_targets_the_source_documents(model) -> None:
     examples = alignment_examples(CORPUS, TITLES, max_texts=10)
     ids, documents = document_embeddings(model, CORPUS, show_progress_bar=False)
@@ -570,6 +640,45 @@ def test_contextual_token_statistics_sum_each_token_s_outputs(
     assert all(torch.equal(a, b) for a, b in zip(kept, again))
     contextual_token_statistics(model, documents[:2], show_progress_bar=False, cache_folder=tmp_path)
     assert len(list(tmp_path.glob("token-statistics-*.pt"))) == 2, "other documents, another file"
+
+
+def test_contextual_statistics_of_words_mean_their_pieces(tiny_document_model_dir: Path, tmp_path: Path) -> None:
+    from st_daft.vocabulary import contextual_token_statistics, contextual_token_vectors
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    transformer = get_route(model, "document")[0]
+    documents = WORD_DOCUMENTS + ["no such word here", "sugar sugar"]
+    words = ["photosynthesis", "sugar", "absent"]
+    sums, counts = contextual_token_statistics(model, documents, batch_size=3, show_progress_bar=False, words=words)
+    vocabulary_size = sums.shape[0] - len(words)
+    plain_sums, plain_counts = contextual_token_statistics(model, documents, show_progress_bar=False)
+    assert torch.equal(counts[:vocabulary_size], plain_counts), "the token rows do not change"
+    torch.testing.assert_close(sums[:vocabulary_size], plain_sums, atol=1e-5, rtol=1e-5)
+    # Each occurrence adds the mean of the word's pieces' outputs, computed here one document at a time.
+    expected = torch.zeros(len(words), sums.shape[1])
+    transformer.eval()
+    with torch.no_grad():
+        for document in documents:
+            features = model.preprocess([document], task="document")
+            outputs = transformer(features)["token_embeddings"][0]
+            pieces = transformer.tokenizer.convert_ids_to_tokens(features["input_ids"][0].tolist())
+            for index, word in enumerate(words):
+                word_pieces = transformer.tokenizer.tokenize(word)
+                for start in range(len(pieces) - len(word_pieces) + 1):
+                    following = pieces[start + len(word_pieces)] if start + len(word_pieces) < len(pieces) else ""
+                    if pieces[start : start + len(word_pieces)] == word_pieces and not following.startswith("##"):
+                        expected[index] += outputs[start : start + len(word_pieces)].mean(dim=0)
+    assert counts[vocabulary_size:].tolist() == [2, 4, 0]
+    torch.testing.assert_close(sums[vocabulary_size:], expected, atol=1e-5, rtol=1e-5)
+    # The words' rows go to the static rows of those words once they are in the route's vocabulary.
+    add_words_to_static_route(model, words[:2])
+    vectors, row_counts = contextual_token_vectors(model, sums, counts, words=words)
+    row = get_route(model, "query")[0].tokenizer.token_to_id("sugar")
+    assert row_counts[row] == 4
+    torch.testing.assert_close(vectors[row], expected[1] / 4)
+    cached = contextual_token_statistics(model, documents, show_progress_bar=False, cache_folder=tmp_path, words=words)
+    contextual_token_statistics(model, documents, show_progress_bar=False, cache_folder=tmp_path)
+    assert torch.equal(cached[1], counts) and len(list(tmp_path.glob("token-statistics-*.pt"))) == 2
 
 
 def test_vocabulary_initialisation_from_contextual_vectors(tiny_document_model_dir: Path) -> None:
