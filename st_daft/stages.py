@@ -58,6 +58,7 @@ from st_daft.vocabulary import (
     contextual_token_statistics,
     corpus_token_weights,
     corpus_words,
+    corpus_words_unsupported,
     initialize_static_route,
     mean_pooled_transformer,
     reweight_static_route,
@@ -302,7 +303,8 @@ class VocabularyStage(Stage):
         corpus_words: add up to this many of the corpus's words that the query tokenizer splits into pieces as
             whole-word rows of the table (:func:`~st_daft.vocabulary.add_words_to_static_route`), the words in most
             documents first; 0 adds none. Default (None): 20,000 for a corpus without labelled queries, 0 beside
-            them.
+            them. Needs a WordPiece tokenizer and a table as wide as the route (no ``Dense`` after it): the
+            default is 0 on other routes, a count given is refused before any step.
         min_word_documents: a word is added only when at least this many documents contain it.
     """
 
@@ -331,11 +333,18 @@ class VocabularyStage(Stage):
 
     def resolved(self, context: StageContext) -> VocabularyStage:
         """Contextual vectors and corpus words as set, or else by the run: for a corpus alone, contextual vectors on
-        and up to 20,000 corpus words; beside labelled queries, neither."""
+        and up to 20,000 corpus words (where the route can take them); beside labelled queries, neither."""
         alone = context.train_data is None
         contextual = alone if self.contextual is None else self.contextual
-        words = (20000 if alone else 0) if self.corpus_words is None else self.corpus_words
+        words = self.corpus_words
+        if words is None:
+            words = 20000 if alone and corpus_words_unsupported(context.model) is None else 0
         return replace(self, contextual=contextual, corpus_words=words)
+
+    def check(self, context: StageContext) -> None:
+        reason = corpus_words_unsupported(context.model) if self.corpus_words else None
+        if reason is not None:
+            raise ValueError(f"vocabulary stage: corpus_words (--corpus-words) cannot be used: {reason}")
 
     def applies_to(self, model: SentenceTransformer) -> str | None:
         from sentence_transformers.sentence_transformer.modules import StaticEmbedding

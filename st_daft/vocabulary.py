@@ -57,6 +57,7 @@ __all__ = [
     "contextual_token_vectors",
     "corpus_token_weights",
     "corpus_words",
+    "corpus_words_unsupported",
     "distill_token_embeddings",
     "initialize_static_route",
     "mean_pooled_transformer",
@@ -492,6 +493,21 @@ def corpus_words(
     return [word for word, _ in candidates[:max_words]]
 
 
+def corpus_words_unsupported(model: SentenceTransformer) -> str | None:
+    """Why :func:`add_words_to_static_route` cannot extend ``model``'s query route; ``None`` when it can (a
+    ``StaticEmbedding`` as wide as the route's output, nothing after it, and a WordPiece tokenizer)."""
+    route = list(get_route(model, QUERY_ROUTE))
+    if not route or not isinstance(route[0], StaticEmbedding):
+        return "the query route does not start with a StaticEmbedding"
+    if len(route) > 1:
+        # A narrow table behind a projection keeps its rows in the vocabulary stage: new rows would stay zero.
+        return f"the static table is followed by {[type(module).__name__ for module in route[1:]]}"
+    kind = json.loads(route[0].tokenizer.to_str()).get("model", {}).get("type")
+    if kind != "WordPiece":
+        return f"the query tokenizer is {kind}, not WordPiece (as all-MiniLM-L6-v2's)"
+    return None
+
+
 def add_words_to_static_route(model: SentenceTransformer, words: Sequence[str]) -> int:
     """Give each of ``words`` its own row in the static query route: a whole-word token in the route's tokenizer.
 
@@ -505,15 +521,11 @@ def add_words_to_static_route(model: SentenceTransformer, words: Sequence[str]) 
     Returns:
         The number of rows added (words already in the vocabulary are skipped).
     """
+    reason = corpus_words_unsupported(model)
+    if reason is not None:
+        raise ValueError(f"corpus words cannot be added: {reason}")
     static = get_route(model, QUERY_ROUTE)[0]
-    if not isinstance(static, StaticEmbedding):
-        raise ValueError(f"corpus words need a static query route, found {type(static).__name__}")
     state = json.loads(static.tokenizer.to_str())
-    if state.get("model", {}).get("type") != "WordPiece":
-        raise ValueError(
-            f"corpus words need a WordPiece query tokenizer (as all-MiniLM-L6-v2's), found "
-            f"{state.get('model', {}).get('type')!r}"
-        )
     vocabulary: dict[str, int] = state["model"]["vocab"]
     taken = set(vocabulary) | {token["content"] for token in state.get("added_tokens", [])}
     next_id = max([*vocabulary.values(), *(t["id"] for t in state.get("added_tokens", []))], default=-1) + 1

@@ -258,11 +258,12 @@ def test_corpus_stage_pseudo_query_term_shares_the_align_stages_cache(
         CorpusStage(ranking_weight=-1)
 
 
-def test_run_dependent_defaults_resolve_in_one_place() -> None:
+def test_run_dependent_defaults_resolve_in_one_place(tiny_document_model_dir: Path) -> None:
     from types import SimpleNamespace
 
-    alone = SimpleNamespace(train_data=None, validation_data=None)
-    labelled = SimpleNamespace(train_data=object(), validation_data=object())
+    static = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    alone = SimpleNamespace(train_data=None, validation_data=None, model=static)
+    labelled = SimpleNamespace(train_data=object(), validation_data=object(), model=static)
     assert CorpusStage().resolved(alone).max_steps == 1200
     assert CorpusStage().resolved(labelled).max_steps == 600
     assert CorpusStage(max_steps=7).resolved(alone).max_steps == 7, "a budget given is kept"
@@ -275,6 +276,14 @@ def test_run_dependent_defaults_resolve_in_one_place() -> None:
     assert VocabularyStage().resolved(alone).corpus_words == 20000
     assert VocabularyStage().resolved(labelled).corpus_words == 0
     assert VocabularyStage(corpus_words=5).resolved(labelled).corpus_words == 5, "a count given is kept"
+    # A route that cannot take whole-word rows gets none by default, and a count asked for is refused before a step.
+    tiny = SimpleNamespace(
+        train_data=None, validation_data=None, model=build_asymmetric_model(str(tiny_document_model_dir), "tiny:1,32")
+    )
+    assert VocabularyStage().resolved(tiny).corpus_words == 0
+    VocabularyStage().resolved(alone).check(alone)
+    with pytest.raises(ValueError, match=r"corpus_words \(--corpus-words\) cannot be used: the query route does not"):
+        VocabularyStage(corpus_words=5).check(tiny)
     assert AlignStage().resolved(labelled).selection == "validation"
     assert AlignStage().resolved(alone).selection == "kl"
     assert AlignStage(selection="kl").resolved(labelled).selection == "kl"
