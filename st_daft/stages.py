@@ -357,13 +357,12 @@ class VocabularyStage(Stage):
         started = time.perf_counter()
         _require_resolved(self, "contextual")
         _require_resolved(self, "corpus_words")
+        documents = self._sampled_documents(context) if self.corpus_words or self.contextual else []
         words: list[str] = []
         if self.corpus_words:
             static = get_route(context.model, QUERY_ROUTE)[0]
-            words = corpus_words(
-                static.tokenizer, self._sampled_documents(context), self.corpus_words, self.min_word_documents
-            )
-        statistics = self._contextual_statistics(context, words) if self.contextual else None
+            words = corpus_words(static.tokenizer, documents, self.corpus_words, self.min_word_documents)
+        statistics = self._contextual_statistics(context, documents, words) if self.contextual else None
         added = add_words_to_static_route(context.model, words) if words else 0
         if words:
             logger.info("vocabulary stage: %d corpus words added to the query route's vocabulary", added)
@@ -397,13 +396,12 @@ class VocabularyStage(Stage):
         return documents
 
     def _contextual_statistics(
-        self, context: StageContext, words: list[str]
+        self, context: StageContext, documents: list[str], words: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         reason = mean_pooled_transformer(context.model)
         if reason is not None:
             logger.warning("vocabulary stage: one-token vectors only, no contextual ones: %s", reason)
             return None
-        documents = self._sampled_documents(context)
         # Kept in the document store (shared by runs) or else the run's folder (read back on --resume).
         folder = context.store.folder if context.store is not None else context.output_dir / self.folder
         return contextual_token_statistics(

@@ -230,12 +230,38 @@ def _contextual_token_sums(
         sums.index_add_(0, ids[keep], outputs[keep])
         counts.index_add_(0, ids[keep], torch.ones_like(ids[keep], dtype=torch.float32))
         if word_rows:
-            for row, positions, word in _split_words(ids, keep, pieces):
-                if word in word_rows:
-                    sums[word_rows[word]] += outputs[row, positions].mean(dim=0)
-                    counts[word_rows[word]] += 1
+            _add_word_means(sums, counts, outputs, ids, keep, pieces, word_rows)
     sums, counts = all_reduce_sum(sums, counts)
     return sums.cpu(), counts.cpu()
+
+
+def _add_word_means(
+    sums: Tensor,
+    counts: Tensor,
+    outputs: Tensor,
+    ids: Tensor,
+    keep: Tensor,
+    pieces: list[str],
+    word_rows: dict[str, int],
+) -> None:
+    """Add, for every occurrence in the batch of a word of ``word_rows``, the mean of its pieces' output vectors to
+    that word's row, in one ``index_add_`` per batch (no per-occurrence device work)."""
+    positions, occurrences, targets = [], [], []
+    for row, word_positions, word in _split_words(ids, keep, pieces):
+        if word in word_rows:
+            positions += [row * ids.shape[1] + position for position in word_positions]
+            occurrences += [len(targets)] * len(word_positions)
+            targets.append(word_rows[word])
+    if not targets:
+        return
+    device = outputs.device
+    flat = outputs.reshape(-1, outputs.shape[-1])[torch.tensor(positions, device=device)]
+    occurrence = torch.tensor(occurrences, device=device)
+    means = torch.zeros(len(targets), flat.shape[1], device=device).index_add_(0, occurrence, flat)
+    means /= torch.bincount(occurrence, minlength=len(targets)).unsqueeze(1)
+    target_rows = torch.tensor(targets, device=device)
+    sums.index_add_(0, target_rows, means)
+    counts.index_add_(0, target_rows, torch.ones(len(targets), device=device))
 
 
 def _split_words(ids: Tensor, keep: Tensor, pieces: list[str]) -> Iterator[tuple[int, list[int], str]]:
@@ -243,16 +269,14 @@ def _split_words(ids: Tensor, keep: Tensor, pieces: list[str]) -> Iterator[tuple
     piece without ``##`` and the ``##`` pieces that follow it."""
     for row, (row_ids, row_keep) in enumerate(zip(ids.tolist(), keep.tolist())):
         positions: list[int] = []
-        for position, (token_id, kept) in enumerate(zip(row_ids, row_keep)):
-            piece = pieces[token_id] if kept else ""
-            if kept and piece.startswith("##") and positions:
+        # A final left-out position closes the row's last word.
+        for position, (token_id, kept) in enumerate(zip([*row_ids, 0], [*row_keep, False])):
+            if kept and positions and pieces[token_id].startswith("##"):
                 positions.append(position)
                 continue
             if len(positions) > 1:
                 yield row, positions, "".join(_surface_form(pieces[row_ids[p]]) for p in positions)
             positions = [position] if kept else []
-        if len(positions) > 1:
-            yield row, positions, "".join(_surface_form(pieces[row_ids[p]]) for p in positions)
 
 
 def contextual_token_vectors(
@@ -269,11 +293,10 @@ def contextual_token_vectors(
     document_tokenizer = get_route(model, DOCUMENT_ROUTE)[0].tokenizer
     static_vocabulary = static.tokenizer.get_vocab()
     vocabulary_size = sums.shape[0] - len(words)
-    seen = torch.nonzero(counts > 0).squeeze(1)
-    token_ids = [i for i in seen.tolist() if i < vocabulary_size]
-    tokens = document_tokenizer.convert_ids_to_tokens(token_ids)
-    tokens += [words[i - vocabulary_size] for i in seen.tolist() if i >= vocabulary_size]
-    pairs = [(i, static_vocabulary[token]) for i, token in zip(seen.tolist(), tokens) if token in static_vocabulary]
+    seen = torch.nonzero(counts > 0).squeeze(1).tolist()  # ascending: the token rows, then the words'
+    tokens = document_tokenizer.convert_ids_to_tokens([i for i in seen if i < vocabulary_size])
+    tokens += [words[i - vocabulary_size] for i in seen if i >= vocabulary_size]
+    pairs = [(i, static_vocabulary[token]) for i, token in zip(seen, tokens) if token in static_vocabulary]
     vectors = torch.zeros(static.num_embeddings, sums.shape[1])
     row_counts = torch.zeros(static.num_embeddings)
     if pairs:
