@@ -26,7 +26,7 @@ from sentence_transformers import SentenceTransformer
 from torch import Tensor
 
 from st_daft.distributed import embed_sharded
-from st_daft.fingerprint import route_fingerprint
+from st_daft.fingerprint import fingerprint_matches, route_fingerprint
 from st_daft.index import build_faiss_index
 from st_daft.io import atomic_save_npy, atomic_write_json, read_json
 from st_daft.model import DOCUMENT_ROUTE
@@ -187,7 +187,7 @@ class StaleEmbeddingCache:
 
     def is_current(self, model: SentenceTransformer) -> bool:
         """True when the model's document route still has the parameters the cache was built with."""
-        return route_fingerprint(model) == self.fingerprint
+        return fingerprint_matches(model, self.fingerprint)
 
     def save(self, folder: str | Path) -> None:
         """Write the cache to ``folder`` (metadata JSON, embeddings and keys as .npy), atomically per file.

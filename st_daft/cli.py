@@ -152,6 +152,13 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "alone, 0 beside labelled queries)",
     )
     budget.add_argument(
+        "--min-word-documents",
+        type=_positive_int,
+        default=None,
+        help="vocabulary stage: a corpus word gets its own row only if at least N documents hold it (default 2; 1 "
+        "admits words a single document holds)",
+    )
+    budget.add_argument(
         "--contextual-vocabulary",
         choices=["auto", "on", "off"],
         default="auto",
@@ -270,6 +277,7 @@ def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
             zipf_weighting=not args.no_zipf,
             idf_weighting=args.idf_weights,
             corpus_words=args.corpus_words,
+            **given(min_word_documents=args.min_word_documents),
             contextual={"auto": None, "on": True, "off": False}[args.contextual_vocabulary],
         ),
         "corpus": lambda: CorpusStage(

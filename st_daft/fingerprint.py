@@ -3,7 +3,7 @@
 The corpus cache, the document store, the losses and the miner all ask the same question, "are these vectors still
 what this route would compute?", and answer it with :func:`route_fingerprint`. It covers
 
-- the route's parameters and buffers (the whole model for a symmetric model),
+- the route's parameters and buffers (for a symmetric model, every module but a trailing ``Normalize``),
 - the modules after the ``Router`` (e.g. ``Normalize``, a ``Dense``), by type and state,
 - the route's truncation length (``max_seq_length``), which changes document embeddings without changing a weight.
 
@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules.router import Router
+from sentence_transformers.sentence_transformer.modules import Normalize
+from torch import nn
 
-from st_daft.model import DOCUMENT_ROUTE, has_route, route_or_model
+from st_daft.model import DOCUMENT_ROUTE, get_route, has_route
 
-__all__ = ["route_fingerprint", "hash_module_state"]
+__all__ = ["route_fingerprint", "legacy_route_fingerprints", "fingerprint_matches", "hash_module_state"]
 
 
 def hash_module_state(digest: Any, module: torch.nn.Module) -> None:
@@ -35,19 +37,49 @@ def hash_module_state(digest: Any, module: torch.nn.Module) -> None:
 def route_fingerprint(model: SentenceTransformer, route: str = DOCUMENT_ROUTE) -> str:
     """A 32-hex-digit digest of ``route``'s parameters, the modules after the ``Router`` and its ``max_seq_length``.
 
-    For a model without a ``Router`` the whole model is the route. (The digest of the route's own state is hashed
-    into the outer one: that is how st-daft 0.1's document store keyed its folders, so stores written then are read.)
+    For a model without a ``Router`` the whole model is the route, split as :func:`st_daft.build_asymmetric_model`
+    splits a document encoder: its trailing ``Normalize`` modules count as the modules after the ``Router``, the rest
+    as the route. So a plain model and the asymmetric model built on it (same weights, same truncation) get the same
+    fingerprint, and a document store or cache filled by one serves the other. (The digest of the route's own state is
+    hashed into the outer one: that is how st-daft 0.1's document store keyed its folders, so stores written then are
+    read.)
     """
+    if has_route(model, route):
+        module = get_route(model, route)
+        after_router = [module for module in model if not isinstance(module, Router)]
+        max_seq_length = getattr(module[0], "max_seq_length", None)
+    else:
+        modules = list(model.children())
+        after_router = []
+        while modules and isinstance(modules[-1], Normalize):
+            after_router.insert(0, modules.pop())
+        module = nn.Sequential(*modules)  # the state names an asymmetric model's route has: "0.", "1.", ...
+        max_seq_length = model.max_seq_length
+    return _fingerprint(module, after_router, max_seq_length)
+
+
+def legacy_route_fingerprints(model: SentenceTransformer, route: str = DOCUMENT_ROUTE) -> tuple[str, ...]:
+    """Fingerprints earlier st-daft versions gave ``route`` where :func:`route_fingerprint` now differs: for a model
+    without a ``Router``, the whole model as the route and every module hashed again as if after a ``Router``. Stores
+    and caches written under one of these are still read (:func:`fingerprint_matches`)."""
+    if has_route(model, route):
+        return ()
+    return (_fingerprint(model, list(model), model.max_seq_length),)
+
+
+def fingerprint_matches(model: SentenceTransformer, fingerprint: str, route: str = DOCUMENT_ROUTE) -> bool:
+    """Whether vectors recorded under ``fingerprint`` are what ``route`` of ``model`` computes now (the current
+    fingerprint, or a legacy one of the same route)."""
+    return fingerprint == route_fingerprint(model, route) or fingerprint in legacy_route_fingerprints(model, route)
+
+
+def _fingerprint(route: nn.Module, after_router: list[nn.Module], max_seq_length: int | None) -> str:
     route_state = hashlib.blake2b(digest_size=16)
-    module = route_or_model(model, route)
-    hash_module_state(route_state, module)
+    hash_module_state(route_state, route)
     digest = hashlib.blake2b(digest_size=16)
     digest.update(route_state.hexdigest().encode())
-    for after_router in model:
-        if isinstance(after_router, Router):
-            continue
-        digest.update(type(after_router).__qualname__.encode())
-        hash_module_state(digest, after_router)
-    max_seq_length = getattr(module[0], "max_seq_length", None) if has_route(model, route) else model.max_seq_length
+    for module in after_router:
+        digest.update(type(module).__qualname__.encode())
+        hash_module_state(digest, module)
     digest.update(f"max_seq_length={max_seq_length}".encode())
     return digest.hexdigest()

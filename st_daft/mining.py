@@ -35,7 +35,7 @@ from torch import Tensor
 
 from st_daft.cache import CacheMismatchError, StaleEmbeddingCache, token_keys
 from st_daft.corrector import CorrectorNetwork
-from st_daft.fingerprint import route_fingerprint
+from st_daft.fingerprint import fingerprint_matches, route_fingerprint
 from st_daft.index import build_faiss_index, corrected_matrix, query_side_queries
 from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, has_route, route_or_model
 
@@ -316,8 +316,8 @@ class NegativeMiner:
             raise CacheMismatchError(
                 f"the cache holds {self.cache.dimension}-d embeddings, the model's document route gives {dimension}-d"
             )
-        current = route_fingerprint(model, DOCUMENT_ROUTE)
-        if current != self.cache.fingerprint:
+        if not fingerprint_matches(model, self.cache.fingerprint, DOCUMENT_ROUTE):
+            current = route_fingerprint(model, DOCUMENT_ROUTE)
             where = f" (saved in {self.cache.folder})" if self.cache.folder is not None else ""
             raise CacheMismatchError(
                 f"the negative-mining cache{where} was built by another document encoder: fingerprint "

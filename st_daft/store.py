@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
-from st_daft.fingerprint import route_fingerprint
+from st_daft.fingerprint import legacy_route_fingerprints, route_fingerprint
 from st_daft.io import atomic_write
 from st_daft.model import DOCUMENT_ROUTE
 
@@ -66,11 +66,17 @@ class DocumentEmbeddingStore:
         self.hits = 0
         self.misses = 0
 
-    def _load(self, encoder_key: str) -> dict[bytes, np.ndarray]:
+    def _load(self, encoder_key: str, legacy_keys: Sequence[str] = ()) -> dict[bytes, np.ndarray]:
+        """The rows stored under ``encoder_key``, and under the keys an earlier st-daft gave the same encoder (read,
+        never moved: new rows go to ``encoder_key``'s folder)."""
         if encoder_key in self._rows:
             return self._rows[encoder_key]
         rows: dict[bytes, np.ndarray] = {}
-        for shard in sorted((self.folder / encoder_key).glob("shard-*.npz")):
+        folders = [self.folder / key for key in (*legacy_keys, encoder_key)]
+        legacy = [folder.name for folder in folders[:-1] if folder.is_dir()]
+        if legacy:
+            logger.info("document store: also reading %s, written under an earlier key for this encoder", legacy)
+        for shard in sorted(shard for folder in folders for shard in folder.glob("shard-*.npz")):
             try:
                 with np.load(shard) as data:
                     keys, vectors = data["keys"], data["vectors"]
@@ -112,7 +118,8 @@ class DocumentEmbeddingStore:
             encoder_key: a precomputed :func:`document_encoder_key` of ``model`` (it hashes all parameters).
         """
         encoder_key = encoder_key or document_encoder_key(model)
-        rows = self._load(encoder_key)
+        legacy_keys = () if encoder_key in self._rows else legacy_route_fingerprints(model, DOCUMENT_ROUTE)
+        rows = self._load(encoder_key, legacy_keys)
         keys = [_text_key(text, kind, prompt) for text in texts]
         missing: dict[bytes, str] = {}
         for key, text in zip(keys, texts):

@@ -541,6 +541,10 @@ def add_words_to_static_route(model: SentenceTransformer, words: Sequence[str]) 
     longest-match-first rule then picks the whole word; only the query route's tokenizer changes, the document
     route reads text as before. New rows start at zero (:func:`initialize_static_route` sets them).
 
+    The route's ``EmbeddingBag`` is replaced by a larger one, so call this before an optimizer holds the table's
+    parameter (the vocabulary stage does, before any trainer is built); an optimizer built earlier would keep
+    updating the old table.
+
     Returns:
         The number of rows added (words already in the vocabulary are skipped).
     """
