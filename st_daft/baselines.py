@@ -16,7 +16,10 @@ Example::
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from st_daft.data import join_title_text
 
@@ -130,14 +133,37 @@ class BM25Search:
         **kwargs: Any,
     ) -> None:
         """Tokenize and index the corpus (an MTEB corpus dataset: ``id``, ``text``, optionally ``title``)."""
-        import bm25s
-        import Stemmer
-
-        language = self._task_language(task_metadata, hf_subset)
-        self._stopwords, stemmer_name = _LANGUAGES[language] if language else (None, None)
-        self._stemmer = Stemmer.Stemmer(stemmer_name) if stemmer_name else None
+        self._use_language(self._task_language(task_metadata, hf_subset))
         texts = [join_title_text(row.get("title"), row["text"]) for row in corpus]
         self._document_ids = [str(row["id"]) for row in corpus]
+        self._index_texts(texts)
+
+    def fit(self, documents: Sequence[str]) -> BM25Search:
+        """Index plain texts (rows ``0 .. len(documents) - 1``) in ``language`` (English when None), for
+        :meth:`top_k`; the MTEB protocol (:meth:`index`, :meth:`search`) is not needed for this."""
+        self._use_language(self.language or "eng")
+        self._document_ids = [str(row) for row in range(len(documents))]
+        self._index_texts(list(documents))
+        return self
+
+    def top_k(self, texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, scores)``, each ``(len(texts), min(k, documents))``: every text's best indexed documents, best
+        first, and their BM25 scores (0 where a text shares no term with a document)."""
+        if self._retriever is None:
+            raise RuntimeError("BM25Search.top_k before fit")
+        k = min(k, len(self._document_ids))
+        rows, scores = self._retriever.retrieve(self._tokenize(list(texts)), k=k, show_progress=False)
+        return np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+
+    def _use_language(self, language: str | None) -> None:
+        import Stemmer
+
+        self._stopwords, stemmer_name = _LANGUAGES[language] if language else (None, None)
+        self._stemmer = Stemmer.Stemmer(stemmer_name) if stemmer_name else None
+
+    def _index_texts(self, texts: list[str]) -> None:
+        import bm25s
+
         self._retriever = bm25s.BM25(k1=self.k1, b=self.b, method=self.method)
         self._retriever.index(self._tokenize(texts), show_progress=self.show_progress_bar)
 

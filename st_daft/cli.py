@@ -137,6 +137,13 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="corpus stage: weight of a term distilling the document encoder's ranking of the whole corpus for each "
         "text (default 10; 0 turns it off)",
     )
+    budget.add_argument(
+        "--corpus-lexical-weight",
+        type=_non_negative_float,
+        default=None,
+        help="corpus stage: fuse BM25 into that ranking's teacher: each text's 32 best documents by BM25 add W times "
+        "their score (divided by the text's best) to the document encoder's cosine (needs the bm25 extra; default 0)",
+    )
     budget.add_argument("--no-zipf", action="store_true", help="vocabulary stage without Zipf weighting")
     budget.add_argument(
         "--idf-weights",
@@ -289,6 +296,7 @@ def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
                     document_weight=args.corpus_document_weight,
                     pseudo_queries=args.corpus_pseudo_queries,
                     ranking_weight=args.corpus_ranking_weight,
+                    lexical_weight=args.corpus_lexical_weight,
                 ),
                 **every,
                 **patience,

@@ -38,7 +38,13 @@ from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 from st_daft.cache import StaleEmbeddingCache
 from st_daft.callbacks import CollapseStopCallback, LogStatisticsCallback, NonFiniteLossCallback
 from st_daft.collapse import CollapseEvaluator
-from st_daft.corpus_alignment import TEXT_KINDS, alignment_dataset, alignment_examples, pseudo_query_dataset
+from st_daft.corpus_alignment import (
+    TEXT_KINDS,
+    alignment_dataset,
+    alignment_examples,
+    lexical_ranking_columns,
+    pseudo_query_dataset,
+)
 from st_daft.data import RetrievalData
 from st_daft.distributed import is_distributed
 from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
@@ -601,6 +607,12 @@ class CorpusStage(_FrozenDocumentStage):
             0.477 -> 0.481 (3 seeds); corpus only, with 1,200 steps, python-faq 0.616 -> 0.653 (5 seeds) and
             SciFact 0.637 -> 0.650 (3 seeds). The route learns to order the corpus as the document route does,
             which pays where the document route is the stronger ranker.
+        lexical_weight: fuse BM25 into the ranking term's teacher: each text's ``lexical_top_k`` best documents by
+            BM25 (bm25s, stemmed; the ``bm25`` extra) add ``lexical_weight`` times their BM25 score, divided by the
+            text's best, to the document route's cosine (:func:`~st_daft.corpus_alignment.lexical_ranking_columns`).
+            0 disables it; needs ``ranking_weight > 0``.
+        lexical_top_k: documents per text in that fusion.
+        lexical_language: BM25's stopwords and stemmer (an ISO 639-3 code, ``"eng"``).
     """
 
     name: ClassVar[str] = "corpus"
@@ -619,9 +631,17 @@ class CorpusStage(_FrozenDocumentStage):
     document_scale: float | None = None
     pseudo_queries: int = 0
     ranking_weight: float = 10.0
+    lexical_weight: float = 0.0
+    lexical_top_k: int = 32
+    lexical_language: str = "eng"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not self.lexical_weight >= 0 or self.lexical_top_k < 1:
+            raise ValueError(
+                f"corpus stage: lexical_weight must be 0 or more and lexical_top_k at least 1, got "
+                f"{self.lexical_weight} and {self.lexical_top_k}"
+            )
         if not self.ranking_weight >= 0:
             raise ValueError(f"corpus stage: ranking_weight must be 0 or more, got {self.ranking_weight}")
         if self.pseudo_queries < 0:
@@ -643,6 +663,21 @@ class CorpusStage(_FrozenDocumentStage):
 
     def router_mapping(self, context: StageContext) -> dict[str, str]:
         return {"text": QUERY_ROUTE}
+
+    def check(self, context: StageContext) -> None:
+        super().check(context)
+        if self.lexical_weight > 0:
+            if self.ranking_weight == 0:
+                raise ValueError(
+                    "corpus stage: lexical_weight (--corpus-lexical-weight) fuses BM25 into the ranking term's "
+                    "teacher, and ranking_weight (--corpus-ranking-weight) is 0"
+                )
+            from st_daft.baselines import BM25Search
+
+            try:
+                BM25Search(language=self.lexical_language)
+            except (ImportError, ValueError) as error:
+                raise ValueError(f"corpus stage: lexical_weight (--corpus-lexical-weight): {error}") from None
 
     def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None) -> StageResult:
         _require_resolved(self, "document_weight")
@@ -675,9 +710,22 @@ class CorpusStage(_FrozenDocumentStage):
             documents = cache.float32()
             row_of = {doc_id: row for row, doc_id in enumerate(cache.ids)}
             source_rows = [row_of[doc_id] for _, doc_id in examples] + [-1] * len(queries)  # a query has no source
-        rows = alignment_dataset(context.model, texts + queries, store=context.store, document_rows=source_rows)
+        encoded_lexical = pseudo_lexical = None
+        if self.lexical_weight > 0:
+            corpus_texts = [context.corpus[doc_id] for doc_id in cache.ids]  # rows as in the corpus embeddings
+            ranked = texts + queries + [text for text, _ in extra]
+            columns = lexical_ranking_columns(corpus_texts, ranked, self.lexical_top_k, self.lexical_language)
+            encoded_lexical, pseudo_lexical = columns[: len(texts + queries)], columns[len(texts + queries) :]
+        rows = alignment_dataset(
+            context.model,
+            texts + queries,
+            store=context.store,
+            document_rows=source_rows,
+            lexical_columns=encoded_lexical,
+        )
         if extra:
-            rows = concatenate_datasets([rows, pseudo_query_dataset(extra, cache.ids, documents)])
+            pseudo = pseudo_query_dataset(extra, cache.ids, documents, lexical_columns=pseudo_lexical)
+            rows = concatenate_datasets([rows, pseudo])
         loss = LabelFreeAlignmentLoss(
             context.model,
             regression=self.regression,
@@ -686,6 +734,7 @@ class CorpusStage(_FrozenDocumentStage):
             document_weight=document_weight,
             document_scale=self.document_scale,
             ranking_weight=self.ranking_weight,
+            lexical_weight=self.lexical_weight,
         )
         result = self.train_frozen(context, args, rows, loss)
         result.extra.update(

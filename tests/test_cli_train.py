@@ -284,6 +284,8 @@ def test_a_corpus_alone_runs_the_label_free_stages(
         "7",
         "--min-word-documents",
         "3",
+        "--corpus-lexical-weight",
+        "0.5",
     )
     assert code == 0
     printed = capsys.readouterr().out
@@ -294,6 +296,7 @@ def test_a_corpus_alone_runs_the_label_free_stages(
     assert summary["stages"][0]["extra"]["contextual"], "a corpus alone: contextual token vectors by default"
     assert summary["stages"][0]["extra"]["idf"] and summary["config"]["stages"][0]["idf_weighting"]
     assert summary["config"]["stages"][1]["ranking_weight"] == 3.0
+    assert summary["config"]["stages"][1]["lexical_weight"] == 0.5
     assert summary["config"]["stages"][0]["min_word_documents"] == 3
     assert summary["config"]["stages"][0]["corpus_words"] == 7  # the fixture's words are all whole tokens already
     assert summary["stages"][0]["extra"]["corpus_words"] == 0
@@ -309,6 +312,11 @@ def test_a_corpus_alone_runs_the_label_free_stages(
     common = ["train", "--corpus", str(text_corpus), "--document-encoder", str(tiny_document_model_dir)]
     assert main([*common, "--output", str(tmp_path / "refused"), "--stages", "corpus,align"]) == 2
     assert "--stages" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    unfused = ["--corpus-lexical-weight", "0.5", "--corpus-ranking-weight", "0"]
+    assert main([*common, "--output", str(tmp_path / "refused"), *unfused]) == 2
+    assert (
+        "--corpus-lexical-weight" in capsys.readouterr().err and not (tmp_path / "refused" / "stage-0-corpus").exists()
+    )
     tiny = ["--query-encoder", "tiny:1,8", "--max-steps", "1", "--eval-steps", "1"]
     code = main([*common, "--output", str(tmp_path / "text"), *tiny])
     assert code == 0

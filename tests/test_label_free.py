@@ -24,6 +24,7 @@ from st_daft.corpus_alignment import (
     alignment_examples,
     alignment_texts,
     document_embeddings,
+    lexical_ranking_columns,
     pseudo_query_dataset,
 )
 from st_daft.losses import LabelFreeAlignmentLoss
@@ -726,3 +727,91 @@ def test_contextual_vectors_need_a_mean_pooled_document_route(tiny_document_mode
         contextual_token_statistics(model, ["a text"], show_progress_bar=False)
     with pytest.raises(ValueError, match="max_documents"):
         VocabularyStage(max_documents=0)
+
+
+def test_lexical_ranking_columns_rank_documents_by_bm25() -> None:
+    documents = ["mitosis splits the cell nucleus", "the heart pumps blood", "blood cells and the heart muscle"]
+    texts = ["heart blood", "nucleus of the cell", "the of and", "quantum chromodynamics"]
+    columns = lexical_ranking_columns(documents, texts, top_k=4)
+    assert columns.shape == (4, 8), "top_k rows, then top_k scores; past the 3 documents: row -1, score 0"
+    rows, scores = columns[:, :4], columns[:, 4:]
+    assert rows[0, :2].tolist() == [1.0, 2.0] and (rows[0, 2:] == -1).all()  # no heart or blood in document 0
+    assert scores[0, 0] == 1.0 and 0 < scores[0, 1] < 1 and (scores[0, 2:] == 0).all()
+    assert rows[1, 0] == 0 and scores[1, 0] == 1.0  # "cell" is stemmed: document 2's "cells" matches too
+    assert rows[1, 1] == 2 and (rows[1, 2:] == -1).all()
+    assert (rows[2:] == -1).all() and (scores[2:] == 0).all(), "stopwords only, or no shared word: no ranking"
+    with pytest.raises(ValueError, match="top_k"):
+        lexical_ranking_columns(documents, texts, top_k=0)
+
+
+def test_label_free_loss_fuses_bm25_into_the_ranking_teacher(model) -> None:
+    corpus = {"a": "mitosis splits the cell nucleus", "b": "the heart pumps blood", "c": "rivers flow to the sea"}
+    ids, documents = document_embeddings(model, corpus, show_progress_bar=False)
+    texts = ["the cell nucleus", "blood and the heart", "rivers and cells"]
+    lexical = lexical_ranking_columns([corpus[doc_id] for doc_id in ids], texts, top_k=2)
+    labels = torch.tensor(
+        alignment_dataset(model, texts, show_progress_bar=False, document_rows=[0, 1, -1], lexical_columns=lexical)[
+            "label"
+        ]
+    )
+    assert labels.shape == (3, 32 + 1 + 4)
+    dense = LabelFreeAlignmentLoss(model, document_embeddings=documents, ranking_weight=1.0)
+    fused = LabelFreeAlignmentLoss(model, document_embeddings=documents, ranking_weight=1.0, lexical_weight=0.5)
+    assert fused.get_config_dict()["lexical_weight"] == 0.5
+    targets = labels[:, :32]
+    rows, scores = lexical[:, :2], lexical[:, 2:]
+    student = torch.randn_like(targets)
+    unit = torch.nn.functional.normalize
+    teacher_logits = 20 * unit(targets, dim=1) @ unit(documents.float(), dim=1).T
+    for text in range(3):
+        for row, score in zip(rows[text].tolist(), scores[text].tolist()):
+            if row >= 0:
+                teacher_logits[text, int(row)] += 20 * 0.5 * score
+    p = torch.softmax(teacher_logits, dim=1)
+    q = torch.log_softmax(20 * unit(student, dim=1) @ unit(documents.float(), dim=1).T, dim=1)
+    expected = (p * (p.log() - q)).sum(dim=1).mean()
+    actual = fused._ranking_term(fused._corpus_scores(student), targets, (rows, scores))
+    assert actual.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert actual.item() != pytest.approx(dense._ranking_term(dense._corpus_scores(student), targets).item())
+
+    parts = fused([model.preprocess(texts, task="query") | {"task": "query"}], labels)
+    assert set(parts) == {"regression", "contrastive", "document", "ranking"}
+    with pytest.raises(ValueError, match="2k columns"):
+        fused([model.preprocess(texts, task="query") | {"task": "query"}], labels[:, :33])
+    with pytest.raises(ValueError, match="labels need 33 columns"):
+        dense([model.preprocess(texts, task="query") | {"task": "query"}], labels)
+    with pytest.raises(ValueError, match="needs ranking_weight > 0"):
+        LabelFreeAlignmentLoss(model, document_embeddings=documents, lexical_weight=0.5)
+    with pytest.raises(ValueError, match="lexical_columns follow"):
+        alignment_dataset(model, texts, show_progress_bar=False, lexical_columns=lexical)
+
+
+def test_corpus_stage_lexical_teacher(
+    tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path, monkeypatch
+) -> None:
+    from st_daft.losses import LabelFreeAlignmentLoss as Loss
+
+    losses = []
+    original_init = Loss.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        losses.append(self)
+
+    monkeypatch.setattr(Loss, "__init__", recording_init)
+    corpus = dict(load_beir(tiny_beir_dir, "train").corpus)
+    budget = {"max_steps": 2, "batch_size": 8, "eval_steps": 1, "warmup_ratio": 0.0}
+    stage = CorpusStage(max_texts=20, pseudo_queries=10, lexical_weight=0.3, lexical_top_k=3, **budget)
+    config = DAFTConfig(stages=[stage], num_validation_texts=16)
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    train_daft(model, corpus, tmp_path / "lexical", config)
+    assert losses[-1].get_config_dict()["lexical_weight"] == 0.3
+    summary = json.loads((tmp_path / "lexical" / "daft_summary.json").read_text())
+    assert summary["config"]["stages"][0]["lexical_weight"] == 0.3 and summary["stages"][0]["steps"] == 2
+
+    refused = DAFTConfig(stages=[CorpusStage(ranking_weight=0, lexical_weight=0.3, **budget)])
+    with pytest.raises(ValueError, match="--corpus-lexical-weight"):
+        train_daft(build_asymmetric_model(str(tiny_document_model_dir), "static"), corpus, tmp_path / "no", refused)
+    assert not (tmp_path / "no" / "stage-0-corpus").exists(), "refused before any step"
+    with pytest.raises(ValueError, match="lexical_top_k"):
+        CorpusStage(lexical_top_k=0)
