@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         alignment_dataset,
         alignment_examples,
         alignment_texts,
+        lexical_ranking_columns,
         pseudo_query_dataset,
     )
     from st_daft.corrector import (
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
         evaluate_retrieval,
         to_mteb_task,
     )
+    from st_daft.general_corpus import general_texts
     from st_daft.losses import (
         CollapseSafeContrastiveLoss,
         DAFTAlignmentLoss,
@@ -147,9 +149,16 @@ _MODULE_OF: dict[str, str] = {
         "st_daft.collapse",
     ),
     **dict.fromkeys(
-        ("alignment_dataset", "alignment_examples", "alignment_texts", "pseudo_query_dataset"),
+        (
+            "alignment_dataset",
+            "alignment_examples",
+            "alignment_texts",
+            "lexical_ranking_columns",
+            "pseudo_query_dataset",
+        ),
         "st_daft.corpus_alignment",
     ),
+    "general_texts": "st_daft.general_corpus",
     **dict.fromkeys(("CorrectorNetwork", "CorrectorTrainer", "drift_loss", "staleness_error"), "st_daft.corrector"),
     **dict.fromkeys(("DataError", "RetrievalData", "load_beir", "load_corpus", "load_queries_file"), "st_daft.data"),
     **dict.fromkeys(("evaluate_retrieval", "to_mteb_task"), "st_daft.evaluation"),
@@ -239,6 +248,7 @@ __all__ = [
     "FinetuneStage",
     "freeze_route",
     "frozen_route",
+    "general_texts",
     "get_route",
     "get_router",
     "initialize_static_route",
@@ -247,6 +257,7 @@ __all__ = [
     "LabelFreeAlignmentLoss",
     "load_beir",
     "load_corpus",
+    "lexical_ranking_columns",
     "load_queries_file",
     "mean_pairwise_cosine",
     "MinedNegativesLoss",

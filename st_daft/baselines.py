@@ -152,7 +152,13 @@ class BM25Search:
         if self._retriever is None:
             raise RuntimeError("BM25Search.top_k before fit")
         k = min(k, len(self._document_ids))
-        rows, scores = self._retriever.retrieve(self._tokenize(list(texts)), k=k, show_progress=False)
+        bm25s_logger = logging.getLogger("bm25s")
+        level = bm25s_logger.level
+        bm25s_logger.setLevel(max(level, logging.WARNING))  # not one "The query is empty" line per stopword-only text
+        try:
+            rows, scores = self._retriever.retrieve(self._tokenize(list(texts)), k=k, show_progress=False)
+        finally:
+            bm25s_logger.setLevel(level)
         return np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
     def _use_language(self, language: str | None) -> None:

@@ -144,6 +144,14 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="corpus stage: fuse BM25 into that ranking's teacher: each text's 32 best documents by BM25 add W times "
         "their score (divided by the text's best) to the document encoder's cosine (needs the bm25 extra; default 0)",
     )
+    budget.add_argument(
+        "--general-texts",
+        type=_non_negative_int,
+        default=None,
+        help="corpus stage: how many of the general-domain English texts that ship with st-daft (WordNet "
+        "definitions and examples, up to 20000) join its texts (default: 20000 for a static route beside labelled "
+        "queries, else 0)",
+    )
     budget.add_argument("--no-zipf", action="store_true", help="vocabulary stage without Zipf weighting")
     budget.add_argument(
         "--idf-weights",
@@ -297,6 +305,7 @@ def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
                     pseudo_queries=args.corpus_pseudo_queries,
                     ranking_weight=args.corpus_ranking_weight,
                     lexical_weight=args.corpus_lexical_weight,
+                    general_texts=args.general_texts,
                 ),
                 **every,
                 **patience,

@@ -47,6 +47,7 @@ from st_daft.corpus_alignment import (
 )
 from st_daft.data import RetrievalData
 from st_daft.distributed import is_distributed
+from st_daft.general_corpus import GENERAL_TEXTS_AVAILABLE, general_texts
 from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
 from st_daft.model import (
     DOCUMENT_ROUTE,
@@ -613,6 +614,11 @@ class CorpusStage(_FrozenDocumentStage):
             0 disables it; needs ``ranking_weight > 0``.
         lexical_top_k: documents per text in that fusion.
         lexical_language: BM25's stopwords and stemmer (an ISO 639-3 code, ``"eng"``).
+        general_texts: how many of the general-domain English texts that ship with st-daft
+            (:func:`~st_daft.general_corpus.general_texts`, WordNet definitions and examples) join the texts, as
+            regression targets like unlabelled queries. Default (None): 20,000 for a static query route beside
+            labelled queries, which keeps the route working on collections unlike the training one; 0 for a corpus
+            alone, whose own text is what the route is for, and for other query routes (not measured).
     """
 
     name: ClassVar[str] = "corpus"
@@ -634,9 +640,15 @@ class CorpusStage(_FrozenDocumentStage):
     lexical_weight: float = 0.0
     lexical_top_k: int = 32
     lexical_language: str = "eng"
+    general_texts: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.general_texts is not None and not 0 <= self.general_texts <= GENERAL_TEXTS_AVAILABLE:
+            raise ValueError(
+                f"corpus stage: general_texts must be between 0 and {GENERAL_TEXTS_AVAILABLE} (the texts that ship "
+                f"with st-daft), got {self.general_texts}"
+            )
         if not self.lexical_weight >= 0 or self.lexical_top_k < 1:
             raise ValueError(
                 f"corpus stage: lexical_weight must be 0 or more and lexical_top_k at least 1, got "
@@ -652,13 +664,18 @@ class CorpusStage(_FrozenDocumentStage):
             raise ValueError(f"corpus stage: document_weight must be 0 or more, got {self.document_weight}")
 
     def resolved(self, context: StageContext) -> CorpusStage:
-        """The budget (600 steps beside labelled queries, 1,200 alone) and the pseudo-query term's weight (0 beside
-        labelled queries, 1 alone), where left to the run."""
+        """The budget (600 steps beside labelled queries, 1,200 alone), the pseudo-query term's weight (0 beside
+        labelled queries, 1 alone) and the general texts (20,000 for a static route beside labelled queries, else
+        0), where left to the run."""
         labelled = context.train_data is not None
+        general = self.general_texts
+        if general is None:
+            general = 20000 if labelled and VocabularyStage().applies_to(context.model) is None else 0
         return replace(
             self,
             max_steps=self.max_steps if self.max_steps is not None else (600 if labelled else 1200),
             document_weight=self.document_weight if self.document_weight is not None else (0.0 if labelled else 1.0),
+            general_texts=general,
         )
 
     def router_mapping(self, context: StageContext) -> dict[str, str]:
@@ -681,6 +698,7 @@ class CorpusStage(_FrozenDocumentStage):
 
     def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None) -> StageResult:
         _require_resolved(self, "document_weight")
+        _require_resolved(self, "general_texts")
         freeze_route(context.model, DOCUMENT_ROUTE)
         document_weight = self.document_weight
         pseudo_queries = self.pseudo_queries if document_weight > 0 else 0
@@ -702,7 +720,9 @@ class CorpusStage(_FrozenDocumentStage):
             )  # fmt: skip
         texts = [text for text, _ in examples]
         cut = set(texts)
-        queries = [query for query in dict.fromkeys(context.unlabeled_queries) if query not in cut]
+        # Unlabelled queries and general texts are regression targets alike: no source document.
+        general = general_texts(self.general_texts)
+        queries = [query for query in dict.fromkeys([*context.unlabeled_queries, *general]) if query not in cut]
         documents, source_rows = None, None
         if document_weight > 0 or self.ranking_weight > 0:
             # The corpus embeddings are the align stage's cache: embedded once (or read from the store), shared.
@@ -740,7 +760,8 @@ class CorpusStage(_FrozenDocumentStage):
         result.extra.update(
             num_texts=len(texts),
             num_pseudo_queries=len(extra),
-            num_unlabeled_queries=len(queries),
+            num_unlabeled_queries=len(set(context.unlabeled_queries) - cut),
+            num_general_texts=len(general),
             document_weight=document_weight,
         )
         return result

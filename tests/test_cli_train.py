@@ -286,6 +286,8 @@ def test_a_corpus_alone_runs_the_label_free_stages(
         "3",
         "--corpus-lexical-weight",
         "0.5",
+        "--general-texts",
+        "3",
     )
     assert code == 0
     printed = capsys.readouterr().out
@@ -297,6 +299,7 @@ def test_a_corpus_alone_runs_the_label_free_stages(
     assert summary["stages"][0]["extra"]["idf"] and summary["config"]["stages"][0]["idf_weighting"]
     assert summary["config"]["stages"][1]["ranking_weight"] == 3.0
     assert summary["config"]["stages"][1]["lexical_weight"] == 0.5
+    assert summary["stages"][1]["extra"]["num_general_texts"] == 3
     assert summary["config"]["stages"][0]["min_word_documents"] == 3
     assert summary["config"]["stages"][0]["corpus_words"] == 7  # the fixture's words are all whole tokens already
     assert summary["stages"][0]["extra"]["corpus_words"] == 0

@@ -282,6 +282,14 @@ def test_run_dependent_defaults_resolve_in_one_place(tiny_document_model_dir: Pa
         train_data=None, validation_data=None, model=build_asymmetric_model(str(tiny_document_model_dir), "tiny:1,32")
     )
     assert VocabularyStage().resolved(tiny).corpus_words == 0
+    # General texts: beside labelled queries for a static route (measured), not for a corpus alone or other routes.
+    assert CorpusStage().resolved(labelled).general_texts == 20000
+    assert CorpusStage().resolved(alone).general_texts == 0
+    tiny_labelled = SimpleNamespace(train_data=object(), validation_data=object(), model=tiny.model)
+    assert CorpusStage().resolved(tiny_labelled).general_texts == 0
+    assert CorpusStage(general_texts=30).resolved(alone).general_texts == 30, "a count given is kept"
+    with pytest.raises(ValueError, match="general_texts must be between 0 and 20000"):
+        CorpusStage(general_texts=20001)
     VocabularyStage().resolved(alone).check(alone)
     with pytest.raises(ValueError, match=r"corpus_words \(--corpus-words\) cannot be used: the query route does not"):
         VocabularyStage(corpus_words=5).check(tiny)
@@ -293,6 +301,8 @@ def test_run_dependent_defaults_resolve_in_one_place(tiny_document_model_dir: Pa
         AlignStage().selects_by_validation(labelled)
     with pytest.raises(RuntimeError, match="document_weight is left to the run"):
         CorpusStage().run(alone, None)
+    with pytest.raises(RuntimeError, match="general_texts is left to the run"):
+        CorpusStage(document_weight=1.0).run(alone, None)
     with pytest.raises(RuntimeError, match="corpus_words is left to the run"):
         VocabularyStage(contextual=False).run(alone, None)
     with pytest.raises(RuntimeError, match="max_steps is left to the run"):
@@ -815,3 +825,30 @@ def test_corpus_stage_lexical_teacher(
     assert not (tmp_path / "no" / "stage-0-corpus").exists(), "refused before any step"
     with pytest.raises(ValueError, match="lexical_top_k"):
         CorpusStage(lexical_top_k=0)
+
+
+def test_general_texts_ship_with_the_package() -> None:
+    from st_daft import general_texts
+
+    texts = general_texts()
+    assert len(texts) == 20000 and all(text.strip() == text and text for text in texts)
+    assert len(set(texts)) == 19999, "one example sentence belongs to two synsets; the corpus stage drops repeats"
+    assert general_texts(5) == texts[:5] and general_texts(0) == []
+    assert sum(":" in text for text in texts) > 5000, "definitions ('lemma: definition') and example sentences"
+    with pytest.raises(ValueError, match="between 0 and 20000"):
+        general_texts(20001)
+
+
+def test_corpus_stage_adds_general_texts_as_targets(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path):
+    from st_daft import general_texts
+
+    data = load_beir(tiny_beir_dir, "train")
+    budget = {"max_steps": 1, "batch_size": 8, "eval_steps": 1, "warmup_ratio": 0.0}
+    stage = CorpusStage(max_texts=20, general_texts=6, **budget)
+    config = DAFTConfig(stages=[stage], num_validation_texts=16)
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    train_daft(model, dict(data.corpus), tmp_path / "general", config, unlabeled_queries=general_texts(2))
+    summary = json.loads((tmp_path / "general" / "daft_summary.json").read_text())
+    extra = summary["stages"][0]["extra"]
+    assert extra["num_general_texts"] == 6 and extra["num_unlabeled_queries"] == 2
+    assert summary["config"]["stages"][0]["general_texts"] == 6
