@@ -108,6 +108,7 @@ if TYPE_CHECKING:
         StaticQueryEncoder,
         export_static_model,
     )
+    from st_daft.soup import soup_static_routes
     from st_daft.stages import (
         AlignStage,
         CorpusStage,
@@ -159,6 +160,7 @@ _MODULE_OF: dict[str, str] = {
         "st_daft.corpus_alignment",
     ),
     "general_texts": "st_daft.general_corpus",
+    "soup_static_routes": "st_daft.soup",
     **dict.fromkeys(("CorrectorNetwork", "CorrectorTrainer", "drift_loss", "staleness_error"), "st_daft.corrector"),
     **dict.fromkeys(("DataError", "RetrievalData", "load_beir", "load_corpus", "load_queries_file"), "st_daft.data"),
     **dict.fromkeys(("evaluate_retrieval", "to_mteb_task"), "st_daft.evaluation"),
@@ -280,6 +282,7 @@ __all__ = [
     "RetrievalData",
     "route_parameter_pattern",
     "set_route_trainable",
+    "soup_static_routes",
     "StageResult",
     "StaleEmbeddingCache",
     "staleness_error",

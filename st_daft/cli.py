@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(commands)
     _add_evaluate_parser(commands)
     _add_export_parser(commands)
+    _add_soup_parser(commands)
     return parser
 
 
@@ -273,6 +274,25 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="table storage type of --format model2vec (default float32; int8 keeps one scale per row)",
     )
+
+
+def _add_soup_parser(commands: argparse._SubParsersAction) -> None:
+    soup = commands.add_parser(
+        "soup",
+        help="average the static query tables of several runs of one recipe (other seeds) into one model",
+    )
+    soup.add_argument("runs", nargs="+", help="trained model folders (two or more; same collection and recipe)")
+    soup.add_argument("--output", required=True, help="folder for the soup (must not exist)")
+
+
+def run_soup(args: argparse.Namespace) -> int:
+    from st_daft.model import QUERY_ROUTE, get_route
+    from st_daft.soup import soup_static_routes
+
+    soup = soup_static_routes(args.runs, output_path=args.output)
+    rows, dimension = get_route(soup, QUERY_ROUTE)[0].embedding.weight.shape
+    print(f"soup of {len(args.runs)} static query tables ({rows:,} x {dimension}) saved to {Path(args.output)}")
+    return 0
 
 
 def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
@@ -514,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(args)
         if args.command == "export":
             return run_export(args)
+        if args.command == "soup":
+            return run_soup(args)
         return run_evaluate(args)
     except (DataError, FileNotFoundError, ValueError) as error:
         print(f"st-daft {args.command}: error: {error}", file=sys.stderr)
