@@ -63,6 +63,8 @@ HELPERS_SCRIPT = textwrap.dedent(
     vocabulary._distill_token_embeddings = counting
     tokens = ["cell", "heart", "", "blood", "star", "fuse", "virus", "gene", "protein"]
     token_vectors = vocabulary.distill_token_embeddings(pair, tokens, batch_size=4, show_progress_bar=False)
+    from st_daft.corpus_alignment import lexical_ranking_columns
+    lexical = lexical_ranking_columns(LEXICAL_DOCUMENTS, LEXICAL_TEXTS, top_k=2)
     torch.manual_seed(rank)  # different starting correctors on purpose
     corrector = CorrectorNetwork(embeddings.shape[1], depth=2)
     broadcast_parameters(corrector)
@@ -76,8 +78,15 @@ HELPERS_SCRIPT = textwrap.dedent(
     state = {name: tensor.tolist() for name, tensor in corrector.state_dict().items()}
     with open(f"{output}/rank{rank}.json", "w") as handle:
         json.dump({"embeddings": embeddings.tolist(), "corrector": state, "main": is_main_process(),
-                   "token_vectors": token_vectors.tolist(), "distilled": distilled_counts}, handle)
+                   "token_vectors": token_vectors.tolist(), "distilled": distilled_counts,
+                   "lexical": lexical.tolist()}, handle)
     """
+)
+LEXICAL_DOCUMENTS = ["cells divide by mitosis", "the heart pumps blood", "blood cells carry oxygen"]
+LEXICAL_TEXTS = ["heart and blood", "cell division", "oxygen in blood", "mitosis", "rivers"]
+HELPERS_SCRIPT = HELPERS_SCRIPT.replace(
+    "import json, sys\n",
+    f"import json, sys\nLEXICAL_DOCUMENTS = {LEXICAL_DOCUMENTS!r}\nLEXICAL_TEXTS = {LEXICAL_TEXTS!r}\n",
 )
 
 
@@ -107,6 +116,12 @@ def test_helpers_in_a_two_process_group(tiny_document_model_dir: Path, tmp_path:
     assert [rank["distilled"] for rank in ranks] == [[5], [4]]
     for rank in ranks:
         torch.testing.assert_close(torch.tensor(rank["token_vectors"]), single, rtol=1e-4, atol=1e-5)
+    # The BM25 rankings of the corpus stage's texts are split the same way; every rank holds one process's columns.
+    from st_daft.corpus_alignment import lexical_ranking_columns
+
+    lexical = lexical_ranking_columns(LEXICAL_DOCUMENTS, LEXICAL_TEXTS, top_k=2)
+    for rank in ranks:
+        torch.testing.assert_close(torch.tensor(rank["lexical"]), lexical)
 
 
 def test_helpers_outside_a_process_group(tiny_document_model_dir: Path) -> None:
