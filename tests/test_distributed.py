@@ -250,6 +250,8 @@ def test_two_process_label_free_stages(tiny_document_model_dir: Path, beir_dir: 
         "2",
         "--corpus-max-texts",
         "24",
+        "--general-texts",
+        "0",  # 24 texts alone, so that no batch fills
         "--align-steps",
         "2",
         "--corpus-document-weight",

@@ -324,8 +324,8 @@ def test_corpus_stage_pseudo_queries_need_no_encoding(
         encoded.append(list(texts))
         return original_dataset(model, texts, **kwargs)
 
-    def recording_pseudo(examples, ids, embeddings):
-        rows = original_pseudo(examples, ids, embeddings)
+    def recording_pseudo(examples, ids, embeddings, **kwargs):
+        rows = original_pseudo(examples, ids, embeddings, **kwargs)
         datasets.append((examples, ids, embeddings, rows))
         return rows
 
