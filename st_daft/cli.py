@@ -111,7 +111,8 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "--corpus-steps",
         type=_positive_int,
         default=None,
-        help="corpus-stage steps (default: 600 beside labelled queries, 1200 for a corpus alone)",
+        help="corpus-stage steps (default: 900 beside labelled queries with the general texts, 600 without them, 1200 "
+        "for a corpus alone)",
     )
     budget.add_argument(
         "--corpus-max-texts", type=_positive_int, default=None, help="texts cut from the corpus (default 20000)"

@@ -586,7 +586,8 @@ class CorpusStage(_FrozenDocumentStage):
     """Label-free alignment on texts cut from the corpus (and any unlabelled queries).
 
     Args:
-        max_steps: optimiser steps. Default (None): 600 beside labelled queries, 1,200 for a corpus alone.
+        max_steps: optimiser steps. Default (None): beside labelled queries 600, or 900 with the general texts (twice
+            the texts); 1,200 for a corpus alone.
         max_texts: texts cut from the corpus.
         text_kinds: which texts (titles, sentences, spans, passages).
         regression: ``"cosine"`` or ``"mse"`` regression onto the document-route embeddings.
@@ -618,15 +619,16 @@ class CorpusStage(_FrozenDocumentStage):
             (:func:`~st_daft.general_corpus.general_texts`, WordNet definitions and examples) join the texts, as
             regression targets like unlabelled queries. Default (None): 20,000 for a static query route beside
             labelled queries, which keeps the route working on collections unlike the training one (SciFact's labels,
-            5 seeds: python-faq 0.486 -> 0.494, SciFact 0.824 -> 0.819); 0 for a corpus alone, whose own text is
-            what the route is for, and for other query routes (not measured).
+            5 seeds, with 900 steps: python-faq 0.486 -> 0.496, SciFact 0.824 -> 0.824); 0 for a corpus alone, whose
+            own text is what the route is for, and for other query routes (not measured).
     """
 
     name: ClassVar[str] = "corpus"
     folder: ClassVar[str] = "stage-0-corpus"
     needs_labels: ClassVar[bool] = False
-    # None: 600 beside labelled queries (the measured static recipe; 2,000 steps over 40,000 texts gave 0.799 / 0.462)
-    # and 1,200 for a corpus alone, where the ranking term keeps gaining (docs/benchmarks.md)
+    # None: 600 beside labelled queries (the measured static recipe; 2,000 steps over 40,000 texts gave 0.799 / 0.462),
+    # 900 when the general texts join them (twice the texts), 1,200 for a corpus alone, where the ranking term keeps
+    # gaining (docs/benchmarks.md)
     max_steps: int | None = None
     batch_size: int = 128
     eval_steps: int = 150
@@ -665,16 +667,19 @@ class CorpusStage(_FrozenDocumentStage):
             raise ValueError(f"corpus stage: document_weight must be 0 or more, got {self.document_weight}")
 
     def resolved(self, context: StageContext) -> CorpusStage:
-        """The budget (600 steps beside labelled queries, 1,200 alone), the pseudo-query term's weight (0 beside
-        labelled queries, 1 alone) and the general texts (20,000 for a static route beside labelled queries, else
-        0), where left to the run."""
+        """The general texts (20,000 for a static route beside labelled queries, else 0), the budget (beside labelled
+        queries 600 steps, 900 with the general texts; 1,200 alone) and the pseudo-query term's weight (0 beside
+        labelled queries, 1 alone), where left to the run."""
         labelled = context.train_data is not None
         general = self.general_texts
         if general is None:
             general = 20000 if labelled and VocabularyStage().applies_to(context.model) is None else 0
+        steps = self.max_steps
+        if steps is None:
+            steps = (900 if general else 600) if labelled else 1200
         return replace(
             self,
-            max_steps=self.max_steps if self.max_steps is not None else (600 if labelled else 1200),
+            max_steps=steps,
             document_weight=self.document_weight if self.document_weight is not None else (0.0 if labelled else 1.0),
             general_texts=general,
         )

@@ -266,7 +266,8 @@ def test_run_dependent_defaults_resolve_in_one_place(tiny_document_model_dir: Pa
     alone = SimpleNamespace(train_data=None, validation_data=None, model=static)
     labelled = SimpleNamespace(train_data=object(), validation_data=object(), model=static)
     assert CorpusStage().resolved(alone).max_steps == 1200
-    assert CorpusStage().resolved(labelled).max_steps == 600
+    assert CorpusStage().resolved(labelled).max_steps == 900, "beside labels with the general texts (twice the texts)"
+    assert CorpusStage(general_texts=0).resolved(labelled).max_steps == 600
     assert CorpusStage(max_steps=7).resolved(alone).max_steps == 7, "a budget given is kept"
     assert CorpusStage().resolved(alone).document_weight == 1.0
     assert CorpusStage().resolved(labelled).document_weight == 0.0
@@ -287,6 +288,7 @@ def test_run_dependent_defaults_resolve_in_one_place(tiny_document_model_dir: Pa
     assert CorpusStage().resolved(alone).general_texts == 0
     tiny_labelled = SimpleNamespace(train_data=object(), validation_data=object(), model=tiny.model)
     assert CorpusStage().resolved(tiny_labelled).general_texts == 0
+    assert CorpusStage().resolved(tiny_labelled).max_steps == 600
     assert CorpusStage(general_texts=30).resolved(alone).general_texts == 30, "a count given is kept"
     with pytest.raises(ValueError, match="general_texts must be between 0 and 20000"):
         CorpusStage(general_texts=20001)
