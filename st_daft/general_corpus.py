@@ -32,5 +32,7 @@ def general_texts(max_texts: int | None = None) -> list[str]:
     """The first ``max_texts`` (all when None) of the packaged general-domain English texts, always in one order."""
     if max_texts is not None and not 0 <= max_texts <= GENERAL_TEXTS_AVAILABLE:
         raise ValueError(f"max_texts must be between 0 and {GENERAL_TEXTS_AVAILABLE}, got {max_texts}")
+    if max_texts == 0:
+        return []  # every corpus-alone run asks for none: no need to read the file
     texts = _all_texts()
     return list(texts if max_texts is None else texts[:max_texts])
