@@ -12,6 +12,14 @@ Example (the seventh session's check)::
     python benchmarks/interpolate_static_table.py runs/static-s0 runs/vocab-s0 --alphas 1,0.7,0.5 \\
         --data ../shared/data/scifact --data ../shared/data/python-faq --document-store ../notes/store
 
+The eleventh session's sweep, against the corpus stage's route instead (the default now interpolates so inside the
+align stage, ``--align-interpolation``)::
+
+    st-daft train --data ../shared/data/scifact --stages vocabulary,corpus --output runs/vc-s0 --seed 0
+    st-daft train --data ../shared/data/scifact --align-interpolation 1 --output runs/static-s0 --seed 0
+    python benchmarks/interpolate_static_table.py runs/static-s0 runs/vc-s0 --alphas 1,0.9,0.85,0.75,0.65,0.5 \\
+        --data ../shared/data/scifact --data ../shared/data/python-faq --name align-start-s0
+
 Results go to ``benchmarks/results/interpolate_static_table/<name>.json``.
 """
 

@@ -57,6 +57,13 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
+def _unit_float(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return number
+
+
 _DOCUMENT_STORE_HELP = (
     "folder of a document embedding store: document-route embeddings are kept there and reused by later runs "
     "with the same document encoder (e.g. a frozen one)"
@@ -193,6 +200,13 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="which alignment checkpoint is kept: validation (best validation nDCG@10, the full budget), kl "
         "(lowest 1-NN KL, early-stopped: DAFT's criterion) or auto (default): validation when the run has "
         "labelled queries",
+    )
+    budget.add_argument(
+        "--align-interpolation",
+        type=_unit_float,
+        default=None,
+        help="keep this share of the aligned query route and the rest of the route alignment started from, in every "
+        "weight (WiSE-FT; 0-1; default 0.75 for a static route, else 1: the aligned route)",
     )
     budget.add_argument("--finetune-epochs", type=_positive_float, default=None, help="fine-tuning epochs (2)")
     budget.add_argument("--finetune-steps", type=_positive_int, default=None, help="fine-tuning steps (over epochs)")
@@ -334,7 +348,12 @@ def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
         ),
         "align": lambda: AlignStage(
             **{
-                **given(max_steps=args.align_steps, batch_size=args.align_batch_size, learning_rate=args.align_lr),
+                **given(
+                    max_steps=args.align_steps,
+                    batch_size=args.align_batch_size,
+                    learning_rate=args.align_lr,
+                    interpolation=args.align_interpolation,
+                ),
                 "selection": args.align_select,
                 **every,
                 **patience,

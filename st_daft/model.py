@@ -66,6 +66,8 @@ __all__ = [
     "freeze_route",
     "unfreeze_route",
     "frozen_route",
+    "interpolate_route",
+    "route_weights",
     "route_parameter_pattern",
     "count_parameters",
     "export_route",
@@ -302,6 +304,35 @@ def freeze_route(model: SentenceTransformer, route: str) -> None:
 
 def unfreeze_route(model: SentenceTransformer, route: str) -> None:
     set_route_trainable(model, route, True)
+
+
+def route_weights(model: SentenceTransformer, route: str) -> list[dict[str, torch.Tensor]]:
+    """A copy of every floating-point weight of a route, module by module (for :func:`interpolate_route`)."""
+    return [
+        {name: tensor.detach().clone() for name, tensor in module.state_dict().items() if tensor.is_floating_point()}
+        for module in get_route(model, route)
+    ]
+
+
+def interpolate_route(
+    model: SentenceTransformer, route: str, start: list[dict[str, torch.Tensor]], weight: float
+) -> None:
+    """Set every floating-point weight of a route to ``weight * current + (1 - weight) * start`` in place, ``start``
+    from :func:`route_weights` of the same route (a weight-space average: WiSE-FT, Wortsman et al. 2022)."""
+    modules = list(get_route(model, route))
+    if len(modules) != len(start):
+        raise ValueError(f"the {route} route has {len(modules)} modules, the start weights {len(start)}")
+    with torch.no_grad():
+        for module, weights in zip(modules, start):
+            for name, tensor in module.state_dict().items():  # tensors that share the parameters' storage
+                if name not in weights:
+                    continue
+                if tensor.shape != weights[name].shape:
+                    raise ValueError(
+                        f"{route} route weight {name} has shape {tuple(tensor.shape)}, its start "
+                        f"{tuple(weights[name].shape)}: not the same route"
+                    )
+                tensor.lerp_(weights[name].to(tensor.device, tensor.dtype), 1 - weight)
 
 
 @contextmanager

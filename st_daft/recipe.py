@@ -343,6 +343,7 @@ def _runnable_stages(config: DAFTConfig, context: StageContext) -> list[Stage]:
         if skipped:
             logger.warning("%s stage skipped: %s", stage.name, skipped)
             continue
+        context.earlier_stages = tuple(earlier.name for earlier in stages)
         stage = stage.resolved(context)
         stage.check(context)
         stages.append(stage)

@@ -111,6 +111,7 @@ def test_device_and_precision_flags(tiny_document_model_dir: Path, tiny_beir_dir
         ("--eval-steps", "0"),
         ("--stages", "align,pretrain"),
         ("--align-select", "ndcg"),
+        ("--align-interpolation", "1.5"),
     ],
 )
 def test_bad_options_are_named(option: str, value: str, tmp_path: Path, capsys) -> None:
@@ -236,7 +237,17 @@ def test_the_chosen_stages_are_printed_and_recorded(
 ) -> None:
     output = tmp_path / "model"
     assert (
-        _train(tiny_document_model_dir, tiny_beir_dir, output, "--query-encoder", "tiny:1,8", "--align-select", "kl")
+        _train(
+            tiny_document_model_dir,
+            tiny_beir_dir,
+            output,
+            "--query-encoder",
+            "tiny:1,8",
+            "--align-select",
+            "kl",
+            "--align-interpolation",
+            "0.5",
+        )
         == 0
     )
     printed = capsys.readouterr().out
@@ -246,6 +257,7 @@ def test_the_chosen_stages_are_printed_and_recorded(
     assert [stage["name"] for stage in summary["stages"]] == ["corpus", "align"]
     assert [stage["stage"] for stage in summary["config"]["stages"]] == ["corpus", "align"]
     assert summary["config"]["stages"][1]["selection"] == "kl"
+    assert summary["config"]["stages"][1]["interpolation"] == 0.5 == summary["stages"][1]["extra"]["interpolation"]
     SentenceTransformer(str(output))  # a plain model
     card = (output / "README.md").read_text()  # the stages among the model card's tags
     assert "- st-daft-stage-corpus" in card and "- st-daft-stage-align" in card

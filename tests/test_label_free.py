@@ -8,15 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sentence_transformers import SentenceTransformer
 
 from st_daft import (
+    QUERY_ROUTE,
     AlignStage,
     CorpusStage,
     DAFTConfig,
     VocabularyStage,
     build_asymmetric_model,
     get_route,
+    interpolate_route,
     load_beir,
+    route_weights,
     train_daft,
 )
 from st_daft.corpus_alignment import (
@@ -210,6 +214,45 @@ def test_recipe_runs_the_label_free_stages(tiny_document_model_dir: Path, tiny_b
     assert [stage.name for stage in summary.stages] == ["corpus"], "vocabulary is skipped for tiny routes"
 
 
+def test_align_stage_keeps_a_weight_space_average_of_its_start_and_end(
+    tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path
+) -> None:
+    data = load_beir(tiny_beir_dir, "train")
+    tables, starts = {}, {}
+    for interpolation in (1.0, 0.25, 0.0):
+        model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+        starts[interpolation] = get_route(model, QUERY_ROUTE)[0].embedding.weight.detach().clone()
+        align = AlignStage(max_steps=2, batch_size=4, eval_steps=2, warmup_ratio=0.0, interpolation=interpolation)
+        config = DAFTConfig(stages=[align], validation_fraction=0.2, num_validation_texts=16)
+        summary = train_daft(model, data, tmp_path / str(interpolation), config)
+        assert summary.stages[0].extra["interpolation"] == interpolation
+        assert "alignment_knn_kl" in summary.stages[0].final_metrics
+        tables[interpolation] = get_route(model, QUERY_ROUTE)[0].embedding.weight.detach().clone()
+        # What is saved is the average, and it loads in plain sentence-transformers.
+        saved = SentenceTransformer(str(tmp_path / str(interpolation)))
+        torch.testing.assert_close(get_route(saved, QUERY_ROUTE)[0].embedding.weight, tables[interpolation])
+    start = starts[1.0]
+    assert torch.equal(starts[0.25], start) and torch.equal(starts[0.0], start), "the same start each time"
+    assert not torch.allclose(tables[1.0], start), "alignment moved the route"
+    assert torch.equal(tables[0.0], start), "interpolation 0 keeps the start"
+    torch.testing.assert_close(tables[0.25], 0.25 * tables[1.0] + 0.75 * start)
+
+
+def test_interpolate_route_checks_its_start(tiny_document_model_dir: Path) -> None:
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    start = route_weights(model, QUERY_ROUTE)
+    table = get_route(model, QUERY_ROUTE)[0].embedding.weight
+    with torch.no_grad():
+        table.add_(1.0)
+    interpolate_route(model, QUERY_ROUTE, start, 0.5)
+    torch.testing.assert_close(table.detach(), start[0]["embedding.weight"] + 0.5)
+    with pytest.raises(ValueError, match="the query route has 1 modules, the start weights 2"):
+        interpolate_route(model, QUERY_ROUTE, start * 2, 0.5)
+    start[0]["embedding.weight"] = start[0]["embedding.weight"][:3]
+    with pytest.raises(ValueError, match="has shape .* its start .*not the same route"):
+        interpolate_route(model, QUERY_ROUTE, start, 0.5)
+
+
 def test_corpus_stage_pseudo_query_term_shares_the_align_stages_cache(
     tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path, monkeypatch
 ) -> None:
@@ -263,8 +306,8 @@ def test_run_dependent_defaults_resolve_in_one_place(tiny_document_model_dir: Pa
     from types import SimpleNamespace
 
     static = build_asymmetric_model(str(tiny_document_model_dir), "static")
-    alone = SimpleNamespace(train_data=None, validation_data=None, model=static)
-    labelled = SimpleNamespace(train_data=object(), validation_data=object(), model=static)
+    alone = SimpleNamespace(train_data=None, validation_data=None, model=static, earlier_stages=())
+    labelled = SimpleNamespace(train_data=object(), validation_data=object(), model=static, earlier_stages=())
     assert CorpusStage().resolved(alone).max_steps == 1200
     assert CorpusStage().resolved(labelled).max_steps == 900, "beside labels with the general texts (twice the texts)"
     assert CorpusStage(general_texts=0).resolved(labelled).max_steps == 600
@@ -286,7 +329,7 @@ def test_run_dependent_defaults_resolve_in_one_place(tiny_document_model_dir: Pa
     # General texts: beside labelled queries for a static route (measured), not for a corpus alone or other routes.
     assert CorpusStage().resolved(labelled).general_texts == 20000
     assert CorpusStage().resolved(alone).general_texts == 0
-    tiny_labelled = SimpleNamespace(train_data=object(), validation_data=object(), model=tiny.model)
+    tiny_labelled = SimpleNamespace(train_data=object(), validation_data=object(), model=tiny.model, earlier_stages=())
     assert CorpusStage().resolved(tiny_labelled).general_texts == 0
     assert CorpusStage().resolved(tiny_labelled).max_steps == 600
     assert CorpusStage(general_texts=30).resolved(alone).general_texts == 30, "a count given is kept"
@@ -298,6 +341,17 @@ def test_run_dependent_defaults_resolve_in_one_place(tiny_document_model_dir: Pa
     assert AlignStage().resolved(labelled).selection == "validation"
     assert AlignStage().resolved(alone).selection == "kl"
     assert AlignStage(selection="kl").resolved(labelled).selection == "kl"
+    # WiSE-FT: a static route after the corpus stage keeps 0.75 of the aligned route (measured); an untrained start
+    # (DAFT's own align, finetune) and other routes keep the aligned route.
+    assert AlignStage().resolved(labelled).interpolation == 1.0
+    labelled.earlier_stages = tiny_labelled.earlier_stages = ("vocabulary", "corpus")
+    assert AlignStage().resolved(labelled).interpolation == 0.75
+    assert AlignStage().resolved(tiny_labelled).interpolation == 1.0
+    assert AlignStage(interpolation=0.5).resolved(labelled).interpolation == 0.5, "a weight given is kept"
+    with pytest.raises(ValueError, match=r"interpolation \(--align-interpolation\) must be between 0 and 1"):
+        AlignStage(interpolation=1.5)
+    with pytest.raises(RuntimeError, match="interpolation is left to the run"):
+        AlignStage(selection="kl").run(labelled, None)
     # A stage used without resolving says so instead of guessing.
     with pytest.raises(RuntimeError, match="selection is left to the run"):
         AlignStage().selects_by_validation(labelled)
