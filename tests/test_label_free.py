@@ -238,6 +238,26 @@ def test_align_stage_keeps_a_weight_space_average_of_its_start_and_end(
     torch.testing.assert_close(tables[0.25], 0.25 * tables[1.0] + 0.75 * start)
 
 
+def test_a_resumed_run_keeps_the_same_average(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
+    data = load_beir(tiny_beir_dir, "train")
+    budget = {"batch_size": 4, "eval_steps": 2, "warmup_ratio": 0.0}
+
+    def config() -> DAFTConfig:
+        corpus = CorpusStage(max_steps=2, max_texts=40, general_texts=0, **budget)
+        stages = [VocabularyStage(), corpus, AlignStage(max_steps=4, **budget)]
+        return DAFTConfig(stages=stages, validation_fraction=0.2, num_validation_texts=16)
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    summary = train_daft(model, data, tmp_path / "run", config())
+    assert summary.stages[-1].extra["interpolation"] == 0.75, "the default after the corpus stage"
+    first = get_route(model, QUERY_ROUTE)[0].embedding.weight.detach().clone()
+    # As after a crash past the align stage's last checkpoint: each stage resumes from its own checkpoints, the
+    # corpus stage's route is the start again and the same average is kept.
+    again = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    train_daft(again, data, tmp_path / "run", config(), resume_from_checkpoint=True)
+    torch.testing.assert_close(get_route(again, QUERY_ROUTE)[0].embedding.weight, first, rtol=0, atol=0)
+
+
 def test_interpolate_route_checks_its_start(tiny_document_model_dir: Path) -> None:
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     start = route_weights(model, QUERY_ROUTE)
