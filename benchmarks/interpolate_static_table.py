@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("start", help="a model whose query table is the trained one's starting point")
     parser.add_argument("--alphas", default="1,0.85,0.7,0.5", help="comma-separated weights of the trained table")
     parser.add_argument("--data", action="append", required=True, help="a collection (repeatable)")
+    parser.add_argument("--split", default=None, help="qrels split (default: test)")
     parser.add_argument("--document-store", default=None)
     parser.add_argument("--name", default=None, help="result file name (default: the trained model's folder name)")
     args = parser.parse_args()
@@ -68,13 +69,24 @@ def main() -> None:
             static_table(model).copy_(alpha * trained + (1 - alpha) * start)
         label = f"alpha={alpha:g}"
         result = evaluate_collections(
-            [model], args.data, labels=[label], document_store=args.document_store, show_progress_bar=False
+            [model],
+            args.data,
+            args.split,
+            labels=[label],
+            document_store=args.document_store,
+            show_progress_bar=False,
         )
         scores[label] = {name: flat["ndcg_at_10"] for name, flat in result["scores"][label].items()}
         print(label, scores[label], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = args.name or Path(args.trained).name
-    record = {"date": str(date.today()), "trained": args.trained, "start": args.start, "ndcg_at_10": scores}
+    record = {
+        "date": str(date.today()),
+        "trained": args.trained,
+        "start": args.start,
+        "split": args.split or "test",
+        "ndcg_at_10": scores,
+    }
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
