@@ -206,7 +206,8 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         type=_unit_float,
         default=None,
         help="keep this share of the aligned query route and the rest of the route alignment started from, in every "
-        "weight (WiSE-FT; 0-1; default 0.75 for a static route, else 1: the aligned route)",
+        "weight (WiSE-FT; 0-1; default 0.75 for a static route after the corpus stage when align is the last stage, "
+        "else 1: the aligned route)",
     )
     budget.add_argument("--finetune-epochs", type=_positive_float, default=None, help="fine-tuning epochs (2)")
     budget.add_argument("--finetune-steps", type=_positive_int, default=None, help="fine-tuning steps (over epochs)")

@@ -26,6 +26,7 @@ now with :data:`TOKENLEARN_REMOVED`: it did not come within reach of ``"static"`
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import re
@@ -309,9 +310,16 @@ def unfreeze_route(model: SentenceTransformer, route: str) -> None:
 def route_weights(model: SentenceTransformer, route: str) -> list[dict[str, torch.Tensor]]:
     """A copy of every floating-point weight of a route, module by module (for :func:`interpolate_route`)."""
     return [
-        {name: tensor.detach().clone() for name, tensor in module.state_dict().items() if tensor.is_floating_point()}
+        {name: tensor.detach().clone() for name, tensor in _floating_weights(module)}
         for module in get_route(model, route)
     ]
+
+
+def _floating_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    # named_parameters/named_buffers list a tied tensor once: averaged twice in place it would be off
+    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+        if tensor.is_floating_point():
+            yield name, tensor
 
 
 def interpolate_route(
@@ -324,7 +332,7 @@ def interpolate_route(
         raise ValueError(f"the {route} route has {len(modules)} modules, the start weights {len(start)}")
     with torch.no_grad():
         for module, weights in zip(modules, start):
-            for name, tensor in module.state_dict().items():  # tensors that share the parameters' storage
+            for name, tensor in _floating_weights(module):
                 if name not in weights:
                     continue
                 if tensor.shape != weights[name].shape:

@@ -21,7 +21,13 @@ from st_daft.data import RetrievalData
 from st_daft.distributed import is_main_process
 from st_daft.io import atomic_write_json
 from st_daft.model import QUERY_ROUTE, has_route
-from st_daft.model_card import attach_model_card, negatives_from_log_history, record_negatives, record_stage
+from st_daft.model_card import (
+    STAGE_DESCRIPTIONS,
+    attach_model_card,
+    negatives_from_log_history,
+    record_negatives,
+    record_stage,
+)
 from st_daft.stages import DEVICES, PRECISIONS, STAGE_TYPES, Stage, StageContext, StageResult
 from st_daft.store import DocumentEmbeddingStore
 
@@ -273,6 +279,12 @@ def _record_on_card(model: SentenceTransformer, stage: Stage, result: StageResul
         "collapsed": result.collapsed,
         "final_metrics": result.final_metrics,
     }
+    interpolation = result.extra.get("interpolation", 1.0)
+    if interpolation < 1:
+        record["description"] = (
+            f"{STAGE_DESCRIPTIONS[stage.name]}; the route saved is {interpolation:g} x that checkpoint's query route "
+            f"+ {1 - interpolation:g} x the route the stage started from (a weight-space average, WiSE-FT)"
+        )
     if isinstance(stage, TrainedStage):
         record["budget"] = stage.max_steps if stage.max_steps > 0 else f"{stage.epochs:g} epochs"
         if isinstance(stage, FinetuneStage):
@@ -337,18 +349,21 @@ def _runnable_stages(config: DAFTConfig, context: StageContext) -> list[Stage]:
             f"stage(s) {needs_labels} (--stages) need labelled queries (queries.jsonl and qrels); with a corpus alone "
             f"only {list(LABEL_FREE_STAGES)} can run"
         )
-    stages = []
+    applicable = []
     for stage in config.stages:
         skipped = stage.applies_to(context.model)
         if skipped:
             logger.warning("%s stage skipped: %s", stage.name, skipped)
             continue
-        context.earlier_stages = tuple(earlier.name for earlier in stages)
+        applicable.append(stage)
+    if not applicable:
+        raise ValueError(f"none of the stages {list(config.stage_names)} applies to this model")
+    context.run_stages = tuple(stage.name for stage in applicable)  # a stage's default may depend on the others
+    stages = []
+    for stage in applicable:
         stage = stage.resolved(context)
         stage.check(context)
         stages.append(stage)
-    if not stages:
-        raise ValueError(f"none of the stages {list(config.stage_names)} applies to this model")
     return stages
 
 

@@ -46,8 +46,9 @@ from st_daft.corpus_alignment import (
     pseudo_query_dataset,
 )
 from st_daft.data import RetrievalData
-from st_daft.distributed import is_distributed
+from st_daft.distributed import is_distributed, is_main_process
 from st_daft.general_corpus import GENERAL_TEXTS_AVAILABLE, general_texts
+from st_daft.io import atomic_torch_save
 from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
 from st_daft.model import (
     DOCUMENT_ROUTE,
@@ -94,6 +95,8 @@ IR_EVALUATOR_NAME = "validation"
 KL_METRIC = f"eval_{KL_EVALUATOR_NAME}_knn_kl"
 VALIDATION_METRIC = f"eval_{IR_EVALUATOR_NAME}_cosine_ndcg@10"
 ALIGN_SELECTIONS = ("auto", "kl", "validation")
+#: The query route as the align stage found it, kept in its folder for --resume (:attr:`AlignStage.interpolation`).
+INTERPOLATION_START_FILE = "interpolation-start.pt"
 #: What transformers writes last into a checkpoint folder (``Trainer._save_checkpoint``): a folder without it was
 #: interrupted while it was written.
 COMPLETE_CHECKPOINT_MARKER = "trainer_state.json"
@@ -155,8 +158,8 @@ class StageContext:
     validation_corpus_size: int | None = 2000
     resume: bool = False
     cache: StaleEmbeddingCache | None = None
-    #: the stages that run before the one being resolved (set by train_daft as it resolves them in order)
-    earlier_stages: tuple[str, ...] = ()
+    #: the names of the stages this run trains, in order (set by train_daft before it resolves them)
+    run_stages: tuple[str, ...] = ()
 
     @property
     def asymmetric(self) -> bool:
@@ -801,8 +804,9 @@ class AlignStage(_FrozenDocumentStage):
             weight, where start is the route the stage began from (the corpus stage's): WiSE-FT (Wortsman et al.,
             CVPR 2022), whose weight-space average of a fine-tuned model and its start keeps more of the start's
             robustness on other collections than the fine-tuned model alone. 1 keeps the aligned route. Default
-            (None): 0.75 for a static query route after the corpus stage, else 1 (not measured; an untrained start,
-            as in DAFT's own ``align, finetune``, is nothing to keep). Measured (docs/benchmarks.md,
+            (None): 0.75 for a static query route after the corpus stage when align is the last stage, else 1 (not
+            measured; an untrained start, as in DAFT's own ``align, finetune``, is nothing to keep). The start is
+            saved in the stage's folder, so a resumed run averages with the same start. Measured (docs/benchmarks.md,
             SciFact's labels, 5 seeds): python-faq, a collection unlike the training one, 0.496 -> 0.502 (every seed
             up), SciFact test 0.824 -> 0.816 (every seed down).
     """
@@ -828,16 +832,20 @@ class AlignStage(_FrozenDocumentStage):
 
     def resolved(self, context: StageContext) -> AlignStage:
         """``selection="auto"``: validation where the run has validation queries, else the KL; ``interpolation``
-        left to the run: 0.75 for a static query route after the corpus stage (measured), else 1."""
+        left to the run: 0.75 for a static query route after the corpus stage, the run's last stage (measured), else
+        1."""
         selection = self.selection
         if selection == "auto":
             selection = "validation" if context.validation_data is not None else "kl"
         interpolation = self.interpolation
         if interpolation is None:
-            # Measured where the start is the corpus stage's static route; an untrained start (DAFT's own
-            # align, finetune) is nothing to keep.
+            # Measured where the start is the corpus stage's static route and the average is the model: an
+            # untrained start (DAFT's own align, finetune) is nothing to keep, and a finetune after it is untried.
+            stages = context.run_stages
+            position = stages.index(self.name) if self.name in stages else len(stages)
             static = VocabularyStage().applies_to(context.model) is None
-            interpolation = 0.75 if static and CorpusStage.name in context.earlier_stages else 1.0
+            measured = CorpusStage.name in stages[:position] and position >= len(stages) - 1
+            interpolation = 0.75 if static and measured else 1.0
         return replace(self, selection=selection, interpolation=interpolation)
 
     def check(self, context: StageContext) -> None:
@@ -852,8 +860,7 @@ class AlignStage(_FrozenDocumentStage):
     def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None) -> StageResult:
         _require_resolved(self, "interpolation")
         freeze_route(context.model, DOCUMENT_ROUTE)
-        # On --resume this is the corpus stage's route again (it resumes first), so the average is the same.
-        start = route_weights(context.model, QUERY_ROUTE) if self.interpolation < 1 else None
+        start = self._interpolation_start(context) if self.interpolation < 1 else None
         loss = DAFTAlignmentLoss(
             context.model,
             scale=self.scale,
@@ -870,6 +877,18 @@ class AlignStage(_FrozenDocumentStage):
                 self.interpolation, 1 - self.interpolation,
             )  # fmt: skip
         return result
+
+    def _interpolation_start(self, context: StageContext) -> list[dict[str, torch.Tensor]]:
+        """The query route as the stage found it, kept in the stage's folder: a resumed corpus stage that had
+        stopped early trains on to its next evaluation, so the route found on --resume may not be the same."""
+        path = self.stage_dir(context) / INTERPOLATION_START_FILE
+        if context.resume and path.exists():
+            return torch.load(path, map_location="cpu", weights_only=True)
+        start = route_weights(context.model, QUERY_ROUTE)
+        if is_main_process():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save([{name: tensor.cpu() for name, tensor in weights.items()} for weights in start], path)
+        return start
 
 
 @dataclass

@@ -32,6 +32,7 @@ from st_daft.corpus_alignment import (
     pseudo_query_dataset,
 )
 from st_daft.losses import LabelFreeAlignmentLoss
+from st_daft.stages import INTERPOLATION_START_FILE
 from st_daft.vocabulary import (
     add_words_to_static_route,
     corpus_token_weights,
@@ -218,7 +219,7 @@ def test_align_stage_keeps_a_weight_space_average_of_its_start_and_end(
     tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path
 ) -> None:
     data = load_beir(tiny_beir_dir, "train")
-    tables, starts = {}, {}
+    tables, starts, metrics = {}, {}, {}
     for interpolation in (1.0, 0.25, 0.0):
         model = build_asymmetric_model(str(tiny_document_model_dir), "static")
         starts[interpolation] = get_route(model, QUERY_ROUTE)[0].embedding.weight.detach().clone()
@@ -226,7 +227,7 @@ def test_align_stage_keeps_a_weight_space_average_of_its_start_and_end(
         config = DAFTConfig(stages=[align], validation_fraction=0.2, num_validation_texts=16)
         summary = train_daft(model, data, tmp_path / str(interpolation), config)
         assert summary.stages[0].extra["interpolation"] == interpolation
-        assert "alignment_knn_kl" in summary.stages[0].final_metrics
+        metrics[interpolation] = summary.stages[0].final_metrics["alignment_knn_kl"]
         tables[interpolation] = get_route(model, QUERY_ROUTE)[0].embedding.weight.detach().clone()
         # What is saved is the average, and it loads in plain sentence-transformers.
         saved = SentenceTransformer(str(tmp_path / str(interpolation)))
@@ -236,6 +237,8 @@ def test_align_stage_keeps_a_weight_space_average_of_its_start_and_end(
     assert not torch.allclose(tables[1.0], start), "alignment moved the route"
     assert torch.equal(tables[0.0], start), "interpolation 0 keeps the start"
     torch.testing.assert_close(tables[0.25], 0.25 * tables[1.0] + 0.75 * start)
+    # The statistics reported are the kept route's: the same checkpoint was kept each time, the routes differ.
+    assert len({metrics[1.0], metrics[0.25], metrics[0.0]}) == 3
 
 
 def test_a_resumed_run_keeps_the_same_average(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
@@ -243,16 +246,22 @@ def test_a_resumed_run_keeps_the_same_average(tiny_document_model_dir: Path, tin
     budget = {"batch_size": 4, "eval_steps": 2, "warmup_ratio": 0.0}
 
     def config() -> DAFTConfig:
-        corpus = CorpusStage(max_steps=2, max_texts=40, general_texts=0, **budget)
+        # The corpus stage stops early (no KL decrease counts): resumed, it trains on to its next evaluation, so the
+        # route it hands the align stage is not the one the first run had.
+        corpus = CorpusStage(
+            max_steps=40, max_texts=40, general_texts=0, kl_patience=1, kl_min_delta=1e6, learning_rate=0.1, **budget
+        )
         stages = [VocabularyStage(), corpus, AlignStage(max_steps=4, **budget)]
         return DAFTConfig(stages=stages, validation_fraction=0.2, num_validation_texts=16)
 
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     summary = train_daft(model, data, tmp_path / "run", config())
     assert summary.stages[-1].extra["interpolation"] == 0.75, "the default after the corpus stage"
+    assert summary.stages[1].steps < 40, "the corpus stage stopped early"
     first = get_route(model, QUERY_ROUTE)[0].embedding.weight.detach().clone()
-    # As after a crash past the align stage's last checkpoint: each stage resumes from its own checkpoints, the
-    # corpus stage's route is the start again and the same average is kept.
+    # As after a crash past the align stage's last checkpoint: each stage resumes from its own checkpoints, and the
+    # start the align stage saved is read back, so the same average is kept.
+    assert (tmp_path / "run" / AlignStage.folder / INTERPOLATION_START_FILE).exists()
     again = build_asymmetric_model(str(tiny_document_model_dir), "static")
     train_daft(again, data, tmp_path / "run", config(), resume_from_checkpoint=True)
     torch.testing.assert_close(get_route(again, QUERY_ROUTE)[0].embedding.weight, first, rtol=0, atol=0)
@@ -326,8 +335,8 @@ def test_run_dependent_defaults_resolve_in_one_place(tiny_document_model_dir: Pa
     from types import SimpleNamespace
 
     static = build_asymmetric_model(str(tiny_document_model_dir), "static")
-    alone = SimpleNamespace(train_data=None, validation_data=None, model=static, earlier_stages=())
-    labelled = SimpleNamespace(train_data=object(), validation_data=object(), model=static, earlier_stages=())
+    alone = SimpleNamespace(train_data=None, validation_data=None, model=static, run_stages=())
+    labelled = SimpleNamespace(train_data=object(), validation_data=object(), model=static, run_stages=())
     assert CorpusStage().resolved(alone).max_steps == 1200
     assert CorpusStage().resolved(labelled).max_steps == 900, "beside labels with the general texts (twice the texts)"
     assert CorpusStage(general_texts=0).resolved(labelled).max_steps == 600
@@ -349,7 +358,7 @@ def test_run_dependent_defaults_resolve_in_one_place(tiny_document_model_dir: Pa
     # General texts: beside labelled queries for a static route (measured), not for a corpus alone or other routes.
     assert CorpusStage().resolved(labelled).general_texts == 20000
     assert CorpusStage().resolved(alone).general_texts == 0
-    tiny_labelled = SimpleNamespace(train_data=object(), validation_data=object(), model=tiny.model, earlier_stages=())
+    tiny_labelled = SimpleNamespace(train_data=object(), validation_data=object(), model=tiny.model, run_stages=())
     assert CorpusStage().resolved(tiny_labelled).general_texts == 0
     assert CorpusStage().resolved(tiny_labelled).max_steps == 600
     assert CorpusStage(general_texts=30).resolved(alone).general_texts == 30, "a count given is kept"
@@ -364,9 +373,13 @@ def test_run_dependent_defaults_resolve_in_one_place(tiny_document_model_dir: Pa
     # WiSE-FT: a static route after the corpus stage keeps 0.75 of the aligned route (measured); an untrained start
     # (DAFT's own align, finetune) and other routes keep the aligned route.
     assert AlignStage().resolved(labelled).interpolation == 1.0
-    labelled.earlier_stages = tiny_labelled.earlier_stages = ("vocabulary", "corpus")
+    labelled.run_stages = tiny_labelled.run_stages = ("vocabulary", "corpus", "align")
     assert AlignStage().resolved(labelled).interpolation == 0.75
     assert AlignStage().resolved(tiny_labelled).interpolation == 1.0
+    labelled.run_stages = ("vocabulary", "corpus", "align", "finetune")
+    assert AlignStage().resolved(labelled).interpolation == 1.0, "a finetune after it: not measured"
+    labelled.run_stages = ("vocabulary", "align")
+    assert AlignStage().resolved(labelled).interpolation == 1.0, "no corpus stage before it"
     assert AlignStage(interpolation=0.5).resolved(labelled).interpolation == 0.5, "a weight given is kept"
     with pytest.raises(ValueError, match=r"interpolation \(--align-interpolation\) must be between 0 and 1"):
         AlignStage(interpolation=1.5)
