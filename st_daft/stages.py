@@ -807,8 +807,8 @@ class AlignStage(_FrozenDocumentStage):
             (None): 0.75 for a static query route after the corpus stage when align is the last stage, else 1 (not
             measured; an untrained start, as in DAFT's own ``align, finetune``, is nothing to keep). The start is
             saved in the stage's folder, so a resumed run averages with the same start. Measured (docs/benchmarks.md,
-            SciFact's labels, 5 seeds): python-faq, a collection unlike the training one, 0.496 -> 0.502 (every seed
-            up), SciFact test 0.824 -> 0.816 (every seed down).
+            SciFact's labels, 10 seeds): python-faq, a collection unlike the training one, 0.498 -> 0.501 (eight
+            seeds up), SciFact test 0.824 -> 0.817 (nine seeds down).
     """
 
     name: ClassVar[str] = "align"
