@@ -2,9 +2,10 @@
 
 WiSE-FT (Wortsman et al., CVPR 2022) averages a fine-tuned model's weights with its starting weights and often
 gains on data unlike the training data at little cost on the training data. For a static query route the weights
-are one table: ``table = alpha * trained + (1 - alpha) * start``. This script loads a trained model and a model
-holding the starting table (``st-daft train --stages vocabulary`` with the same data and seed), scores every alpha
-on the given collections with ``evaluate_collections`` and writes the figures.
+are one table: ``table = alpha * trained + (1 - alpha) * start`` (``st_daft.interpolate_route``, as the align stage
+does it). This script loads a trained model and a model holding the starting table (``st-daft train --stages
+vocabulary`` with the same data and seed), scores every alpha on the given collections with ``evaluate_collections``
+and writes the figures.
 
 Example (the seventh session's check)::
 
@@ -30,21 +31,12 @@ import json
 from datetime import date
 from pathlib import Path
 
-import torch
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.modules import StaticEmbedding
 
-from st_daft import get_route
+from st_daft import QUERY_ROUTE, interpolate_route, route_weights
 from st_daft.evaluation import evaluate_collections
 
 RESULTS = Path(__file__).parent / "results" / "interpolate_static_table"
-
-
-def static_table(model: SentenceTransformer) -> torch.nn.Parameter:
-    route = get_route(model, "query")[0]
-    if not isinstance(route, StaticEmbedding):
-        raise SystemExit(f"the query route starts with {type(route).__name__}, not a StaticEmbedding")
-    return route.embedding.weight
 
 
 def main() -> None:
@@ -59,14 +51,14 @@ def main() -> None:
     args = parser.parse_args()
 
     model = SentenceTransformer(args.trained, device="cpu")
-    trained = static_table(model).detach().clone()
-    start = static_table(SentenceTransformer(args.start, device="cpu")).detach()
-    if start.shape != trained.shape:
-        raise SystemExit(f"tables differ in shape: {tuple(trained.shape)} and {tuple(start.shape)}")
+    trained = route_weights(model, QUERY_ROUTE)
+    start = route_weights(SentenceTransformer(args.start, device="cpu"), QUERY_ROUTE)
     scores = {}
     for alpha in (float(value) for value in args.alphas.split(",")):
-        with torch.no_grad():
-            static_table(model).copy_(alpha * trained + (1 - alpha) * start)
+        # What AlignStage(interpolation=alpha) keeps: back to the trained route (weight 0 keeps the "start" given,
+        # here the trained weights), then the average with the starting route (shapes checked).
+        interpolate_route(model, QUERY_ROUTE, trained, 0.0)
+        interpolate_route(model, QUERY_ROUTE, start, alpha)
         label = f"alpha={alpha:g}"
         result = evaluate_collections(
             [model],
