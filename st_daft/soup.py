@@ -39,6 +39,12 @@ def _static_table(model: SentenceTransformer, name: str) -> StaticEmbedding:
     return route[0]
 
 
+def _mean_row_norm(table: torch.Tensor) -> torch.Tensor:
+    """Mean norm of the rows in use (an all-zero row, e.g. padding, says nothing of the table's scale)."""
+    norms = table.norm(dim=1)
+    return norms[norms > 0].mean()
+
+
 def soup_static_routes(
     models: Sequence[SentenceTransformer | str | Path], output_path: str | Path | None = None
 ) -> SentenceTransformer:
@@ -74,14 +80,12 @@ def soup_static_routes(
                 "document route, so only runs with one (frozen) document route are averaged"
             )
         weight = table.embedding.weight.detach().float()
-        norms = weight.norm(dim=1)
-        tables.append(weight / norms[norms > 0].mean().clamp_min(1e-12))
+        tables.append(weight / _mean_row_norm(weight).clamp_min(1e-12))
     # A model passed in is left as it was; one loaded here is the soup's body.
     soup = copy.deepcopy(loaded[0]) if isinstance(models[0], SentenceTransformer) else loaded[0]
     target = _static_table(soup, names[0]).embedding.weight
     with torch.no_grad():
-        norms = target.float().norm(dim=1)
-        scale = norms[norms > 0].mean()
+        scale = _mean_row_norm(target.float())
         target.copy_((torch.stack(tables).mean(dim=0) * scale).to(target.dtype))
     if output_path is not None:
         soup.save(str(output_path))
