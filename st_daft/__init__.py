@@ -60,6 +60,7 @@ if TYPE_CHECKING:
         to_mteb_task,
     )
     from st_daft.general_corpus import general_texts
+    from st_daft.hybrid import HybridSearch
     from st_daft.losses import (
         CollapseSafeContrastiveLoss,
         DAFTAlignmentLoss,
@@ -162,6 +163,7 @@ _MODULE_OF: dict[str, str] = {
         "st_daft.corpus_alignment",
     ),
     "general_texts": "st_daft.general_corpus",
+    "HybridSearch": "st_daft.hybrid",
     "soup_static_routes": "st_daft.soup",
     **dict.fromkeys(("CorrectorNetwork", "CorrectorTrainer", "drift_loss", "staleness_error"), "st_daft.corrector"),
     **dict.fromkeys(("DataError", "RetrievalData", "load_beir", "load_corpus", "load_queries_file"), "st_daft.data"),
@@ -257,6 +259,7 @@ __all__ = [
     "general_texts",
     "get_route",
     "get_router",
+    "HybridSearch",
     "initialize_static_route",
     "interpolate_route",
     "is_collapsed",

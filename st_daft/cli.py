@@ -245,6 +245,8 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
+    from st_daft.hybrid import DEFAULT_FUSION_WEIGHT
+
     evaluate = commands.add_parser(
         "evaluate",
         help="evaluate models on BEIR folders or MTEB tasks through MTEB; a table per score, a row per model",
@@ -263,6 +265,19 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
         default=[],
         choices=["bm25"],
         help="add a baseline row on the same collections: bm25 (bm25s, stemmed; pip install 'st-daft[bm25]')",
+    )
+    evaluate.add_argument(
+        "--fuse-bm25",
+        action="store_true",
+        help="add a row per model fusing its scores with BM25's: similarity + --fusion-weight x BM25 / the query's "
+        "best BM25 score (bm25 extra)",
+    )
+    evaluate.add_argument(
+        "--fusion-weight",
+        type=_non_negative_float,
+        default=None,
+        metavar="W",
+        help=f"BM25's weight in --fuse-bm25 rows (default {DEFAULT_FUSION_WEIGHT:g})",
     )
     evaluate.add_argument("--output", default=None, help="write every score of every model and collection to JSON")
     evaluate.add_argument("--batch-size", type=int, default=64)
@@ -490,9 +505,15 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from st_daft.evaluation import evaluate_collections, format_table
+    from st_daft.store import DocumentEmbeddingStore
 
+    if args.fusion_weight is not None and not args.fuse_bm25:
+        print("st-daft evaluate: error: --fusion-weight applies to --fuse-bm25 only", file=sys.stderr)
+        return 2
     models: list = list(args.model)
     labels = list(args.model)
+    store = DocumentEmbeddingStore(args.document_store) if args.document_store else None
+    option = "--baseline"
     try:
         from st_daft.baselines import make_baseline
 
@@ -500,8 +521,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
             baseline = make_baseline(name)
             models.append(baseline)
             labels.append(baseline.name)
+        if args.fuse_bm25:
+            from sentence_transformers import SentenceTransformer
+
+            from st_daft.hybrid import DEFAULT_FUSION_WEIGHT, HybridSearch
+
+            option = "--fuse-bm25"
+            weight = DEFAULT_FUSION_WEIGHT if args.fusion_weight is None else args.fusion_weight
+            for position, path in enumerate(args.model):
+                model = SentenceTransformer(path)  # loaded once, for its own row and its fused row
+                models[position] = model
+                models.append(HybridSearch(model, weight=weight, document_store=store))
+                labels.append(f"{path} + BM25 ({weight:g})")
     except ImportError as error:
-        print(f"st-daft evaluate: error: --baseline: {error}", file=sys.stderr)
+        print(f"st-daft evaluate: error: {option}: {error}", file=sys.stderr)
         return 2
     comparison = evaluate_collections(
         models,
@@ -510,7 +543,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         labels=labels,
         output_path=args.output,
         batch_size=args.batch_size,
-        document_store=args.document_store,
+        document_store=store,
     )
     for metric in ("ndcg_at_10", "recall_at_100"):
         print()

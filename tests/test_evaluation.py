@@ -369,3 +369,121 @@ def test_cli_evaluate_table_and_errors(
     monkeypatch.setitem(sys.modules, "bm25s", None)
     assert main([*arguments[:4], "--baseline", "bm25"]) == 2
     assert 'pip install "st-daft[bm25]"' in capsys.readouterr().err
+
+
+def _expected_fusion(model, data: RetrievalData, weight: float) -> dict[str, torch.Tensor]:
+    """Cosine + weight x BM25 / the query's best BM25, computed directly over the whole corpus."""
+    import numpy as np
+
+    from st_daft.baselines import BM25Search
+
+    documents = list(data.corpus.values())
+    corpus = torch.nn.functional.normalize(model.encode_document(documents, convert_to_tensor=True), dim=-1)
+    queries = list(data.queries.values())
+    dense = torch.nn.functional.normalize(model.encode_query(queries, convert_to_tensor=True), dim=-1) @ corpus.T
+    rows, scores = BM25Search().fit(documents).top_k(queries, len(documents))
+    lexical = np.zeros((len(queries), len(documents)), dtype=np.float32)
+    np.put_along_axis(lexical, rows, scores / np.maximum(scores[:, :1], 1e-12), axis=1)
+    fused = dense + weight * torch.from_numpy(lexical)
+    return {query_id: fused[row] for row, query_id in enumerate(data.queries)}
+
+
+def test_hybrid_search_fuses_similarity_and_bm25(symmetric_model, tiny_beir_dir: Path) -> None:
+    pytest.importorskip("bm25s")
+    from st_daft import HybridSearch
+
+    data = load_beir(tiny_beir_dir, "test")
+    expected = _expected_fusion(symmetric_model, data, 0.4)
+    run = _search_run(HybridSearch(symmetric_model, weight=0.4), data, top_k=1000)
+    document_ids = list(data.corpus)
+    for query_id, ranked in run.items():
+        assert len(ranked) == len(document_ids)
+        for document_id, score in ranked.items():
+            assert score == pytest.approx(float(expected[query_id][document_ids.index(document_id)]), abs=1e-5)
+        assert list(ranked) == sorted(ranked, key=ranked.get, reverse=True), "best first"
+
+    # depth=1: only each query's best BM25 document gets the lexical term, exactly the weight.
+    shallow = _search_run(HybridSearch(symmetric_model, weight=0.4, depth=1), data, top_k=1000)
+    dense = _expected_fusion(symmetric_model, data, 0.0)
+    for query_id, ranked in shallow.items():
+        lifted = {d: s - float(dense[query_id][document_ids.index(d)]) for d, s in ranked.items()}
+        assert sorted(round(value, 4) for value in lifted.values()) == [0.0] * (len(document_ids) - 1) + [0.4]
+
+
+def test_hybrid_search_weight_zero_is_the_dense_model(symmetric_model, tiny_beir_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("bm25s")
+    from st_daft import DocumentEmbeddingStore, HybridSearch
+
+    data = load_beir(tiny_beir_dir, "test")
+    dense = evaluate_retrieval(symmetric_model, data, show_progress_bar=False)
+    store = DocumentEmbeddingStore(tmp_path / "store")
+    fused = evaluate_retrieval(HybridSearch(symmetric_model, weight=0.0, document_store=store), data)
+    assert store.misses == len(data.corpus), "documents are encoded through the store"
+    for key in ("ndcg_at_10", "recall_at_100", "mrr_at_10"):
+        assert fused[key] == pytest.approx(dense[key])
+    again = evaluate_retrieval(HybridSearch(symmetric_model, weight=0.0, document_store=store), data)
+    assert store.hits == len(data.corpus) and again["ndcg_at_10"] == pytest.approx(dense["ndcg_at_10"])
+
+
+def test_hybrid_search_reranks_only_the_given_documents(symmetric_model, tiny_beir_dir: Path) -> None:
+    pytest.importorskip("bm25s")
+    from st_daft import HybridSearch
+
+    data = load_beir(tiny_beir_dir, "test")
+    task = to_mteb_task(data)
+    task.load_data()
+    split = task.dataset["default"]["test"]
+    where = {"task_metadata": task.metadata, "hf_split": "test", "hf_subset": "default", "encode_kwargs": {}}
+    search = HybridSearch(symmetric_model, weight=0.4, depth=2)
+    search.index(split["corpus"], **where)
+    allowed = {query_id: list(data.corpus)[:3] for query_id in data.queries}
+    run = search.search(split["queries"], top_k=10, top_ranked=allowed, **where)
+    expected = _expected_fusion(symmetric_model, data, 0.4)  # re-ranking scores BM25 over every document
+    for query_id, ranked in run.items():
+        assert set(ranked) == set(allowed[query_id])
+        for document_id, score in ranked.items():
+            assert score == pytest.approx(float(expected[query_id][list(data.corpus).index(document_id)]), abs=1e-5)
+
+
+def test_hybrid_search_refuses_bad_settings(symmetric_model) -> None:
+    pytest.importorskip("bm25s")
+    from st_daft import HybridSearch
+
+    for weight in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"weight \(--fusion-weight\)"):
+            HybridSearch(symmetric_model, weight=weight)
+    with pytest.raises(ValueError, match="depth must be at least 1"):
+        HybridSearch(symmetric_model, depth=0)
+    symmetric_model.similarity_fn_name = "euclidean"
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        HybridSearch(symmetric_model)
+
+
+def test_cli_evaluate_fuse_bm25(
+    tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from st_daft.cli import main
+
+    model = str(tiny_document_model_dir)
+    arguments = ["evaluate", model, "--data", str(tiny_beir_dir)]
+    if importlib.util.find_spec("bm25s"):
+        output = tmp_path / "scores.json"
+        store = tmp_path / "store"
+        assert main([*arguments, "--fuse-bm25", "--document-store", str(store), "--output", str(output)]) == 0
+        printed = capsys.readouterr().out
+        assert f"\n| {model} + BM25 (0.15) | " in printed and f"\n| {model} | " in printed
+        scores = json.loads(output.read_text())["scores"]
+        assert set(scores) == {model, f"{model} + BM25 (0.15)"}
+        assert main([*arguments, "--fuse-bm25", "--fusion-weight", "0.3"]) == 0
+        assert f"\n| {model} + BM25 (0.3) | " in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*arguments, "--fuse-bm25", "--fusion-weight", "-1"])
+    assert exit_info.value.code == 2 and "--fusion-weight: must be 0 or more" in capsys.readouterr().err
+    assert main([*arguments, "--fusion-weight", "0.3"]) == 2
+    assert "--fusion-weight applies to --fuse-bm25 only" in capsys.readouterr().err
+
+    monkeypatch.setitem(sys.modules, "bm25s", None)
+    assert main([*arguments, "--fuse-bm25"]) == 2
+    error = capsys.readouterr().err
+    assert "--fuse-bm25" in error and 'pip install "st-daft[bm25]"' in error

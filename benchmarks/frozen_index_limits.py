@@ -1,0 +1,221 @@
+"""Is the frozen document index what keeps a corpus-only static route below BM25 on SciFact? Three checks.
+
+A static route scores a document by ``q . D(d)`` with ``D`` all-MiniLM-L6-v2's fixed embedding, and ``q`` a linear
+function of the query's tokens. Each check scores SciFact's test and training claims (nDCG@10, MTEB's metric code):
+
+- ``projection``: the best *linear* image of BM25 in the index. Each query's BM25 score vector over the corpus
+  (divided by its best, centred) is fitted by ridge regression onto the document embeddings, ``s ~ D w``; ``D w`` is
+  what a query vector ``w`` can express of BM25 in this index at best (in least squares). Scored alone and added to a
+  route's own scores at several weights.
+- ``chunks``: documents longer than the document route's 256 tokens (71% of SciFact's) embedded in overlapping
+  windows of 254 word pieces; the document is scored by the windows' normalised mean (one vector, as now), their
+  best window (MaxP, Dai and Callan 2019) or both.
+- ``free-documents``: every document's vector made a free parameter and trained against the fixed route on texts cut
+  from the corpus (the corpus stage's pseudo-queries: InfoNCE to the source document and/or KL to the BM25-fused
+  teacher, anchored to the start by an L2 term): how far adapting the document side alone on such texts gets.
+
+Example::
+
+    python benchmarks/frozen_index_limits.py R --data ../shared/data/scifact --document-store S --check projection
+
+Results go to ``benchmarks/results/twelfth_session/frozen_index_<check>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores
+from sentence_transformers import SentenceTransformer
+
+from st_daft import DocumentEmbeddingStore, RetrievalData, load_beir
+from st_daft.baselines import BM25Search
+from st_daft.corpus_alignment import alignment_examples, lexical_ranking_columns
+from st_daft.model import default_document_encoder
+
+RESULTS = Path(__file__).parent / "results" / "twelfth_session"
+
+
+def ndcg_at_10(scores: np.ndarray | torch.Tensor, data: RetrievalData, document_ids: list[str]) -> float:
+    scores = torch.as_tensor(np.asarray(scores, dtype=np.float32))
+    values, rows = scores.topk(100, dim=1)
+    run = {
+        query_id: {document_ids[r]: float(v) for r, v in zip(rs.tolist(), vs.tolist())}
+        for query_id, rs, vs in zip(data.queries, rows, values)
+    }
+    return round(calculate_retrieval_scores(run, data.qrels, [10]).ndcg["NDCG@10"], 4)
+
+
+def query_vectors(model: SentenceTransformer, data: RetrievalData) -> np.ndarray:
+    return np.asarray(model.encode_query(list(data.queries.values()), normalize_embeddings=True), dtype=np.float32)
+
+
+def per_query_ndcg(scores: np.ndarray, data: RetrievalData, document_ids: list[str]) -> np.ndarray:
+    import pytrec_eval
+
+    values, rows = torch.as_tensor(np.asarray(scores, dtype=np.float32)).topk(100, dim=1)
+    run = {
+        query_id: {document_ids[r]: float(v) for r, v in zip(rs.tolist(), vs.tolist())}
+        for query_id, rs, vs in zip(data.queries, rows, values)
+    }
+    judged = pytrec_eval.RelevanceEvaluator(data.qrels, {"ndcg_cut.10"}).evaluate(run)
+    return np.array([judged.get(query_id, {}).get("ndcg_cut_10", 0.0) for query_id in data.queries])
+
+
+def head_to_head(route: np.ndarray, lexical: np.ndarray, data: RetrievalData, ids: list[str]) -> dict:
+    """Queries each ranker wins, the per-query oracle of the two, and the claims BM25 wins by most."""
+    a, b = per_query_ndcg(route, data, ids), per_query_ndcg(lexical, data, ids)
+    queries = list(data.queries.values())
+    worst = np.argsort(a - b)[:8]
+    return {
+        "route wins": int((a > b + 1e-9).sum()),
+        "bm25 wins": int((b > a + 1e-9).sum()),
+        "oracle": round(float(np.maximum(a, b).mean()), 4),
+        "bm25's largest wins": [queries[i] for i in worst],
+    }
+
+
+def projection(routes: dict, splits: dict, corpus: np.ndarray, texts: list[str], ids: list[str]) -> dict:
+    bm25 = BM25Search().fit(texts)
+    gram = corpus.T.astype(np.float64) @ corpus
+    result: dict = {}
+    for split, data in splits.items():
+        rows, found = bm25.top_k(list(data.queries.values()), len(texts))
+        lexical = np.zeros((len(data.queries), len(texts)))
+        np.put_along_axis(lexical, rows, found / np.maximum(found[:, :1], 1e-12), axis=1)
+        result[split] = {"bm25": ndcg_at_10(lexical, data, ids)}
+        for name, model in routes.items():
+            result[split][f"{name} against bm25"] = head_to_head(
+                query_vectors(model, data) @ corpus.T, lexical, data, ids
+            )
+        centred = lexical - lexical.mean(axis=1, keepdims=True)
+        for ridge in (0.1, 1.0, 10.0):
+            weights = np.linalg.solve(gram + ridge * np.eye(len(gram)), corpus.T @ centred.T)
+            fitted = (corpus @ weights).T
+            entry = {"projection alone": ndcg_at_10(fitted, data, ids)}
+            for name, model in routes.items():
+                dense = query_vectors(model, data) @ corpus.T
+                for weight in (0.0, 0.25, 0.5, 1.0, 2.0):
+                    entry[f"{name} + {weight:g} x projection"] = ndcg_at_10(dense + weight * fitted, data, ids)
+            result[split][f"ridge {ridge:g}"] = entry
+            print(split, ridge, entry, flush=True)
+    return result
+
+
+def chunks(routes: dict, splits: dict, corpus: np.ndarray, texts: list[str], ids: list[str], store, encoder) -> dict:
+    tokenizer = encoder.tokenizer
+    windows, owner = [], []
+    for row, text in enumerate(texts):
+        pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(pieces) <= 254:
+            windows.append(text)
+            owner.append(row)
+            continue
+        for start in range(0, len(pieces), 200):
+            windows.append(tokenizer.decode(pieces[start : start + 254]))
+            owner.append(row)
+            if start + 254 >= len(pieces):
+                break
+    owner_rows = torch.tensor(owner)
+    embedded = torch.from_numpy(np.asarray(store.encode_document(encoder, windows, show_progress_bar=True)))
+    mean = F.normalize(torch.zeros(len(texts), embedded.shape[1]).index_add_(0, owner_rows, embedded), dim=1)
+    result: dict = {"windows": len(windows), "documents over 254 pieces": int(np.sum(np.bincount(owner) > 1))}
+    for split, data in splits.items():
+        for name, model in routes.items():
+            queries = torch.from_numpy(query_vectors(model, data))
+            best = torch.full((len(queries), len(texts)), -2.0)
+            best.scatter_reduce_(1, owner_rows.expand(len(queries), -1), queries @ embedded.T, reduce="amax")
+            entry = {
+                "first 256 tokens (now)": ndcg_at_10(queries @ torch.from_numpy(corpus).T, data, ids),
+                "mean of windows": ndcg_at_10(queries @ mean.T, data, ids),
+                "best window (MaxP)": ndcg_at_10(best, data, ids),
+                "MaxP + mean": ndcg_at_10(best + queries @ mean.T, data, ids),
+            }
+            result[f"{split} {name}"] = entry
+            print(split, name, entry, flush=True)
+    return result
+
+
+def free_documents(routes: dict, splits: dict, corpus: np.ndarray, data: RetrievalData, steps: int) -> dict:
+    ids = list(data.corpus)
+    texts = [data.corpus[d] for d in ids]
+    row_of = {d: i for i, d in enumerate(ids)}
+    examples = alignment_examples(data.corpus, data.titles, max_texts=80000, seed=0)
+    sources = torch.tensor([row_of[d] for _, d in examples])
+    lexical = lexical_ranking_columns(texts, [t for t, _ in examples], 32)
+    start = torch.from_numpy(corpus)
+    result: dict = {}
+    for name, model in routes.items():
+        cut = torch.from_numpy(np.asarray(model.encode_query([t for t, _ in examples], normalize_embeddings=True)))
+        queries = {split: torch.from_numpy(query_vectors(model, part)) for split, part in splits.items()}
+        for label, source_weight, lexical_weight in (("InfoNCE", 1.0, 0.0), ("KL to BM25-fused", 0.0, 1.0)):
+            torch.manual_seed(0)
+            documents = torch.nn.Parameter(start.clone())
+            optimizer = torch.optim.Adam([documents], lr=1e-3 if source_weight else 3e-4)
+            history = {0: {s: ndcg_at_10(q @ start.T, splits[s], ids) for s, q in queries.items()}}
+            for step in range(1, steps + 1):
+                batch = torch.randint(0, len(examples), (256,))
+                logits = 20.0 * cut[batch] @ F.normalize(documents, dim=1).T
+                loss = source_weight * F.cross_entropy(logits, sources[batch])
+                if lexical_weight:
+                    columns, scores = lexical[batch, :32].long(), lexical[batch, 32:]
+                    with torch.no_grad():
+                        added = torch.zeros_like(logits).scatter_add_(
+                            1, columns.clamp(min=0), torch.where(columns >= 0, scores, 0.0)
+                        )
+                        target = torch.softmax(20.0 * (cut[batch] @ start.T + lexical_weight * added), dim=1)
+                    loss = loss + F.kl_div(torch.log_softmax(logits, 1), target, reduction="batchmean")
+                loss = loss + ((documents - start) ** 2).sum(1).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if step % 250 == 0:
+                    trained = F.normalize(documents.detach(), dim=1)
+                    history[step] = {s: ndcg_at_10(q @ trained.T, splits[s], ids) for s, q in queries.items()}
+                    print(name, label, step, history[step], flush=True)
+            result[f"{name}, {label}"] = history
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("routes", nargs="*", help="trained route folders (all-MiniLM-L6-v2 is always scored)")
+    parser.add_argument("--data", required=True, help="a BEIR folder with test and train qrels")
+    parser.add_argument("--check", choices=["projection", "chunks", "free-documents"], required=True)
+    parser.add_argument("--document-store", default=None)
+    parser.add_argument("--steps", type=int, default=1000, help="free-documents: training steps")
+    args = parser.parse_args()
+    encoder = SentenceTransformer(default_document_encoder())
+    splits = {split: load_beir(args.data, split=split, empty_texts="warn") for split in ("test", "train")}
+    data = splits["test"]
+    ids = list(data.corpus)
+    texts = [data.corpus[d] for d in ids]
+    store = DocumentEmbeddingStore(args.document_store) if args.document_store else None
+    if store is not None:
+        corpus = store.encode_document(encoder, texts, show_progress_bar=True)
+    else:
+        corpus = encoder.encode_document(texts, show_progress_bar=True)
+    corpus = np.asarray(corpus, dtype=np.float32)
+    routes = {"all-MiniLM-L6-v2": encoder} if args.check != "free-documents" else {}
+    routes.update({Path(route).name: SentenceTransformer(route) for route in args.routes})
+    if args.check == "projection":
+        result = projection(routes, splits, corpus, texts, ids)
+    elif args.check == "chunks":
+        if store is None:
+            parser.error("--check chunks needs --document-store (the windows' embeddings are kept there)")
+        result = chunks(routes, splits, corpus, texts, ids, store, encoder)
+    else:
+        result = free_documents(routes, splits, corpus, data, args.steps)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    record = {"date": str(date.today()), "data": args.data, "check": args.check, "routes": args.routes, **result}
+    (RESULTS / f"frozen_index_{args.check}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
