@@ -49,6 +49,19 @@ _LANGUAGES: dict[str, tuple[str, str]] = {
 _INSTALL = 'BM25 needs the bm25 extra: pip install "st-daft[bm25]" (bm25s and PyStemmer)'
 
 
+def mteb_corpus_texts(corpus: Any) -> tuple[list[str], list[str]]:
+    """``(ids, texts)`` of an MTEB corpus dataset (``id``, ``text``, optionally ``title``); texts joined as
+    ``"{title} {text}"``."""
+    texts = [join_title_text(row.get("title"), row["text"]) for row in corpus]
+    return [str(row["id"]) for row in corpus], texts
+
+
+def mteb_query_texts(queries: Any) -> tuple[list[str], list[str]]:
+    """``(ids, texts)`` of an MTEB queries dataset; a conversation (a list of turns) is joined into one text."""
+    texts = [text if isinstance(text, str) else " ".join(map(str, text)) for text in queries["text"]]
+    return [str(query_id) for query_id in queries["id"]], texts
+
+
 class BM25Search:
     """BM25 over a retrieval task's corpus with bm25s, as an MTEB search model.
 
@@ -134,8 +147,7 @@ class BM25Search:
     ) -> None:
         """Tokenize and index the corpus (an MTEB corpus dataset: ``id``, ``text``, optionally ``title``)."""
         self._use_language(self._task_language(task_metadata, hf_subset))
-        texts = [join_title_text(row.get("title"), row["text"]) for row in corpus]
-        self._document_ids = [str(row["id"]) for row in corpus]
+        self._document_ids, texts = mteb_corpus_texts(corpus)
         self._index_texts(texts)
 
     def fit(self, documents: Sequence[str]) -> BM25Search:
@@ -160,6 +172,12 @@ class BM25Search:
         finally:
             bm25s_logger.setLevel(level)
         return np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+
+    def normalised_top_k(self, texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`top_k` with each text's scores divided by its best one, so in ``[0, 1]`` (all 0 for a text that
+        shares no term with any document)."""
+        rows, scores = self.top_k(texts, k)
+        return rows, scores / np.maximum(scores[:, :1], 1e-12)
 
     def _use_language(self, language: str | None) -> None:
         import Stemmer
@@ -189,8 +207,7 @@ class BM25Search:
         """The ``top_k`` documents of each query with their BM25 scores (re-ranking ``top_ranked`` when given)."""
         if self._retriever is None:
             raise RuntimeError("BM25Search.search before index")
-        query_ids = [str(query_id) for query_id in queries["id"]]
-        texts = [text if isinstance(text, str) else " ".join(map(str, text)) for text in queries["text"]]
+        query_ids, texts = mteb_query_texts(queries)
         k = len(self._document_ids) if top_ranked else min(top_k, len(self._document_ids))
         rows, scores = self._retriever.retrieve(self._tokenize(texts), k=k, show_progress=self.show_progress_bar)
         results: dict[str, dict[str, float]] = {}

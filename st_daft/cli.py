@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -52,8 +53,8 @@ def _positive_float(value: str) -> float:
 
 def _non_negative_float(value: str) -> float:
     number = float(value)
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    if not (number >= 0 and math.isfinite(number)):
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {value}")
     return number
 
 
@@ -245,8 +246,6 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
-    from st_daft.hybrid import DEFAULT_FUSION_WEIGHT
-
     evaluate = commands.add_parser(
         "evaluate",
         help="evaluate models on BEIR folders or MTEB tasks through MTEB; a table per score, a row per model",
@@ -277,7 +276,7 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
         type=_non_negative_float,
         default=None,
         metavar="W",
-        help=f"BM25's weight in --fuse-bm25 rows (default {DEFAULT_FUSION_WEIGHT:g})",
+        help="BM25's weight in --fuse-bm25 rows (default 0.15, st_daft.hybrid.DEFAULT_FUSION_WEIGHT)",
     )
     evaluate.add_argument("--output", default=None, help="write every score of every model and collection to JSON")
     evaluate.add_argument("--batch-size", type=int, default=64)
@@ -505,34 +504,27 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from st_daft.evaluation import evaluate_collections, format_table
-    from st_daft.store import DocumentEmbeddingStore
 
     if args.fusion_weight is not None and not args.fuse_bm25:
         print("st-daft evaluate: error: --fusion-weight applies to --fuse-bm25 only", file=sys.stderr)
         return 2
     models: list = list(args.model)
     labels = list(args.model)
-    store = DocumentEmbeddingStore(args.document_store) if args.document_store else None
+    fuse_bm25 = None
     option = "--baseline"
     try:
-        from st_daft.baselines import make_baseline
+        from st_daft.baselines import BM25Search, make_baseline
 
         for name in dict.fromkeys(args.baseline):
             baseline = make_baseline(name)
             models.append(baseline)
             labels.append(baseline.name)
         if args.fuse_bm25:
-            from sentence_transformers import SentenceTransformer
-
-            from st_daft.hybrid import DEFAULT_FUSION_WEIGHT, HybridSearch
+            from st_daft.hybrid import DEFAULT_FUSION_WEIGHT
 
             option = "--fuse-bm25"
-            weight = DEFAULT_FUSION_WEIGHT if args.fusion_weight is None else args.fusion_weight
-            for position, path in enumerate(args.model):
-                model = SentenceTransformer(path)  # loaded once, for its own row and its fused row
-                models[position] = model
-                models.append(HybridSearch(model, weight=weight, document_store=store))
-                labels.append(f"{path} + BM25 ({weight:g})")
+            BM25Search()  # the bm25 extra, checked before any collection or model is read
+            fuse_bm25 = DEFAULT_FUSION_WEIGHT if args.fusion_weight is None else args.fusion_weight
     except ImportError as error:
         print(f"st-daft evaluate: error: {option}: {error}", file=sys.stderr)
         return 2
@@ -543,7 +535,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         labels=labels,
         output_path=args.output,
         batch_size=args.batch_size,
-        document_store=store,
+        document_store=args.document_store,
+        fuse_bm25=fuse_bm25,
     )
     for metric in ("ndcg_at_10", "recall_at_100"):
         print()

@@ -490,6 +490,7 @@ def evaluate_collections(
     batch_size: int = 64,
     show_progress_bar: bool = True,
     document_store: DocumentEmbeddingStore | str | Path | None = None,
+    fuse_bm25: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate several models (e.g. a trained route and :class:`~st_daft.baselines.BM25Search`) on several
     collections with :func:`evaluate_retrieval`, and average each model's scores over the collections.
@@ -506,6 +507,9 @@ def evaluate_collections(
         batch_size: as in :func:`evaluate_retrieval`.
         show_progress_bar: as in :func:`evaluate_retrieval`.
         document_store: as in :func:`evaluate_retrieval`.
+        fuse_bm25: if given, a BM25 weight: every SentenceTransformer (or path) among ``models`` also gets a row
+            ``"<label> + BM25 (<weight>)"`` scored by :class:`~st_daft.hybrid.HybridSearch` with that weight (the
+            ``bm25`` extra), from the same loaded model and ``document_store``.
 
     Returns:
         ``{"split", "collections": [names], "models": [labels], "scores": {label: {collection: flat scores}},
@@ -522,10 +526,18 @@ def evaluate_collections(
         names.append(_collection_name(task, taken))
     loaded = [_load_model(model) for model in models]
     row_labels = list(labels) if labels is not None else [label or f"model-{i}" for i, (_, label) in enumerate(loaded)]
-    if len(set(row_labels)) != len(row_labels):
-        raise ValueError(f"models need distinct labels, got {row_labels}")
     if document_store is not None and not isinstance(document_store, DocumentEmbeddingStore):
         document_store = DocumentEmbeddingStore(document_store)
+    if fuse_bm25 is not None:
+        from st_daft.hybrid import HybridSearch
+
+        dense = [(model, label) for (model, _), label in zip(loaded, row_labels) if not _is_search_model(model)]
+        for model, label in dense:
+            fused_label = f"{label} + BM25 ({fuse_bm25:g})"
+            loaded.append((HybridSearch(model, weight=fuse_bm25, document_store=document_store), fused_label))
+            row_labels.append(fused_label)
+    if len(set(row_labels)) != len(row_labels):
+        raise ValueError(f"models need distinct labels, got {row_labels}")
 
     scores: dict[str, dict[str, dict[str, Any]]] = {label: {} for label in row_labels}
     for task, name in zip(tasks, names):

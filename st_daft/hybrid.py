@@ -35,8 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from st_daft.data import join_title_text
-
 if TYPE_CHECKING:
     from mteb.abstasks.task_metadata import TaskMetadata
     from mteb.models import ModelMeta
@@ -49,7 +47,8 @@ __all__ = ["HybridSearch", "DEFAULT_FUSION_WEIGHT"]
 
 DEFAULT_FUSION_WEIGHT = 0.15
 """BM25's weight when none is given (``st-daft evaluate --fuse-bm25``): where the default labelled route peaked on
-python-faq, with most of SciFact's gain (SciFact alone would pick 0.3; docs/benchmarks.md, "Twelfth session")."""
+python-faq, with most of its SciFact gain (corpus-only routes would pick 0.3 on SciFact; docs/benchmarks.md, "Twelfth
+session")."""
 
 _SIMILARITIES = ("cosine", "dot")
 
@@ -60,10 +59,10 @@ class HybridSearch:
 
     Documents are encoded with ``model.encode_document`` (read from ``document_store`` where it holds them) and
     queries with ``model.encode_query``, so a Router model uses its two routes as in dense evaluation. Every document
-    gets its exact similarity; BM25 scores come from BM25's ``depth`` best documents of each query (all of them for
-    a re-ranking task), the others count as 0. With ``weight=0`` the ranking is the dense model's. The document
+    gets its exact similarity; BM25 scores come from BM25's ``depth`` best documents of each query (when re-ranking
+    too), the others count as 0. With ``weight=0`` the ranking is the dense model's. The document
     embeddings are held in memory in float32, as in MTEB's own dense search, and scored against a chunk of queries
-    at a time (at most 2**28 scores, 1 GiB).
+    at a time (at most :attr:`max_scores_per_chunk` scores: 2**28, 1 GiB).
 
     Args:
         model: the dense model; its ``similarity_fn_name`` must be ``"cosine"`` (the default) or ``"dot"``.
@@ -77,6 +76,8 @@ class HybridSearch:
         ValueError: a negative or non-finite ``weight``, ``depth`` below 1, or another similarity function.
         ImportError: the ``bm25`` extra is not installed (when ``lexical`` is None).
     """
+
+    max_scores_per_chunk: int = 2**28
 
     def __init__(
         self,
@@ -129,6 +130,9 @@ class HybridSearch:
     ) -> None:
         """Index the corpus for BM25 and encode it with the document route (an MTEB corpus: ``id``, ``text``,
         optionally ``title``)."""
+        from st_daft.baselines import mteb_corpus_texts
+        from st_daft.cache import embed_documents
+
         self.lexical.index(
             corpus,
             task_metadata=task_metadata,
@@ -137,17 +141,14 @@ class HybridSearch:
             encode_kwargs=encode_kwargs,
             num_proc=num_proc,
         )
-        texts = [join_title_text(row.get("title"), row["text"]) for row in corpus]
-        self._document_ids = [str(row["id"]) for row in corpus]
-        batch_size = encode_kwargs.get("batch_size", 64)
-        show = encode_kwargs.get("show_progress_bar", False)
-        if self.document_store is not None:
-            embeddings = self.document_store.encode_document(self.model, texts, batch_size, show_progress_bar=show)
-        else:
-            embeddings = self.model.encode_document(
-                texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=show
-            )
-        documents = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
+        self._document_ids, texts = mteb_corpus_texts(corpus)
+        documents = embed_documents(
+            self.model,
+            texts,
+            batch_size=encode_kwargs.get("batch_size", 64),
+            show_progress_bar=encode_kwargs.get("show_progress_bar", False),
+            store=self.document_store,
+        )
         self._documents = F.normalize(documents, dim=-1) if self.normalize else documents
 
     @property
@@ -155,8 +156,9 @@ class HybridSearch:
         """The indexed documents' ids: the columns of :meth:`fused_scores`."""
         return list(self._document_ids)
 
-    def fused_scores(self, texts: list[str], depth: int, batch_size: int = 64) -> torch.Tensor:
-        """``(len(texts), documents)`` fused scores of the indexed corpus (rows in :meth:`index`'s order)."""
+    def fused_scores(self, texts: list[str], depth: int | None = None, batch_size: int = 64) -> torch.Tensor:
+        """``(len(texts), documents)`` fused scores of the indexed corpus (columns in :attr:`document_ids` order);
+        BM25 over each text's ``depth`` best documents (``self.depth`` by default)."""
         from st_daft.evaluation import warn_zero_query_vectors
 
         if self._documents is None:
@@ -168,9 +170,8 @@ class HybridSearch:
             queries = F.normalize(queries, dim=-1)
         scores = queries @ self._documents.T
         if self.weight > 0:
-            rows, lexical = self.lexical.top_k(texts, depth)
-            best = np.maximum(lexical[:, :1], 1e-12)
-            scores.scatter_add_(1, torch.from_numpy(rows), torch.from_numpy(self.weight * lexical / best))
+            rows, lexical = self.lexical.normalised_top_k(texts, self.depth if depth is None else depth)
+            scores.scatter_add_(1, torch.from_numpy(rows), torch.from_numpy(self.weight * lexical))
         return scores
 
     def search(
@@ -187,30 +188,31 @@ class HybridSearch:
         **kwargs: Any,
     ) -> dict[str, dict[str, float]]:
         """The ``top_k`` documents of each query by fused score (re-ranking ``top_ranked`` when given)."""
+        from st_daft.baselines import mteb_query_texts
+
         if self._documents is None:
             raise RuntimeError("HybridSearch.search before index")
-        query_ids = [str(query_id) for query_id in queries["id"]]
-        texts = [text if isinstance(text, str) else " ".join(map(str, text)) for text in queries["text"]]
+        query_ids, texts = mteb_query_texts(queries)
         count = len(self._document_ids)
-        depth = count if top_ranked else min(self.depth, count)
         batch_size = encode_kwargs.get("batch_size", 64)
         row_of = {document_id: row for row, document_id in enumerate(self._document_ids)} if top_ranked else {}
         results: dict[str, dict[str, float]] = {}
-        # Chunks of queries: one chunk's scores over the whole corpus (at most 2**28 floats, 1 GiB) at a time.
-        chunk = max(1, min(256, 2**28 // max(count, 1)))
+        # Chunks of queries: one chunk's scores over the whole corpus (at most max_scores_per_chunk) at a time.
+        chunk = max(1, min(256, self.max_scores_per_chunk // max(count, 1)))
         for start in range(0, len(texts), chunk):
-            scores = self.fused_scores(texts[start : start + chunk], depth, batch_size)
-            for offset, query_id in enumerate(query_ids[start : start + chunk]):
-                row_scores = scores[offset]
-                if top_ranked is not None and query_id in top_ranked:
-                    allowed = torch.tensor([row_of[d] for d in top_ranked[query_id] if d in row_of], dtype=torch.long)
-                    kept = torch.full_like(row_scores, -math.inf)
-                    kept[allowed] = row_scores[allowed]
-                    row_scores, k = kept, min(top_k, len(allowed))
-                else:
-                    k = min(top_k, count)
-                values, rows = torch.topk(row_scores, k)
-                results[query_id] = {self._document_ids[r]: float(v) for r, v in zip(rows.tolist(), values.tolist())}
+            scores = self.fused_scores(texts[start : start + chunk], batch_size=batch_size)
+            chunk_ids = query_ids[start : start + chunk]
+            if top_ranked is None:
+                values, rows = torch.topk(scores, min(top_k, count), dim=1)
+                for query_id, query_rows, query_values in zip(chunk_ids, rows.tolist(), values.tolist()):
+                    results[query_id] = {self._document_ids[r]: v for r, v in zip(query_rows, query_values)}
+                continue
+            for offset, query_id in enumerate(chunk_ids):
+                # Only the query's candidates (each once), best first; a query without a list ranks every document.
+                candidates = list(dict.fromkeys(top_ranked.get(query_id, self._document_ids)))
+                rows = torch.tensor([row_of[d] for d in candidates if d in row_of], dtype=torch.long)
+                values, order = torch.topk(scores[offset, rows], min(top_k, len(rows)))
+                results[query_id] = {self._document_ids[r]: v for r, v in zip(rows[order].tolist(), values.tolist())}
         return results
 
     def __repr__(self) -> str:

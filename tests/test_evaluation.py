@@ -434,11 +434,11 @@ def test_hybrid_search_reranks_only_the_given_documents(symmetric_model, tiny_be
     task.load_data()
     split = task.dataset["default"]["test"]
     where = {"task_metadata": task.metadata, "hf_split": "test", "hf_subset": "default", "encode_kwargs": {}}
-    search = HybridSearch(symmetric_model, weight=0.4, depth=2)
+    search = HybridSearch(symmetric_model, weight=0.4)
     search.index(split["corpus"], **where)
     allowed = {query_id: list(data.corpus)[:3] for query_id in data.queries}
     run = search.search(split["queries"], top_k=10, top_ranked=allowed, **where)
-    expected = _expected_fusion(symmetric_model, data, 0.4)  # re-ranking scores BM25 over every document
+    expected = _expected_fusion(symmetric_model, data, 0.4)
     for query_id, ranked in run.items():
         assert set(ranked) == set(allowed[query_id])
         for document_id, score in ranked.items():
@@ -477,9 +477,15 @@ def test_cli_evaluate_fuse_bm25(
         assert main([*arguments, "--fuse-bm25", "--fusion-weight", "0.3"]) == 0
         assert f"\n| {model} + BM25 (0.3) | " in capsys.readouterr().out
 
-    with pytest.raises(SystemExit) as exit_info:
-        main([*arguments, "--fuse-bm25", "--fusion-weight", "-1"])
-    assert exit_info.value.code == 2 and "--fusion-weight: must be 0 or more" in capsys.readouterr().err
+    for weight in ("-1", "inf"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*arguments, "--fuse-bm25", "--fusion-weight", weight])
+        assert exit_info.value.code == 2 and "--fusion-weight: must be a finite number" in capsys.readouterr().err
+    # The collections are checked before any model is read: a missing model is never reached.
+    missing = ["evaluate", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data"), "--fuse-bm25"]
+    if importlib.util.find_spec("bm25s"):
+        assert main(missing) == 2
+        assert "no-data" in capsys.readouterr().err
     assert main([*arguments, "--fusion-weight", "0.3"]) == 2
     assert "--fusion-weight applies to --fuse-bm25 only" in capsys.readouterr().err
 
@@ -487,3 +493,81 @@ def test_cli_evaluate_fuse_bm25(
     assert main([*arguments, "--fuse-bm25"]) == 2
     error = capsys.readouterr().err
     assert "--fuse-bm25" in error and 'pip install "st-daft[bm25]"' in error
+
+
+def test_hybrid_search_dot_similarity_chunks_and_unmatched_queries(symmetric_model, tiny_beir_dir: Path) -> None:
+    pytest.importorskip("bm25s")
+    from st_daft import HybridSearch
+
+    data = load_beir(tiny_beir_dir, "test")
+    data = RetrievalData(
+        corpus=data.corpus,
+        queries={**data.queries, "q-none": "zzz qqq"},  # no word any document has: similarity alone ranks it
+        qrels={**data.qrels, "q-none": {next(iter(data.corpus)): 1}},
+    )
+    whole = _search_run(HybridSearch(symmetric_model, weight=0.4), data, top_k=1000)
+    dense = _expected_fusion(symmetric_model, data, 0.0)["q-none"]
+    document_ids = list(data.corpus)
+    assert whole["q-none"] == pytest.approx({d: float(dense[document_ids.index(d)]) for d in whole["q-none"]})
+
+    one_query_at_a_time = HybridSearch(symmetric_model, weight=0.4)
+    one_query_at_a_time.max_scores_per_chunk = 1  # chunks of a single query
+    chunked = _search_run(one_query_at_a_time, data, top_k=1000)
+    assert chunked.keys() == whole.keys()
+    assert all(chunked[query_id] == pytest.approx(whole[query_id]) for query_id in whole)
+
+    symmetric_model.similarity_fn_name = "dot"
+    raw = _search_run(HybridSearch(symmetric_model, weight=0.4), data, top_k=1000)
+    corpus = symmetric_model.encode_document(list(data.corpus.values()), convert_to_tensor=True)
+    queries = symmetric_model.encode_query(list(data.queries.values()), convert_to_tensor=True)
+    lexical = _expected_fusion(symmetric_model, data, 0.4)
+    cosine = _expected_fusion(symmetric_model, data, 0.0)
+    for row, query_id in enumerate(data.queries):
+        expected = queries[row] @ corpus.T + (lexical[query_id] - cosine[query_id])  # dot product + the same BM25 term
+        for document_id, score in raw[query_id].items():
+            assert score == pytest.approx(float(expected[document_ids.index(document_id)]), rel=1e-4, abs=1e-4)
+
+
+def test_hybrid_search_reranking_ignores_repeated_candidates(symmetric_model, tiny_beir_dir: Path) -> None:
+    pytest.importorskip("bm25s")
+    from st_daft import HybridSearch
+
+    data = load_beir(tiny_beir_dir, "test")
+    task = to_mteb_task(data)
+    task.load_data()
+    split = task.dataset["default"]["test"]
+    where = {"task_metadata": task.metadata, "hf_split": "test", "hf_subset": "default", "encode_kwargs": {}}
+    search = HybridSearch(symmetric_model)
+    search.index(split["corpus"], **where)
+    first = list(data.corpus)[0]
+    run = search.search(split["queries"], top_k=10, top_ranked=dict.fromkeys(data.queries, [first] * 3), **where)
+    assert all(list(ranked) == [first] for ranked in run.values())
+
+
+def test_fused_rows_share_the_loaded_model_and_the_store(
+    tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("bm25s")
+    import sentence_transformers
+
+    from st_daft import DocumentEmbeddingStore
+    from st_daft.evaluation import evaluate_collections
+
+    loads = []
+
+    class CountedSentenceTransformer(sentence_transformers.SentenceTransformer):
+        def __init__(self, *args, **kwargs) -> None:
+            loads.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", CountedSentenceTransformer)
+    store = DocumentEmbeddingStore(tmp_path / "store")
+    comparison = evaluate_collections(
+        [tiny_document_model_dir], [tiny_beir_dir], labels=["tiny"], document_store=store, fuse_bm25=0.2
+    )
+    assert comparison["models"] == ["tiny", "tiny + BM25 (0.2)"]
+    assert len(loads) == 1, "the fused row uses the model loaded for the plain row"
+    corpus_size = len(load_beir(tiny_beir_dir, "test").corpus)
+    assert store.misses == corpus_size and store.hits == corpus_size, "encoded once, read back for the fused row"
+    plain, fused = (comparison["scores"][label]["tiny-beir"]["ndcg_at_10"] for label in comparison["models"])
+    assert 0 <= plain <= 1 and 0 <= fused <= 1
