@@ -9,6 +9,7 @@ import socket
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -211,12 +212,17 @@ def test_document_store_goes_through_mteb_encoder_wrapper(
     assert first["ndcg_at_10"] == pytest.approx(plain["ndcg_at_10"]) == pytest.approx(second["ndcg_at_10"])
 
 
-def _search_run(model, data: RetrievalData, top_k: int = 10) -> dict[str, dict[str, float]]:
-    """A search model's run on ``data``, called as MTEB calls it: ``index`` the corpus, ``search`` the queries."""
+def _mteb_split(data: RetrievalData) -> tuple[Any, dict[str, Any]]:
+    """``data`` as MTEB hands it to a search model: its split (``corpus``, ``queries``) and the keyword arguments."""
     task = to_mteb_task(data)
     task.load_data()
-    split = task.dataset["default"][data.split]
     where = {"task_metadata": task.metadata, "hf_split": data.split, "hf_subset": "default", "encode_kwargs": {}}
+    return task.dataset["default"][data.split], where
+
+
+def _search_run(model, data: RetrievalData, top_k: int = 10) -> dict[str, dict[str, float]]:
+    """A search model's run on ``data``, called as MTEB calls it: ``index`` the corpus, ``search`` the queries."""
+    split, where = _mteb_split(data)
     model.index(split["corpus"], **where)
     return model.search(split["queries"], top_k=top_k, **where)
 
@@ -430,10 +436,7 @@ def test_hybrid_search_reranks_only_the_given_documents(symmetric_model, tiny_be
     from st_daft import HybridSearch
 
     data = load_beir(tiny_beir_dir, "test")
-    task = to_mteb_task(data)
-    task.load_data()
-    split = task.dataset["default"]["test"]
-    where = {"task_metadata": task.metadata, "hf_split": "test", "hf_subset": "default", "encode_kwargs": {}}
+    split, where = _mteb_split(data)
     search = HybridSearch(symmetric_model, weight=0.4)
     search.index(split["corpus"], **where)
     allowed = {query_id: list(data.corpus)[:3] for query_id in data.queries}
@@ -533,10 +536,7 @@ def test_hybrid_search_reranking_ignores_repeated_candidates(symmetric_model, ti
     from st_daft import HybridSearch
 
     data = load_beir(tiny_beir_dir, "test")
-    task = to_mteb_task(data)
-    task.load_data()
-    split = task.dataset["default"]["test"]
-    where = {"task_metadata": task.metadata, "hf_split": "test", "hf_subset": "default", "encode_kwargs": {}}
+    split, where = _mteb_split(data)
     search = HybridSearch(symmetric_model)
     search.index(split["corpus"], **where)
     first = list(data.corpus)[0]
