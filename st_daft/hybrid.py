@@ -202,7 +202,7 @@ class HybridSearch:
         for start in range(0, len(texts), chunk):
             scores = self.fused_scores(texts[start : start + chunk], batch_size=batch_size)
             chunk_ids = query_ids[start : start + chunk]
-            if top_ranked is None:
+            if not top_ranked:
                 values, rows = torch.topk(scores, min(top_k, count), dim=1)
                 for query_id, query_rows, query_values in zip(chunk_ids, rows.tolist(), values.tolist()):
                     results[query_id] = {self._document_ids[r]: v for r, v in zip(query_rows, query_values)}

@@ -542,6 +542,8 @@ def test_hybrid_search_reranking_ignores_repeated_candidates(symmetric_model, ti
     first = list(data.corpus)[0]
     run = search.search(split["queries"], top_k=10, top_ranked=dict.fromkeys(data.queries, [first] * 3), **where)
     assert all(list(ranked) == [first] for ranked in run.values())
+    no_lists = search.search(split["queries"], top_k=3, top_ranked={}, **where)  # an empty mapping: plain search
+    assert no_lists == search.search(split["queries"], top_k=3, **where) and all(len(r) == 3 for r in no_lists.values())
 
 
 def test_fused_rows_share_the_loaded_model_and_the_store(
