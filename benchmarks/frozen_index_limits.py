@@ -42,13 +42,17 @@ from st_daft.model import default_document_encoder
 RESULTS = Path(__file__).parent / "results" / "twelfth_session"
 
 
-def ndcg_at_10(scores: np.ndarray | torch.Tensor, data: RetrievalData, document_ids: list[str]) -> float:
-    scores = torch.as_tensor(np.asarray(scores, dtype=np.float32))
-    values, rows = scores.topk(100, dim=1)
-    run = {
+def top_100_run(scores: np.ndarray | torch.Tensor, data: RetrievalData, document_ids: list[str]) -> dict:
+    """The run (query id -> {document id: score}, 100 best) of a (queries, documents) score matrix."""
+    values, rows = torch.as_tensor(np.asarray(scores, dtype=np.float32)).topk(100, dim=1)
+    return {
         query_id: {document_ids[r]: float(v) for r, v in zip(rs.tolist(), vs.tolist())}
         for query_id, rs, vs in zip(data.queries, rows, values)
     }
+
+
+def ndcg_at_10(scores: np.ndarray | torch.Tensor, data: RetrievalData, document_ids: list[str]) -> float:
+    run = top_100_run(scores, data, document_ids)
     return round(calculate_retrieval_scores(run, data.qrels, [10]).ndcg["NDCG@10"], 4)
 
 
@@ -59,11 +63,7 @@ def query_vectors(model: SentenceTransformer, data: RetrievalData) -> np.ndarray
 def per_query_ndcg(scores: np.ndarray, data: RetrievalData, document_ids: list[str]) -> np.ndarray:
     import pytrec_eval
 
-    values, rows = torch.as_tensor(np.asarray(scores, dtype=np.float32)).topk(100, dim=1)
-    run = {
-        query_id: {document_ids[r]: float(v) for r, v in zip(rs.tolist(), vs.tolist())}
-        for query_id, rs, vs in zip(data.queries, rows, values)
-    }
+    run = top_100_run(scores, data, document_ids)
     judged = pytrec_eval.RelevanceEvaluator(data.qrels, {"ndcg_cut.10"}).evaluate(run)
     return np.array([judged.get(query_id, {}).get("ndcg_cut_10", 0.0) for query_id in data.queries])
 
@@ -86,9 +86,9 @@ def projection(routes: dict, splits: dict, corpus: np.ndarray, texts: list[str],
     gram = corpus.T.astype(np.float64) @ corpus
     result: dict = {}
     for split, data in splits.items():
-        rows, found = bm25.top_k(list(data.queries.values()), len(texts))
+        rows, normalised = bm25.normalised_top_k(list(data.queries.values()), len(texts))
         lexical = np.zeros((len(data.queries), len(texts)))
-        np.put_along_axis(lexical, rows, found / np.maximum(found[:, :1], 1e-12), axis=1)
+        np.put_along_axis(lexical, rows, normalised, axis=1)
         result[split] = {"bm25": ndcg_at_10(lexical, data, ids)}
         for name, model in routes.items():
             result[split][f"{name} against bm25"] = head_to_head(

@@ -22,6 +22,7 @@ from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores
 from sentence_transformers import SentenceTransformer
 
 from st_daft import DocumentEmbeddingStore, HybridSearch, load_beir, to_mteb_task
+from st_daft.baselines import mteb_query_texts
 from st_daft.model import default_document_encoder
 
 
@@ -43,8 +44,7 @@ def main() -> None:
         task.load_data()
         split = task.dataset["default"][args.split]
         where = {"task_metadata": task.metadata, "hf_split": args.split, "hf_subset": "default", "encode_kwargs": {}}
-        query_ids = [str(query_id) for query_id in split["queries"]["id"]]
-        texts = list(split["queries"]["text"])
+        query_ids, texts = mteb_query_texts(split["queries"])
         for name in args.models:
             path = default_document_encoder() if name == "all-MiniLM-L6-v2" else name
             search = HybridSearch(SentenceTransformer(path), document_store=store)
@@ -53,7 +53,7 @@ def main() -> None:
             row: dict[str, float] = {}
             for weight in weights:
                 search.weight = weight
-                values, rows = search.fused_scores(texts, depth=min(1000, len(document_ids))).topk(100)
+                values, rows = search.fused_scores(texts).topk(100)
                 run = {
                     query_id: {document_ids[r]: float(v) for r, v in zip(rs.tolist(), vs.tolist())}
                     for query_id, rs, vs in zip(query_ids, rows, values)

@@ -146,16 +146,29 @@ class BM25Search:
         **kwargs: Any,
     ) -> None:
         """Tokenize and index the corpus (an MTEB corpus dataset: ``id``, ``text``, optionally ``title``)."""
-        self._use_language(self._task_language(task_metadata, hf_subset))
-        self._document_ids, texts = mteb_corpus_texts(corpus)
-        self._index_texts(texts)
+        document_ids, texts = mteb_corpus_texts(corpus)
+        self.index_texts(document_ids, texts, task_metadata, hf_subset)
 
     def fit(self, documents: Sequence[str]) -> BM25Search:
         """Index plain texts (rows ``0 .. len(documents) - 1``) in ``language`` (English when None), for
         :meth:`top_k`; the MTEB protocol (:meth:`index`, :meth:`search`) is not needed for this."""
-        self._use_language(self.language or "eng")
-        self._document_ids = [str(row) for row in range(len(documents))]
-        self._index_texts(list(documents))
+        return self.index_texts([str(row) for row in range(len(documents))], list(documents))
+
+    def index_texts(
+        self,
+        document_ids: Sequence[str],
+        texts: list[str],
+        task_metadata: TaskMetadata | None = None,
+        hf_subset: str = "default",
+    ) -> BM25Search:
+        """Index ``texts`` under ``document_ids``: in the task's language as :meth:`index` does when
+        ``task_metadata`` is given, else in ``language`` (English when None) as :meth:`fit` does."""
+        if task_metadata is not None:
+            self._use_language(self._task_language(task_metadata, hf_subset))
+        else:
+            self._use_language(self.language or "eng")
+        self._document_ids = list(document_ids)
+        self._index_texts(texts)
         return self
 
     def top_k(self, texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -230,13 +230,12 @@ def lexical_ranking_columns(
         rows = torch.full((len(chunk), top_k), -1.0)
         scores = torch.zeros(len(chunk), top_k)
         for start in range(0, len(chunk), 4096):
-            found, found_scores = bm25.top_k(chunk[start : start + 4096], top_k)
-            best = found_scores[:, :1].clip(min=1e-12)
-            matched = torch.from_numpy(found_scores > 0)
+            found, normalised = bm25.normalised_top_k(chunk[start : start + 4096], top_k)
+            matched = torch.from_numpy(normalised > 0)
             end = start + len(found)
             width = found.shape[1]
             rows[start:end, :width] = torch.where(matched, torch.from_numpy(found).float(), -1.0)
-            scores[start:end, :width] = torch.from_numpy(found_scores / best) * matched
+            scores[start:end, :width] = torch.from_numpy(normalised) * matched
         return torch.cat([rows, scores], dim=1)
 
     return compute_sharded(texts, compute, show_progress_bar)

@@ -133,15 +133,8 @@ class HybridSearch:
         from st_daft.baselines import mteb_corpus_texts
         from st_daft.cache import embed_documents
 
-        self.lexical.index(
-            corpus,
-            task_metadata=task_metadata,
-            hf_split=hf_split,
-            hf_subset=hf_subset,
-            encode_kwargs=encode_kwargs,
-            num_proc=num_proc,
-        )
         self._document_ids, texts = mteb_corpus_texts(corpus)
+        self.lexical.index_texts(self._document_ids, texts, task_metadata, hf_subset)
         documents = embed_documents(
             self.model,
             texts,
@@ -156,9 +149,9 @@ class HybridSearch:
         """The indexed documents' ids: the columns of :meth:`fused_scores`."""
         return list(self._document_ids)
 
-    def fused_scores(self, texts: list[str], depth: int | None = None, batch_size: int = 64) -> torch.Tensor:
+    def fused_scores(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """``(len(texts), documents)`` fused scores of the indexed corpus (columns in :attr:`document_ids` order);
-        BM25 over each text's ``depth`` best documents (``self.depth`` by default)."""
+        BM25 over each text's ``depth`` best documents."""
         from st_daft.evaluation import warn_zero_query_vectors
 
         if self._documents is None:
@@ -170,7 +163,7 @@ class HybridSearch:
             queries = F.normalize(queries, dim=-1)
         scores = queries @ self._documents.T
         if self.weight > 0:
-            rows, lexical = self.lexical.normalised_top_k(texts, self.depth if depth is None else depth)
+            rows, lexical = self.lexical.normalised_top_k(texts, self.depth)
             scores.scatter_add_(1, torch.from_numpy(rows), torch.from_numpy(self.weight * lexical))
         return scores
 
