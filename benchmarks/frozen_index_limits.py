@@ -1,4 +1,4 @@
-"""Is the frozen document index what keeps a corpus-only static route below BM25 on SciFact? Three checks.
+"""Is the frozen document index what keeps a corpus-only static route below BM25 on SciFact? Four checks.
 
 A static route scores a document by ``q . D(d)`` with ``D`` all-MiniLM-L6-v2's fixed embedding, and ``q`` a linear
 function of the query's tokens. Each check scores SciFact's test and training claims (nDCG@10, MTEB's metric code):
@@ -13,12 +13,17 @@ function of the query's tokens. Each check scores SciFact's test and training cl
 - ``free-documents``: every document's vector made a free parameter and trained against the fixed route on texts cut
   from the corpus (the corpus stage's pseudo-queries: InfoNCE to the source document and/or KL to the BM25-fused
   teacher, anchored to the start by an L2 term): how far adapting the document side alone on such texts gets.
+- ``document-layers``: the same texts and losses, but the document *encoder* trained (its top ``--layers``
+  transformer layers; the layers below are run once and their outputs kept), as GPL does with generated queries. The
+  other documents' rows of each step's softmax come from a stale cache of their embeddings, refreshed as each batch
+  is encoded; every document is re-embedded after each epoch.
 
 Example::
 
     python benchmarks/frozen_index_limits.py R --data ../shared/data/scifact --document-store S --check projection
 
-Results go to ``benchmarks/results/twelfth_session/frozen_index_<check>.json``.
+Results go to ``benchmarks/results/twelfth_session/frozen_index_<check>.json`` (``document-layers``:
+``fourteenth_session``).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from st_daft.baselines import BM25Search
 from st_daft.corpus_alignment import alignment_examples, lexical_ranking_columns
 from st_daft.model import default_document_encoder
 
-RESULTS = Path(__file__).parent / "results" / "twelfth_session"
+RESULTS = Path(__file__).parent / "results"
+SESSION = {"document-layers": "fourteenth_session"}
 
 
 def top_100_run(scores: np.ndarray | torch.Tensor, data: RetrievalData, document_ids: list[str]) -> dict:
@@ -183,13 +189,136 @@ def free_documents(routes: dict, splits: dict, corpus: np.ndarray, data: Retriev
     return result
 
 
+def document_layers(
+    routes: dict,
+    splits: dict,
+    corpus: np.ndarray,
+    data: RetrievalData,
+    encoder,
+    layers: int,
+    epochs: int,
+    lr: float,
+    source_weight: float = 1.0,
+    lexical_weight: float = 1.0,
+) -> dict:
+    ids = list(data.corpus)
+    texts = [data.corpus[d] for d in ids]
+    row_of = {d: i for i, d in enumerate(ids)}
+    examples = alignment_examples(data.corpus, data.titles, max_texts=80000, seed=0)
+    lexical = lexical_ranking_columns(texts, [t for t, _ in examples], 32)
+    examples_of: list[list[int]] = [[] for _ in ids]
+    for index, (_, document_id) in enumerate(examples):
+        examples_of[row_of[document_id]].append(index)
+    with_examples = np.array([row for row, found in enumerate(examples_of) if found])
+    bert = encoder[0].auto_model
+    cut = len(bert.encoder.layer) - layers
+
+    def run_layers(hidden: torch.Tensor, attention: torch.Tensor, chosen) -> torch.Tensor:
+        mask = bert._create_attention_masks(attention, None, hidden, None, None)[0]
+        for layer in chosen:
+            hidden = layer(hidden, attention_mask=mask)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        return hidden
+
+    # The frozen bottom layers run once; their outputs are kept unpadded in float16 (about 1 GB for SciFact).
+    kept: list[torch.Tensor] = []
+    bert.eval()
+    with torch.no_grad():
+        for start in range(0, len(texts), 64):
+            features = encoder.tokenize(texts[start : start + 64])
+            attention = features["attention_mask"]
+            hidden = bert.embeddings(input_ids=features["input_ids"], token_type_ids=features.get("token_type_ids"))
+            hidden = run_layers(hidden, attention, bert.encoder.layer[:cut])
+            kept += [h[: int(n)].half().clone() for h, n in zip(hidden, attention.sum(1))]
+
+    def embed(rows) -> torch.Tensor:
+        width = max(kept[r].shape[0] for r in rows)
+        hidden = torch.zeros(len(rows), width, kept[0].shape[1])
+        attention = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            hidden[i, : kept[r].shape[0]] = kept[r].float()
+            attention[i, : kept[r].shape[0]] = 1
+        hidden = run_layers(hidden, attention, bert.encoder.layer[cut:])
+        pooled = (hidden * attention.unsqueeze(-1)).sum(1) / attention.sum(1, keepdim=True)
+        return F.normalize(pooled, dim=1)
+
+    def embed_all() -> torch.Tensor:
+        bert.eval()
+        order = np.argsort([k.shape[0] for k in kept])
+        out = torch.zeros(len(kept), corpus.shape[1])
+        with torch.no_grad():
+            for start in range(0, len(order), 128):
+                rows = order[start : start + 128]
+                out[torch.from_numpy(rows)] = embed(rows)
+        return out
+
+    start_corpus = torch.from_numpy(corpus)
+    initial = {key: value.clone() for key, value in bert.encoder.layer[cut:].state_dict().items()}
+    steps = len(with_examples) // 64 * epochs
+
+    def warmup_then_linear(step: int) -> float:
+        return min(1.0, (step + 1) / (0.1 * steps)) * (steps - step) / steps
+
+    result: dict = {"recomposed start, max abs difference": float((embed_all() - start_corpus).abs().max())}
+    for name, model in routes.items():
+        bert.encoder.layer[cut:].load_state_dict(initial)
+        torch.manual_seed(0)
+        rng = np.random.default_rng(0)
+        cut_texts = torch.from_numpy(
+            np.asarray(model.encode_query([t for t, _ in examples], normalize_embeddings=True))
+        )
+        queries = {split: torch.from_numpy(query_vectors(model, part)) for split, part in splits.items()}
+        history = {0: {s: ndcg_at_10(q @ start_corpus.T, splits[s], ids) for s, q in queries.items()}}
+        parameters = list(bert.encoder.layer[cut:].parameters())
+        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear)
+        cache = start_corpus.clone()
+        for epoch in range(1, epochs + 1):
+            bert.train()
+            order = rng.permutation(with_examples)
+            for first in range(0, len(order) - 63, 64):
+                rows = order[first : first + 64]
+                chosen = np.array([rng.choice(examples_of[r]) for r in rows])
+                fresh = embed(rows)
+                documents = cache.clone()
+                documents[torch.from_numpy(rows)] = fresh  # the batch's rows carry the gradient, the rest are stale
+                logits = 20.0 * cut_texts[chosen] @ documents.T
+                loss = source_weight * F.cross_entropy(logits, torch.from_numpy(rows))
+                columns, scores = lexical[chosen, :32].long(), lexical[chosen, 32:]
+                with torch.no_grad():
+                    added = torch.zeros_like(logits).scatter_add_(
+                        1, columns.clamp(min=0), torch.where(columns >= 0, scores, 0.0)
+                    )
+                    target = torch.softmax(20.0 * (cut_texts[chosen] @ start_corpus.T + lexical_weight * added), dim=1)
+                loss = loss + F.kl_div(torch.log_softmax(logits, 1), target, reduction="batchmean")
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                cache[torch.from_numpy(rows)] = fresh.detach()
+            trained = embed_all()
+            history[epoch] = {s: ndcg_at_10(q @ trained.T, splits[s], ids) for s, q in queries.items()}
+            moved = (trained - start_corpus).norm(dim=1).mean()
+            history[epoch]["mean distance from the start"] = round(float(moved), 4)
+            print(name, epoch, history[epoch], flush=True)
+            cache = trained
+        result[name] = history
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("routes", nargs="*", help="trained route folders (all-MiniLM-L6-v2 is always scored)")
     parser.add_argument("--data", required=True, help="a BEIR folder with test and train qrels")
-    parser.add_argument("--check", choices=["projection", "chunks", "free-documents"], required=True)
+    parser.add_argument("--check", choices=["projection", "chunks", "free-documents", "document-layers"], required=True)
     parser.add_argument("--document-store", default=None)
     parser.add_argument("--steps", type=int, default=1000, help="free-documents: training steps")
+    parser.add_argument("--layers", type=int, default=2, help="document-layers: top layers trained")
+    parser.add_argument("--epochs", type=int, default=3, help="document-layers: epochs over the corpus")
+    parser.add_argument("--lr", type=float, default=3e-5, help="document-layers: peak learning rate")
+    parser.add_argument("--source-weight", type=float, default=1.0, help="document-layers: InfoNCE to the source")
+    parser.add_argument("--lexical-weight", type=float, default=1.0, help="document-layers: BM25 in the teacher")
+    parser.add_argument("--output", default=None, help="the results file (default: the check's name)")
     args = parser.parse_args()
     encoder = SentenceTransformer(default_document_encoder())
     splits = {split: load_beir(args.data, split=split, empty_texts="warn") for split in ("test", "train")}
@@ -202,7 +331,7 @@ def main() -> None:
     else:
         corpus = encoder.encode_document(texts, show_progress_bar=True)
     corpus = np.asarray(corpus, dtype=np.float32)
-    routes = {"all-MiniLM-L6-v2": encoder} if args.check != "free-documents" else {}
+    routes = {"all-MiniLM-L6-v2": encoder} if args.check not in ("free-documents", "document-layers") else {}
     routes.update({Path(route).name: SentenceTransformer(route) for route in args.routes})
     if args.check == "projection":
         result = projection(routes, splits, corpus, texts, ids)
@@ -210,11 +339,17 @@ def main() -> None:
         if store is None:
             parser.error("--check chunks needs --document-store (the windows' embeddings are kept there)")
         result = chunks(routes, splits, corpus, texts, ids, store, encoder)
-    else:
+    elif args.check == "free-documents":
         result = free_documents(routes, splits, corpus, data, args.steps)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    else:
+        weights = (args.source_weight, args.lexical_weight)
+        result = document_layers(routes, splits, corpus, data, encoder, args.layers, args.epochs, args.lr, *weights)
+        result["settings"] = {"layers": args.layers, "epochs": args.epochs, "lr": args.lr, "weights": weights}
+    folder = RESULTS / SESSION.get(args.check, "twelfth_session")
+    folder.mkdir(parents=True, exist_ok=True)
     record = {"date": str(date.today()), "data": args.data, "check": args.check, "routes": args.routes, **result}
-    (RESULTS / f"frozen_index_{args.check}.json").write_text(json.dumps(record, indent=1) + "\n")
+    output = Path(args.output) if args.output else folder / f"frozen_index_{args.check}.json"
+    output.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":
