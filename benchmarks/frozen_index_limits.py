@@ -74,6 +74,21 @@ def per_query_ndcg(scores: np.ndarray, data: RetrievalData, document_ids: list[s
     return np.array([judged.get(query_id, {}).get("ndcg_cut_10", 0.0) for query_id in data.queries])
 
 
+def corpus_vectors(encoder: SentenceTransformer, texts: list[str], store: DocumentEmbeddingStore | None) -> np.ndarray:
+    """The documents' embeddings as float32, from ``store`` when given (computed once and kept there)."""
+    if store is not None:
+        return np.asarray(store.encode_document(encoder, texts, show_progress_bar=True), dtype=np.float32)
+    return np.asarray(encoder.encode_document(texts, show_progress_bar=True), dtype=np.float32)
+
+
+def bm25_scores(bm25: BM25Search, data: RetrievalData, documents: int, depth: int, dtype=np.float32) -> np.ndarray:
+    """A (queries, documents) matrix of each query's BM25 scores over its best (``depth`` best; 0 elsewhere)."""
+    rows, normalised = bm25.normalised_top_k(list(data.queries.values()), depth)
+    scores = np.zeros((len(data.queries), documents), dtype=dtype)
+    np.put_along_axis(scores, rows, normalised.astype(dtype), axis=1)
+    return scores
+
+
 def head_to_head(route: np.ndarray, lexical: np.ndarray, data: RetrievalData, ids: list[str]) -> dict:
     """Queries each ranker wins, the per-query oracle of the two, and the claims BM25 wins by most."""
     a, b = per_query_ndcg(route, data, ids), per_query_ndcg(lexical, data, ids)
@@ -92,9 +107,7 @@ def projection(routes: dict, splits: dict, corpus: np.ndarray, texts: list[str],
     gram = corpus.T.astype(np.float64) @ corpus
     result: dict = {}
     for split, data in splits.items():
-        rows, normalised = bm25.normalised_top_k(list(data.queries.values()), len(texts))
-        lexical = np.zeros((len(data.queries), len(texts)))
-        np.put_along_axis(lexical, rows, normalised, axis=1)
+        lexical = bm25_scores(bm25, data, len(texts), len(texts), dtype=np.float64)
         result[split] = {"bm25": ndcg_at_10(lexical, data, ids)}
         for name, model in routes.items():
             result[split][f"{name} against bm25"] = head_to_head(
@@ -148,6 +161,17 @@ def chunks(routes: dict, splits: dict, corpus: np.ndarray, texts: list[str], ids
     return result
 
 
+def fused_target(cut: torch.Tensor, start: torch.Tensor, lexical: torch.Tensor, lexical_weight: float) -> torch.Tensor:
+    """The BM25-fused teacher's distribution over the corpus for a batch of cut texts: the route's scores against the
+    starting document vectors plus ``lexical_weight`` x each text's BM25 top-k scores (``lexical_ranking_columns``)."""
+    width = lexical.shape[1] // 2
+    columns, scores = lexical[:, :width].long(), lexical[:, width:]
+    with torch.no_grad():
+        logits = cut @ start.T
+        added = torch.zeros_like(logits).scatter_add_(1, columns.clamp(min=0), torch.where(columns >= 0, scores, 0.0))
+        return torch.softmax(20.0 * (logits + lexical_weight * added), dim=1)
+
+
 def free_documents(routes: dict, splits: dict, corpus: np.ndarray, data: RetrievalData, steps: int) -> dict:
     ids = list(data.corpus)
     texts = [data.corpus[d] for d in ids]
@@ -170,12 +194,7 @@ def free_documents(routes: dict, splits: dict, corpus: np.ndarray, data: Retriev
                 logits = 20.0 * cut[batch] @ F.normalize(documents, dim=1).T
                 loss = source_weight * F.cross_entropy(logits, sources[batch])
                 if lexical_weight:
-                    columns, scores = lexical[batch, :32].long(), lexical[batch, 32:]
-                    with torch.no_grad():
-                        added = torch.zeros_like(logits).scatter_add_(
-                            1, columns.clamp(min=0), torch.where(columns >= 0, scores, 0.0)
-                        )
-                        target = torch.softmax(20.0 * (cut[batch] @ start.T + lexical_weight * added), dim=1)
+                    target = fused_target(cut[batch], start, lexical[batch], lexical_weight)
                     loss = loss + F.kl_div(torch.log_softmax(logits, 1), target, reduction="batchmean")
                 loss = loss + ((documents - start) ** 2).sum(1).mean()
                 optimizer.zero_grad()
@@ -284,12 +303,7 @@ def document_layers(
                 documents[torch.from_numpy(rows)] = fresh  # the batch's rows carry the gradient, the rest are stale
                 logits = 20.0 * cut_texts[chosen] @ documents.T
                 loss = source_weight * F.cross_entropy(logits, torch.from_numpy(rows))
-                columns, scores = lexical[chosen, :32].long(), lexical[chosen, 32:]
-                with torch.no_grad():
-                    added = torch.zeros_like(logits).scatter_add_(
-                        1, columns.clamp(min=0), torch.where(columns >= 0, scores, 0.0)
-                    )
-                    target = torch.softmax(20.0 * (cut_texts[chosen] @ start_corpus.T + lexical_weight * added), dim=1)
+                target = fused_target(cut_texts[chosen], start_corpus, lexical[chosen], lexical_weight)
                 loss = loss + F.kl_div(torch.log_softmax(logits, 1), target, reduction="batchmean")
                 optimizer.zero_grad()
                 loss.backward()
@@ -326,11 +340,7 @@ def main() -> None:
     ids = list(data.corpus)
     texts = [data.corpus[d] for d in ids]
     store = DocumentEmbeddingStore(args.document_store) if args.document_store else None
-    if store is not None:
-        corpus = store.encode_document(encoder, texts, show_progress_bar=True)
-    else:
-        corpus = encoder.encode_document(texts, show_progress_bar=True)
-    corpus = np.asarray(corpus, dtype=np.float32)
+    corpus = corpus_vectors(encoder, texts, store)
     routes = {"all-MiniLM-L6-v2": encoder} if args.check not in ("free-documents", "document-layers") else {}
     routes.update({Path(route).name: SentenceTransformer(route) for route in args.routes})
     if args.check == "projection":

@@ -16,7 +16,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from frozen_index_limits import per_query_ndcg, query_vectors
+from frozen_index_limits import bm25_scores, corpus_vectors, per_query_ndcg, query_vectors
 from sentence_transformers import SentenceTransformer
 
 from st_daft import DocumentEmbeddingStore, RetrievalData, load_beir
@@ -66,18 +66,12 @@ def main() -> None:
     splits = {split: load_beir(args.data, split=split, empty_texts="warn") for split in ("test", "train")}
     ids = list(splits["test"].corpus)
     texts = [splits["test"].corpus[d] for d in ids]
-    if args.document_store:
-        corpus = DocumentEmbeddingStore(args.document_store).encode_document(encoder, texts)
-    else:
-        corpus = encoder.encode_document(texts, show_progress_bar=True)
-    corpus = np.asarray(corpus, dtype=np.float32)
+    store = DocumentEmbeddingStore(args.document_store) if args.document_store else None
+    corpus = corpus_vectors(encoder, texts, store)
     bm25 = BM25Search().fit(texts)
-    lexical_per_query = {}
-    for split, data in splits.items():
-        rows, normalised = bm25.normalised_top_k(list(data.queries.values()), 1000)
-        lexical = np.zeros((len(data.queries), len(texts)), dtype=np.float32)
-        np.put_along_axis(lexical, rows, normalised.astype(np.float32), axis=1)
-        lexical_per_query[split] = per_query_ndcg(lexical, data, ids)
+    lexical_per_query = {
+        split: per_query_ndcg(bm25_scores(bm25, data, len(texts), 1000), data, ids) for split, data in splits.items()
+    }
     result: dict = {}
     for route in args.routes:
         model = SentenceTransformer(route)
