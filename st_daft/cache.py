@@ -123,6 +123,7 @@ class StaleEmbeddingCache:
         for start in range(0, len(texts), 1024):
             keys.extend(token_keys(model.preprocess(texts[start : start + 1024], task=DOCUMENT_ROUTE)))
         fingerprint = route_fingerprint(model)
+        logger.info("corpus cache: the document route's embeddings of %d documents", len(texts))
         if folder is None:
             embeddings = embed_sharded(model, texts, batch_size, show_progress_bar=show_progress_bar, store=store)
             return cls(ids, embeddings.to("cpu", dtype), keys, fingerprint)

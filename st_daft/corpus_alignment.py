@@ -8,6 +8,7 @@ pairs each with the document route's embedding of the same text (computed once; 
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -19,6 +20,8 @@ from torch import Tensor
 
 from st_daft.distributed import compute_sharded, embed_sharded
 from st_daft.store import DocumentEmbeddingStore
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "alignment_examples",
@@ -144,6 +147,7 @@ def alignment_dataset(
         raise ValueError("no alignment texts")
     if lexical_columns is not None and document_rows is None:
         raise ValueError("lexical_columns follow the source document's row: pass document_rows too")
+    logger.info("alignment targets: the document route's embeddings of %d texts", len(texts))
     # Under torchrun each process embeds 1/world_size of the texts; every process gets all the targets.
     targets = embed_sharded(model, texts, batch_size, show_progress_bar=show_progress_bar, store=store)
     if document_rows is not None:

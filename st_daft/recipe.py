@@ -11,6 +11,7 @@ import logging
 import random
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,7 +253,10 @@ def train_daft(
     attach_model_card(model)  # before training: each stage's trainer fills the same card data
     results = []
     for stage, args in zip(stages, arguments):
+        started = time.perf_counter()
         result = stage.run(context, args)
+        # The whole stage, not only its trainer: encoding a corpus stage's targets can take longer than training.
+        result.seconds = round(time.perf_counter() - started, 1)
         results.append(result)
         _record_on_card(model, stage, result, context)
     pairs = len(context.train_data.training_pairs()) if context.train_data is not None else 0

@@ -106,7 +106,11 @@ DEVICES = ("cpu", "cuda", "mps")
 
 @dataclass
 class StageResult:
-    """What every stage returns (a stage that trains nothing has ``steps=0``)."""
+    """What every stage returns (a stage that trains nothing has ``steps=0``).
+
+    ``seconds`` is the stage's wall time as :func:`~st_daft.recipe.train_daft` measures it (targets encoded, corpus
+    cached, trained, evaluated); ``training_seconds`` is the part spent in the trainer.
+    """
 
     name: str
     steps: int = 0
@@ -116,6 +120,7 @@ class StageResult:
     collapsed: bool = False
     final_metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    training_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
     log_history: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
@@ -131,7 +136,7 @@ class StageResult:
             return f"stage {self.name}: {details} ({self.seconds:.0f} s)"
         return (
             f"stage {self.name}: {self.steps} steps, {self.stopped_reason or 'budget reached'}; "
-            f"collapsed: {self.collapsed} ({self.seconds:.0f} s)"
+            f"collapsed: {self.collapsed} ({self.seconds:.0f} s, {self.training_seconds:.0f} s of them training)"
         )
 
 
@@ -493,6 +498,7 @@ class TrainedStage(Stage):
         stopper = _find(trainer, EarlyStoppingCallback)
         state = trainer.state
         stopped_reason = collapse.stopped_reason if collapse else None
+        training_seconds = round(time.perf_counter() - started, 1)
         early_stopped = stopper and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience
         if stopped_reason is None and early_stopped:
             stopped_reason = (
@@ -509,7 +515,8 @@ class TrainedStage(Stage):
             stopped_reason=stopped_reason,
             collapsed=bool(collapse and collapse.collapsed),
             final_metrics=_best_evaluation(state) or evaluator(context.model),
-            seconds=round(time.perf_counter() - started, 1),
+            seconds=training_seconds,
+            training_seconds=training_seconds,
             log_history=state.log_history,
         )
 

@@ -208,6 +208,9 @@ def test_recipe_runs_the_label_free_stages(tiny_document_model_dir: Path, tiny_b
     assert corpus_stage.steps == 4 and 0 < corpus_stage.extra["num_texts"] <= 40
     logged = {key for row in corpus_stage.log_history for key in row}
     assert {"regression", "contrastive", "document", "eval_alignment_knn_kl"} <= logged
+    # A stage's time is the whole stage (its targets encoded, its corpus cached), the trainer's a part of it.
+    assert 0 < corpus_stage.training_seconds <= corpus_stage.seconds
+    assert f"{corpus_stage.training_seconds:.0f} s of them training" in corpus_stage.describe()
 
     tiny = build_asymmetric_model(str(tiny_document_model_dir), "tiny:1,8")
     config = DAFTConfig(stages=["vocabulary", corpus], validation_fraction=0.2, num_validation_texts=16)
