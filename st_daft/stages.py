@@ -373,7 +373,6 @@ class VocabularyStage(Stage):
         return None
 
     def run(self, context: StageContext, args: SentenceTransformerTrainingArguments | None = None) -> StageResult:
-        started = time.perf_counter()
         _require_resolved(self, "contextual")
         _require_resolved(self, "corpus_words")
         documents = self._sampled_documents(context) if self.corpus_words or self.contextual else []
@@ -400,10 +399,9 @@ class VocabularyStage(Stage):
         info["idf"] = self.idf_weighting
         if statistics is not None:
             info["contextual_documents"] = float(min(len(context.corpus), self.max_documents))
-        seconds = round(time.perf_counter() - started, 1)
         # The statistics the trained stages end with, so every stage reports the KL it reached.
         final_metrics = CollapseEvaluator(context.kl_texts, name=KL_EVALUATOR_NAME, write_csv=False)(context.model)
-        return StageResult(self.name, final_metrics=final_metrics, seconds=seconds, extra=dict(info))
+        return StageResult(self.name, final_metrics=final_metrics, extra=dict(info))
 
     def _sampled_documents(self, context: StageContext) -> list[str]:
         """The corpus, or a seeded sample of ``max_documents`` of it (the same on every process)."""
@@ -493,12 +491,12 @@ class TrainedStage(Stage):
         resume = last_complete_checkpoint(args.output_dir, self.checkpoint_files()) if context.resume else None
         logger.info("stage %s: %s%s", self.name, args.output_dir, f" (resuming from {resume})" if resume else "")
         trainer.train(resume_from_checkpoint=resume)
+        training_seconds = round(time.perf_counter() - started, 1)
         # Resuming replaces stateful callbacks by restored copies: read them back from the trainer.
         collapse = _find(trainer, CollapseStopCallback)
         stopper = _find(trainer, EarlyStoppingCallback)
         state = trainer.state
         stopped_reason = collapse.stopped_reason if collapse else None
-        training_seconds = round(time.perf_counter() - started, 1)
         early_stopped = stopper and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience
         if stopped_reason is None and early_stopped:
             stopped_reason = (
@@ -515,7 +513,6 @@ class TrainedStage(Stage):
             stopped_reason=stopped_reason,
             collapsed=bool(collapse and collapse.collapsed),
             final_metrics=_best_evaluation(state) or evaluator(context.model),
-            seconds=training_seconds,
             training_seconds=training_seconds,
             log_history=state.log_history,
         )
