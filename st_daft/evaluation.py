@@ -406,7 +406,7 @@ def evaluate_retrieval(
         mteb_model = _wrap_model(model, document_store)
 
     store = getattr(mteb_model, "document_store", None)
-    hits_before, misses_before = (store.hits, store.misses) if store is not None else (0, 0)
+    counts_before = (store.hits, store.misses, store.repeats) if store is not None else (0, 0, 0)
     task = _resolve_task(data, split)
     split = task.eval_splits[0]
     if len(task.eval_splits) != 1:
@@ -432,11 +432,11 @@ def evaluate_retrieval(
         if loaded_here and task.data_loaded:
             task.unload_data()
     if store is not None:
-        logger.info(
-            "document store: %d documents read back, %d encoded",
-            store.hits - hits_before,
-            store.misses - misses_before,
+        hits, misses, repeats = (
+            now - before for now, before in zip((store.hits, store.misses, store.repeats), counts_before)
         )
+        repeated = f" ({repeats} repeat another document's text and share its row)" if repeats else ""
+        logger.info("document store: %d documents read back, %d encoded%s", hits, misses, repeated)
 
     task_result = model_result.task_results[0]
     results: dict[str, float | int | str] = {"task": task.metadata.name, "split": split}

@@ -63,8 +63,9 @@ class DocumentEmbeddingStore:
             raise NotADirectoryError(f"document store {self.folder} exists and is not a folder")
         self.flush_every = flush_every
         self._rows: dict[str, dict[bytes, np.ndarray]] = {}  # encoder key -> text key -> vector
-        self.hits = 0
-        self.misses = 0
+        self.hits = 0  # texts read back from the store
+        self.misses = 0  # texts encoded (each distinct new text once)
+        self.repeats = 0  # texts that repeat another text of the same call: they share its row
 
     def _load(self, encoder_key: str, legacy_keys: Sequence[str] = ()) -> dict[bytes, np.ndarray]:
         """The rows stored under ``encoder_key``, and under the keys an earlier st-daft gave the same encoder (read,
@@ -125,8 +126,10 @@ class DocumentEmbeddingStore:
         for key, text in zip(keys, texts):
             if key not in rows and key not in missing:
                 missing[key] = text
-        self.hits += len(keys) - len(missing)
+        stored = sum(key in rows for key in keys)
+        self.hits += stored
         self.misses += len(missing)
+        self.repeats += len(keys) - stored - len(missing)
         if missing:
             missing_keys = list(missing)
             for start in range(0, len(missing_keys), self.flush_every):
@@ -158,4 +161,5 @@ class DocumentEmbeddingStore:
         return self.embeddings(model, texts, compute, kind="document", encoder_key=encoder_key)
 
     def __repr__(self) -> str:
-        return f"DocumentEmbeddingStore({str(self.folder)!r}, hits={self.hits}, misses={self.misses})"
+        counts = f"hits={self.hits}, misses={self.misses}, repeats={self.repeats}"
+        return f"DocumentEmbeddingStore({str(self.folder)!r}, {counts})"
