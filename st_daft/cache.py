@@ -112,16 +112,7 @@ class StaleEmbeddingCache:
         :class:`~st_daft.store.DocumentEmbeddingStore`, documents it already holds for this document route are read
         from it instead of being encoded again.
         """
-        if not corpus:
-            raise ValueError("cannot build a cache over an empty corpus")
-        ids = list(corpus)
-        texts = [corpus[doc_id] for doc_id in ids]
-        empty = [doc_id for doc_id, text in zip(ids, texts) if not text.strip()]
-        if empty:
-            raise ValueError(f"{len(empty)} corpus documents have empty text, e.g. {empty[:3]}")
-        keys: list[bytes] = []
-        for start in range(0, len(texts), 1024):
-            keys.extend(token_keys(model.preprocess(texts[start : start + 1024], task=DOCUMENT_ROUTE)))
+        ids, texts, keys = _corpus_keys(model, corpus)
         fingerprint = route_fingerprint(model)
         logger.info("corpus cache: the document route's embeddings of %d documents", len(texts))
         if folder is None:
@@ -137,6 +128,33 @@ class StaleEmbeddingCache:
         cache._init_fields(ids, torch.empty(0, 0), keys, fingerprint)
         cache._write_keys_and_metadata(folder, _dtype_name(dtype), len(ids), dimension)
         return cls.load(folder, mmap=True)
+
+    @classmethod
+    def from_embeddings(
+        cls,
+        model: SentenceTransformer,
+        corpus: dict[str, str],
+        embeddings: Tensor,
+        dtype: torch.dtype = torch.float32,
+        store: DocumentEmbeddingStore | None = None,
+    ) -> StaleEmbeddingCache:
+        """The cache :meth:`build` would make, from ``embeddings`` (one row per document, in ``corpus``' order) that
+        the document route as it is now already computed, e.g. in the vocabulary stage's pass over the corpus.
+        With a ``store``, the rows it lacks are written to it, as :meth:`build` would have."""
+        ids, texts, keys = _corpus_keys(model, corpus)
+        if embeddings.shape[0] != len(ids):
+            raise ValueError(f"{embeddings.shape[0]} embeddings for a corpus of {len(ids)} documents")
+        embeddings = embeddings.to("cpu", torch.float32)
+        if store is not None:
+            row_of_text = {text: row for row, text in enumerate(texts)}
+            store.embeddings(
+                model,
+                texts,
+                lambda missing: embeddings[[row_of_text[text] for text in missing]].numpy(),
+                kind="document",
+            )
+        logger.info("corpus cache: the document route's embeddings of %d documents, from an earlier pass", len(ids))
+        return cls(ids, embeddings.to(dtype), keys, route_fingerprint(model))
 
     def refresh(
         self, model: SentenceTransformer, texts: list[str], batch_size: int = 64, show_progress_bar: bool = False
@@ -256,6 +274,21 @@ class StaleEmbeddingCache:
         cache = cls(metadata["ids"], tensor, keys, metadata["fingerprint"])
         cache.folder = folder
         return cache
+
+
+def _corpus_keys(model: SentenceTransformer, corpus: dict[str, str]) -> tuple[list[str], list[str], list[bytes]]:
+    """``(ids, texts, token keys)`` of a corpus, refused when it is empty or holds an empty document."""
+    if not corpus:
+        raise ValueError("cannot build a cache over an empty corpus")
+    ids = list(corpus)
+    texts = [corpus[doc_id] for doc_id in ids]
+    empty = [doc_id for doc_id, text in zip(ids, texts) if not text.strip()]
+    if empty:
+        raise ValueError(f"{len(empty)} corpus documents have empty text, e.g. {empty[:3]}")
+    keys: list[bytes] = []
+    for start in range(0, len(texts), 1024):
+        keys.extend(token_keys(model.preprocess(texts[start : start + 1024], task=DOCUMENT_ROUTE)))
+    return ids, texts, keys
 
 
 def embed_documents(

@@ -70,6 +70,7 @@ __all__ = [
     "interpolate_route",
     "route_weights",
     "route_parameter_pattern",
+    "route_prompt",
     "count_parameters",
     "export_route",
 ]
@@ -367,7 +368,7 @@ def count_parameters(model: SentenceTransformer, route: str | None = None, train
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def _route_prompt(model: SentenceTransformer, route: str) -> str:
+def route_prompt(model: SentenceTransformer, route: str) -> str:
     """The prompt the full model prepends when it encodes for ``route``'s task (as ``encode_query`` and
     ``encode_document`` pick it: the task's own prompt, else the default prompt)."""
     candidates = {QUERY_ROUTE: ("query",), DOCUMENT_ROUTE: ("document", "passage", "corpus")}.get(route, (route,))
@@ -423,7 +424,7 @@ def export_route(
     # One deepcopy call, so modules shared inside the route stay shared in the copy.
     exported_modules = copy.deepcopy([*modules[:index], *router.sub_modules[route], *modules[index + 1 :]])
 
-    prompt = _route_prompt(model, route)
+    prompt = route_prompt(model, route)
     # Every entry point of the exported model runs this route, so all of them get the route's prompt.
     prompts = {QUERY_ROUTE: prompt, DOCUMENT_ROUTE: prompt, route: prompt}
     card = model.model_card_data

@@ -78,7 +78,7 @@ def static_route_table(
     import torch
     from sentence_transformers.sentence_transformer.modules import Normalize, Router, StaticEmbedding
 
-    from st_daft.model import _route_prompt
+    from st_daft.model import route_prompt
 
     modules = list(model.children())
     routers = [index for index, module in enumerate(modules) if isinstance(module, Router)]
@@ -102,9 +102,9 @@ def static_route_table(
     others = [type(module).__name__ for module in modules[: routers[0]] + modules[routers[0] + 1 :]]
     if any(name != "Normalize" for name in others):
         raise ValueError(f"format model2vec supports only Normalize around the Router, found {others}")
-    if _route_prompt(model, route):
+    if route_prompt(model, route):
         raise ValueError(
-            f"the {route} route has the prompt {_route_prompt(model, route)!r}, which a model2vec model cannot prepend"
+            f"the {route} route has the prompt {route_prompt(model, route)!r}, which a model2vec model cannot prepend"
         )
     if model.truncate_dim is not None:
         raise ValueError(

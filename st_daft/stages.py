@@ -58,6 +58,7 @@ from st_daft.model import (
     has_route,
     interpolate_route,
     route_parameter_pattern,
+    route_prompt,
     route_weights,
     unfreeze_route,
 )
@@ -317,7 +318,8 @@ class VocabularyStage(Stage):
             labelled queries, off beside them. Needs a mean-pooled document route (skipped with a warning
             otherwise).
         max_documents: documents read for the contextual vectors and the corpus words (a seeded sample of a larger
-            corpus): one pass of the document route over them.
+            corpus): one pass of the document route over them. When they are the whole corpus, that pass also
+            gives the corpus cache of the later stages (:meth:`~st_daft.cache.StaleEmbeddingCache.from_embeddings`).
         batch_size: documents per document-route batch in that pass.
         corpus_words: add up to this many of the corpus's words that the query tokenizer splits into pieces as
             whole-word rows of the table (:func:`~st_daft.vocabulary.add_words_to_static_route`), the words in most
@@ -421,9 +423,22 @@ class VocabularyStage(Stage):
             return None
         # Kept in the document store (shared by runs) or else the run's folder (read back on --resume).
         folder = context.store.folder if context.store is not None else context.output_dir / self.folder
-        return contextual_token_statistics(
-            context.model, documents, batch_size=self.batch_size, cache_folder=folder, words=words
+        # The pass over the whole corpus also makes the corpus cache the later stages need, unless the cache would
+        # differ (a sample of the corpus, a document prompt) or already exists.
+        reuse = len(documents) == len(context.corpus) and not route_prompt(context.model, DOCUMENT_ROUTE)
+        sums, counts, embeddings = contextual_token_statistics(
+            context.model,
+            documents,
+            batch_size=self.batch_size,
+            cache_folder=folder,
+            words=words,
+            return_document_embeddings=True,
         )
+        if reuse and embeddings is not None and context.cache is None:
+            context.cache = StaleEmbeddingCache.from_embeddings(
+                context.model, context.corpus, embeddings, store=context.store
+            )
+        return sums, counts
 
 
 @dataclass

@@ -44,7 +44,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from st_daft.distributed import all_reduce_sum, compute_sharded, get_rank, get_world_size, is_main_process
+from st_daft.distributed import all_reduce_sum, compute_sharded, get_world_size, is_main_process
 from st_daft.io import atomic_torch_save
 from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, get_route
 from st_daft.store import DocumentEmbeddingStore, document_encoder_key
@@ -160,7 +160,8 @@ def contextual_token_statistics(
     show_progress_bar: bool = True,
     cache_folder: str | Path | None = None,
     words: Sequence[str] = (),
-) -> tuple[Tensor, Tensor]:
+    return_document_embeddings: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor | None]:
     """Sum and count of the document route's contextual output vectors of every token over ``documents``.
 
     One pass of the document route's ``Transformer`` over the documents, truncated as the route truncates them;
@@ -173,9 +174,15 @@ def contextual_token_statistics(
     occurrence of a word also adds the mean of its pieces' output vectors to that word's row, appended after the
     vocabulary's rows in ``words``' order.
 
+    With ``return_document_embeddings`` the same pass also yields each document's embedding by the whole document
+    route (pooled, and through the modules after the ``Router``): what ``encode_document`` without a prompt returns,
+    so a corpus cache need not encode the documents a second time.
+
     Returns:
         ``(sums, counts)``: ``(vocabulary size + len(words), dim)`` float32 sums and ``(vocabulary size +
-        len(words),)`` float32 counts, indexed by the document tokenizer's token ids, then by ``words``.
+        len(words),)`` float32 counts, indexed by the document tokenizer's token ids, then by ``words``. With
+        ``return_document_embeddings``, ``(sums, counts, embeddings)``: ``(len(documents), dim)`` float32
+        embeddings in ``documents``' order, or None when the statistics were read back from ``cache_folder``.
     """
     reason = mean_pooled_transformer(model)
     if reason is not None:
@@ -193,10 +200,14 @@ def contextual_token_statistics(
         if seen.item() == get_world_size():
             statistics = torch.load(cached, map_location="cpu")
             logger.info("contextual token statistics read from %s", cached)
+            if return_document_embeddings:
+                return statistics["sums"], statistics["counts"], None
             return statistics["sums"], statistics["counts"]
-    sums, counts = _contextual_token_sums(model, documents, batch_size, show_progress_bar, words)
+    sums, counts, embeddings = _contextual_token_sums(model, documents, batch_size, show_progress_bar, words)
     if cached is not None and is_main_process():
         atomic_torch_save({"sums": sums, "counts": counts}, cached)
+    if return_document_embeddings:
+        return sums, counts, embeddings
     return sums, counts
 
 
@@ -206,33 +217,46 @@ def _contextual_token_sums(
     batch_size: int,
     show_progress_bar: bool,
     words: Sequence[str] = (),
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sums, counts, document embeddings)``: the token statistics, all-reduced over the process group, and
+    every document's embedding by the whole document route, all-gathered in ``documents``' order."""
     transformer = get_route(model, DOCUMENT_ROUTE)[0]
     tokenizer = transformer.tokenizer
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-    rank, world_size = get_rank(), get_world_size()
-    shard = list(documents)[rank::world_size]
-    # Length-sorted batches pad little; the sums do not depend on the order.
-    shard.sort(key=len)
     vocabulary_size = max(len(tokenizer), transformer.auto_model.get_input_embeddings().num_embeddings)
-    # Allocated before the loop: a process whose shard is empty (more processes than documents) still all-reduces.
+    # Allocated before the pass: a process whose shard is empty (more processes than documents) still all-reduces.
     dimension = transformer.get_embedding_dimension()
     rows = vocabulary_size + len(words)
     sums = torch.zeros(rows, dimension, dtype=torch.float32, device=model.device)
     counts = torch.zeros(rows, dtype=torch.float32, device=model.device)
     word_rows = {word: vocabulary_size + index for index, word in enumerate(words)}
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) if word_rows else []
-    show = show_progress_bar and rank == 0
-    for features in _document_batches(model, transformer, shard, batch_size, "Contextual token vectors", show):
-        outputs = transformer(features)["token_embeddings"].float()
-        ids = features["input_ids"]
-        keep = features["attention_mask"].bool() & ~torch.isin(ids, special.to(ids.device))
-        sums.index_add_(0, ids[keep], outputs[keep])
-        counts.index_add_(0, ids[keep], torch.ones_like(ids[keep], dtype=torch.float32))
-        if word_rows:
-            _add_word_means(sums, counts, outputs, ids, keep, pieces, word_rows)
+
+    def read_shard(shard: list[str], show: bool) -> Tensor:
+        # Length-sorted batches pad little; the sums do not depend on the order, the embeddings are put back in it.
+        order = sorted(range(len(shard)), key=lambda index: len(shard[index]))
+        pooled = []
+        texts = [shard[i] for i in order]
+        for features in _document_batches(model, model, texts, batch_size, "Contextual token vectors", show):
+            # The whole route: its Transformer's token outputs for the statistics, its pooled output for the cache.
+            output = model(features, task=DOCUMENT_ROUTE)
+            outputs = output["token_embeddings"].float()
+            pooled.append(output["sentence_embedding"].float().cpu())
+            ids = features["input_ids"]
+            keep = features["attention_mask"].bool() & ~torch.isin(ids, special.to(ids.device))
+            sums.index_add_(0, ids[keep], outputs[keep])
+            counts.index_add_(0, ids[keep], torch.ones_like(ids[keep], dtype=torch.float32))
+            if word_rows:
+                _add_word_means(sums, counts, outputs, ids, keep, pieces, word_rows)
+        if not pooled:
+            return torch.zeros(0, dimension)
+        embeddings = torch.cat(pooled)
+        embeddings[torch.tensor(order)] = embeddings.clone()
+        return embeddings
+
+    embeddings = compute_sharded(list(documents), read_shard, show_progress_bar, like=model.device)
     sums, counts = all_reduce_sum(sums, counts)
-    return sums.cpu(), counts.cpu()
+    return sums.cpu(), counts.cpu(), embeddings
 
 
 def _add_word_means(

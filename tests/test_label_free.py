@@ -15,6 +15,8 @@ from st_daft import (
     AlignStage,
     CorpusStage,
     DAFTConfig,
+    DocumentEmbeddingStore,
+    StaleEmbeddingCache,
     VocabularyStage,
     build_asymmetric_model,
     get_route,
@@ -183,8 +185,12 @@ def test_vocabulary_initialisation_needs_a_static_route(model) -> None:
         initialize_static_route(model, show_progress_bar=False)
 
 
-def test_recipe_runs_the_label_free_stages(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
+def test_recipe_runs_the_label_free_stages(
+    tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path, monkeypatch
+) -> None:
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    # The vocabulary stage's pass over the whole corpus is the corpus cache too: nothing encodes it again.
+    monkeypatch.setattr(StaleEmbeddingCache, "build", lambda *args, **kwargs: pytest.fail("corpus encoded again"))
     corpus = CorpusStage(
         max_steps=4, batch_size=8, eval_steps=2, warmup_ratio=0.0, logging_steps=1, max_texts=40, document_weight=1
     )
@@ -211,6 +217,7 @@ def test_recipe_runs_the_label_free_stages(tiny_document_model_dir: Path, tiny_b
     # A stage's time is the whole stage (its targets encoded, its corpus cached), the trainer's a part of it.
     assert 0 < corpus_stage.training_seconds <= corpus_stage.seconds
     assert f"{corpus_stage.training_seconds:.0f} s of them training" in corpus_stage.describe()
+    monkeypatch.undo()
 
     tiny = build_asymmetric_model(str(tiny_document_model_dir), "tiny:1,8")
     config = DAFTConfig(stages=["vocabulary", corpus], validation_fraction=0.2, num_validation_texts=16)
@@ -752,6 +759,39 @@ def test_contextual_token_statistics_sum_each_token_s_outputs(
     assert all(torch.equal(a, b) for a, b in zip(kept, again))
     contextual_token_statistics(model, documents[:2], show_progress_bar=False, cache_folder=tmp_path)
     assert len(list(tmp_path.glob("token-statistics-*.pt"))) == 2, "other documents, another file"
+
+
+def test_contextual_pass_yields_the_corpus_cache(tiny_document_model_dir: Path, tmp_path: Path) -> None:
+    from st_daft.vocabulary import contextual_token_statistics
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    corpus = {**CORPUS, "long": "the heart of a cell " * 20, "short": "blood"}
+    documents = list(corpus.values())
+    sums, counts, embeddings = contextual_token_statistics(
+        model, documents, batch_size=2, show_progress_bar=False, return_document_embeddings=True
+    )
+    plain_sums, plain_counts = contextual_token_statistics(model, documents, show_progress_bar=False)
+    assert torch.equal(counts, plain_counts)
+    torch.testing.assert_close(sums, plain_sums, atol=1e-5, rtol=1e-5)
+    # The same pass's pooled outputs, in the documents' order (batches are length-sorted): encode_document's.
+    encoded = model.encode_document(documents, convert_to_tensor=True)
+    torch.testing.assert_close(embeddings, encoded, atol=1e-5, rtol=1e-5)
+
+    store = DocumentEmbeddingStore(tmp_path / "store")
+    cache = StaleEmbeddingCache.from_embeddings(model, corpus, embeddings, store=store)
+    built = StaleEmbeddingCache.build(model, corpus, show_progress_bar=False, store=store)
+    assert store.hits == len(corpus), "the store read back every row from_embeddings wrote"
+    assert cache.ids == built.ids and cache.keys == built.keys and cache.fingerprint == built.fingerprint
+    torch.testing.assert_close(cache.embeddings, built.embeddings)
+    assert cache.is_current(model)
+    with pytest.raises(ValueError, match="2 embeddings for a corpus of"):
+        StaleEmbeddingCache.from_embeddings(model, corpus, embeddings[:2])
+    # Read back from a statistics file, the pass did not run: no embeddings.
+    contextual_token_statistics(model, documents, show_progress_bar=False, cache_folder=tmp_path)
+    *_, kept = contextual_token_statistics(
+        model, documents, show_progress_bar=False, cache_folder=tmp_path, return_document_embeddings=True
+    )
+    assert kept is None
 
 
 def test_contextual_statistics_of_words_mean_their_pieces(tiny_document_model_dir: Path, tmp_path: Path) -> None:
