@@ -426,17 +426,17 @@ class VocabularyStage(Stage):
         # The pass over the whole corpus also makes the corpus cache the later stages need, unless the cache would
         # differ (a sample of the corpus, a document prompt) or already exists.
         reuse = len(documents) == len(context.corpus) and not route_prompt(context.model, DOCUMENT_ROUTE)
-        sums, counts, embeddings = contextual_token_statistics(
+        sums, counts, *kept = contextual_token_statistics(
             context.model,
             documents,
             batch_size=self.batch_size,
             cache_folder=folder,
             words=words,
-            return_document_embeddings=True,
+            return_document_embeddings=reuse and context.cache is None,
         )
-        if reuse and embeddings is not None and context.cache is None:
+        if kept and kept[0] is not None:
             context.cache = StaleEmbeddingCache.from_embeddings(
-                context.model, context.corpus, embeddings, store=context.store
+                context.model, context.corpus, kept[0], store=context.store
             )
         return sums, counts
 

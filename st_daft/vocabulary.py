@@ -44,7 +44,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from st_daft.distributed import all_reduce_sum, compute_sharded, get_world_size, is_main_process
+from st_daft.distributed import all_reduce_sum, compute_sharded, get_rank, get_world_size, is_main_process
 from st_daft.io import atomic_torch_save
 from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, get_route
 from st_daft.store import DocumentEmbeddingStore, document_encoder_key
@@ -203,7 +203,9 @@ def contextual_token_statistics(
             if return_document_embeddings:
                 return statistics["sums"], statistics["counts"], None
             return statistics["sums"], statistics["counts"]
-    sums, counts, embeddings = _contextual_token_sums(model, documents, batch_size, show_progress_bar, words)
+    sums, counts, embeddings = _contextual_token_sums(
+        model, documents, batch_size, show_progress_bar, words, keep_embeddings=return_document_embeddings
+    )
     if cached is not None and is_main_process():
         atomic_torch_save({"sums": sums, "counts": counts}, cached)
     if return_document_embeddings:
@@ -217,9 +219,11 @@ def _contextual_token_sums(
     batch_size: int,
     show_progress_bar: bool,
     words: Sequence[str] = (),
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(sums, counts, document embeddings)``: the token statistics, all-reduced over the process group, and
-    every document's embedding by the whole document route, all-gathered in ``documents``' order."""
+    keep_embeddings: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(sums, counts, document embeddings)``: the token statistics, all-reduced over the process group, and with
+    ``keep_embeddings`` every document's embedding by the whole document route, all-gathered in ``documents``' order
+    (else None: a sample of a large corpus is not held in memory for nothing)."""
     transformer = get_route(model, DOCUMENT_ROUTE)[0]
     tokenizer = transformer.tokenizer
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
@@ -241,7 +245,8 @@ def _contextual_token_sums(
             # The whole route: its Transformer's token outputs for the statistics, its pooled output for the cache.
             output = model(features, task=DOCUMENT_ROUTE)
             outputs = output["token_embeddings"].float()
-            pooled.append(output["sentence_embedding"].float().cpu())
+            if keep_embeddings:
+                pooled.append(output["sentence_embedding"].float().cpu())
             ids = features["input_ids"]
             keep = features["attention_mask"].bool() & ~torch.isin(ids, special.to(ids.device))
             sums.index_add_(0, ids[keep], outputs[keep])
@@ -254,7 +259,14 @@ def _contextual_token_sums(
         embeddings[torch.tensor(order)] = embeddings.clone()
         return embeddings
 
-    embeddings = compute_sharded(list(documents), read_shard, show_progress_bar, like=model.device)
+    embeddings = None
+    if keep_embeddings:
+        embeddings = compute_sharded(list(documents), read_shard, show_progress_bar, like=model.device)
+    else:
+        rank = get_rank()
+        shard = list(documents)[rank :: get_world_size()]
+        if shard:
+            read_shard(shard, show_progress_bar and rank == 0)
     sums, counts = all_reduce_sum(sums, counts)
     return sums.cpu(), counts.cpu(), embeddings
 
