@@ -44,6 +44,7 @@ __all__ = [
     "barrier",
     "embed_sharded",
     "compute_sharded",
+    "local_shard",
     "all_reduce_gradients",
     "all_reduce_sum",
     "broadcast_parameters",
@@ -120,6 +121,16 @@ def embed_sharded(
     return compute_sharded(texts, embed, show_progress_bar, like=model.device)
 
 
+def local_shard(items: list[T]) -> list[T]:
+    """This process's contiguous shard of ``items`` (all of them in one process), as :func:`compute_sharded` splits
+    them: ``ceil(len(items) / world_size)`` each, the last ones shorter or empty."""
+    if not is_distributed():
+        return items
+    shard_size = math.ceil(len(items) / dist.get_world_size())
+    rank = dist.get_rank()
+    return items[rank * shard_size : (rank + 1) * shard_size]
+
+
 def compute_sharded(
     items: list[T],
     compute: Callable[[list[T], bool], Tensor],
@@ -137,7 +148,7 @@ def compute_sharded(
         return compute(items, show_progress_bar).to("cpu", torch.float32)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     shard_size = math.ceil(len(items) / world_size)
-    shard = items[rank * shard_size : (rank + 1) * shard_size]
+    shard = local_shard(items)
     device = _communication_device(like)
     local = compute(shard, show_progress_bar and rank == 0) if shard else None  # None: more ranks than items
     # Every rank must pass tensors of one shape: learn the dimension, pad the last shard.

@@ -425,20 +425,21 @@ class VocabularyStage(Stage):
         folder = context.store.folder if context.store is not None else context.output_dir / self.folder
         # The pass over the whole corpus also makes the corpus cache the later stages need, unless the cache would
         # differ (a sample of the corpus, a document prompt) or already exists.
-        reuse = len(documents) == len(context.corpus) and not route_prompt(context.model, DOCUMENT_ROUTE)
-        sums, counts, *kept = contextual_token_statistics(
+        whole_corpus = len(documents) == len(context.corpus)
+        keep = whole_corpus and not route_prompt(context.model, DOCUMENT_ROUTE) and context.cache is None
+        statistics = contextual_token_statistics(
             context.model,
             documents,
             batch_size=self.batch_size,
             cache_folder=folder,
             words=words,
-            return_document_embeddings=reuse and context.cache is None,
+            return_document_embeddings=keep,
         )
-        if kept and kept[0] is not None:
+        if keep and statistics[2] is not None:  # None: the statistics were read back, the pass did not run
             context.cache = StaleEmbeddingCache.from_embeddings(
-                context.model, context.corpus, kept[0], store=context.store
+                context.model, context.corpus, statistics[2], store=context.store
             )
-        return sums, counts
+        return statistics[0], statistics[1]
 
 
 @dataclass

@@ -123,10 +123,12 @@ class DocumentEmbeddingStore:
         rows = self._load(encoder_key, legacy_keys)
         keys = [_text_key(text, kind, prompt) for text in texts]
         missing: dict[bytes, str] = {}
+        stored = 0
         for key, text in zip(keys, texts):
-            if key not in rows and key not in missing:
+            if key in rows:
+                stored += 1
+            elif key not in missing:
                 missing[key] = text
-        stored = sum(key in rows for key in keys)
         self.hits += stored
         self.misses += len(missing)
         self.repeats += len(keys) - stored - len(missing)

@@ -44,7 +44,14 @@ from tokenizers import Tokenizer
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from st_daft.distributed import all_reduce_sum, compute_sharded, get_rank, get_world_size, is_main_process
+from st_daft.distributed import (
+    all_reduce_sum,
+    compute_sharded,
+    get_rank,
+    get_world_size,
+    is_main_process,
+    local_shard,
+)
 from st_daft.io import atomic_torch_save
 from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, get_route
 from st_daft.store import DocumentEmbeddingStore, document_encoder_key
@@ -262,11 +269,8 @@ def _contextual_token_sums(
     embeddings = None
     if keep_embeddings:
         embeddings = compute_sharded(list(documents), read_shard, show_progress_bar, like=model.device)
-    else:
-        rank = get_rank()
-        shard = list(documents)[rank :: get_world_size()]
-        if shard:
-            read_shard(shard, show_progress_bar and rank == 0)
+    elif shard := local_shard(list(documents)):  # the shard compute_sharded would read, nothing gathered
+        read_shard(shard, show_progress_bar and get_rank() == 0)
     sums, counts = all_reduce_sum(sums, counts)
     return sums.cpu(), counts.cpu(), embeddings
 

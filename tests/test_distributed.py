@@ -18,7 +18,7 @@ from conftest import QUESTIONS, TOPICS, write_beir
 from training_runs import cli, finish, free_port, model_weights, start, tiny_train_args
 
 from st_daft import build_asymmetric_model, load_beir
-from st_daft.distributed import embed_sharded, get_world_size, is_main_process
+from st_daft.distributed import embed_sharded, get_world_size, is_main_process, local_shard
 from st_daft.vocabulary import contextual_token_statistics
 
 
@@ -44,7 +44,7 @@ HELPERS_SCRIPT = textwrap.dedent(
     from sentence_transformers import SentenceTransformer
     from st_daft.corrector import CorrectorNetwork
     from st_daft.distributed import (all_reduce_gradients, broadcast_parameters, embed_sharded, get_rank,
-                                     init_distributed, is_main_process)
+                                     init_distributed, is_main_process, local_shard)
 
     model_dir, output = sys.argv[1], sys.argv[2]
     model = SentenceTransformer(model_dir)
@@ -79,7 +79,7 @@ HELPERS_SCRIPT = textwrap.dedent(
     with open(f"{output}/rank{rank}.json", "w") as handle:
         json.dump({"embeddings": embeddings.tolist(), "corrector": state, "main": is_main_process(),
                    "token_vectors": token_vectors.tolist(), "distilled": distilled_counts,
-                   "lexical": lexical.tolist()}, handle)
+                   "lexical": lexical.tolist(), "shard": local_shard(list(range(7)))}, handle)
     """
 )
 LEXICAL_DOCUMENTS = ["cells divide by mitosis", "the heart pumps blood", "blood cells carry oxygen"]
@@ -97,6 +97,8 @@ def test_helpers_in_a_two_process_group(tiny_document_model_dir: Path, tmp_path:
     finish(start(_torchrun([str(script), str(tiny_document_model_dir), str(tmp_path)]), log), log)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [rank["main"] for rank in ranks] == [True, False]
+    # The shard each rank reads (embed_sharded's, and the vocabulary pass's): contiguous, the last one shorter.
+    assert [rank["shard"] for rank in ranks] == [[0, 1, 2, 3], [4, 5, 6]]
     from sentence_transformers import SentenceTransformer
 
     expected = SentenceTransformer(str(tiny_document_model_dir)).encode(
@@ -129,6 +131,7 @@ def test_helpers_outside_a_process_group(tiny_document_model_dir: Path) -> None:
 
     model = SentenceTransformer(str(tiny_document_model_dir))
     assert is_main_process() and get_world_size() == 1
+    assert local_shard([3, 1, 2]) == [3, 1, 2]
     texts = ["cells divide", "what pumps blood", "stars fuse hydrogen"]
     torch.testing.assert_close(embed_sharded(model, texts), model.encode(texts, convert_to_tensor=True))
 
