@@ -147,12 +147,7 @@ class StaleEmbeddingCache:
         embeddings = embeddings.to("cpu", torch.float32)
         if store is not None:
             row_of_text = {text: row for row, text in enumerate(texts)}
-            store.embeddings(
-                model,
-                texts,
-                lambda missing: embeddings[[row_of_text[text] for text in missing]].numpy(),
-                kind="document",
-            )
+            store.add(model, texts, lambda missing: embeddings[[row_of_text[text] for text in missing]].numpy())
         logger.info("corpus cache: the document route's embeddings of %d documents, from an earlier pass", len(ids))
         return cls(ids, embeddings.to(dtype), keys, route_fingerprint(model))
 

@@ -18,6 +18,7 @@ from st_daft import (
     get_route,
     load_beir,
 )
+from st_daft.store import _read_shard, _VectorsInFile
 from st_daft.vocabulary import distill_token_embeddings
 
 TEXTS = ["the cell divides", "protein folding in yeast", "a vaccine trial", "the cell divides"]
@@ -140,3 +141,113 @@ def test_evaluation_through_the_store_scores_the_same(model, tiny_beir_dir: Path
             parameter.mul_(0.5)
     evaluate_retrieval(model, data, show_progress_bar=False, document_store=reopened)
     assert reopened.misses == len(set(data.corpus.values())), "a changed document route is encoded afresh"
+
+
+def test_rows_across_many_shards_read_back_in_order(model, tmp_path: Path) -> None:
+    texts = [f"text number {i}" for i in range(11)]
+
+    def compute(missing: list[str]) -> np.ndarray:
+        return np.array([[float(text.split()[-1]), 1.0, -1.0] for text in missing], dtype=np.float32)
+
+    store = DocumentEmbeddingStore(tmp_path / "store", flush_every=3)
+    first = store.embeddings(model, texts[:7], compute)
+    assert len(list((tmp_path / "store").rglob("shard-*.npz"))) == 3, "7 new rows in shards of at most 3"
+    shuffled = [texts[i] for i in (10, 2, 8, 2, 0, 9, 6, 7)]
+    again = store.embeddings(model, shuffled, compute)
+    assert (store.hits, store.misses, store.repeats) == (4, 11, 0), "a stored text asked twice is read twice"
+    np.testing.assert_array_equal(first[:, 0], np.arange(7))
+    np.testing.assert_array_equal(again[:, 0], [10, 2, 8, 2, 0, 9, 6, 7])
+    reopened = DocumentEmbeddingStore(tmp_path / "store")
+    np.testing.assert_array_equal(reopened.embeddings(model, texts[::-1], compute)[:, 0], np.arange(11)[::-1])
+    assert reopened.misses == 0
+
+
+def test_vectors_stay_in_their_shard_files(model, tmp_path: Path) -> None:
+    store = DocumentEmbeddingStore(tmp_path / "store")
+    expected = store.encode_document(model, TEXTS)
+    (shard,) = (tmp_path / "store").rglob("shard-*.npz")
+    keys, vectors = _read_shard(shard)
+    assert isinstance(vectors, _VectorsInFile), "np.savez writes uncompressed members, which are read in place"
+    with np.load(shard) as data:
+        np.testing.assert_array_equal(vectors.take(np.arange(3)), data["vectors"])
+        np.testing.assert_array_equal(vectors.take(np.array([0, 2])), data["vectors"][[0, 2]])
+        assert keys.tobytes() == data["keys"].tobytes()
+    # A compressed shard (written by hand or another tool) cannot be mapped: it is read into memory instead.
+    with np.load(shard) as data:
+        np.savez_compressed(shard, keys=data["keys"], vectors=data["vectors"])
+    reopened = DocumentEmbeddingStore(tmp_path / "store")
+    np.testing.assert_array_equal(reopened.encode_document(model, TEXTS), expected)
+    assert reopened.misses == 0
+
+
+def test_a_text_two_processes_both_stored_is_read_once(model, tmp_path: Path) -> None:
+    def constant(value: float):
+        return lambda texts: np.full((len(texts), 3), value, dtype=np.float32)
+
+    # Two stores opened before either wrote: each encodes and stores the same text, as two processes may.
+    first, second = DocumentEmbeddingStore(tmp_path / "store"), DocumentEmbeddingStore(tmp_path / "store")
+    first.embeddings(model, ["shared", "a"], constant(1.0))
+    second.embeddings(model, ["shared", "b"], constant(1.0))
+    reopened = DocumentEmbeddingStore(tmp_path / "store")
+    vectors = reopened.embeddings(model, ["b", "shared", "a"], constant(2.0))
+    assert reopened.misses == 0 and reopened.hits == 3
+    np.testing.assert_array_equal(vectors, np.ones((3, 3)))
+
+
+def test_a_shard_of_the_wrong_shape_is_skipped(model, tmp_path: Path) -> None:
+    store = DocumentEmbeddingStore(tmp_path / "store")
+    store.encode_document(model, TEXTS[:2])
+    folder = tmp_path / "store" / document_encoder_key(model)
+    np.savez(folder / "shard-short.npz", keys=np.zeros((3, 16), dtype=np.uint8), vectors=np.zeros((2, 4), np.float32))
+    reopened = DocumentEmbeddingStore(tmp_path / "store")
+    np.testing.assert_allclose(reopened.encode_document(model, TEXTS[:2]), model.encode_document(TEXTS[:2]), atol=1e-6)
+    assert reopened.misses == 0
+
+
+def test_stored_rows_found_while_shards_are_added_one_by_one(monkeypatch) -> None:
+    from st_daft.store import KEY_DTYPE, _StoredRows
+
+    monkeypatch.setattr(_StoredRows, "merge_at", 4)  # merge the recent rows into the others often
+    rng = np.random.default_rng(0)
+    all_keys = np.frombuffer(rng.bytes(16 * 60), dtype=KEY_DTYPE)
+    rows = _StoredRows()
+    for first in range(0, 60, 5):
+        keys = all_keys[first : first + 5]
+        rows.add([(keys, np.arange(first, first + 5, dtype=np.float32)[:, None].repeat(2, axis=1))])
+        found = rows.find(all_keys)
+        assert (found[: first + 5] >= 0).all() and (found[first + 5 :] == -1).all()
+        np.testing.assert_array_equal(rows.gather(found[: first + 5])[:, 0], np.arange(first + 5))
+    rows.add([(all_keys[:3], np.full((3, 2), -1.0, dtype=np.float32))])  # stored again: the first rows win
+    np.testing.assert_array_equal(rows.gather(rows.find(all_keys[:3]))[:, 0], [0, 1, 2])
+    # Keys that share their first 8 bytes are told apart by the other 8.
+    twins = all_keys[:4].copy()
+    twins["high"] = all_keys[0]["high"]
+    twins["low"] = [1, 2, 3, 4]
+    rows.add([(twins[:3], np.arange(100, 103, dtype=np.float32)[:, None].repeat(2, axis=1))])
+    np.testing.assert_array_equal(rows.gather(rows.find(twins[:3]))[:, 0], [100, 101, 102])
+    assert rows.find(twins[3:])[0] == -1 and rows.gather(rows.find(all_keys[:1]))[0, 0] == 0
+
+
+def test_add_stores_rows_computed_elsewhere_without_reading_back(model, tmp_path: Path) -> None:
+    store = DocumentEmbeddingStore(tmp_path / "store")
+    vectors = model.encode_document(TEXTS, convert_to_numpy=True)
+    row_of = {text: row for row, text in enumerate(TEXTS)}
+    compute, calls = _counting(lambda missing: vectors[[row_of[text] for text in missing]])
+    assert store.add(model, TEXTS, compute) is None
+    store.add(model, TEXTS[:2], compute)
+    assert calls == [3] and (store.misses, store.hits, store.repeats) == (3, 2, 1)
+    reopened = DocumentEmbeddingStore(tmp_path / "store")
+    np.testing.assert_array_equal(reopened.encode_document(model, TEXTS), vectors)
+    assert reopened.misses == 0
+
+
+def test_a_shard_cut_short_after_opening_names_the_file(model, tmp_path: Path) -> None:
+    store = DocumentEmbeddingStore(tmp_path / "store")
+    store.encode_document(model, TEXTS)
+    (shard,) = (tmp_path / "store").rglob("shard-*.npz")
+    reopened = DocumentEmbeddingStore(tmp_path / "store")
+    reopened.encode_document(model, TEXTS[:1])  # opened: the keys are read, the vectors left in the file
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size - 200)
+    with pytest.raises(OSError, match=f"shard {shard} is shorter"):
+        reopened.encode_document(model, TEXTS[2:3])
