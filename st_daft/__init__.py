@@ -123,7 +123,7 @@ if TYPE_CHECKING:
         DocumentEmbeddingStore,
         document_encoder_key,
     )
-    from st_daft.vocabulary import contextual_token_statistics, initialize_static_route
+    from st_daft.vocabulary import TokenStatistics, contextual_token_statistics, initialize_static_route
 
 # public name -> the module that defines it; imported when first asked for
 _MODULE_OF: dict[str, str] = {
@@ -216,7 +216,9 @@ _MODULE_OF: dict[str, str] = {
     **dict.fromkeys(("StaticQueryEncoder", "export_static_model"), "st_daft.serving"),
     **dict.fromkeys(("AlignStage", "CorpusStage", "FinetuneStage", "StageResult", "VocabularyStage"), "st_daft.stages"),
     **dict.fromkeys(("DocumentEmbeddingStore", "document_encoder_key"), "st_daft.store"),
-    **dict.fromkeys(("contextual_token_statistics", "initialize_static_route"), "st_daft.vocabulary"),
+    **dict.fromkeys(
+        ("TokenStatistics", "contextual_token_statistics", "initialize_static_route"), "st_daft.vocabulary"
+    ),
 }
 
 __all__ = [
@@ -297,6 +299,7 @@ __all__ = [
     "staleness_error",
     "StaticQueryEncoder",
     "to_mteb_task",
+    "TokenStatistics",
     "train_daft",
     "TrainingSummary",
     "unfreeze_route",

@@ -65,6 +65,7 @@ from st_daft.model import (
 from st_daft.retrieval_evaluator import CachedCorpusRetrievalEvaluator
 from st_daft.store import DocumentEmbeddingStore
 from st_daft.vocabulary import (
+    TokenStatistics,
     add_words_to_static_route,
     contextual_token_statistics,
     corpus_token_weights,
@@ -416,7 +417,7 @@ class VocabularyStage(Stage):
 
     def _contextual_statistics(
         self, context: StageContext, documents: list[str], words: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    ) -> TokenStatistics | None:
         reason = mean_pooled_transformer(context.model)
         if reason is not None:
             logger.warning("vocabulary stage: one-token vectors only, no contextual ones: %s", reason)
@@ -435,11 +436,11 @@ class VocabularyStage(Stage):
             words=words,
             return_document_embeddings=keep,
         )
-        if keep and statistics[2] is not None:  # None: the statistics were read back, the pass did not run
+        if statistics.document_embeddings is not None:  # None: not kept, or read back (the pass did not run)
             context.cache = StaleEmbeddingCache.from_embeddings(
-                context.model, context.corpus, statistics[2], store=context.store
+                context.model, context.corpus, statistics.document_embeddings, store=context.store
             )
-        return statistics[0], statistics[1]
+        return statistics
 
 
 @dataclass

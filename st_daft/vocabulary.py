@@ -34,7 +34,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -59,6 +59,7 @@ from st_daft.store import DocumentEmbeddingStore, document_encoder_key
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "TokenStatistics",
     "add_words_to_static_route",
     "contextual_token_statistics",
     "contextual_token_vectors",
@@ -159,6 +160,15 @@ def mean_pooled_transformer(model: SentenceTransformer) -> str | None:
     return None
 
 
+class TokenStatistics(NamedTuple):
+    """What :func:`contextual_token_statistics` collects: per-row ``sums`` and ``counts`` of the document route's
+    contextual token vectors, and the documents' embeddings when the pass was asked to keep them."""
+
+    sums: Tensor
+    counts: Tensor
+    document_embeddings: Tensor | None = None
+
+
 @torch.no_grad()
 def contextual_token_statistics(
     model: SentenceTransformer,
@@ -168,7 +178,7 @@ def contextual_token_statistics(
     cache_folder: str | Path | None = None,
     words: Sequence[str] = (),
     return_document_embeddings: bool = False,
-) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor | None]:
+) -> TokenStatistics:
     """Sum and count of the document route's contextual output vectors of every token over ``documents``.
 
     One pass of the document route's ``Transformer`` over the documents, truncated as the route truncates them;
@@ -186,10 +196,10 @@ def contextual_token_statistics(
     so a corpus cache need not encode the documents a second time.
 
     Returns:
-        ``(sums, counts)``: ``(vocabulary size + len(words), dim)`` float32 sums and ``(vocabulary size +
-        len(words),)`` float32 counts, indexed by the document tokenizer's token ids, then by ``words``. With
-        ``return_document_embeddings``, ``(sums, counts, embeddings)``: ``(len(documents), dim)`` float32
-        embeddings in ``documents``' order, or None when the statistics were read back from ``cache_folder``.
+        :class:`TokenStatistics`: ``sums``, ``(vocabulary size + len(words), dim)`` float32, and ``counts``,
+        ``(vocabulary size + len(words),)`` float32, indexed by the document tokenizer's token ids, then by
+        ``words``; with ``return_document_embeddings``, ``document_embeddings``, ``(len(documents), dim)`` float32
+        in ``documents``' order (None otherwise, and when the statistics were read back from ``cache_folder``).
     """
     reason = mean_pooled_transformer(model)
     if reason is not None:
@@ -207,17 +217,13 @@ def contextual_token_statistics(
         if seen.item() == get_world_size():
             statistics = torch.load(cached, map_location="cpu")
             logger.info("contextual token statistics read from %s", cached)
-            if return_document_embeddings:
-                return statistics["sums"], statistics["counts"], None
-            return statistics["sums"], statistics["counts"]
+            return TokenStatistics(statistics["sums"], statistics["counts"])
     sums, counts, embeddings = _contextual_token_sums(
         model, documents, batch_size, show_progress_bar, words, keep_embeddings=return_document_embeddings
     )
     if cached is not None and is_main_process():
         atomic_torch_save({"sums": sums, "counts": counts}, cached)
-    if return_document_embeddings:
-        return sums, counts, embeddings
-    return sums, counts
+    return TokenStatistics(sums, counts, embeddings)
 
 
 def _contextual_token_sums(
@@ -384,7 +390,7 @@ def initialize_static_route(
     seed: int = 0,
     store: DocumentEmbeddingStore | None = None,
     keep_scale: bool = True,
-    contextual: tuple[Tensor, Tensor] | None = None,
+    contextual: TokenStatistics | tuple[Tensor, Tensor] | None = None,
     contextual_words: Sequence[str] = (),
 ) -> dict[str, float]:
     """Initialise the model's static query route from document-route embeddings of its whole vocabulary.
@@ -396,7 +402,7 @@ def initialize_static_route(
     - A narrower table followed by a ``Dense`` projection keeps its vectors; the projection is fitted by ridge
       regression onto the distilled vectors of a random sample of ``max_fit_tokens`` tokens (a 65-parameter-wide
       regression needs no more, and distilling a 270k-token vocabulary would take many minutes).
-    - With ``contextual`` (the ``(sums, counts)`` of :func:`contextual_token_statistics` over a corpus), every token
+    - With ``contextual`` (:func:`contextual_token_statistics` over a corpus, or its ``(sums, counts)``), every token
       the corpus contains gets its mean contextual vector instead of its one-token vector, centred on the mean of
       all token occurrences (the direction every contextual vector shares) and normalised like the others;
       ``contextual_words`` are the ``words`` the statistics were collected with.
@@ -428,7 +434,7 @@ def initialize_static_route(
     targets = torch.nn.functional.normalize(targets, dim=1)
     contextual_rows = 0
     if contextual is not None:
-        vectors, counts = contextual_token_vectors(model, *contextual, words=contextual_words)
+        vectors, counts = contextual_token_vectors(model, contextual[0], contextual[1], words=contextual_words)
         vectors, counts = vectors[rows], counts[rows]
         seen = counts > 0
         if seen.any():

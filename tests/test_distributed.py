@@ -278,7 +278,7 @@ def test_two_process_label_free_stages(tiny_document_model_dir: Path, beir_dir: 
     documents = list(load_beir(beir_dir, "train").corpus.values())
     # The vocabulary pass, sharded across the processes and all-gathered, is the corpus cache: not encoded again.
     assert f"embeddings of {len(documents)} documents, from an earlier pass" in log.read_text()
-    sums, counts = contextual_token_statistics(single, documents, show_progress_bar=False)
+    sums, counts, _ = contextual_token_statistics(single, documents, show_progress_bar=False)
     two_process = torch.load(kept)
     assert torch.equal(two_process["counts"], counts)
     torch.testing.assert_close(two_process["sums"], sums, atol=1e-4, rtol=1e-4)

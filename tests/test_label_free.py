@@ -740,7 +740,8 @@ def test_contextual_token_statistics_sum_each_token_s_outputs(
 
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     documents = list(CORPUS.values()) + ["the heart of a cell", "blood"]
-    sums, counts = contextual_token_statistics(model, documents, batch_size=2, show_progress_bar=False)
+    sums, counts, embeddings = contextual_token_statistics(model, documents, batch_size=2, show_progress_bar=False)
+    assert embeddings is None, "kept only when asked for"
     expected_sums, expected_counts = _direct_token_sums(model, documents)
     assert torch.equal(counts, expected_counts) and counts.sum() > 20
     torch.testing.assert_close(sums, expected_sums, atol=1e-5, rtol=1e-5)
@@ -756,7 +757,7 @@ def test_contextual_token_statistics_sum_each_token_s_outputs(
     monkeypatch.setattr(vocabulary, "_contextual_token_sums", lambda *args: pytest.fail("statistics computed again"))
     again = contextual_token_statistics(model, documents, show_progress_bar=False, cache_folder=tmp_path)
     monkeypatch.undo()
-    assert all(torch.equal(a, b) for a, b in zip(kept, again))
+    assert torch.equal(kept.sums, again.sums) and torch.equal(kept.counts, again.counts)
     contextual_token_statistics(model, documents[:2], show_progress_bar=False, cache_folder=tmp_path)
     assert len(list(tmp_path.glob("token-statistics-*.pt"))) == 2, "other documents, another file"
 
@@ -770,7 +771,7 @@ def test_contextual_pass_yields_the_corpus_cache(tiny_document_model_dir: Path, 
     sums, counts, embeddings = contextual_token_statistics(
         model, documents, batch_size=2, show_progress_bar=False, return_document_embeddings=True
     )
-    plain_sums, plain_counts = contextual_token_statistics(model, documents, show_progress_bar=False)
+    plain_sums, plain_counts, _ = contextual_token_statistics(model, documents, show_progress_bar=False)
     assert torch.equal(counts, plain_counts)
     torch.testing.assert_close(sums, plain_sums, atol=1e-5, rtol=1e-5)
     # The same pass's pooled outputs, in the documents' order (batches are length-sorted): encode_document's.
@@ -788,10 +789,10 @@ def test_contextual_pass_yields_the_corpus_cache(tiny_document_model_dir: Path, 
         StaleEmbeddingCache.from_embeddings(model, corpus, embeddings[:2])
     # Read back from a statistics file, the pass did not run: no embeddings.
     contextual_token_statistics(model, documents, show_progress_bar=False, cache_folder=tmp_path)
-    *_, kept = contextual_token_statistics(
+    kept = contextual_token_statistics(
         model, documents, show_progress_bar=False, cache_folder=tmp_path, return_document_embeddings=True
     )
-    assert kept is None
+    assert kept.document_embeddings is None and torch.equal(kept.counts, counts)
 
 
 def test_contextual_statistics_of_words_mean_their_pieces(tiny_document_model_dir: Path, tmp_path: Path) -> None:
@@ -801,9 +802,9 @@ def test_contextual_statistics_of_words_mean_their_pieces(tiny_document_model_di
     transformer = get_route(model, "document")[0]
     documents = WORD_DOCUMENTS + ["no such word here", "sugar sugar"]
     words = ["photosynthesis", "sugar", "absent"]
-    sums, counts = contextual_token_statistics(model, documents, batch_size=3, show_progress_bar=False, words=words)
+    sums, counts, _ = contextual_token_statistics(model, documents, batch_size=3, show_progress_bar=False, words=words)
     vocabulary_size = sums.shape[0] - len(words)
-    plain_sums, plain_counts = contextual_token_statistics(model, documents, show_progress_bar=False)
+    plain_sums, plain_counts, _ = contextual_token_statistics(model, documents, show_progress_bar=False)
     assert torch.equal(counts[:vocabulary_size], plain_counts), "the token rows do not change"
     torch.testing.assert_close(sums[:vocabulary_size], plain_sums, atol=1e-5, rtol=1e-5)
     # Each occurrence adds the mean of the word's pieces' outputs, computed here one document at a time.
@@ -830,7 +831,7 @@ def test_contextual_statistics_of_words_mean_their_pieces(tiny_document_model_di
     torch.testing.assert_close(vectors[row], expected[1] / 4)
     cached = contextual_token_statistics(model, documents, show_progress_bar=False, cache_folder=tmp_path, words=words)
     contextual_token_statistics(model, documents, show_progress_bar=False, cache_folder=tmp_path)
-    assert torch.equal(cached[1], counts) and len(list(tmp_path.glob("token-statistics-*.pt"))) == 2
+    assert torch.equal(cached.counts, counts) and len(list(tmp_path.glob("token-statistics-*.pt"))) == 2
 
 
 def test_vocabulary_initialisation_from_contextual_vectors(tiny_document_model_dir: Path) -> None:
@@ -839,8 +840,9 @@ def test_vocabulary_initialisation_from_contextual_vectors(tiny_document_model_d
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     one_token = build_asymmetric_model(str(tiny_document_model_dir), "static")
     documents = list(CORPUS.values())
-    sums, counts = contextual_token_statistics(model, documents, show_progress_bar=False)
-    info = initialize_static_route(model, show_progress_bar=False, contextual=(sums, counts), keep_scale=False)
+    statistics = contextual_token_statistics(model, documents, show_progress_bar=False)
+    sums, counts = statistics.sums, statistics.counts
+    info = initialize_static_route(model, show_progress_bar=False, contextual=statistics, keep_scale=False)
     initialize_static_route(one_token, show_progress_bar=False, keep_scale=False)
     assert info["contextual_tokens"] == (counts > 0).sum().item() > 10
     static = get_route(model, "query")[0]
