@@ -1,4 +1,4 @@
-"""Is the frozen document index what keeps a corpus-only static route below BM25 on SciFact? Four checks.
+"""Is the frozen document index what keeps a corpus-only static route below BM25 on SciFact? Five checks.
 
 A static route scores a document by ``q . D(d)`` with ``D`` all-MiniLM-L6-v2's fixed embedding, and ``q`` a linear
 function of the query's tokens. Each check scores SciFact's test and training claims (nDCG@10, MTEB's metric code):
@@ -17,6 +17,10 @@ function of the query's tokens. Each check scores SciFact's test and training cl
   transformer layers; the layers below are run once and their outputs kept), as GPL does with generated queries. The
   other documents' rows of each step's softmax come from a stale cache of their embeddings, refreshed as each batch
   is encoded; every document is re-embedded after each epoch.
+- ``route-on-documents``: each document's vector becomes ``D(d) + a R(d)``, with ``R`` the route itself applied to
+  the document's text (its normalised mean of table rows), for several ``a``, with and without renormalising: one
+  dense index of the same size whose extra part matches a query's words against the document's own words through
+  the route's table (a lexical signal that needs no BM25 index). The query side is unchanged.
 
 Example::
 
@@ -45,7 +49,7 @@ from st_daft.corpus_alignment import alignment_examples, lexical_ranking_columns
 from st_daft.model import default_document_encoder
 
 RESULTS = Path(__file__).parent / "results"
-SESSION = {"document-layers": "fourteenth_session"}
+SESSION = {"document-layers": "fourteenth_session", "route-on-documents": "seventeenth_session"}
 
 
 def top_100_run(scores: np.ndarray | torch.Tensor, data: RetrievalData, document_ids: list[str]) -> dict:
@@ -124,6 +128,25 @@ def projection(routes: dict, splits: dict, corpus: np.ndarray, texts: list[str],
                     entry[f"{name} + {weight:g} x projection"] = ndcg_at_10(dense + weight * fitted, data, ids)
             result[split][f"ridge {ridge:g}"] = entry
             print(split, ridge, entry, flush=True)
+    return result
+
+
+def route_on_documents(routes: dict, splits: dict, corpus: np.ndarray, texts: list[str], ids: list[str]) -> dict:
+    result: dict = {}
+    for name, model in routes.items():
+        if name == "all-MiniLM-L6-v2":
+            continue  # R would be D itself
+        on_documents = model.encode_query(texts, batch_size=256, normalize_embeddings=True)
+        for split, data in splits.items():
+            queries = query_vectors(model, data)
+            entry = {}
+            for weight in (0.0, 0.1, 0.2, 0.3, 0.5, 1.0):
+                documents = corpus + weight * on_documents
+                entry[f"D + {weight:g} R"] = ndcg_at_10(queries @ documents.T, data, ids)
+                documents /= np.linalg.norm(documents, axis=1, keepdims=True)
+                entry[f"D + {weight:g} R, renormalised"] = ndcg_at_10(queries @ documents.T, data, ids)
+            result.setdefault(split, {})[name] = entry
+            print(split, name, entry, flush=True)
     return result
 
 
@@ -324,7 +347,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("routes", nargs="*", help="trained route folders (all-MiniLM-L6-v2 is always scored)")
     parser.add_argument("--data", required=True, help="a BEIR folder with test and train qrels")
-    parser.add_argument("--check", choices=["projection", "chunks", "free-documents", "document-layers"], required=True)
+    checks = ["projection", "chunks", "free-documents", "document-layers", "route-on-documents"]
+    parser.add_argument("--check", choices=checks, required=True)
     parser.add_argument("--document-store", default=None)
     parser.add_argument("--steps", type=int, default=1000, help="free-documents: training steps")
     parser.add_argument("--layers", type=int, default=2, help="document-layers: top layers trained")
@@ -349,6 +373,8 @@ def main() -> None:
         if store is None:
             parser.error("--check chunks needs --document-store (the windows' embeddings are kept there)")
         result = chunks(routes, splits, corpus, texts, ids, store, encoder)
+    elif args.check == "route-on-documents":
+        result = route_on_documents(routes, splits, corpus, texts, ids)
     elif args.check == "free-documents":
         result = free_documents(routes, splits, corpus, data, args.steps)
     else:
