@@ -32,7 +32,7 @@ from sentence_transformers import SentenceTransformer
 
 from st_daft.fingerprint import legacy_route_fingerprints, route_fingerprint
 from st_daft.io import atomic_write
-from st_daft.model import DOCUMENT_ROUTE
+from st_daft.model import DOCUMENT_ROUTE, route_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -362,7 +362,9 @@ class DocumentEmbeddingStore:
                 missing, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=show_progress_bar
             )
 
-        return self.embeddings(model, texts, compute, kind="document", encoder_key=encoder_key)
+        # encode_document prepends the model's document prompt, if it has one: part of the key, as in evaluation.
+        prompt = route_prompt(model, DOCUMENT_ROUTE) or None
+        return self.embeddings(model, texts, compute, kind="document", prompt=prompt, encoder_key=encoder_key)
 
     def __repr__(self) -> str:
         counts = f"hits={self.hits}, misses={self.misses}, repeats={self.repeats}"

@@ -251,3 +251,19 @@ def test_a_shard_cut_short_after_opening_names_the_file(model, tmp_path: Path) -
         handle.truncate(shard.stat().st_size - 200)
     with pytest.raises(OSError, match=f"shard {shard} is shorter"):
         reopened.encode_document(model, TEXTS[2:3])
+
+
+def test_a_document_prompt_is_part_of_the_key(model, tiny_beir_dir: Path, tmp_path: Path) -> None:
+    store = DocumentEmbeddingStore(tmp_path / "store")
+    plain = store.encode_document(model, TEXTS[:2])
+    model.prompts = {"document": "passage: "}  # encode_document now prepends it: other vectors, same route
+    prompted = store.encode_document(model, TEXTS[:2])
+    np.testing.assert_allclose(prompted, model.encode_document(TEXTS[:2]), atol=1e-6)
+    assert store.misses == 4 and not np.allclose(plain, prompted)
+    data = load_beir(tiny_beir_dir, "test")
+    first = evaluate_retrieval(model, data, show_progress_bar=False, document_store=store)
+    assert evaluate_retrieval(model, data, show_progress_bar=False)["ndcg_at_10"] == pytest.approx(first["ndcg_at_10"])
+    model.prompts = {}
+    misses = store.misses
+    evaluate_retrieval(model, data, show_progress_bar=False, document_store=store)
+    assert store.misses == misses + len(set(data.corpus.values())), "unprompted vectors are not the prompted ones"
