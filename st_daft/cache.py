@@ -25,7 +25,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from torch import Tensor
 
-from st_daft.distributed import embed_sharded
+from st_daft.distributed import all_reduce_sum, barrier, embed_sharded, get_world_size, is_main_process
 from st_daft.fingerprint import fingerprint_matches, route_fingerprint
 from st_daft.index import build_faiss_index
 from st_daft.io import atomic_save_npy, atomic_write_json, read_json
@@ -103,30 +103,47 @@ class StaleEmbeddingCache:
         folder: str | Path | None = None,
         chunk_size: int = 8192,
         store: DocumentEmbeddingStore | None = None,
+        reuse: bool = False,
     ) -> StaleEmbeddingCache:
         """Embed ``corpus`` (id -> text) once with the model's document route.
 
         With ``folder`` the embeddings are written chunk by chunk into an on-disk ``.npy`` memmap there (with the
         keys and metadata, i.e. a saved cache) and the returned cache reads them memory-mapped, so a corpus larger
-        than memory can be cached. ``dtype=torch.float16`` halves the size either way. With a
+        than memory can be cached. Under ``torchrun`` every process encodes its shard of each chunk and the main
+        process alone writes; the others then map the same file. ``dtype=torch.float16`` halves the size either
+        way. With ``reuse``, a complete cache already in ``folder`` of this document route over this corpus (same
+        ids and texts) is loaded instead of built again, e.g. by a resumed run. With a
         :class:`~st_daft.store.DocumentEmbeddingStore`, documents it already holds for this document route are read
         from it instead of being encoded again.
         """
         ids, texts, keys = _corpus_keys(model, corpus)
         fingerprint = route_fingerprint(model)
-        logger.info("corpus cache: the document route's embeddings of %d documents", len(texts))
+        if folder is not None and reuse:
+            kept = _reusable(Path(folder), fingerprint, ids, keys, dtype)
+            # Every process must take the same branch (building all-gathers): reuse only if all of them can.
+            (usable,) = all_reduce_sum(torch.tensor([float(kept is not None)]))
+            if usable.item() == get_world_size():
+                logger.info("corpus cache: %d documents read back from %s", len(ids), folder)
+                return kept
+        where = "" if folder is None else f", into {folder} (memory-mapped)"
+        logger.info("corpus cache: the document route's embeddings of %d documents%s", len(texts), where)
         if folder is None:
             embeddings = embed_sharded(model, texts, batch_size, show_progress_bar=show_progress_bar, store=store)
             return cls(ids, embeddings.to("cpu", dtype), keys, fingerprint)
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / METADATA_FILE).unlink(missing_ok=True)  # the folder is not a valid cache until it is complete
+        writer = is_main_process()
+        barrier()  # no process is still reading a cache this one is about to replace
+        if writer:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / METADATA_FILE).unlink(missing_ok=True)  # the folder is not a valid cache until it is complete
         dimension = _write_memmap(
-            folder / EMBEDDINGS_FILE, model, texts, batch_size, dtype, show_progress_bar, chunk_size, store
+            folder / EMBEDDINGS_FILE, model, texts, batch_size, dtype, show_progress_bar, chunk_size, store, writer
         )
-        cache = cls.__new__(cls)
-        cache._init_fields(ids, torch.empty(0, 0), keys, fingerprint)
-        cache._write_keys_and_metadata(folder, _dtype_name(dtype), len(ids), dimension)
+        if writer:
+            cache = cls.__new__(cls)
+            cache._init_fields(ids, torch.empty(0, 0), keys, fingerprint)
+            cache._write_keys_and_metadata(folder, _dtype_name(dtype), len(ids), dimension)
+        barrier()  # the file is complete before any process maps it
         return cls.load(folder, mmap=True)
 
     @classmethod
@@ -323,22 +340,42 @@ def _write_memmap(
     show_progress_bar: bool,
     chunk_size: int,
     store: DocumentEmbeddingStore | None = None,
+    write: bool = True,
 ) -> int:
-    """Embed ``texts`` chunk by chunk into an .npy memmap at ``path`` (renamed into place when complete)."""
+    """Embed ``texts`` chunk by chunk into an .npy memmap at ``path`` (renamed into place when complete); with
+    ``write=False`` (a process other than the main one) take part in the sharded encoding only. The dimension."""
     temporary = path.with_name(path.name + ".tmp.npy")
     numpy_dtype = np.float16 if dtype == torch.float16 else np.float32
-    memmap = None
+    memmap, dimension = None, 0
     for start in range(0, len(texts), chunk_size):
         chunk = embed_sharded(model, texts[start : start + chunk_size], batch_size, show_progress_bar, store)
+        dimension = int(chunk.shape[1])
+        if not write:
+            continue
         if memmap is None:
-            shape = (len(texts), chunk.shape[1])
-            memmap = np.lib.format.open_memmap(temporary, mode="w+", dtype=numpy_dtype, shape=shape)
+            memmap = np.lib.format.open_memmap(temporary, mode="w+", dtype=numpy_dtype, shape=(len(texts), dimension))
         memmap[start : start + len(chunk)] = chunk.numpy().astype(numpy_dtype)
-    dimension = int(memmap.shape[1])
-    memmap.flush()
-    del memmap
-    temporary.replace(path)
+    if memmap is not None:
+        memmap.flush()
+        del memmap
+        temporary.replace(path)
     return dimension
+
+
+def _reusable(
+    folder: Path, fingerprint: str, ids: list[str], keys: list[bytes], dtype: torch.dtype
+) -> StaleEmbeddingCache | None:
+    """The cache saved in ``folder`` if it is complete and holds exactly these rows from this route, else None."""
+    try:
+        cache = StaleEmbeddingCache.load(folder, expected_fingerprint=fingerprint, expected_size=len(ids), mmap=True)
+    except (ValueError, OSError) as error:  # CacheMismatchError, or a file that does not parse
+        if (folder / METADATA_FILE).exists():
+            logger.info("corpus cache in %s not reused: %s", folder, error)
+        return None
+    if cache.ids != ids or cache.keys != keys or cache.embeddings.dtype != dtype:
+        logger.info("corpus cache in %s not reused: another corpus or storage type", folder)
+        return None
+    return cache
 
 
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:

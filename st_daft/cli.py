@@ -235,7 +235,21 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--resume", action="store_true", help="resume each stage from its last complete checkpoint")
     run.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
-    run.add_argument("--keep-checkpoints", action="store_true", help="keep the per-stage checkpoint folders")
+    run.add_argument(
+        "--keep-checkpoints", action="store_true", help="keep the per-stage checkpoint folders (and the corpus cache)"
+    )
+    run.add_argument(
+        "--cache-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="storage of the corpus cache of document embeddings (float16: half the memory; default float32)",
+    )
+    run.add_argument(
+        "--cache-on-disk",
+        action="store_true",
+        help="keep the corpus cache memory-mapped in OUTPUT/corpus-cache instead of in each process's memory "
+        "(one copy for all torchrun processes; a resumed run reads it back); for corpora of millions",
+    )
     run.add_argument(
         "--push-to-hub",
         metavar="ID",
@@ -395,6 +409,8 @@ def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
         stages=[builders[name]() for name in stages],
         seed=args.seed,
         document_store=args.document_store,
+        cache_dtype=args.cache_dtype,
+        cache_on_disk=args.cache_on_disk,
         device=args.device,
         precision=args.precision,
     )

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from sentence_transformers import SentenceTransformer
 
 from st_daft.data import RetrievalData
@@ -52,6 +53,9 @@ LABEL_FREE_STAGES = tuple(name for name, kind in STAGE_TYPES.items() if not kind
 #: Written beside the saved model: the stages that trained it (no custom class inside the model itself).
 RECIPE_FILE = "daft_recipe.json"
 DATASET_FILES = ("corpus.jsonl", "queries.jsonl", "qrels")
+#: With ``cache_on_disk``: the corpus caches, one sub-folder per document route (its fingerprint).
+CORPUS_CACHE_FOLDER = "corpus-cache"
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def default_stages(query_encoder: str, labelled: bool = True) -> tuple[str, ...]:
@@ -90,6 +94,12 @@ class DAFTConfig:
         document_store: folder of a :class:`~st_daft.store.DocumentEmbeddingStore`. What the frozen document route
             embeds (vocabulary, label-free targets, the corpus cache) is kept there, keyed by the route, and later
             runs with the same document encoder read it back instead of encoding it again.
+        cache_dtype: ``"float32"`` or ``"float16"`` (half the memory, vectors to about 1e-3): how the corpus cache
+            of document embeddings is stored (the corpus and align stages' targets and negatives, fine-tuning's mined
+            negatives).
+        cache_on_disk: keep the corpus cache in ``OUTPUT/corpus-cache/<document route>/`` as a memory-mapped file
+            instead of in each process's memory: one copy in the page cache for all ``torchrun`` processes, written
+            by the main one, and read back instead of encoded again by a resumed run. For corpora of millions.
         device: ``"cpu"``, ``"cuda"`` or ``"mps"``; None lets transformers pick (CUDA, MPS, else CPU).
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (the trainer's mixed precision).
         seed: random seed.
@@ -100,6 +110,8 @@ class DAFTConfig:
     num_validation_texts: int = 500
     validation_corpus_size: int | None = 2000
     document_store: str | None = None
+    cache_dtype: str = "float32"
+    cache_on_disk: bool = False
     device: str | None = None
     precision: str = "fp32"
     seed: int = 0
@@ -117,6 +129,8 @@ class DAFTConfig:
         self.device = None if self.device == "auto" else self.device
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {list(PRECISIONS)}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"unknown cache_dtype {self.cache_dtype!r}; choose from {list(CACHE_DTYPES)}")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
 
@@ -331,6 +345,8 @@ def _context(
         titles=train_data.titles if labelled else dict(titles or {}),
         unlabeled_queries=[query for query in unlabeled_queries or [] if query.strip()],
         store=DocumentEmbeddingStore(config.document_store) if config.document_store else None,
+        cache_dtype=CACHE_DTYPES[config.cache_dtype],
+        cache_folder=output_dir / CORPUS_CACHE_FOLDER if config.cache_on_disk else None,
         seed=config.seed,
         device=config.device,
         precision=config.precision,
@@ -372,6 +388,6 @@ def _runnable_stages(config: DAFTConfig, context: StageContext) -> list[Stage]:
 
 
 def remove_checkpoints(output_dir: str | Path) -> None:
-    """Delete the per-stage checkpoint folders of a run (the final model stays)."""
-    for stage_dir in Path(output_dir).glob("stage-*"):
+    """Delete the per-stage checkpoint folders of a run and its on-disk corpus cache (the final model stays)."""
+    for stage_dir in [*Path(output_dir).glob("stage-*"), Path(output_dir) / CORPUS_CACHE_FOLDER]:
         shutil.rmtree(stage_dir, ignore_errors=True)

@@ -46,7 +46,8 @@ from st_daft.corpus_alignment import (
     pseudo_query_dataset,
 )
 from st_daft.data import RetrievalData
-from st_daft.distributed import is_distributed, is_main_process
+from st_daft.distributed import barrier, is_distributed, is_main_process
+from st_daft.fingerprint import route_fingerprint
 from st_daft.general_corpus import GENERAL_TEXTS_AVAILABLE, general_texts
 from st_daft.io import atomic_torch_save
 from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
@@ -165,6 +166,10 @@ class StageContext:
     validation_corpus_size: int | None = 2000
     resume: bool = False
     cache: StaleEmbeddingCache | None = None
+    #: storage type of the corpus cache
+    cache_dtype: torch.dtype = torch.float32
+    #: where the corpus cache is kept on disk, memory-mapped (one sub-folder per document route), or None: in memory
+    cache_folder: Path | None = None
     #: the names of the stages this run trains, in order (set by train_daft before it resolves them)
     run_stages: tuple[str, ...] = ()
 
@@ -176,8 +181,22 @@ class StageContext:
         """The corpus cache of the document route as it is now: the one an earlier stage built while the route was
         frozen (the corpus stage's, the align stage's), or embedded now (or read from the store)."""
         if self.cache is None or not self.cache.is_current(self.model):
-            self.cache = StaleEmbeddingCache.build(self.model, self.corpus, store=self.store)
+            folder = None if self.cache_folder is None else self.cache_folder / route_fingerprint(self.model)
+            self.cache = StaleEmbeddingCache.build(
+                self.model, self.corpus, dtype=self.cache_dtype, folder=folder, store=self.store, reuse=True
+            )
         return self.cache
+
+    def adopt_cache(self, cache: StaleEmbeddingCache) -> None:
+        """Make ``cache`` (computed elsewhere) the corpus cache, written to the cache folder first when the run keeps
+        its cache on disk."""
+        if self.cache_folder is not None:
+            folder = self.cache_folder / cache.fingerprint
+            if is_main_process():
+                cache.save(folder)
+            barrier()
+            cache = StaleEmbeddingCache.load(folder, mmap=True)
+        self.cache = cache
 
     @property
     def router_mapping(self) -> dict[str, str]:
@@ -437,8 +456,11 @@ class VocabularyStage(Stage):
             return_document_embeddings=keep,
         )
         if statistics.document_embeddings is not None:  # None: not kept, or read back (the pass did not run)
-            context.cache = StaleEmbeddingCache.from_embeddings(
-                context.model, context.corpus, statistics.document_embeddings, store=context.store
+            embeddings = statistics.document_embeddings
+            context.adopt_cache(
+                StaleEmbeddingCache.from_embeddings(
+                    context.model, context.corpus, embeddings, dtype=context.cache_dtype, store=context.store
+                )
             )
         return statistics
 

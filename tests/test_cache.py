@@ -79,3 +79,38 @@ def test_empty_inputs_are_refused(model) -> None:
         StaleEmbeddingCache.build(model, {})
     with pytest.raises(ValueError, match="empty text"):
         StaleEmbeddingCache.build(model, {"a": "fine", "b": "   "})
+
+
+def test_a_cache_on_disk_is_reused_only_for_the_same_route_and_corpus(model, tmp_path: Path, monkeypatch) -> None:
+    from st_daft import cache as cache_module
+
+    folder = tmp_path / "cache"
+    built = StaleEmbeddingCache.build(model, CORPUS, dtype=torch.float16, folder=folder, show_progress_bar=False)
+    assert built.folder == folder and built.embeddings.dtype == torch.float16
+    encoded: list[int] = []
+    real_embed = cache_module.embed_sharded
+
+    def counting(model, texts, *args, **kwargs):
+        encoded.append(len(texts))
+        return real_embed(model, texts, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "embed_sharded", counting)
+
+    def build(corpus: dict[str, str], dtype: torch.dtype = torch.float16) -> StaleEmbeddingCache:
+        return StaleEmbeddingCache.build(model, corpus, dtype=dtype, folder=folder, show_progress_bar=False, reuse=True)
+
+    again = build(CORPUS)
+    assert encoded == [] and torch.equal(again.embeddings, built.embeddings), "read back, not encoded again"
+    changed = {**CORPUS, "c": "snow forms in clouds"}  # same ids, one text changed
+    rebuilt = build(changed)
+    assert encoded == [4], "another text: built again"
+    expected = model.encode_document(list(changed.values()), convert_to_tensor=True)
+    torch.testing.assert_close(rebuilt.embeddings.float(), expected, atol=2e-3, rtol=2e-3)
+    build(changed, torch.float32)
+    assert encoded == [4, 4], "another storage type: built again"
+    with torch.no_grad():
+        next(get_route(model, "document").parameters()).mul_(1.5)
+    assert build(changed, torch.float32).fingerprint == route_fingerprint(model) and encoded == [4, 4, 4]
+    (folder / "cache_metadata.json").write_text("{")  # a cache left half-written: built again, not an error
+    build(changed, torch.float32)
+    assert encoded == [4, 4, 4, 4] and not list(folder.glob("*.tmp*"))

@@ -112,6 +112,7 @@ def test_device_and_precision_flags(tiny_document_model_dir: Path, tiny_beir_dir
         ("--stages", "align,pretrain"),
         ("--align-select", "ndcg"),
         ("--align-interpolation", "1.5"),
+        ("--cache-dtype", "int8"),
     ],
 )
 def test_bad_options_are_named(option: str, value: str, tmp_path: Path, capsys) -> None:
@@ -133,6 +134,8 @@ def test_stage_settings_are_checked_in_python() -> None:
         FinetuneStage(num_negatives=0)
     with pytest.raises(ValueError, match="once each"):
         DAFTConfig(stages=["align", "align"])
+    with pytest.raises(ValueError, match="unknown cache_dtype 'bfloat16'"):
+        DAFTConfig(cache_dtype="bfloat16")
 
 
 def test_more_negatives_than_documents_is_refused_before_training(

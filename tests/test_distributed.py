@@ -225,15 +225,21 @@ def test_two_process_training_matches_one_process(dropout_free_model_dir: Path, 
 
 
 def test_two_process_training_with_corrected_negatives(tiny_document_model_dir: Path, beir_dir: Path, tmp_path):
-    """Mining from the (sharded-then-gathered) cache with a synchronised corrector finishes and checkpoints once."""
+    """Mining from the (sharded-then-gathered) cache with a synchronised corrector finishes and checkpoints once; the
+    cache is a float16 file on disk, written by the main process and mapped by both."""
     output, log = tmp_path / "two", tmp_path / "two.log"
-    negatives = ("--negatives", "corrected", "--num-negatives", "2")
+    negatives = ("--negatives", "corrected", "--num-negatives", "2", "--cache-on-disk", "--cache-dtype", "float16")
     args = _run_args(tiny_document_model_dir, beir_dir, output, 2, *negatives, query_encoder="tiny:1,32")
     finish(start(_torchrun(["-m", "st_daft.cli", *args]), log), log)
     _assert_checkpointed_once(output)
     mining = output / "stage-2-finetune" / "checkpoint-4" / "negative_mining"
     miner = json.loads((mining / "miner_state.json").read_text())
     assert miner["statistics"]["counts"]["negatives"] > 0 and (mining / "corrector" / "corrector.pt").is_file()
+    # One document route, the align stage's, which mining starts from.
+    (cache,) = (output / "corpus-cache").glob("*/cache_metadata.json")
+    assert json.loads(cache.read_text())["dtype"] == "float16"
+    assert log.read_text().count("(memory-mapped)") == 2, "built once, logged by each process"
+    assert not list((output / "corpus-cache").rglob("*.tmp*"))
 
 
 def test_two_process_label_free_stages(tiny_document_model_dir: Path, beir_dir: Path, tmp_path: Path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from st_daft.corpus_alignment import (
     pseudo_query_dataset,
 )
 from st_daft.losses import LabelFreeAlignmentLoss
+from st_daft.recipe import remove_checkpoints
 from st_daft.stages import INTERPOLATION_START_FILE
 from st_daft.vocabulary import (
     add_words_to_static_route,
@@ -251,7 +253,9 @@ def test_align_stage_keeps_a_weight_space_average_of_its_start_and_end(
     assert len({metrics[1.0], metrics[0.25], metrics[0.0]}) == 3
 
 
-def test_a_resumed_run_keeps_the_same_average(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
+def test_a_resumed_run_keeps_the_same_average(
+    tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path, caplog
+) -> None:
     data = load_beir(tiny_beir_dir, "train")
     budget = {"batch_size": 4, "eval_steps": 2, "warmup_ratio": 0.0}
 
@@ -262,7 +266,10 @@ def test_a_resumed_run_keeps_the_same_average(tiny_document_model_dir: Path, tin
             max_steps=40, max_texts=40, general_texts=0, kl_patience=1, kl_min_delta=1e6, learning_rate=0.1, **budget
         )
         stages = [VocabularyStage(), corpus, AlignStage(max_steps=4, **budget)]
-        return DAFTConfig(stages=stages, validation_fraction=0.2, num_validation_texts=16)
+        # The corpus cache on disk, in float16: a resumed run reads it back.
+        return DAFTConfig(
+            stages=stages, validation_fraction=0.2, num_validation_texts=16, cache_on_disk=True, cache_dtype="float16"
+        )
 
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     summary = train_daft(model, data, tmp_path / "run", config())
@@ -272,9 +279,15 @@ def test_a_resumed_run_keeps_the_same_average(tiny_document_model_dir: Path, tin
     # As after a crash past the align stage's last checkpoint: each stage resumes from its own checkpoints, and the
     # start the align stage saved is read back, so the same average is kept.
     assert (tmp_path / "run" / AlignStage.folder / INTERPOLATION_START_FILE).exists()
+    (kept,) = (tmp_path / "run" / "corpus-cache").glob("*/embeddings.npy")
+    assert np.load(kept, mmap_mode="r").dtype == np.float16, "the vocabulary pass's cache, written to disk"
     again = build_asymmetric_model(str(tiny_document_model_dir), "static")
-    train_daft(again, data, tmp_path / "run", config(), resume_from_checkpoint=True)
+    with caplog.at_level(logging.INFO, logger="st_daft.cache"):
+        train_daft(again, data, tmp_path / "run", config(), resume_from_checkpoint=True)
+    assert f"documents read back from {kept.parent}" in caplog.text and "(memory-mapped)" not in caplog.text
     torch.testing.assert_close(get_route(again, QUERY_ROUTE)[0].embedding.weight, first, rtol=0, atol=0)
+    remove_checkpoints(tmp_path / "run")
+    assert not (tmp_path / "run" / "corpus-cache").exists() and (tmp_path / "run" / "modules.json").exists()
 
 
 def test_interpolate_route_checks_its_start(tiny_document_model_dir: Path) -> None:
