@@ -37,6 +37,21 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _index_option(value: str) -> tuple[str, int | str]:
+    """``KEY=VALUE`` of ``--mining-index-option``: the value an integer where it reads as one, checked by key."""
+    from st_daft.stages import check_mining_index_option
+
+    key, equals, text = value.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    option = (key, int(text)) if text.lstrip("-").isdigit() else (key, text)
+    try:
+        check_mining_index_option(*option)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return option
+
+
 def _non_negative_int(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -228,6 +243,23 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "(mined from the document cache during training; N: steps between full re-embeddings)",
     )
     finetune.add_argument("--num-negatives", type=_positive_int, default=4, help="mined negatives per query (4)")
+    finetune.add_argument(
+        "--mining-index",
+        choices=["auto", "exact", "flat", "ivf", "hnsw", "query-side", "two-step"],
+        default="auto",
+        help="how mined negatives are searched for: auto (default: exact up to 100,000 documents, else flat), or a "
+        "faiss index over the corrected cache (flat, ivf, hnsw), or a stale index searched with corrected queries "
+        "(query-side: a linear corrector; two-step: re-ranked by the corrector); ivf or two-step for millions",
+    )
+    finetune.add_argument(
+        "--mining-index-option",
+        type=_index_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the mining index, repeatable: nlist, nprobe, hnsw_m, ef_search, ef_construction, shortlist "
+        "(integers), storage (float32|float16), base (the stale index of query-side/two-step: flat|ivf|hnsw)",
+    )
     finetune.add_argument("--no-stop-on-collapse", action="store_true", help="keep training when a route collapses")
     run = train.add_argument_group("run")
     run.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="default: auto")
@@ -401,6 +433,8 @@ def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
                 **every,
                 "negatives": args.negatives,
                 "num_negatives": args.num_negatives,
+                "mining_index": args.mining_index,
+                "mining_index_options": dict(args.mining_index_option),
                 "stop_on_collapse": not args.no_stop_on_collapse,
             }
         ),

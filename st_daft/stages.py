@@ -947,6 +947,14 @@ class FinetuneStage(TrainedStage):
         negatives: ``"in-batch"``, or mined during training from the document cache: ``"stale"``, ``"corrected"``
             (corrector network), ``"refresh:N"`` or ``"corrected+refresh:N"`` (see :mod:`st_daft.mining`).
         num_negatives: mined negatives per query.
+        mining_index: how the mined negatives are searched for: ``"auto"`` (exact scores up to 100,000 documents,
+            else a flat faiss index), ``"exact"``, a faiss index over the (corrected) cache, rebuilt every 50 steps
+            while correcting (``"flat"``, ``"ivf"``, ``"hnsw"``), or a stale index searched with corrected queries
+            and never rebuilt (``"query-side"``, with a linear corrector; ``"two-step"``, re-ranked by the corrector):
+            see :class:`~st_daft.mining.NegativeMiner`. For millions of documents, ``"ivf"`` or ``"two-step"``.
+        mining_index_options: options of :func:`~st_daft.index.build_faiss_index` (``nlist``, ``nprobe``,
+            ``hnsw_m``, ``ef_search``, ``ef_construction``, ``storage``), ``base`` (the stale index of the
+            query-side modes) and ``shortlist`` (the rows ``"two-step"`` re-ranks).
         stop_on_collapse: end the stage when a route collapses.
     """
 
@@ -962,12 +970,19 @@ class FinetuneStage(TrainedStage):
     guard_weight: float = 1.0
     negatives: str = "in-batch"
     num_negatives: int = 4
+    mining_index: str = "auto"
+    mining_index_options: dict[str, Any] = field(default_factory=dict)
     stop_on_collapse: bool = True
 
     def __post_init__(self) -> None:
-        from st_daft.mining import parse_negatives
+        from st_daft.mining import INDEX_MODES, parse_negatives
 
         super().__post_init__()
+        if self.mining_index not in ("auto", *INDEX_MODES):
+            choices = ", ".join(("auto", *INDEX_MODES))
+            raise ValueError(f"unknown mining_index (--mining-index) {self.mining_index!r}: choose {choices}")
+        for option, value in self.mining_index_options.items():
+            check_mining_index_option(option, value)
         if not self.document_learning_rate > 0:
             rate = self.document_learning_rate
             raise ValueError(f"finetune stage: document_learning_rate must be positive, got {rate}")
@@ -1039,20 +1054,48 @@ class FinetuneStage(TrainedStage):
             return self._build_mining(context, loss, data)
 
     def _build_mining(self, context: StageContext, loss: Any, data: RetrievalData) -> tuple[Any, list[Any]]:
+        from st_daft.corrector import CorrectorNetwork
         from st_daft.losses import build_negative_mining
 
+        options = dict(self.mining_index_options)
+        shortlist = options.pop("shortlist", 256)
+        linear = self.mining_index == "query-side"  # searching with corrected queries needs a linear corrector
         return build_negative_mining(
             context.model,
             loss,
             context.cache,
             context.corpus,
             self.negatives,
+            corrector=CorrectorNetwork(context.cache.dimension, depth=1) if linear else None,
+            index=None if self.mining_index == "auto" else self.mining_index,
+            index_options=options,
+            shortlist=shortlist,
             num_negatives=self.num_negatives,
             query_positives={
                 data.queries[qid]: [did for did, score in judged.items() if score > 0]
                 for qid, judged in data.qrels.items()
             },
         )
+
+
+#: What ``FinetuneStage.mining_index_options`` may set: the counts, then the choices.
+MINING_INDEX_OPTIONS: dict[str, tuple[str, ...] | None] = {
+    **dict.fromkeys(("nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction", "shortlist")),
+    "storage": ("float32", "float16"),
+    "base": ("flat", "ivf", "hnsw"),
+}
+
+
+def check_mining_index_option(option: str, value: Any) -> None:
+    """Refuse an index option the miner would fail on mid-training, naming it."""
+    where = f"mining_index_options (--mining-index-option) {option}={value!r}"
+    if option not in MINING_INDEX_OPTIONS:
+        raise ValueError(f"unknown {where}: choose from {list(MINING_INDEX_OPTIONS)}")
+    choices = MINING_INDEX_OPTIONS[option]
+    if choices is None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise ValueError(f"{where}: must be a positive integer")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{where}: choose from {list(choices)}")
 
 
 STAGE_TYPES: dict[str, type[Stage]] = {

@@ -240,6 +240,9 @@ def test_two_process_training_with_corrected_negatives(tiny_document_model_dir: 
     assert json.loads(cache.read_text())["dtype"] == "float16"
     assert log.read_text().count("(memory-mapped)") == 2, "built once, logged by each process"
     assert not list((output / "corpus-cache").rglob("*.tmp*"))
+    # The checkpoint's mining state refers to that file instead of copying the cache beside the checkpoints.
+    assert (mining / miner["cache"]["folder"]).resolve() == cache.parent.resolve()
+    assert not (output / "stage-2-finetune" / "negative_mining_cache").exists()
 
 
 def test_two_process_label_free_stages(tiny_document_model_dir: Path, beir_dir: Path, tmp_path: Path):

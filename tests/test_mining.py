@@ -411,15 +411,25 @@ def test_a_resumed_run_resumes_again_after_rotation_and_a_move(model, cache, tmp
 
 
 def test_unchanged_cache_is_saved_once_beside_the_checkpoints_not_copied_into_each(model, tmp_path: Path) -> None:
-    cache = StaleEmbeddingCache.build(model, CORPUS, batch_size=8, show_progress_bar=False, folder=tmp_path / "c")
+    cache = StaleEmbeddingCache.build(model, CORPUS, batch_size=8, show_progress_bar=False)
     mining = _mining(cache, "stale")
     first = save_negative_mining_state(tmp_path / "run" / "checkpoint-1" / CHECKPOINT_FOLDER, mining.miner)
     second = save_negative_mining_state(tmp_path / "run" / "checkpoint-2" / CHECKPOINT_FOLDER, mining.miner)
     assert (first / STATE_FILE).is_file() and not (first / "cache").exists() and not (second / "cache").exists()
     assert [p.name for p in (tmp_path / "run" / CACHE_FOLDER).iterdir()] == [cache.fingerprint]
-    restored = _miner(StaleEmbeddingCache.load(tmp_path / "c"), "stale")
+    restored = _miner(StaleEmbeddingCache.build(model, CORPUS, show_progress_bar=False), "stale")
     load_negative_mining_state(second, restored)
     assert torch.equal(restored.cache.embeddings, cache.embeddings)
+
+
+def test_a_cache_already_on_disk_is_referred_to_not_copied(model, tmp_path: Path) -> None:
+    on_disk = StaleEmbeddingCache.build(model, CORPUS, batch_size=8, show_progress_bar=False, folder=tmp_path / "c")
+    state = save_negative_mining_state(tmp_path / "run" / "checkpoint-1" / CHECKPOINT_FOLDER, _miner(on_disk, "stale"))
+    assert not (tmp_path / "run" / CACHE_FOLDER).exists(), "nothing copied beside the checkpoints"
+    restored = _miner(StaleEmbeddingCache.load(tmp_path / "c"), "stale")
+    load_negative_mining_state(state, restored)
+    assert restored.cache.folder == (tmp_path / "c").resolve()
+    assert torch.equal(restored.cache.embeddings, on_disk.embeddings)
 
 
 def test_mismatched_states_and_caches_are_refused(model, cache, tmp_path: Path) -> None:
@@ -592,3 +602,54 @@ def test_malformed_strategy_is_refused_by_config_and_cli(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--data", "x", "--output", "y", "--negatives", "corrected+refresh"])
     assert "unknown negatives strategy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "index, options",
+    [("ivf", {"nlist": 2, "nprobe": 2, "storage": "float16"}), ("query-side", {}), ("two-step", {"shortlist": 6})],
+)
+def test_recipe_mines_through_the_index_it_is_given(
+    index: str, options: dict, tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path, monkeypatch
+) -> None:
+    from st_daft import AlignStage, DAFTConfig, FinetuneStage, load_beir, mining, train_daft
+
+    built: list[tuple[str, dict]] = []
+    real_build = mining.build_faiss_index
+
+    def recording(embeddings, kind="flat", **kwargs):
+        built.append((kind, {key: kwargs[key] for key in ("nlist", "nprobe", "storage") if key in kwargs}))
+        return real_build(embeddings, kind, **kwargs)
+
+    monkeypatch.setattr(mining, "build_faiss_index", recording)
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    budget = {"max_steps": 2, "batch_size": 4, "eval_steps": 2, "warmup_ratio": 0.0, "logging_steps": 1}
+    finetune = FinetuneStage(
+        **budget, negatives="corrected", num_negatives=2, mining_index=index, mining_index_options=options
+    )
+    config = DAFTConfig(stages=[AlignStage(**budget), finetune], validation_fraction=0.2, num_validation_texts=16)
+    summary = train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", config)
+    logged = [row for row in summary.stages[1].log_history if "loss" in row]
+    assert logged and logged[-1]["mining_encoded_negatives"] > 0
+    # The index asked for: IVF with its options over the corrected cache; a stale flat index for the query-side modes.
+    index_options = {key: value for key, value in options.items() if key != "shortlist"}
+    expected = ("ivf", index_options) if index == "ivf" else ("flat", {})
+    assert built and all(call == expected for call in built)
+    corrector = tmp_path / "run" / "stage-2-finetune" / "checkpoint-2" / CHECKPOINT_FOLDER / "corrector"
+    depth = json.loads((corrector / "corrector_config.json").read_text())["depth"]
+    assert depth == (1 if index == "query-side" else 2), "query-side: a linear corrector"
+
+
+def test_mining_index_settings_are_refused_before_training(capsys) -> None:
+    from st_daft import FinetuneStage
+    from st_daft.cli import main
+
+    with pytest.raises(ValueError, match="unknown mining_index .*'ivfpq'"):
+        FinetuneStage(mining_index="ivfpq")
+    with pytest.raises(ValueError, match="nlist=0.*positive integer"):
+        FinetuneStage(mining_index="ivf", mining_index_options={"nlist": 0})
+    with pytest.raises(ValueError, match="storage='int4'.*float32"):
+        FinetuneStage(mining_index="ivf", mining_index_options={"storage": "int4"})
+    for option in ("nprob=3", "nlist", "base=ivfpq"):
+        with pytest.raises(SystemExit):
+            main(["train", "--data", "x", "--output", "y", "--mining-index-option", option])
+        assert "argument --mining-index-option" in capsys.readouterr().err

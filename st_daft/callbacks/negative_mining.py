@@ -175,14 +175,18 @@ def save_negative_mining_state(
 ) -> Path:
     """Write the miner's state into ``folder`` (atomically, as a whole) and its cache into
     ``cache_root/{fingerprint}`` (default ``folder/../../negative_mining_cache``, beside the checkpoints) unless
-    that cache is already there; ``folder`` refers to it by a relative path."""
+    that cache is already there, or is a cache saved on disk as it is (``--cache-on-disk``): then that folder is
+    referred to and nothing is copied. ``folder`` refers to the cache by a relative path."""
     folder = Path(folder)
     cache = miner.cache
-    cache_root = Path(cache_root) if cache_root is not None else folder.parent.parent / CACHE_FOLDER
-    cache_folder = cache_root / cache.fingerprint
-    if not (cache_folder / METADATA_FILE).is_file():
-        with atomic_folder(cache_folder) as temporary:
-            cache.save(temporary)
+    if cache.folder is not None and (cache.folder / METADATA_FILE).is_file():
+        cache_folder = cache.folder  # already on disk as it is (a memory-mapped cache): referred to, not copied
+    else:
+        cache_root = Path(cache_root) if cache_root is not None else folder.parent.parent / CACHE_FOLDER
+        cache_folder = cache_root / cache.fingerprint
+        if not (cache_folder / METADATA_FILE).is_file():
+            with atomic_folder(cache_folder) as temporary:
+                cache.save(temporary)
     state = {
         "format_version": STATE_FORMAT_VERSION,
         "strategy": miner.strategy.spec,

@@ -175,6 +175,7 @@ def build_negative_mining(
     drift_loss: str = "mse",
     index: str | None = None,
     index_options: dict[str, Any] | None = None,
+    shortlist: int = 256,
     encode_batch_size: int = 64,
 ) -> tuple[nn.Module, list[Any]]:
     """``loss`` with negatives mined by ``strategy`` (see :func:`~st_daft.mining.parse_negatives`), and the trainer
@@ -198,6 +199,7 @@ def build_negative_mining(
         corrector=corrector,
         index=index,
         index_options=index_options,
+        shortlist=shortlist,
         encode_batch_size=encode_batch_size,
     )
     trainer = None
