@@ -371,6 +371,65 @@ def run_soup(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Options that change what one stage does: given for a stage the run does not train, they are refused.
+STAGE_SETTINGS = {
+    "vocabulary": ("no_zipf", "idf_weights", "corpus_words", "min_word_documents", "contextual_vocabulary"),
+    "corpus": (
+        "corpus_document_weight", "corpus_pseudo_queries", "corpus_ranking_weight", "corpus_lexical_weight",
+        "general_texts",
+    ),
+    "align": ("align_select", "align_interpolation"),
+    "finetune": (
+        "guard", "guard_weight", "negatives", "num_negatives", "mining_index", "mining_index_option",
+        "no_stop_on_collapse",
+    ),
+}  # fmt: skip
+#: One stage's budget: given for a stage the run does not train, it is only warned about (scripts pass one set).
+STAGE_BUDGETS = {
+    "corpus": ("corpus_steps", "corpus_max_texts", "corpus_lr"),
+    "align": ("align_steps", "align_batch_size", "align_lr"),
+    "finetune": ("finetune_epochs", "finetune_steps", "batch_size", "query_lr", "document_lr"),
+}
+
+
+def _check_stage_options(args: argparse.Namespace, stages: tuple[str, ...]) -> None:
+    """Refuse a stage's setting when the run does not train that stage (it would be silently ignored), and warn about
+    a budget given for one."""
+    from st_daft.recipe import STAGES
+
+    defaults = vars(build_parser().parse_args(["train", "--output", "-", "--data", "-"]))
+
+    def given(table: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:
+        return [
+            (stage, dest)
+            for stage, dests in table.items()
+            if stage not in stages
+            for dest in dests
+            if getattr(args, dest) != defaults[dest]
+        ]
+
+    def flag(dest: str) -> str:
+        value = getattr(args, dest)
+        if isinstance(value, bool):
+            return f"--{dest.replace('_', '-')}"
+        if isinstance(value, list):  # --mining-index-option KEY=VALUE, repeated
+            value = " ".join(f"{key}={item}" for key, item in value)
+        return f"--{dest.replace('_', '-')} {value}"
+
+    run = ",".join(stages)
+    for stage, dest in given(STAGE_BUDGETS):
+        print(f"warning: {flag(dest)} is the {stage} stage's, not trained in this run (stages: {run})", file=sys.stderr)
+    ignored = given(STAGE_SETTINGS)
+    if ignored:
+        stage, dest = ignored[0]
+        more = f" (and {len(ignored) - 1} more)" if len(ignored) > 1 else ""
+        suggestion = ",".join(name for name in STAGES if name in (*stages, stage))
+        raise ValueError(
+            f"{flag(dest)}{more} applies to the {stage} stage, which this run does not train (stages: {run}); "
+            f"add the stage with --stages, e.g. --stages {suggestion}"
+        )
+
+
 def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
     from st_daft.recipe import DAFTConfig
     from st_daft.stages import AlignStage, CorpusStage, FinetuneStage, VocabularyStage
@@ -514,6 +573,7 @@ def run_train(args: argparse.Namespace) -> int:
     labelled = not isinstance(train_data, tuple)
     train_data, titles = (train_data, None) if labelled else train_data
     stages = args.stages or default_stages(args.query_encoder, labelled=labelled)
+    _check_stage_options(args, stages)
     config = _config_from_args(args, stages)
     if not labelled:
         extra = f" and {len(unlabeled_queries)} unlabelled queries" if unlabeled_queries else ""

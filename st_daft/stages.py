@@ -986,7 +986,11 @@ class FinetuneStage(TrainedStage):
         if not self.document_learning_rate > 0:
             rate = self.document_learning_rate
             raise ValueError(f"finetune stage: document_learning_rate must be positive, got {rate}")
-        parse_negatives(self.negatives)  # a malformed strategy fails here, before any training
+        if not parse_negatives(self.negatives).mine and (self.mining_index != "auto" or self.mining_index_options):
+            raise ValueError(
+                f"mining_index (--mining-index) and its options apply to mined negatives, not to --negatives "
+                f"{self.negatives}: choose stale, corrected, refresh:N or corrected+refresh:N"
+            )
         if self.num_negatives < 1:
             raise ValueError(f"num_negatives (--num-negatives) must be at least 1, got {self.num_negatives}")
 

@@ -81,6 +81,10 @@ def test_device_and_precision_flags(tiny_document_model_dir: Path, tiny_beir_dir
     output = tmp_path / "model"
     assert _train(tiny_document_model_dir, tiny_beir_dir, output, "--stages", "align", "--device", "cpu") == 0
     assert (output / "modules.json").is_file()
+    # _train's --batch-size is the finetune stage's budget: harmless here, but said.
+    assert "warning: --batch-size 4 is the finetune stage's, not trained in this run (stages: align)" in (
+        capsys.readouterr().err
+    )
     with pytest.raises(SystemExit):
         main(["train", "--data", "x", "--output", "y", "--precision", "fp8"])
     assert "--precision" in capsys.readouterr().err
@@ -121,6 +125,27 @@ def test_bad_options_are_named(option: str, value: str, tmp_path: Path, capsys) 
     assert exited.value.code == 2
     assert f"argument {option}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "stages, option, message",
+    [
+        (None, ["--negatives", "corrected"], "--negatives corrected applies to the finetune stage"),
+        ("align", ["--mining-index-option", "nlist=8"], "--mining-index-option nlist=8 applies to the finetune"),
+        ("align,finetune", ["--corpus-lexical-weight", "1"], "--corpus-lexical-weight 1.0 applies to the corpus"),
+        ("corpus,align", ["--idf-weights"], "--idf-weights applies to the vocabulary stage"),
+        ("finetune", ["--align-select", "kl", "--idf-weights"], "--idf-weights (and 1 more) applies to the vocab"),
+    ],
+)
+def test_a_setting_for_a_stage_the_run_does_not_train_is_refused(
+    stages, option: list[str], message: str, tiny_beir_dir: Path, tmp_path: Path, capsys
+) -> None:
+    staged = ["--stages", stages] if stages else []  # None: the static default, vocabulary,corpus,align
+    argv = ["train", "--data", str(tiny_beir_dir), "--output", str(tmp_path / "o"), *staged, *option]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert message in error and "this run does not train" in error and "add the stage with --stages" in error
+    assert not (tmp_path / "o").exists(), "refused before anything is written"
 
 
 def test_stage_settings_are_checked_in_python() -> None:

@@ -644,11 +644,13 @@ def test_mining_index_settings_are_refused_before_training(capsys) -> None:
     from st_daft.cli import main
 
     with pytest.raises(ValueError, match="unknown mining_index .*'ivfpq'"):
-        FinetuneStage(mining_index="ivfpq")
+        FinetuneStage(negatives="corrected", mining_index="ivfpq")
     with pytest.raises(ValueError, match="nlist=0.*positive integer"):
-        FinetuneStage(mining_index="ivf", mining_index_options={"nlist": 0})
+        FinetuneStage(negatives="corrected", mining_index="ivf", mining_index_options={"nlist": 0})
     with pytest.raises(ValueError, match="storage='int4'.*float32"):
-        FinetuneStage(mining_index="ivf", mining_index_options={"storage": "int4"})
+        FinetuneStage(negatives="corrected", mining_index="ivf", mining_index_options={"storage": "int4"})
+    with pytest.raises(ValueError, match="apply to mined negatives, not to --negatives in-batch"):
+        FinetuneStage(mining_index="ivf")
     for option in ("nprob=3", "nlist", "base=ivfpq"):
         with pytest.raises(SystemExit):
             main(["train", "--data", "x", "--output", "y", "--mining-index-option", option])
