@@ -40,8 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from st_daft.data import DataError, RetrievalData, load_beir
-from st_daft.model import DOCUMENT_ROUTE, route_prompt
-from st_daft.store import DocumentEmbeddingStore, document_encoder_key
+from st_daft.store import DocumentEmbeddingStore, document_encoder_key, document_prompt
 
 if TYPE_CHECKING:
     from mteb.abstasks.retrieval import AbsTaskRetrieval
@@ -276,10 +275,13 @@ def _store_encoder_class() -> type[SentenceTransformerEncoderWrapper]:
             def compute(missing: list[str]) -> np.ndarray:
                 return self.model.encode_document(missing, prompt=prompt, **options)
 
-            # Without a prompt of MTEB's, encode_document prepends the model's own document prompt: key by that.
-            key_prompt = prompt if prompt is not None else route_prompt(self.model, DOCUMENT_ROUTE) or None
             return self.document_store.embeddings(
-                self.model, texts, compute, kind="document", prompt=key_prompt, encoder_key=self._encoder_key
+                self.model,
+                texts,
+                compute,
+                kind="document",
+                prompt=document_prompt(self.model, prompt),  # without MTEB's prompt, the model's own
+                encoder_key=self._encoder_key,
             )
 
     DocumentStoreEncoderWrapper.__module__ = __name__

@@ -49,6 +49,7 @@ from st_daft.data import RetrievalData
 from st_daft.distributed import barrier, is_distributed, is_main_process
 from st_daft.fingerprint import route_fingerprint
 from st_daft.general_corpus import GENERAL_TEXTS_AVAILABLE, general_texts
+from st_daft.index import INDEX_KINDS
 from st_daft.io import atomic_torch_save
 from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
 from st_daft.model import (
@@ -1086,7 +1087,7 @@ class FinetuneStage(TrainedStage):
 MINING_INDEX_OPTIONS: dict[str, tuple[str, ...] | None] = {
     **dict.fromkeys(("nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction", "shortlist")),
     "storage": ("float32", "float16"),
-    "base": ("flat", "ivf", "hnsw"),
+    "base": INDEX_KINDS,
 }
 
 

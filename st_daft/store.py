@@ -48,6 +48,12 @@ def document_encoder_key(model: SentenceTransformer) -> str:
     return route_fingerprint(model, DOCUMENT_ROUTE)
 
 
+def document_prompt(model: SentenceTransformer, prompt: str | None = None) -> str | None:
+    """The prompt ``model.encode_document(texts, prompt=prompt)`` prepends: ``prompt``, else the model's own document
+    prompt (None for none). Part of a stored document row's key."""
+    return prompt if prompt is not None else route_prompt(model, DOCUMENT_ROUTE) or None
+
+
 def _text_key(text: str, kind: str, prompt: str | None) -> bytes:
     return hashlib.blake2b(f"{kind}\x00{prompt or ''}\x00{text}".encode(), digest_size=16).digest()
 
@@ -182,11 +188,10 @@ class _VectorsInFile:
         return vectors
 
 
-def _vectors_in_file(path: Path, name: str) -> _VectorsInFile | None:
-    """Where array ``name`` of an uncompressed ``.npz`` (as ``np.savez`` writes) lies in the file, or None where
-    it cannot be read in place (compressed, or not C-ordered little-endian float32): then it is read into memory."""
-    with zipfile.ZipFile(path) as archive:
-        member = archive.getinfo(f"{name}.npy")
+def _vectors_in_file(path: Path, member: zipfile.ZipInfo) -> _VectorsInFile | None:
+    """Where the array of ``member`` of an uncompressed ``.npz`` (as ``np.savez`` writes) lies in the file, or None
+    where it cannot be read in place (compressed, or not C-ordered little-endian float32): then it is read into
+    memory."""
     if member.compress_type != zipfile.ZIP_STORED:
         return None
     with open(path, "rb") as handle:
@@ -209,7 +214,7 @@ def _read_shard(path: Path) -> tuple[np.ndarray, np.ndarray | _VectorsInFile]:
     """A shard's ``(n,)`` keys (in memory) and ``(n, dim)`` float32 vectors (left in the file where it allows)."""
     with np.load(path) as data:
         keys = np.ascontiguousarray(data["keys"], dtype=np.uint8)
-        vectors = _vectors_in_file(path, "vectors")
+        vectors = _vectors_in_file(path, data.zip.getinfo("vectors.npy"))
         if vectors is None:
             vectors = data["vectors"]
             if vectors.ndim != 2 or vectors.dtype != np.float32:
@@ -362,8 +367,7 @@ class DocumentEmbeddingStore:
                 missing, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=show_progress_bar
             )
 
-        # encode_document prepends the model's document prompt, if it has one: part of the key, as in evaluation.
-        prompt = route_prompt(model, DOCUMENT_ROUTE) or None
+        prompt = document_prompt(model)
         return self.embeddings(model, texts, compute, kind="document", prompt=prompt, encoder_key=encoder_key)
 
     def __repr__(self) -> str:
