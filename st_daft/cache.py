@@ -26,10 +26,10 @@ from sentence_transformers import SentenceTransformer
 from torch import Tensor
 
 from st_daft.distributed import all_reduce_sum, barrier, embed_sharded, get_world_size, is_main_process
-from st_daft.fingerprint import fingerprint_matches, route_fingerprint
+from st_daft.fingerprint import encoding_fingerprint, fingerprint_matches, route_fingerprint
 from st_daft.index import build_faiss_index
 from st_daft.io import atomic_save_npy, atomic_write_json, read_json
-from st_daft.model import DOCUMENT_ROUTE
+from st_daft.model import DOCUMENT_ROUTE, route_prompt
 
 if TYPE_CHECKING:
     from st_daft.store import DocumentEmbeddingStore
@@ -40,6 +40,7 @@ __all__ = [
     "StaleEmbeddingCache",
     "CacheMismatchError",
     "route_fingerprint",
+    "cache_is_current",
     "token_keys",
     "embed_documents",
 ]
@@ -52,6 +53,12 @@ KEYS_FILE = "token_keys.npy"
 
 class CacheMismatchError(ValueError):
     """The cache on disk does not belong to this model, corpus or configuration."""
+
+
+def cache_is_current(model: SentenceTransformer, fingerprint: str) -> bool:
+    """Whether a cache recorded under ``fingerprint`` holds what ``model.encode_document`` computes now: the same
+    document route (see :func:`~st_daft.fingerprint.fingerprint_matches`) under the same document prompt."""
+    return fingerprint_matches(model, fingerprint, DOCUMENT_ROUTE, prompt=route_prompt(model, DOCUMENT_ROUTE))
 
 
 def token_keys(features: dict[str, Any]) -> list[bytes]:
@@ -73,7 +80,8 @@ class StaleEmbeddingCache:
         ids: corpus ids, one per row.
         embeddings: ``(len(ids), dim)`` embeddings from the document route.
         keys: one token key per row (see :func:`token_keys`).
-        fingerprint: :func:`route_fingerprint` of the route the embeddings came from.
+        fingerprint: :func:`~st_daft.fingerprint.encoding_fingerprint` of the document route the embeddings came
+            from (its parameters, and its prompt if it has one).
     """
 
     def __init__(self, ids: list[str], embeddings: Tensor, keys: list[bytes], fingerprint: str) -> None:
@@ -117,7 +125,7 @@ class StaleEmbeddingCache:
         from it instead of being encoded again.
         """
         ids, texts, keys = _corpus_keys(model, corpus)
-        fingerprint = route_fingerprint(model)
+        fingerprint = encoding_fingerprint(model)
         if folder is not None and reuse:
             kept = _reusable(Path(folder), fingerprint, ids, keys, dtype)
             # Every process must take the same branch (building all-gathers): reuse only if all of them can.
@@ -130,7 +138,23 @@ class StaleEmbeddingCache:
         if folder is None:
             embeddings = embed_sharded(model, texts, batch_size, show_progress_bar=show_progress_bar, store=store)
             return cls(ids, embeddings.to("cpu", dtype), keys, fingerprint)
-        folder = Path(folder)
+        cache = cls.__new__(cls)
+        cache._init_fields(ids, torch.empty(0, 0), keys, fingerprint)
+        return cache._embed_into(Path(folder), model, texts, batch_size, dtype, show_progress_bar, chunk_size, store)
+
+    def _embed_into(
+        self,
+        folder: Path,
+        model: SentenceTransformer,
+        texts: list[str],
+        batch_size: int,
+        dtype: torch.dtype,
+        show_progress_bar: bool,
+        chunk_size: int = 8192,
+        store: DocumentEmbeddingStore | None = None,
+    ) -> StaleEmbeddingCache:
+        """Embed ``texts`` (one per row) into ``folder`` as a saved cache with this cache's ids, keys and fingerprint
+        and return it memory-mapped: every process encodes its shard of each chunk, the main process alone writes."""
         writer = is_main_process()
         barrier()  # no process is still reading a cache this one is about to replace
         if writer:
@@ -140,11 +164,9 @@ class StaleEmbeddingCache:
             folder / EMBEDDINGS_FILE, model, texts, batch_size, dtype, show_progress_bar, chunk_size, store, writer
         )
         if writer:
-            cache = cls.__new__(cls)
-            cache._init_fields(ids, torch.empty(0, 0), keys, fingerprint)
-            cache._write_keys_and_metadata(folder, _dtype_name(dtype), len(ids), dimension)
+            self._write_keys_and_metadata(folder, _dtype_name(dtype), len(self), dimension)
         barrier()  # the file is complete before any process maps it
-        return cls.load(folder, mmap=True)
+        return StaleEmbeddingCache.load(folder, mmap=True)
 
     @classmethod
     def from_embeddings(
@@ -166,25 +188,39 @@ class StaleEmbeddingCache:
             row_of_text = {text: row for row, text in enumerate(texts)}
             store.add(model, texts, lambda missing: embeddings[[row_of_text[text] for text in missing]].numpy())
         logger.info("corpus cache: the document route's embeddings of %d documents, from an earlier pass", len(ids))
-        return cls(ids, embeddings.to(dtype), keys, route_fingerprint(model))
+        return cls(ids, embeddings.to(dtype), keys, encoding_fingerprint(model))
 
     def refresh(
-        self, model: SentenceTransformer, texts: list[str], batch_size: int = 64, show_progress_bar: bool = False
+        self,
+        model: SentenceTransformer,
+        texts: list[str],
+        batch_size: int = 64,
+        show_progress_bar: bool = False,
+        folder: str | Path | None = None,
     ) -> None:
-        """Re-embed every row (``texts`` in row order) with the model's current document route, in memory.
+        """Re-embed every row (``texts`` in row order) with the model's current document route.
 
         This is the expensive full-corpus re-embedding (the ANCE-style refresh); the fingerprint follows the route.
+        Without ``folder`` the new embeddings are held in memory. With ``folder`` they are written there as an
+        on-disk cache (as :meth:`build` writes one: the main process alone writes) and mapped, so a corpus larger
+        than memory can be refreshed; the cache saved in the folder it was read from, if any, is left as it is.
         """
         if len(texts) != len(self):
             raise CacheMismatchError(f"refresh got {len(texts)} texts for a cache of {len(self)} rows")
-        embeddings = embed_sharded(model, texts, batch_size, show_progress_bar=show_progress_bar)
+        fingerprint, dtype = encoding_fingerprint(model), self.embeddings.dtype
+        if folder is None:
+            embeddings = embed_sharded(model, texts, batch_size, show_progress_bar=show_progress_bar).to("cpu", dtype)
+        else:
+            folder = Path(folder)
+            refreshed = StaleEmbeddingCache.__new__(StaleEmbeddingCache)
+            refreshed._init_fields(self.ids, torch.empty(0, 0), self.keys, fingerprint)
+            embeddings = refreshed._embed_into(folder, model, texts, batch_size, dtype, show_progress_bar).embeddings
         if embeddings.shape[1] != self.dimension:
             raise CacheMismatchError(
                 f"the model embeds in {embeddings.shape[1]} dimensions, the cache has {self.dimension}"
             )
-        self.embeddings = embeddings.to("cpu", self.embeddings.dtype)
-        self.fingerprint = route_fingerprint(model)
-        self.folder = None  # no longer what is on disk
+        self.embeddings, self.fingerprint = embeddings, fingerprint
+        self.folder = folder  # None: no longer what is on disk
 
     def float32(self, rows: Tensor | None = None, chunk_size: int = 65536) -> Tensor:
         """The embeddings (or some rows) as a float32 tensor, converted chunk by chunk from float16 or a memmap."""
@@ -217,8 +253,8 @@ class StaleEmbeddingCache:
         return torch.tensor([self.row_of_id[doc_id] for doc_id in ids], dtype=torch.long)
 
     def is_current(self, model: SentenceTransformer) -> bool:
-        """True when the model's document route still has the parameters the cache was built with."""
-        return fingerprint_matches(model, self.fingerprint)
+        """True when the model's document route still has the parameters (and the prompt) the cache was built with."""
+        return cache_is_current(model, self.fingerprint)
 
     def save(self, folder: str | Path) -> None:
         """Write the cache to ``folder`` (metadata JSON, embeddings and keys as .npy), atomically per file.

@@ -5,7 +5,8 @@ what this route would compute?", and answer it with :func:`route_fingerprint`. I
 
 - the route's parameters and buffers (for a symmetric model, every module but a trailing ``Normalize``),
 - the modules after the ``Router`` (e.g. ``Normalize``, a ``Dense``), by type and state,
-- the route's truncation length (``max_seq_length``), which changes document embeddings without changing a weight.
+- the route's truncation length (``max_seq_length``), which changes document embeddings without changing a weight,
+- with ``prompt`` (:func:`encoding_fingerprint`), the prompt ``encode_document`` / ``encode_query`` prepends.
 
 Equal fingerprints mean equal embeddings; a fine-tuned route, a new ``Normalize`` or a shorter truncation each give
 another fingerprint, so no stale vector is ever read as current.
@@ -22,9 +23,15 @@ from sentence_transformers.base.modules.router import Router
 from sentence_transformers.sentence_transformer.modules import Normalize
 from torch import nn
 
-from st_daft.model import DOCUMENT_ROUTE, get_route, has_route
+from st_daft.model import DOCUMENT_ROUTE, get_route, has_route, route_prompt
 
-__all__ = ["route_fingerprint", "legacy_route_fingerprints", "fingerprint_matches", "hash_module_state"]
+__all__ = [
+    "route_fingerprint",
+    "encoding_fingerprint",
+    "legacy_route_fingerprints",
+    "fingerprint_matches",
+    "hash_module_state",
+]
 
 
 def hash_module_state(digest: Any, module: torch.nn.Module) -> None:
@@ -34,8 +41,9 @@ def hash_module_state(digest: Any, module: torch.nn.Module) -> None:
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
 
 
-def route_fingerprint(model: SentenceTransformer, route: str = DOCUMENT_ROUTE) -> str:
-    """A 32-hex-digit digest of ``route``'s parameters, the modules after the ``Router`` and its ``max_seq_length``.
+def route_fingerprint(model: SentenceTransformer, route: str = DOCUMENT_ROUTE, prompt: str | None = None) -> str:
+    """A 32-hex-digit digest of ``route``'s parameters, the modules after the ``Router`` and its ``max_seq_length``
+    (and of ``prompt`` when one is given: the text prepended to every input, which changes every embedding).
 
     For a model without a ``Router`` the whole model is the route, split as :func:`st_daft.build_asymmetric_model`
     splits a document encoder: its trailing ``Normalize`` modules count as the modules after the ``Router``, the rest
@@ -55,7 +63,15 @@ def route_fingerprint(model: SentenceTransformer, route: str = DOCUMENT_ROUTE) -
             after_router.insert(0, modules.pop())
         module = nn.Sequential(*modules)  # the state names an asymmetric model's route has: "0.", "1.", ...
         max_seq_length = model.max_seq_length
-    return _fingerprint(module, after_router, max_seq_length)
+    return _with_prompt(_fingerprint(module, after_router, max_seq_length), prompt)
+
+
+def encoding_fingerprint(model: SentenceTransformer, route: str = DOCUMENT_ROUTE) -> str:
+    """The fingerprint of what ``model.encode_document`` (``encode_query`` for the query route) returns when called
+    without a prompt: :func:`route_fingerprint` with the model's own prompt for that route, if it has one. The
+    corpus cache is keyed by it, so a cache built under one document prompt is never read as current under another.
+    """
+    return route_fingerprint(model, route, prompt=route_prompt(model, route))
 
 
 def legacy_route_fingerprints(model: SentenceTransformer, route: str = DOCUMENT_ROUTE) -> tuple[str, ...]:
@@ -67,10 +83,20 @@ def legacy_route_fingerprints(model: SentenceTransformer, route: str = DOCUMENT_
     return (_fingerprint(model, list(model), model.max_seq_length),)
 
 
-def fingerprint_matches(model: SentenceTransformer, fingerprint: str, route: str = DOCUMENT_ROUTE) -> bool:
-    """Whether vectors recorded under ``fingerprint`` are what ``route`` of ``model`` computes now (the current
-    fingerprint, or a legacy one of the same route)."""
-    return fingerprint == route_fingerprint(model, route) or fingerprint in legacy_route_fingerprints(model, route)
+def fingerprint_matches(
+    model: SentenceTransformer, fingerprint: str, route: str = DOCUMENT_ROUTE, prompt: str | None = None
+) -> bool:
+    """Whether vectors recorded under ``fingerprint`` are what ``route`` of ``model`` computes now with ``prompt``
+    (the current fingerprint, or a legacy one of the same route)."""
+    legacy = {_with_prompt(old, prompt) for old in legacy_route_fingerprints(model, route)}
+    return fingerprint == route_fingerprint(model, route, prompt) or fingerprint in legacy
+
+
+def _with_prompt(fingerprint: str, prompt: str | None) -> str:
+    """``fingerprint`` itself without a prompt (so unprompted fingerprints are those earlier versions wrote)."""
+    if not prompt:
+        return fingerprint
+    return hashlib.blake2b(f"{fingerprint}\x00prompt\x00{prompt}".encode(), digest_size=16).hexdigest()
 
 
 def _fingerprint(route: nn.Module, after_router: list[nn.Module], max_seq_length: int | None) -> str:

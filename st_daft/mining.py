@@ -26,6 +26,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from st_daft.cache import CacheMismatchError, StaleEmbeddingCache, token_keys
 from st_daft.corrector import CorrectorNetwork
-from st_daft.fingerprint import fingerprint_matches, route_fingerprint
+from st_daft.fingerprint import encoding_fingerprint
 from st_daft.index import build_faiss_index, corrected_matrix, query_side_queries
 from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, has_route, route_or_model
 
@@ -316,12 +317,12 @@ class NegativeMiner:
             raise CacheMismatchError(
                 f"the cache holds {self.cache.dimension}-d embeddings, the model's document route gives {dimension}-d"
             )
-        if not fingerprint_matches(model, self.cache.fingerprint, DOCUMENT_ROUTE):
-            current = route_fingerprint(model, DOCUMENT_ROUTE)
+        if not self.cache.is_current(model):
+            current = encoding_fingerprint(model, DOCUMENT_ROUTE)
             where = f" (saved in {self.cache.folder})" if self.cache.folder is not None else ""
             raise CacheMismatchError(
                 f"the negative-mining cache{where} was built by another document encoder: fingerprint "
-                f"{self.cache.fingerprint} != {current} of this model's document route; rebuild it with "
+                f"{self.cache.fingerprint} != {current} of this model's document route (and prompt); rebuild it with "
                 "StaleEmbeddingCache.build(model, corpus)"
             )
 
@@ -486,15 +487,17 @@ class NegativeMiner:
 
     # ------------------------------------------------------------------ corpus refresh
 
-    def refresh(self, model: SentenceTransformer) -> None:
-        """Re-embed the whole corpus with the current document route (the expensive ANCE-style refresh)."""
+    def refresh(self, model: SentenceTransformer, folder: str | Path | None = None) -> None:
+        """Re-embed the whole corpus with the current document route (the expensive ANCE-style refresh), in memory,
+        or into ``folder`` as an on-disk cache (see :meth:`StaleEmbeddingCache.refresh`)."""
         started = time.perf_counter()
-        self.cache.refresh(model, self.texts, batch_size=self.encode_batch_size)
+        self.cache.refresh(model, self.texts, batch_size=self.encode_batch_size, folder=folder)
         self.statistics.time("refresh", time.perf_counter() - started, overhead=False)
         self.statistics.counts["refresh"] += len(self.cache)
         self.statistics.num_refreshes += 1
         self._matrix, self._index, self._linear_part = None, None, None
-        logger.info("negative mining: corpus re-embedded (%d documents)", len(self.cache))
+        where = "in memory" if folder is None else f"on disk in {folder}"
+        logger.info("negative mining: corpus re-embedded (%d documents), %s", len(self.cache), where)
 
     def pop_logging_statistics(self) -> dict[str, float]:
         return self.statistics.pop_logging_statistics()

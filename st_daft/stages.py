@@ -47,7 +47,7 @@ from st_daft.corpus_alignment import (
 )
 from st_daft.data import RetrievalData
 from st_daft.distributed import barrier, is_distributed, is_main_process
-from st_daft.fingerprint import route_fingerprint
+from st_daft.fingerprint import encoding_fingerprint
 from st_daft.general_corpus import GENERAL_TEXTS_AVAILABLE, general_texts
 from st_daft.index import INDEX_KINDS
 from st_daft.io import atomic_torch_save
@@ -182,7 +182,7 @@ class StageContext:
         """The corpus cache of the document route as it is now: the one an earlier stage built while the route was
         frozen (the corpus stage's, the align stage's), or embedded now (or read from the store)."""
         if self.cache is None or not self.cache.is_current(self.model):
-            folder = None if self.cache_folder is None else self.cache_folder / route_fingerprint(self.model)
+            folder = None if self.cache_folder is None else self.cache_folder / encoding_fingerprint(self.model)
             self.cache = StaleEmbeddingCache.build(
                 self.model, self.corpus, dtype=self.cache_dtype, folder=folder, store=self.store, reuse=True
             )

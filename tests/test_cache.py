@@ -114,3 +114,26 @@ def test_a_cache_on_disk_is_reused_only_for_the_same_route_and_corpus(model, tmp
     (folder / "cache_metadata.json").write_text("{")  # a cache left half-written: built again, not an error
     build(changed, torch.float32)
     assert encoded == [4, 4, 4, 4] and not list(folder.glob("*.tmp*"))
+
+
+def test_a_document_prompt_is_part_of_the_cache_identity(model, tmp_path: Path) -> None:
+    """encode_document prepends the model's document prompt, so a cache built under one prompt holds other vectors
+    than the model computes under another: it must be neither reused nor taken as current."""
+    from st_daft.mining import NegativeMiner
+
+    folder = tmp_path / "cache"
+    plain = StaleEmbeddingCache.build(model, CORPUS, folder=folder, show_progress_bar=False)
+    assert plain.fingerprint == route_fingerprint(model), "an unprompted cache keeps the fingerprint it always had"
+    model.prompts = {"document": "passage: "}
+    assert not plain.is_current(model)
+    with pytest.raises(CacheMismatchError, match="another document encoder"):
+        NegativeMiner(plain, CORPUS, strategy="stale", num_negatives=2).check_cache(model)
+    prompted = StaleEmbeddingCache.build(model, CORPUS, folder=folder, show_progress_bar=False, reuse=True)
+    expected = model.encode_document(list(CORPUS.values()), convert_to_tensor=True)
+    torch.testing.assert_close(prompted.embeddings, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(prompted.embeddings, plain.embeddings), "rebuilt under the prompt, not read back"
+    assert prompted.is_current(model) and prompted.fingerprint != plain.fingerprint
+    model.prompts = {"document": "doc: "}
+    assert not prompted.is_current(model), "another prompt, another identity"
+    model.prompts = {}
+    assert plain.is_current(model)

@@ -226,23 +226,34 @@ def test_two_process_training_matches_one_process(dropout_free_model_dir: Path, 
 
 def test_two_process_training_with_corrected_negatives(tiny_document_model_dir: Path, beir_dir: Path, tmp_path):
     """Mining from the (sharded-then-gathered) cache with a synchronised corrector finishes and checkpoints once; the
-    cache is a float16 file on disk, written by the main process and mapped by both."""
+    cache is a float16 file on disk, written by the main process and mapped by both, and so is the corpus the
+    refresh before step 3 re-embeds."""
     output, log = tmp_path / "two", tmp_path / "two.log"
-    negatives = ("--negatives", "corrected", "--num-negatives", "2", "--cache-on-disk", "--cache-dtype", "float16")
-    args = _run_args(tiny_document_model_dir, beir_dir, output, 2, *negatives, query_encoder="tiny:1,32")
+    negatives = ("--negatives", "corrected+refresh:2", "--num-negatives", "2", "--cache-on-disk", "--cache-dtype")
+    args = _run_args(tiny_document_model_dir, beir_dir, output, 2, *negatives, "float16", query_encoder="tiny:1,32")
     finish(start(_torchrun(["-m", "st_daft.cli", *args]), log), log)
     _assert_checkpointed_once(output)
-    mining = output / "stage-2-finetune" / "checkpoint-4" / "negative_mining"
-    miner = json.loads((mining / "miner_state.json").read_text())
-    assert miner["statistics"]["counts"]["negatives"] > 0 and (mining / "corrector" / "corrector.pt").is_file()
+    finetune = output / "stage-2-finetune"
+    states = {}
+    for step in (2, 4):
+        mining = finetune / f"checkpoint-{step}" / "negative_mining"
+        states[step] = json.loads((mining / "miner_state.json").read_text())
+        assert (mining / "corrector" / "corrector.pt").is_file()
+    assert states[4]["statistics"]["counts"]["negatives"] > 0 and states[4]["statistics"]["num_refreshes"] == 1
     # One document route, the align stage's, which mining starts from.
     (cache,) = (output / "corpus-cache").glob("*/cache_metadata.json")
     assert json.loads(cache.read_text())["dtype"] == "float16"
     assert log.read_text().count("(memory-mapped)") == 2, "built once, logged by each process"
-    assert not list((output / "corpus-cache").rglob("*.tmp*"))
-    # The checkpoint's mining state refers to that file instead of copying the cache beside the checkpoints.
-    assert (mining / miner["cache"]["folder"]).resolve() == cache.parent.resolve()
-    assert not (output / "stage-2-finetune" / "negative_mining_cache").exists()
+    # A checkpoint's mining state refers to the cache where it is instead of copying it beside the checkpoints:
+    # before the refresh the one built, after it the re-embedded corpus, written on disk by the main process.
+    mining_2, mining_4 = (finetune / f"checkpoint-{step}" / "negative_mining" for step in (2, 4))
+    assert (mining_2 / states[2]["cache"]["folder"]).resolve() == cache.parent.resolve()
+    (refreshed,) = (finetune / "negative_mining_cache").glob("*/cache_metadata.json")
+    assert (mining_4 / states[4]["cache"]["folder"]).resolve() == refreshed.parent.resolve()
+    metadata = json.loads(refreshed.read_text())
+    assert metadata["dtype"] == "float16" and metadata["fingerprint"] == states[4]["cache"]["fingerprint"]
+    assert log.read_text().count(f"re-embedded ({metadata['size']} documents), on disk in") == 2, "mapped by both"
+    assert not list(output.rglob("*.tmp*"))
 
 
 def test_two_process_label_free_stages(tiny_document_model_dir: Path, beir_dir: Path, tmp_path: Path):

@@ -15,7 +15,7 @@ from conftest import QUESTIONS, TOPICS
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-from st_daft.cache import CacheMismatchError, StaleEmbeddingCache, route_fingerprint, token_keys
+from st_daft.cache import CacheMismatchError, StaleEmbeddingCache, cache_is_current, route_fingerprint, token_keys
 from st_daft.callbacks import LogStatisticsCallback
 from st_daft.callbacks.negative_mining import (
     CACHE_FOLDER,
@@ -24,6 +24,7 @@ from st_daft.callbacks.negative_mining import (
     NegativeMiningStateCallback,
     load_negative_mining_state,
     negative_mining_callbacks,
+    prune_caches,
     save_negative_mining_state,
 )
 from st_daft.corrector import CorrectorNetwork, CorrectorTrainer
@@ -568,6 +569,39 @@ def test_refresh_follows_the_route(model, cache) -> None:
     assert cache.is_current(model) and cache.folder is None
     with pytest.raises(CacheMismatchError, match="texts"):
         cache.refresh(model, ["only one"])
+
+
+def test_a_cache_on_disk_is_refreshed_on_disk(model, tmp_path: Path) -> None:
+    """refresh:N over a memory-mapped cache writes the re-embedded corpus into a new cache folder and maps it (no
+    copy of the corpus in memory); a cache it replaced stays while a checkpoint refers to it, then is pruned."""
+    built = tmp_path / "corpus-cache"
+    cache = StaleEmbeddingCache.build(model, CORPUS, dtype=torch.float16, folder=built, show_progress_bar=False)
+    mining = _mining(cache, "corrected+refresh:2")
+    run = tmp_path / "run"
+    _train(model, mining, run, max_steps=5, save_steps=1)  # refreshed before steps 3 and 5
+    miner = mining.miner
+    assert miner.statistics.num_refreshes == 2 and miner.cache.embeddings.dtype == torch.float16
+
+    def referred(step: int) -> str:
+        return json.loads((run / f"checkpoint-{step}" / CHECKPOINT_FOLDER / STATE_FILE).read_text())["cache"]
+
+    assert referred(2)["folder"].endswith("corpus-cache"), "saved before the first refresh: the built cache"
+    second_refresh = referred(5)["fingerprint"]
+    assert miner.cache.folder == run / CACHE_FOLDER / second_refresh
+    assert isinstance(np.load(miner.cache.folder / "embeddings.npy", mmap_mode="r"), np.memmap)
+    # the refresh before step 5 re-embedded with the weights step 4 left, i.e. checkpoint-4's model
+    at_step_4 = SentenceTransformer(str(run / "checkpoint-4"))
+    expected = at_step_4.encode_document([CORPUS[i] for i in miner.cache.ids], convert_to_tensor=True)
+    torch.testing.assert_close(miner.cache.embeddings.float(), expected, atol=2e-3, rtol=2e-3)
+    assert cache_is_current(at_step_4, second_refresh)
+
+    first_refresh = referred(3)["fingerprint"]
+    assert (run / CACHE_FOLDER / first_refresh).is_dir() and (built / "cache_metadata.json").is_file()
+    for step in (1, 2, 3, 4):  # as checkpoint rotation would
+        shutil.rmtree(run / f"checkpoint-{step}")
+    prune_caches(run, keep=miner.cache.fingerprint)
+    assert {folder.name for folder in (run / CACHE_FOLDER).iterdir()} == {second_refresh}
+    assert (built / "cache_metadata.json").is_file(), "the cache the run was given is never pruned"
 
 
 # ---------------------------------------------------------------------- recipe and CLI

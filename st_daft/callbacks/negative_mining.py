@@ -3,7 +3,7 @@
 - :class:`MiningStepCallback`: at the end of each optimiser step, updates the corrector on the step's observations
   and closes the step's statistics.
 - :class:`CorpusRefreshCallback`: re-embeds the corpus when a ``refresh:N`` strategy is due (the corrector restarts
-  from the identity).
+  from the identity); a cache on disk is re-embedded into ``negative_mining_cache/{fingerprint}``, not into memory.
 - :class:`NegativeMiningStateCallback`: refuses a cache from another encoder when a run starts, restores the miner,
   corrector and cache when it resumes (nothing re-embedded), and saves them with every checkpoint.
 
@@ -30,6 +30,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from st_daft.cache import METADATA_FILE, CacheMismatchError, StaleEmbeddingCache
 from st_daft.corrector import CorrectorTrainer
 from st_daft.distributed import broadcast_parameters
+from st_daft.fingerprint import encoding_fingerprint
 from st_daft.io import atomic_folder, atomic_write_json, read_json
 from st_daft.mining import NegativeMiner, RefreshPolicy
 
@@ -98,7 +99,12 @@ class CorpusRefreshCallback(TrainerCallback):
     ) -> None:
         if model is None or not self.refresh.due(state.global_step):
             return
-        self.miner.refresh(model)
+        folder = None
+        if self.miner.cache.folder is not None:
+            # A cache on disk is refreshed on disk (a corpus larger than memory stays out of it), beside the caches
+            # checkpoints refer to: the one it replaces stays until no checkpoint needs it (prune_caches).
+            folder = Path(args.output_dir) / CACHE_FOLDER / encoding_fingerprint(model)
+        self.miner.refresh(model, folder=folder)
         self.refresh.last_step = state.global_step
         if self.corrector_trainer is not None:
             self.corrector_trainer.reset()
