@@ -6,8 +6,9 @@ all-MiniLM-L6-v2's tokenizer (random rows, seeded: encoding is cheap, so the cac
 each in a fresh process so that its peak resident memory is its own, the cache is mapped and re-embedded as
 :class:`~st_daft.mining.NegativeMiner` does at a ``refresh:N`` step:
 
-- ``memory``: ``cache.refresh(model, texts)`` (what every refresh did before this benchmark's commit);
-- ``disk``: ``cache.refresh(model, texts, folder=...)`` (what ``--cache-on-disk`` runs now do).
+- ``memory``: ``cache.refresh(model, texts)``, the rows held in memory;
+- ``disk``: ``cache.refresh(model, texts, folder=...)`` (what ``--cache-on-disk`` runs now do);
+- with ``--baseline-source TREE``, first ``memory`` with another commit's ``st_daft`` (e.g. a git worktree).
 
 Each reports seconds and the peak anonymous resident memory (``RssAnon``, polled every 5 ms) above the process's
 after mapping the cache, and checks that the refreshed rows equal ``encode_document``'s on a sample.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -71,10 +73,10 @@ def child(folder: Path, mode: str, dimension: int) -> dict:
     cache = StaleEmbeddingCache.load(folder / "cache", mmap=True)
     corpus = texts(len(cache))
     before = resident_mib()["RssAnon"]
-    target = folder / "refreshed" if mode == "disk" else None
+    on_disk = {"folder": folder / "refreshed"} if mode == "disk" else {}  # older code has no folder argument
     started = time.perf_counter()
     with AnonymousPeak() as peak:
-        cache.refresh(asymmetric, corpus, batch_size=1024, folder=target)
+        cache.refresh(asymmetric, corpus, batch_size=1024, **on_disk)
     seconds = time.perf_counter() - started
     sample = np.random.default_rng(0).choice(len(cache), 256, replace=False)
     expected = asymmetric.encode_document([corpus[i] for i in sample], convert_to_tensor=True)
@@ -84,6 +86,7 @@ def child(folder: Path, mode: str, dimension: int) -> dict:
         "seconds": round(seconds, 2),
         "peak_anon_mib_above_start": round(peak.peak - before, 1),
         "on_disk": cache.folder is not None,
+        "st_daft": str(Path(sys.modules["st_daft"].__file__).parent),
         "max_abs_error_vs_encode_document": error,
     }
 
@@ -94,6 +97,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dimension", type=int, default=384)
     parser.add_argument("--output", type=Path)
+    parser.add_argument(
+        "--baseline-source",
+        type=Path,
+        help="a source tree of another st-daft commit (e.g. a git worktree): its in-memory refresh is measured too",
+    )
     parser.add_argument("--child", choices=["memory", "disk"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -110,13 +118,19 @@ def main() -> None:
         StaleEmbeddingCache.build(
             model(args.folder, args.dimension), corpus, batch_size=1024, dtype=torch.float16, folder=cache_folder
         )
+    runs = [("memory", None), ("disk", None)]
+    if args.baseline_source:
+        runs.insert(0, ("memory", args.baseline_source))
     results = []
-    for mode in ("memory", "disk"):
+    for mode, source in runs:
         shutil.rmtree(args.folder / "refreshed", ignore_errors=True)
         command = [sys.executable, __file__, "--folder", str(args.folder), "--child", mode]
         command += ["--dimension", str(args.dimension)]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
+        environment = dict(os.environ)
+        if source is not None:  # that tree's st_daft is imported instead of the installed one
+            environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), environment.get("PYTHONPATH")]))
+        output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]) | {"code": str(source or "this tree")})
         print(results[-1], flush=True)
     report = {
         "benchmark": "refresh_memory",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -136,11 +137,16 @@ class StaleEmbeddingCache:
         where = "" if folder is None else f", into {folder} (memory-mapped)"
         logger.info("corpus cache: the document route's embeddings of %d documents%s", len(texts), where)
         if folder is None:
-            embeddings = embed_sharded(model, texts, batch_size, show_progress_bar=show_progress_bar, store=store)
-            return cls(ids, embeddings.to("cpu", dtype), keys, fingerprint)
+            embeddings = _embed_in_memory(model, texts, batch_size, dtype, show_progress_bar, chunk_size, store)
+            return cls(ids, embeddings, keys, fingerprint)
         cache = cls.__new__(cls)
         cache._init_fields(ids, torch.empty(0, 0), keys, fingerprint)
-        return cache._embed_into(Path(folder), model, texts, batch_size, dtype, show_progress_bar, chunk_size, store)
+        folder = Path(folder)
+        cache.embeddings = cache._embed_into(
+            folder, model, texts, batch_size, dtype, show_progress_bar, chunk_size, store
+        )
+        cache.folder = folder
+        return cache
 
     def _embed_into(
         self,
@@ -152,9 +158,11 @@ class StaleEmbeddingCache:
         show_progress_bar: bool,
         chunk_size: int = 8192,
         store: DocumentEmbeddingStore | None = None,
-    ) -> StaleEmbeddingCache:
-        """Embed ``texts`` (one per row) into ``folder`` as a saved cache with this cache's ids, keys and fingerprint
-        and return it memory-mapped: every process encodes its shard of each chunk, the main process alone writes."""
+        fingerprint: str | None = None,
+    ) -> Tensor:
+        """Embed ``texts`` (one per row) into ``folder`` as a saved cache with this cache's ids and keys (and
+        ``fingerprint``, default its own), and return the embeddings memory-mapped: every process encodes its shard
+        of each chunk, the main process alone writes."""
         writer = is_main_process()
         barrier()  # no process is still reading a cache this one is about to replace
         if writer:
@@ -164,9 +172,9 @@ class StaleEmbeddingCache:
             folder / EMBEDDINGS_FILE, model, texts, batch_size, dtype, show_progress_bar, chunk_size, store, writer
         )
         if writer:
-            self._write_keys_and_metadata(folder, _dtype_name(dtype), len(self), dimension)
+            self._write_keys_and_metadata(folder, _dtype_name(dtype), len(self), dimension, fingerprint)
         barrier()  # the file is complete before any process maps it
-        return StaleEmbeddingCache.load(folder, mmap=True)
+        return _mapped_embeddings(folder / EMBEDDINGS_FILE, (len(self), dimension))
 
     @classmethod
     def from_embeddings(
@@ -209,12 +217,12 @@ class StaleEmbeddingCache:
             raise CacheMismatchError(f"refresh got {len(texts)} texts for a cache of {len(self)} rows")
         fingerprint, dtype = encoding_fingerprint(model), self.embeddings.dtype
         if folder is None:
-            embeddings = embed_sharded(model, texts, batch_size, show_progress_bar=show_progress_bar).to("cpu", dtype)
+            embeddings = _embed_in_memory(model, texts, batch_size, dtype, show_progress_bar)
         else:
             folder = Path(folder)
-            refreshed = StaleEmbeddingCache.__new__(StaleEmbeddingCache)
-            refreshed._init_fields(self.ids, torch.empty(0, 0), self.keys, fingerprint)
-            embeddings = refreshed._embed_into(folder, model, texts, batch_size, dtype, show_progress_bar).embeddings
+            embeddings = self._embed_into(
+                folder, model, texts, batch_size, dtype, show_progress_bar, fingerprint=fingerprint
+            )
         if embeddings.shape[1] != self.dimension:
             raise CacheMismatchError(
                 f"the model embeds in {embeddings.shape[1]} dimensions, the cache has {self.dimension}"
@@ -269,12 +277,14 @@ class StaleEmbeddingCache:
         atomic_save_npy(folder / EMBEDDINGS_FILE, self.embeddings.numpy())
         self._write_keys_and_metadata(folder, _dtype_name(self.embeddings.dtype), len(self), self.dimension)
 
-    def _write_keys_and_metadata(self, folder: Path, dtype: str, size: int, dimension: int) -> None:
+    def _write_keys_and_metadata(
+        self, folder: Path, dtype: str, size: int, dimension: int, fingerprint: str | None = None
+    ) -> None:
         atomic_save_npy(folder / KEYS_FILE, np.frombuffer(b"".join(self.keys), dtype=np.uint8).reshape(-1, 16))
         metadata = {
             "format_version": CACHE_FORMAT_VERSION,
             "ids": self.ids,
-            "fingerprint": self.fingerprint,
+            "fingerprint": fingerprint or self.fingerprint,
             "dimension": dimension,
             "size": size,
             "dtype": dtype,
@@ -308,17 +318,9 @@ class StaleEmbeddingCache:
                 raise CacheMismatchError(
                     f"{folder}: cache {key} {metadata[key]!r} != expected {expected!r} ({meaning})"
                 )
-        embeddings = _load_npy(folder / EMBEDDINGS_FILE, mmap)
-        if embeddings.shape != (metadata["size"], metadata["dimension"]):
-            raise CacheMismatchError(
-                f"{folder / EMBEDDINGS_FILE}: embeddings shape {embeddings.shape} does not match its metadata "
-                f"({metadata['size']} x {metadata['dimension']})"
-            )
+        tensor = _mapped_embeddings(folder / EMBEDDINGS_FILE, (metadata["size"], metadata["dimension"]), mmap)
         keys_array = _load_npy(folder / KEYS_FILE, mmap=False)
         keys = [row.tobytes() for row in keys_array]
-        with warnings.catch_warnings():  # a read-only memmap: torch warns that the tensor is not writable
-            warnings.simplefilter("ignore", UserWarning)
-            tensor = torch.from_numpy(np.asarray(embeddings) if not mmap else embeddings)
         cache = cls(metadata["ids"], tensor, keys, metadata["fingerprint"])
         cache.folder = folder
         return cache
@@ -367,6 +369,39 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _embedded_chunks(
+    model: SentenceTransformer,
+    texts: list[str],
+    batch_size: int,
+    show_progress_bar: bool,
+    chunk_size: int,
+    store: DocumentEmbeddingStore | None,
+) -> Iterator[tuple[int, Tensor]]:
+    """``(start, float32 embeddings of texts[start : start + chunk_size])``, each chunk sharded across the process
+    group: one chunk's float32 rows in memory at a time, not the whole corpus's."""
+    for start in range(0, len(texts), chunk_size):
+        yield start, embed_sharded(model, texts[start : start + chunk_size], batch_size, show_progress_bar, store)
+
+
+def _embed_in_memory(
+    model: SentenceTransformer,
+    texts: list[str],
+    batch_size: int,
+    dtype: torch.dtype,
+    show_progress_bar: bool,
+    chunk_size: int = 8192,
+    store: DocumentEmbeddingStore | None = None,
+) -> Tensor:
+    """Document-route embeddings of ``texts`` as one CPU tensor of ``dtype``, filled chunk by chunk (a float16 cache
+    never exists as float32, nor as a list of batches beside its stack)."""
+    output: Tensor | None = None
+    for start, chunk in _embedded_chunks(model, texts, batch_size, show_progress_bar, chunk_size, store):
+        if output is None:
+            output = torch.empty(len(texts), chunk.shape[1], dtype=dtype)
+        output[start : start + len(chunk)] = chunk
+    return output
+
+
 def _write_memmap(
     path: Path,
     model: SentenceTransformer,
@@ -383,8 +418,7 @@ def _write_memmap(
     temporary = path.with_name(path.name + ".tmp.npy")
     numpy_dtype = np.float16 if dtype == torch.float16 else np.float32
     memmap, dimension = None, 0
-    for start in range(0, len(texts), chunk_size):
-        chunk = embed_sharded(model, texts[start : start + chunk_size], batch_size, show_progress_bar, store)
+    for start, chunk in _embedded_chunks(model, texts, batch_size, show_progress_bar, chunk_size, store):
         dimension = int(chunk.shape[1])
         if not write:
             continue
@@ -412,6 +446,18 @@ def _reusable(
         logger.info("corpus cache in %s not reused: another corpus or storage type", folder)
         return None
     return cache
+
+
+def _mapped_embeddings(path: Path, shape: tuple[int, int], mmap: bool = True) -> Tensor:
+    """The embeddings file as a tensor (memory-mapped, copy-on-write, with ``mmap``), refused unless ``shape``."""
+    embeddings = _load_npy(path, mmap)
+    if embeddings.shape != shape:
+        raise CacheMismatchError(
+            f"{path}: embeddings shape {embeddings.shape} does not match its metadata ({shape[0]} x {shape[1]})"
+        )
+    with warnings.catch_warnings():  # a read-only memmap: torch warns that the tensor is not writable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(embeddings)
 
 
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:

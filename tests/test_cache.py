@@ -29,6 +29,10 @@ def test_build_matches_encode_document(model) -> None:
     expected = model.encode_document(list(CORPUS.values()), convert_to_tensor=True)
     torch.testing.assert_close(cache.embeddings, expected, atol=1e-5, rtol=1e-5)
     assert cache.rows_for_ids(["c", "a"]).tolist() == [2, 0]
+    # filled chunk by chunk into a float16 tensor, the rows in corpus order across chunks
+    half = StaleEmbeddingCache.build(model, CORPUS, dtype=torch.float16, chunk_size=3, show_progress_bar=False)
+    assert half.embeddings.dtype == torch.float16 and half.folder is None
+    torch.testing.assert_close(half.embeddings.float(), expected, atol=2e-3, rtol=2e-3)
     with pytest.raises(KeyError, match="unknown corpus id"):
         cache.rows_for_ids(["zzz"])
 
