@@ -258,7 +258,8 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="an option of the mining index, repeatable: nlist, nprobe, hnsw_m, ef_search, ef_construction, shortlist "
-        "(integers), storage (float32|float16), base (the stale index of query-side/two-step: flat|ivf|hnsw)",
+        "(integers), storage (float32|float16; default: --cache-dtype's), base (the stale index of query-side and "
+        "two-step: flat|ivf|hnsw)",
     )
     finetune.add_argument("--no-stop-on-collapse", action="store_true", help="keep training when a route collapses")
     run = train.add_argument_group("run")

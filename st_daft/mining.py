@@ -223,8 +223,9 @@ class NegativeMiner:
             unnormalised ``q . h(e)``) or ``"two-step"`` (a shortlist of ``shortlist`` rows from the stale index
             searched with the query-side correction of ``h``'s least-squares linear part, re-ranked exactly by
             ``q . normalize(h(stale[rows]))``).
-        index_options: options of :func:`~st_daft.index.build_faiss_index` (``nlist``, ``nprobe``, ``hnsw_m`` ...)
-            and, for the query-side modes, ``base`` (the stale index kind, default ``"flat"``).
+        index_options: options of :func:`~st_daft.index.build_faiss_index` (``nlist``, ``nprobe``, ``hnsw_m``,
+            ``storage`` ...; ``storage`` defaults to the cache's type, so a float16 cache gets a float16 index) and,
+            for the query-side modes, ``base`` (the stale index kind, default ``"flat"``).
         encode_batch_size: batch size of full-corpus re-embeddings (``refresh:N``).
     """
 
@@ -372,6 +373,8 @@ class NegativeMiner:
         """The faiss index searched: over the stale cache (query-side modes, never rebuilt) or over the scoring
         matrix (rebuilt every ``index_refresh_every`` steps while correcting, and after a refresh)."""
         options = {key: value for key, value in self.index_options.items() if key != "base"}
+        # A float16 cache is indexed in float16 unless asked otherwise: half the memory, no slower, the same top k.
+        options.setdefault("storage", "float16" if self.cache.embeddings.dtype == torch.float16 else "float32")
         if self._query_side():
             if self._index is None or self._index_version != id(self.cache.embeddings):
                 kind = self.index_options.get("base", "flat")

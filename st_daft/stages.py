@@ -954,8 +954,8 @@ class FinetuneStage(TrainedStage):
             and never rebuilt (``"query-side"``, with a linear corrector; ``"two-step"``, re-ranked by the corrector):
             see :class:`~st_daft.mining.NegativeMiner`. For millions of documents, ``"ivf"`` or ``"two-step"``.
         mining_index_options: options of :func:`~st_daft.index.build_faiss_index` (``nlist``, ``nprobe``,
-            ``hnsw_m``, ``ef_search``, ``ef_construction``, ``storage``), ``base`` (the stale index of the
-            query-side modes) and ``shortlist`` (the rows ``"two-step"`` re-ranks).
+            ``hnsw_m``, ``ef_search``, ``ef_construction``, ``storage``: default the cache's type), ``base`` (the
+            stale index of the query-side modes) and ``shortlist`` (the rows ``"two-step"`` re-ranks).
         stop_on_collapse: end the stage when a route collapses.
     """
 

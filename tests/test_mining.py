@@ -521,9 +521,15 @@ def test_corrected_matrix_in_chunks_into_a_float16_memmap(cache, tmp_path: Path)
     np.testing.assert_allclose(mapped.astype(np.float32), expected.numpy(), atol=5e-3)
     scores, rows = exact_search(mapped, expected[:3], 2, chunk_size=4)
     assert rows[:, 0].tolist() == [0, 1, 2]
-    for kind in ("ivf", "hnsw"):
+    for kind in ("flat", "ivf", "hnsw"):
         index = build_faiss_index(mapped, kind, nlist=2, storage="float16", chunk_size=5)
         assert index.ntotal == len(cache) and index.search(expected[:2].numpy(), 1)[1][:, 0].tolist() == [0, 1]
+    import faiss
+
+    half_flat = build_faiss_index(mapped, "flat", storage="float16")
+    assert isinstance(half_flat, faiss.IndexScalarQuantizer), "float16 storage is honoured by a flat index too"
+    exact_rows = exact_search(mapped, expected, 5)[1]
+    assert np.array_equal(half_flat.search(expected.numpy(), 5)[1], exact_rows.numpy())
 
 
 def test_index_streams_the_corrected_cache_and_reuses_trained_cells(cache) -> None:
@@ -560,6 +566,28 @@ def test_correcting_miner_with_an_index_matches_exact_mining(cache) -> None:
     exact = _miner(cache, "corrected", num_negatives=3, corrector=corrector, index="exact")
     assert torch.equal(flat.mine(queries, positives), exact.mine(queries, positives))
     assert flat._matrix is None  # the corrected cache streamed into the index, no copy kept
+
+
+def test_a_float16_cache_gets_a_float16_index_unless_asked_otherwise(cache) -> None:
+    import faiss
+
+    half = StaleEmbeddingCache(cache.ids, cache.embeddings.half(), cache.keys, cache.fingerprint)
+    queries = torch.nn.functional.normalize(torch.randn(4, cache.dimension, generator=torch.Generator().manual_seed(0)))
+    positives = torch.tensor([0, 1, 2, 3])
+    exact = _miner(half, "stale", num_negatives=3, index="exact").mine(queries, positives)
+    for cached, options, index_type in [
+        (half, {}, faiss.IndexScalarQuantizer),
+        (half, {"storage": "float32"}, faiss.IndexFlatIP),
+        (cache, {}, faiss.IndexFlatIP),
+    ]:
+        miner = _miner(cached, "stale", num_negatives=3, index="flat", index_options=options)
+        rows = miner.mine(queries, positives)
+        assert isinstance(miner._index, index_type), (cached.embeddings.dtype, options)
+        if cached is half:
+            assert torch.equal(rows, exact), "the same negatives as exact scores over the float16 cache"
+    ivf = _miner(half, "stale", num_negatives=3, index="ivf", index_options={"nlist": 2, "nprobe": 2})
+    ivf.mine(queries, positives)
+    assert isinstance(ivf._index, faiss.IndexIVFScalarQuantizer)
 
 
 def test_refresh_follows_the_route(model, cache) -> None:
@@ -666,7 +694,7 @@ def test_recipe_mines_through_the_index_it_is_given(
     assert logged and logged[-1]["mining_encoded_negatives"] > 0
     # The index asked for: IVF with its options over the corrected cache; a stale flat index for the query-side modes.
     index_options = {key: value for key, value in options.items() if key != "shortlist"}
-    expected = ("ivf", index_options) if index == "ivf" else ("flat", {})
+    expected = ("ivf", index_options) if index == "ivf" else ("flat", {"storage": "float32"})  # a float32 cache
     assert built and all(call == expected for call in built)
     corrector = tmp_path / "run" / "stage-2-finetune" / "checkpoint-2" / CHECKPOINT_FOLDER / "corrector"
     depth = json.loads((corrector / "corrector_config.json").read_text())["depth"]
