@@ -240,7 +240,12 @@ class StaleEmbeddingCache:
 
     def build_index(self, kind: str = "flat", embeddings: Tensor | None = None, **options: Any) -> Any:
         """A faiss inner-product index over the cache (or over ``embeddings``, e.g. corrected ones), see
-        :func:`st_daft.index.build_faiss_index` (filled chunk by chunk: no float32 copy of a float16 cache)."""
+        :func:`st_daft.index.build_faiss_index` (filled chunk by chunk: no float32 copy of a float16 cache).
+
+        The index stores vectors in the cache's type unless ``storage`` says otherwise: a float16 cache gets a
+        float16 index, half the memory of a float32 one, no slower, with the same neighbours
+        (``benchmarks/index_storage.py``)."""
+        options.setdefault("storage", "float16" if self.embeddings.dtype == torch.float16 else "float32")
         return build_faiss_index(self.embeddings if embeddings is None else embeddings, kind, **options)
 
     @property

@@ -37,7 +37,7 @@ from torch import Tensor
 from st_daft.cache import CacheMismatchError, StaleEmbeddingCache, token_keys
 from st_daft.corrector import CorrectorNetwork
 from st_daft.fingerprint import encoding_fingerprint
-from st_daft.index import build_faiss_index, corrected_matrix, query_side_queries
+from st_daft.index import corrected_matrix, query_side_queries
 from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, has_route, route_or_model
 
 logger = logging.getLogger(__name__)
@@ -373,12 +373,10 @@ class NegativeMiner:
         """The faiss index searched: over the stale cache (query-side modes, never rebuilt) or over the scoring
         matrix (rebuilt every ``index_refresh_every`` steps while correcting, and after a refresh)."""
         options = {key: value for key, value in self.index_options.items() if key != "base"}
-        # A float16 cache is indexed in float16 unless asked otherwise: half the memory, no slower, the same top k.
-        options.setdefault("storage", "float16" if self.cache.embeddings.dtype == torch.float16 else "float32")
         if self._query_side():
             if self._index is None or self._index_version != id(self.cache.embeddings):
                 kind = self.index_options.get("base", "flat")
-                self._index = build_faiss_index(self.cache.embeddings, kind, **options)
+                self._index = self.cache.build_index(kind, **options)
                 self._index_version = id(self.cache.embeddings)
             return self._index
         due = self.correcting and self.step - self._index_step >= self.index_refresh_every
@@ -386,8 +384,7 @@ class NegativeMiner:
         if not same_cache or due:
             # The corrected rows stream into the index (no corrected copy of the cache is kept); a rebuild after a
             # corrector update re-uses the IVF cells trained on this cache, a refreshed cache trains new ones.
-            self._index = build_faiss_index(
-                self.cache.embeddings,
+            self._index = self.cache.build_index(
                 self.index_kind,
                 transform=self._correct_rows if self.correcting else None,
                 like=self._index if same_cache else None,

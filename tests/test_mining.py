@@ -588,6 +588,8 @@ def test_a_float16_cache_gets_a_float16_index_unless_asked_otherwise(cache) -> N
     ivf = _miner(half, "stale", num_negatives=3, index="ivf", index_options={"nlist": 2, "nprobe": 2})
     ivf.mine(queries, positives)
     assert isinstance(ivf._index, faiss.IndexIVFScalarQuantizer)
+    assert isinstance(half.build_index("hnsw"), faiss.IndexHNSWSQ), "the cache's own build_index: the same rule"
+    assert isinstance(cache.build_index(), faiss.IndexFlatIP)
 
 
 def test_refresh_follows_the_route(model, cache) -> None:
@@ -673,16 +675,17 @@ def test_malformed_strategy_is_refused_by_config_and_cli(capsys) -> None:
 def test_recipe_mines_through_the_index_it_is_given(
     index: str, options: dict, tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path, monkeypatch
 ) -> None:
-    from st_daft import AlignStage, DAFTConfig, FinetuneStage, load_beir, mining, train_daft
+    from st_daft import AlignStage, DAFTConfig, FinetuneStage, load_beir, train_daft
+    from st_daft import cache as cache_module
 
     built: list[tuple[str, dict]] = []
-    real_build = mining.build_faiss_index
+    real_build = cache_module.build_faiss_index
 
     def recording(embeddings, kind="flat", **kwargs):
         built.append((kind, {key: kwargs[key] for key in ("nlist", "nprobe", "storage") if key in kwargs}))
         return real_build(embeddings, kind, **kwargs)
 
-    monkeypatch.setattr(mining, "build_faiss_index", recording)
+    monkeypatch.setattr(cache_module, "build_faiss_index", recording)  # the miner builds through the cache
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     budget = {"max_steps": 2, "batch_size": 4, "eval_steps": 2, "warmup_ratio": 0.0, "logging_steps": 1}
     finetune = FinetuneStage(
