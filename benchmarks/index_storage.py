@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -25,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import child_result, machine, write_report  # noqa: E402
 
 
 def queries_and_truth(cache: np.ndarray, count: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +39,7 @@ def queries_and_truth(cache: np.ndarray, count: int, k: int, seed: int = 0) -> t
 
 
 def child(args: argparse.Namespace) -> dict:
-    from store_scale import resident_mib
+    from measure import resident_mib
 
     from st_daft.index import build_faiss_index
 
@@ -96,19 +95,16 @@ def main() -> None:
     for kind in ("flat", "ivf", "hnsw"):
         for storage in ("float32", "float16"):
             command = [sys.executable, __file__, *sys.argv[1:], "--child-kind", kind, "--child-storage", storage]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results.append(json.loads(output.strip().splitlines()[-1]))
+            results.append(child_result(command))
             print(results[-1], flush=True)
     report = {
         "benchmark": "index_storage",
         "settings": {key: str(value) for key, value in vars(args).items() if not key.startswith("child")},
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
+        "machine": machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "results": results,
     }
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.output, report)
 
 
 if __name__ == "__main__":

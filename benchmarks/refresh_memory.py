@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -32,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from store_scale import AnonymousPeak, resident_mib  # noqa: E402
+from measure import AnonymousPeak, child_result, machine, resident_mib, write_report  # noqa: E402
 
 WORDS = "cell protein gene tumour dose trial virus immune blood brain risk cohort signal receptor".split()
 
@@ -129,21 +127,18 @@ def main() -> None:
         environment = dict(os.environ)
         if source is not None:  # that tree's st_daft is imported instead of the installed one
             environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), environment.get("PYTHONPATH")]))
-        output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]) | {"code": str(source or "this tree")})
+        results.append(child_result(command, environment) | {"code": str(source or "this tree")})
         print(results[-1], flush=True)
     report = {
         "benchmark": "refresh_memory",
         "rows": args.rows,
         "dimension": args.dimension,
         "dtype": "float16",
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
+        "machine": machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "results": results,
     }
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.output, report)
 
 
 if __name__ == "__main__":

@@ -22,54 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
-import subprocess
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from measure import AnonymousPeak, child_result, machine, peak_rss_mib, resident_mib, write_report
 
 CHUNK = 65536
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def resident_mib() -> dict[str, float]:
-    """``RssAnon`` and ``RssFile`` of this process, in MiB (Linux)."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("RssAnon", "RssFile"):
-            fields[name] = int(value.split()[0]) / 1024
-    return fields
-
-
-class AnonymousPeak:
-    """The peak ``RssAnon`` while the ``with`` block runs, polled from a thread."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval, self.peak, self._done = interval, 0.0, threading.Event()
-
-    def _poll(self) -> None:
-        while not self._done.is_set():
-            self.peak = max(self.peak, resident_mib()["RssAnon"])
-            time.sleep(self.interval)
-
-    def __enter__(self) -> AnonymousPeak:
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-        self.peak = max(self.peak, resident_mib()["RssAnon"])
 
 
 def synthetic_vectors(rows: np.ndarray, dimension: int) -> np.ndarray:
@@ -169,24 +130,21 @@ def main() -> None:
     def child(mode: str) -> dict:
         command = [sys.executable, __file__, "--child", mode, "--folder", str(args.folder), "--rows", str(args.rows)]
         command += ["--dimension", str(args.dimension), "--sample", str(args.sample)]
-        output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
-        return json.loads(output.strip().splitlines()[-1])
+        return child_result(command)
 
     results: dict = {
         "label": args.label,
         "rows": args.rows,
         "dimension": args.dimension,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
+        "machine": machine(),
     }
     if not any(args.folder.rglob("shard-*")):
         results["fill"] = child("fill")
     results["sample"] = child("sample")
     results["corpus"] = child("corpus")
     print(json.dumps(results, indent=1))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=1) + "\n")
+    write_report(args.output, results, indent=1)
 
 
 if __name__ == "__main__":
