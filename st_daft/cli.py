@@ -170,6 +170,14 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "their score (divided by the text's best) to the document encoder's cosine (needs the bm25 extra; default 0)",
     )
     budget.add_argument(
+        "--corpus-teacher-neighbours",
+        type=_non_negative_int,
+        default=None,
+        metavar="K",
+        help="corpus stage, on a sample of the corpus (--corpus-sample-size): each text's K best documents by the "
+        "document encoder, found once before training, are in every step's sample (default 16; 0: none)",
+    )
+    budget.add_argument(
         "--general-texts",
         type=_non_negative_int,
         default=None,
@@ -284,6 +292,15 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "(one copy for all torchrun processes; a resumed run reads it back); for corpora of millions",
     )
     run.add_argument(
+        "--corpus-sample-size",
+        type=_non_negative_int,
+        metavar="N",
+        help="corpus documents each step of the corpus and align stages scores in its softmax over the corpus: N of "
+        "them (the batch's own, the document route's best for its texts, uniform rows with the sampled softmax's "
+        "correction) instead of all, and the cache is read where it is; default: all up to 65,536 documents, "
+        "16,384 above; 0: all of them always",
+    )
+    run.add_argument(
         "--push-to-hub",
         metavar="ID",
         default=None,
@@ -377,7 +394,7 @@ STAGE_SETTINGS = {
     "vocabulary": ("no_zipf", "idf_weights", "corpus_words", "min_word_documents", "contextual_vocabulary"),
     "corpus": (
         "corpus_document_weight", "corpus_pseudo_queries", "corpus_ranking_weight", "corpus_lexical_weight",
-        "general_texts",
+        "general_texts", "corpus_teacher_neighbours",
     ),
     "align": ("align_select", "align_interpolation"),
     "finetune": (
@@ -462,6 +479,8 @@ def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
                     ranking_weight=args.corpus_ranking_weight,
                     lexical_weight=args.corpus_lexical_weight,
                     general_texts=args.general_texts,
+                    corpus_sample_size=args.corpus_sample_size,
+                    teacher_neighbours=args.corpus_teacher_neighbours,
                 ),
                 **every,
                 **patience,
@@ -474,6 +493,7 @@ def _config_from_args(args: argparse.Namespace, stages: tuple[str, ...]):
                     batch_size=args.align_batch_size,
                     learning_rate=args.align_lr,
                     interpolation=args.align_interpolation,
+                    corpus_sample_size=args.corpus_sample_size,
                 ),
                 "selection": args.align_select,
                 **every,

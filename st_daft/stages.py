@@ -44,6 +44,7 @@ from st_daft.corpus_alignment import (
     alignment_examples,
     lexical_ranking_columns,
     pseudo_query_dataset,
+    with_teacher_neighbours,
 )
 from st_daft.data import RetrievalData
 from st_daft.distributed import barrier, is_distributed, is_main_process
@@ -52,6 +53,7 @@ from st_daft.general_corpus import GENERAL_TEXTS_AVAILABLE, general_texts
 from st_daft.index import INDEX_KINDS
 from st_daft.io import atomic_torch_save
 from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss, LabelFreeAlignmentLoss
+from st_daft.losses.corpus_sample import resolve_sample_size
 from st_daft.model import (
     DOCUMENT_ROUTE,
     QUERY_ROUTE,
@@ -669,6 +671,13 @@ class CorpusStage(_FrozenDocumentStage):
             text's best, to the document route's cosine (:func:`~st_daft.corpus_alignment.lexical_ranking_columns`).
             0 disables it; needs ``ranking_weight > 0``.
         lexical_top_k: documents per text in that fusion.
+        corpus_sample_size: corpus documents each step's pseudo-query and ranking terms score: None for all of them
+            up to 65,536 documents and 16,384 above, 0 for all of them always, else that many
+            (:mod:`st_daft.losses.corpus_sample`: the batch's source documents, their teacher's best and uniform rows
+            with the sampled softmax's correction). Sampled, the corpus cache is read where it is instead of copied to
+            every process's device as float32.
+        teacher_neighbours: when sampled, each text's best documents by the document route that every step scores
+            (:func:`~st_daft.corpus_alignment.with_teacher_neighbours`, one exact search before training).
         lexical_language: BM25's stopwords and stemmer (an ISO 639-3 code, ``"eng"``).
         general_texts: how many of the general-domain English texts that ship with st-daft
             (:func:`~st_daft.general_corpus.general_texts`, WordNet definitions and examples) join the texts, as
@@ -699,6 +708,8 @@ class CorpusStage(_FrozenDocumentStage):
     lexical_top_k: int = 32
     lexical_language: str = "eng"
     general_texts: int | None = None
+    corpus_sample_size: int | None = None
+    teacher_neighbours: int = 16
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -720,6 +731,9 @@ class CorpusStage(_FrozenDocumentStage):
             raise ValueError(f"corpus stage: max_texts must be at least 1, got {self.max_texts}")
         if self.document_weight is not None and not self.document_weight >= 0:
             raise ValueError(f"corpus stage: document_weight must be 0 or more, got {self.document_weight}")
+        _check_sample_size("corpus", self.corpus_sample_size)
+        if self.teacher_neighbours < 0:
+            raise ValueError(f"corpus stage: teacher_neighbours must be 0 or more, got {self.teacher_neighbours}")
 
     def resolved(self, context: StageContext) -> CorpusStage:
         """The general texts (20,000 for a static route beside labelled queries, else 0), the budget (beside labelled
@@ -784,11 +798,13 @@ class CorpusStage(_FrozenDocumentStage):
         # Unlabelled queries and general texts are regression targets alike: no source document.
         general = general_texts(self.general_texts)
         queries = [query for query in dict.fromkeys([*context.unlabeled_queries, *general]) if query not in cut]
-        documents, source_rows = None, None
+        documents, source_rows, sample_size = None, None, None
         if document_weight > 0 or self.ranking_weight > 0:
             # The corpus embeddings are the align stage's cache: embedded once (or read from the store), shared.
             cache = context.current_cache()
-            documents = cache.float32()
+            sample_size = resolve_sample_size(len(cache), self.corpus_sample_size)
+            # Sampled, the loss reads rows where the cache is (a float16 memmap stays on disk): no float32 copy.
+            documents = cache.float32() if sample_size is None else cache.embeddings
             row_of = {doc_id: row for row, doc_id in enumerate(cache.ids)}
             source_rows = [row_of[doc_id] for _, doc_id in examples] + [-1] * len(queries)  # a query has no source
         encoded_lexical = pseudo_lexical = None
@@ -807,6 +823,15 @@ class CorpusStage(_FrozenDocumentStage):
         if extra:
             pseudo = pseudo_query_dataset(extra, cache.ids, documents, lexical_columns=pseudo_lexical)
             rows = concatenate_datasets([rows, pseudo])
+        neighbours = min(self.teacher_neighbours, len(documents)) if sample_size and self.ranking_weight > 0 else 0
+        if sample_size is not None:
+            best = f", their {neighbours} best by the document route" if neighbours else ""
+            logger.info(
+                "corpus stage: each step scores %d of the corpus's %d documents (the batch's sources%s, uniform rows)",
+                sample_size, len(documents), best,
+            )  # fmt: skip
+        if neighbours:
+            rows = with_teacher_neighbours(rows, documents, neighbours, show_progress_bar=True)
         loss = LabelFreeAlignmentLoss(
             context.model,
             regression=self.regression,
@@ -816,6 +841,8 @@ class CorpusStage(_FrozenDocumentStage):
             document_scale=self.document_scale,
             ranking_weight=self.ranking_weight,
             lexical_weight=self.lexical_weight,
+            corpus_sample_size=self.corpus_sample_size,
+            neighbour_columns=neighbours,
         )
         result = self.train_frozen(context, args, rows, loss)
         result.extra.update(
@@ -824,8 +851,17 @@ class CorpusStage(_FrozenDocumentStage):
             num_unlabeled_queries=len(set(context.unlabeled_queries) - cut),
             num_general_texts=len(general),
             document_weight=document_weight,
+            corpus_sample_size=sample_size or 0,
         )
         return result
+
+
+def _check_sample_size(stage: str, sample_size: int | None) -> None:
+    if sample_size is not None and sample_size < 0:
+        raise ValueError(
+            f"{stage} stage: corpus_sample_size (--corpus-sample-size) must be 0 (the whole corpus) or more, got "
+            f"{sample_size}"
+        )
 
 
 @dataclass
@@ -842,6 +878,9 @@ class AlignStage(_FrozenDocumentStage):
     Args:
         scale: inverse softmax temperature of :class:`~st_daft.losses.DAFTAlignmentLoss`.
         cache_negatives: use every corpus document as a negative.
+        corpus_sample_size: cached negatives each step scores: None for all of them up to 65,536 documents and
+            16,384 drawn uniformly above (with the sampled softmax's correction, :mod:`st_daft.losses.corpus_sample`),
+            0 for all of them always, else that many.
         selection: ``"validation"`` (best validation nDCG@10), ``"kl"`` (lowest KL, early-stopped by
             ``kl_patience``) or ``"auto"``: validation when the run has validation queries, else KL.
         interpolation: the query route kept is ``interpolation * aligned + (1 - interpolation) * start`` in every
@@ -864,9 +903,11 @@ class AlignStage(_FrozenDocumentStage):
     cache_negatives: bool = True
     selection: str = "auto"
     interpolation: float | None = None
+    corpus_sample_size: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_sample_size("align", self.corpus_sample_size)
         if self.selection not in ALIGN_SELECTIONS:
             raise ValueError(f"align stage: selection must be one of {ALIGN_SELECTIONS}, got {self.selection!r}")
         if self.interpolation is not None and not 0 <= self.interpolation <= 1:
@@ -910,6 +951,7 @@ class AlignStage(_FrozenDocumentStage):
             scale=self.scale,
             document_cache=context.current_cache(),  # the corpus stage's, if it built one
             cache_negatives=self.cache_negatives,
+            negative_sample_size=self.corpus_sample_size,
         )
         result = self.train_frozen(context, args, context.train_data.training_pairs(), loss)
         result.extra["interpolation"] = self.interpolation

@@ -117,6 +117,8 @@ def test_device_and_precision_flags(tiny_document_model_dir: Path, tiny_beir_dir
         ("--align-select", "ndcg"),
         ("--align-interpolation", "1.5"),
         ("--cache-dtype", "int8"),
+        ("--corpus-sample-size", "-1"),
+        ("--corpus-teacher-neighbours", "-1"),
     ],
 )
 def test_bad_options_are_named(option: str, value: str, tmp_path: Path, capsys) -> None:
@@ -275,6 +277,8 @@ def test_the_chosen_stages_are_printed_and_recorded(
             "kl",
             "--align-interpolation",
             "0.5",
+            "--corpus-sample-size",
+            "3",
         )
         == 0
     )
@@ -286,6 +290,9 @@ def test_the_chosen_stages_are_printed_and_recorded(
     assert [stage["stage"] for stage in summary["config"]["stages"]] == ["corpus", "align"]
     assert summary["config"]["stages"][1]["selection"] == "kl"
     assert summary["config"]["stages"][1]["interpolation"] == 0.5 == summary["stages"][1]["extra"]["interpolation"]
+    # one option for both stages' softmax over the corpus; the corpus stage scored a sample of 3 of its 8 documents
+    assert [stage["corpus_sample_size"] for stage in summary["config"]["stages"]] == [3, 3]
+    assert summary["stages"][0]["extra"]["corpus_sample_size"] == 3
     SentenceTransformer(str(output))  # a plain model
     card = (output / "README.md").read_text()  # the stages among the model card's tags
     assert "- st-daft-stage-corpus" in card and "- st-daft-stage-align" in card

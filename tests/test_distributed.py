@@ -258,8 +258,9 @@ def test_two_process_training_with_corrected_negatives(tiny_document_model_dir: 
 
 def test_two_process_label_free_stages(tiny_document_model_dir: Path, beir_dir: Path, tmp_path: Path):
     """The static default (vocabulary with contextual token vectors summed over both processes' shards of the corpus,
-    corpus with its pseudo-query term over the sharded-then-gathered corpus embeddings, align) under torchrun:
-    finishes, the token statistics equal one process's, and the corpus stage checkpoints once."""
+    corpus with its pseudo-query term over the sharded-then-gathered corpus embeddings, here on a sample of the corpus
+    whose teacher neighbours each process searches for half the texts, align) under torchrun: finishes, the token
+    statistics equal one process's, and the corpus stage checkpoints once."""
     output, log = tmp_path / "two", tmp_path / "two.log"
     args = tiny_train_args(
         tiny_document_model_dir,
@@ -281,11 +282,15 @@ def test_two_process_label_free_stages(tiny_document_model_dir: Path, beir_dir: 
         "1",
         "--contextual-vocabulary",
         "on",
+        "--corpus-sample-size",
+        "3",  # a sample of the corpus each step, as above 65,536 documents; neighbours searched on both processes
         "--keep-checkpoints",
     )
     finish(start(_torchrun(["-m", "st_daft.cli", *args]), log), log)
     summary = json.loads((output / "daft_summary.json").read_text())
     assert [stage["name"] for stage in summary["stages"]] == ["vocabulary", "corpus", "align"]
+    assert summary["stages"][1]["extra"]["corpus_sample_size"] == 3
+    assert "each step scores 3 of the corpus's" in log.read_text()
     assert [stage["steps"] for stage in summary["stages"][1:]] == [2, 2]
     assert summary["stages"][1]["extra"]["document_weight"] == 1.0, "the pseudo-query term is on"
     # 24 texts over 2 processes fill no batch of 128 x 2: the batch shrinks instead of the stage training 0 steps

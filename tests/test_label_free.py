@@ -33,6 +33,7 @@ from st_daft.corpus_alignment import (
     document_embeddings,
     lexical_ranking_columns,
     pseudo_query_dataset,
+    with_teacher_neighbours,
 )
 from st_daft.losses import LabelFreeAlignmentLoss
 from st_daft.recipe import remove_checkpoints
@@ -605,6 +606,105 @@ def test_label_free_loss_ranking_term_distils_the_document_route_s_ranking(model
         LabelFreeAlignmentLoss(model, ranking_weight=1.0)
     with pytest.raises(ValueError, match="ranking_weight must be non-negative"):
         LabelFreeAlignmentLoss(model, document_embeddings=documents, ranking_weight=-1.0)
+
+
+def test_teacher_neighbours_are_each_text_s_best_documents(model) -> None:
+    corpus = {"a": "mitosis splits the cell nucleus", "b": "the heart pumps blood", "c": "rivers flow to the sea"}
+    _, documents = document_embeddings(model, corpus, show_progress_bar=False)
+    texts = ["the cell nucleus", "blood and the heart", "the sea"]
+    dataset = alignment_dataset(model, texts, show_progress_bar=False, document_rows=[0, 1, -1])
+    extended = with_teacher_neighbours(dataset, documents.half(), top_k=2, query_block=2)
+    labels = torch.tensor(extended["label"])
+    assert extended["text"] == texts and labels.shape == (3, 32 + 1 + 2)
+    assert torch.equal(labels[:, :33], torch.tensor(dataset["label"]))
+    unit = torch.nn.functional.normalize
+    expected = (unit(labels[:, :32], dim=1) @ unit(documents.half().float(), dim=1).T).topk(2).indices
+    assert labels[:, 33:].long().tolist() == expected.tolist()
+    with pytest.raises(ValueError, match="top_k"):
+        with_teacher_neighbours(dataset, documents, top_k=0)
+
+
+def test_label_free_loss_on_a_sample_of_the_corpus(model) -> None:
+    """Sampled: the same terms as the whole corpus when the sample holds every document, an estimate of them when it
+    does not, and the corpus is read where it is (no float32 copy)."""
+    corpus = {"a": "mitosis splits the cell nucleus", "b": "the heart pumps blood", "c": "rivers flow to the sea"}
+    _, documents = document_embeddings(model, corpus, show_progress_bar=False)
+    texts = ["the cell nucleus", "blood and the heart", "the sea", "rivers and cells"]
+    dataset = alignment_dataset(model, texts, show_progress_bar=False, document_rows=[0, 1, 2, -1])
+    labels = torch.tensor(with_teacher_neighbours(dataset, documents, top_k=2)["label"])
+    features = [model.preprocess(texts, task="query") | {"task": "query"}]
+    terms = {"document_weight": 1.0, "ranking_weight": 2.0}
+    whole = LabelFreeAlignmentLoss(model, document_embeddings=documents, neighbour_columns=2, **terms)
+    sampled = LabelFreeAlignmentLoss(
+        model, document_embeddings=documents.half(), corpus_sample_size=2, neighbour_columns=2, **terms
+    )
+    assert whole.corpus_sample_size is None and whole.document_embeddings is not None
+    assert sampled.document_embeddings is None and sampled.corpus.dtype == torch.float16
+    assert sampled.get_config_dict()["corpus_sample_size"] == 2
+    model.eval()
+    with torch.no_grad():
+        expected, actual = whole(features, labels), sampled(features, labels)
+    assert set(actual) == {"regression", "contrastive", "document", "ranking"}
+    for name in expected:  # the sources name every document: the sample is the corpus (float16 rounding apart)
+        assert actual[name].item() == pytest.approx(expected[name].item(), rel=1e-3, abs=1e-4), name
+    with pytest.raises(ValueError, match="neighbour_columns=2"):
+        sampled(features, labels[:, :-1])
+
+    # A corpus of 3,003 documents, 600 scored a step: the average of the sampled terms is the whole corpus's.
+    torch.manual_seed(0)
+    filler = torch.nn.functional.normalize(torch.randn(3000, documents.shape[1]), dim=1)
+    large = torch.cat([documents.float().cpu(), filler])
+    dataset = alignment_dataset(model, texts, show_progress_bar=False, document_rows=[0, 1, 2, -1])
+    labels = torch.tensor(with_teacher_neighbours(dataset, large, top_k=8)["label"])
+    whole = LabelFreeAlignmentLoss(model, document_embeddings=large, neighbour_columns=8, **terms)
+    sampled = LabelFreeAlignmentLoss(
+        model, document_embeddings=large, corpus_sample_size=600, neighbour_columns=8, **terms
+    )
+    with torch.no_grad():
+        expected = whole(features, labels)
+        draws = [sampled(features, labels) for _ in range(100)]
+    for name in ("document", "ranking"):
+        mean = sum(draw[name].item() for draw in draws) / len(draws)
+        assert mean == pytest.approx(expected[name].item(), rel=0.05), name
+
+
+def test_corpus_and_align_stages_sample_a_large_corpus(
+    tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path, monkeypatch
+) -> None:
+    from st_daft.losses import DAFTAlignmentLoss
+
+    recorded = []
+    for loss_class in (LabelFreeAlignmentLoss, DAFTAlignmentLoss):
+        original_init = loss_class.__init__
+
+        def recording_init(self, *args, _original=original_init, **kwargs):
+            _original(self, *args, **kwargs)
+            recorded.append(self)
+
+        monkeypatch.setattr(loss_class, "__init__", recording_init)
+    data = load_beir(tiny_beir_dir, "train")
+    budget = {"max_steps": 2, "batch_size": 4, "eval_steps": 1, "warmup_ratio": 0.0}
+    stages = [
+        CorpusStage(
+            max_texts=30, pseudo_queries=6, document_weight=1, corpus_sample_size=3, teacher_neighbours=2, **budget
+        ),
+        AlignStage(corpus_sample_size=3, **budget),
+    ]
+    config = DAFTConfig(stages=stages, cache_on_disk=True, cache_dtype="float16", num_validation_texts=16)
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    train_daft(model, data, tmp_path / "sampled", config)
+    corpus_loss, align_loss = recorded
+    assert corpus_loss.corpus_sample_size == 3 and corpus_loss.neighbour_columns == 2
+    # the cache is read where it is: the float16 memory map, not a float32 copy on the loss
+    assert corpus_loss.document_embeddings is None and corpus_loss.corpus.dtype == torch.float16
+    assert align_loss.negative_sample_size == 3
+    summary = json.loads((tmp_path / "sampled" / "daft_summary.json").read_text())
+    assert summary["stages"][0]["extra"]["corpus_sample_size"] == 3 and summary["stages"][0]["steps"] == 2
+    assert summary["config"]["stages"][1]["corpus_sample_size"] == 3
+    with pytest.raises(ValueError, match=r"corpus_sample_size \(--corpus-sample-size\)"):
+        CorpusStage(corpus_sample_size=-1)
+    with pytest.raises(ValueError, match="teacher_neighbours"):
+        CorpusStage(teacher_neighbours=-1)
 
 
 def test_corpus_token_weights_give_rare_tokens_larger_norms(tiny_document_model_dir: Path) -> None:

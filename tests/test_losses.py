@@ -77,6 +77,29 @@ def test_alignment_loss_with_cache_uses_every_corpus_document(static_model) -> N
     assert cached.item() > in_batch.item()  # two more negatives (star, brain) can only raise the loss
 
 
+def test_alignment_loss_samples_the_negatives_of_a_large_cache(static_model) -> None:
+    """Above a size the cache's negatives are a uniform sample with the sampled softmax's weights: on average the
+    whole cache's loss, each step reading only the sample."""
+    freeze_route(static_model, "document")
+    words = ["cells", "blood", "rain", "calcium", "stars", "neurons", "rivers", "stone", "light", "salt"]
+    filler = {f"f{i}": f"{words[i % 10]} and {words[i // 10 % 10]} in note {i}" for i in range(1500)}
+    cache = StaleEmbeddingCache.build(static_model, DOCUMENTS | filler, show_progress_bar=False)
+    batch = _batch(static_model)
+    whole = DAFTAlignmentLoss(static_model, document_cache=cache, negative_sample_size=0)
+    sampled = DAFTAlignmentLoss(static_model, document_cache=cache, negative_sample_size=300)
+    assert whole.negative_sample_size is None and sampled.get_config_dict()["negative_sample_size"] == 300
+    static_model.eval()
+    with torch.no_grad():
+        expected = whole(batch, None).item()
+        draws = [sampled(batch, None).item() for _ in range(100)]
+    assert sum(draws) / len(draws) == pytest.approx(expected, rel=0.03)
+    assert DAFTAlignmentLoss(static_model, document_cache=cache, negative_sample_size=2000).negative_sample_size is None
+    static_model.train()
+    value = sampled(batch, None)
+    value.backward()
+    assert _grads(get_route(static_model, "query")) and not _grads(get_route(static_model, "document"))
+
+
 def test_alignment_loss_refuses_a_stale_cache(static_model) -> None:
     cache = StaleEmbeddingCache.build(static_model, DOCUMENTS, show_progress_bar=False)
     with torch.no_grad():

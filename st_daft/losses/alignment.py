@@ -12,6 +12,7 @@ from sentence_transformers.util import cos_sim
 from torch import Tensor, nn
 
 from st_daft.cache import StaleEmbeddingCache
+from st_daft.losses.corpus_sample import resolve_sample_size, sample_corpus
 from st_daft.model import DOCUMENT_ROUTE, route_or_model
 
 DAFT_CITATION = """
@@ -35,6 +36,7 @@ class DAFTAlignmentLoss(nn.Module):
         similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
         document_cache: StaleEmbeddingCache | None = None,
         cache_negatives: bool = True,
+        negative_sample_size: int | None = None,
     ) -> None:
         """
         Stage 1 of DAFT (Distribution-Aligned Fine-Tuning, Leonhardt, Jahnke & Anand 2022): the document route is
@@ -52,7 +54,11 @@ class DAFTAlignmentLoss(nn.Module):
         Because that function is fixed, a :class:`~st_daft.cache.StaleEmbeddingCache` built with the same document
         route is exact: with ``document_cache`` the batch's documents are looked up instead of encoded (texts not in
         the cache are still encoded), and with ``cache_negatives`` every other cached document joins the softmax as
-        a negative, the full-corpus softmax that aligns a static query route in a few hundred steps.
+        a negative, the full-corpus softmax that aligns a static query route in a few hundred steps. Above 65,536
+        cached documents (or ``negative_sample_size``) each step draws that many of them uniformly instead, and
+        adds the sampled softmax's importance correction to their logits (:mod:`st_daft.losses.corpus_sample`): the
+        cache stays where it is (a memory-mapped float16 cache stays on disk) and only the sample moves to the
+        device.
 
         Args:
             model: an asymmetric model from :func:`st_daft.build_asymmetric_model` (or any Router model).
@@ -61,6 +67,8 @@ class DAFTAlignmentLoss(nn.Module):
             document_cache: cache of document-route embeddings of the corpus, built from this model's current
                 document route. Refused if its fingerprint does not match the route.
             cache_negatives: use every cached document that is not in the batch as an extra negative.
+            negative_sample_size: cached negatives each step scores: None for all of them up to 65,536 documents
+                and 16,384 drawn uniformly above, 0 for all of them always, else that many.
 
         Requirements:
             1. (query, positive) pairs or (query, positive, negative_1, ..., negative_n) tuples
@@ -95,6 +103,9 @@ class DAFTAlignmentLoss(nn.Module):
         self.model = model
         self.document_cache = document_cache
         self.cache_negatives = cache_negatives
+        self.negative_sample_size = (
+            resolve_sample_size(len(document_cache), negative_sample_size) if document_cache is not None else None
+        )
         self.ranking_loss = MultipleNegativesRankingLoss(model, scale=scale, similarity_fct=similarity_fct)
         if document_cache is not None and not document_cache.is_current(model):
             raise ValueError(
@@ -133,10 +144,29 @@ class DAFTAlignmentLoss(nn.Module):
         embeddings = [query_embeddings] + [embedding for embedding, _ in documents]
         if self.document_cache is not None and self.cache_negatives:
             batch_rows = torch.cat([rows for _, rows in documents])
+            if self.negative_sample_size is not None:
+                return self._sampled_loss(embeddings, batch_rows)
             keep = torch.ones(len(self.document_cache), dtype=torch.bool)
             keep[batch_rows[batch_rows >= 0]] = False
             embeddings.append(self.document_cache.embeddings[keep].to(query_embeddings.device, torch.float32))
         return self.ranking_loss.compute_loss_from_embeddings(embeddings, labels)
+
+    def _sampled_loss(self, embeddings: list[Tensor], batch_rows: Tensor) -> Tensor:
+        """The ranking loss's InfoNCE (queries against the batch's documents) with uniformly drawn cached documents
+        as more negatives, each logit corrected by its log-weight: an estimate of the whole cache's softmax."""
+        queries = embeddings[0]
+        sample = sample_corpus(
+            self.document_cache.embeddings, batch_rows[:0], self.negative_sample_size, queries.device, batch_rows
+        )
+        similarity, scale = self.ranking_loss.similarity_fct, self.ranking_loss.scale
+        scores = torch.cat(
+            [
+                similarity(queries, torch.cat(embeddings[1:])) * scale,
+                similarity(queries, sample.embeddings.to(queries.dtype)) * scale + sample.log_weights,
+            ],
+            dim=1,
+        )
+        return torch.nn.functional.cross_entropy(scores, torch.arange(len(queries), device=queries.device))
 
     def get_config_dict(self) -> dict[str, Any]:
         return {
@@ -144,6 +174,7 @@ class DAFTAlignmentLoss(nn.Module):
             "frozen_route": DOCUMENT_ROUTE,
             "document_cache_size": len(self.document_cache) if self.document_cache is not None else 0,
             "cache_negatives": self.cache_negatives,
+            "negative_sample_size": self.negative_sample_size or 0,
         }
 
     @property

@@ -11,6 +11,7 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 from torch import Tensor, nn
 
 from st_daft.losses.alignment import DAFT_CITATION
+from st_daft.losses.corpus_sample import CorpusSample, resolve_sample_size, sample_corpus
 
 
 class LabelFreeAlignmentLoss(nn.Module):
@@ -25,6 +26,8 @@ class LabelFreeAlignmentLoss(nn.Module):
         document_scale: float | None = None,
         ranking_weight: float = 0.0,
         lexical_weight: float = 0.0,
+        corpus_sample_size: int | None = None,
+        neighbour_columns: int = 0,
     ) -> None:
         """
         Distribution alignment without labelled queries. DAFT (Leonhardt, Jahnke & Anand 2022) aligns a light query
@@ -63,6 +66,14 @@ class LabelFreeAlignmentLoss(nn.Module):
         0.645, BM25 0.686, fused at weight 0.3 0.73), and a static route, which cannot run BM25 at query time,
         learns what it can of that ranking.
 
+        Both corpus-wide terms score every corpus document up to 65,536 of them (as measured). Above that, or below
+        ``corpus_sample_size``, each step scores a sample of the corpus instead
+        (:func:`st_daft.losses.corpus_sample.sample_corpus`): the rows the batch's labels name (source documents,
+        BM25's best, and the teacher's best, the last ``neighbour_columns`` label columns:
+        :func:`st_daft.corpus_alignment.with_teacher_neighbours`) and uniform rows of the rest, whose logits get the
+        sampled softmax's importance correction. The corpus then stays where it is (a memory-mapped float16 cache
+        stays on disk) and only the sample moves to the device.
+
         Args:
             model: an asymmetric model; the text column must be routed to ``"query"``.
             regression: ``"cosine"`` or ``"mse"``.
@@ -76,13 +87,18 @@ class LabelFreeAlignmentLoss(nn.Module):
                 ``document_embeddings``; 0 disables it).
             lexical_weight: weight of the BM25 scores in the ranking term's teacher (needs ``ranking_weight > 0``
                 and the lexical label columns; 0: the document route's ranking alone).
+            corpus_sample_size: corpus rows each step scores: None for the whole corpus up to 65,536 documents and
+                16,384 rows above, 0 for the whole corpus always, else that many rows.
+            neighbour_columns: how many label columns, at the end, hold rows of the teacher's best documents for
+                the text; a sampled step always scores them (0: none).
 
         Inputs:
             +--------+-------------------------------------------------------------------------------------+
             | Texts  | Labels                                                                              |
             +========+=====================================================================================+
             | text   | document-route embedding of the same text (+ the row of its source document, with  |
-            |        | ``document_embeddings``; + its BM25 top-k rows and scores, with ``lexical_weight``) |
+            |        | ``document_embeddings``; + its BM25 top-k rows and scores, with ``lexical_weight``; |
+            |        | + the teacher's best rows, with ``neighbour_columns``)                              |
             +--------+-------------------------------------------------------------------------------------+
         """
         super().__init__()
@@ -110,17 +126,29 @@ class LabelFreeAlignmentLoss(nn.Module):
         self.ranking_loss = MultipleNegativesRankingLoss(model, scale=scale)
         self.document_weight = document_weight
         self.document_scale = scale if document_scale is None else document_scale
+        if neighbour_columns < 0:
+            raise ValueError("neighbour_columns must be non-negative")
+        self.neighbour_columns = neighbour_columns
+        self.corpus_sample_size = None
+        self.num_documents = 0
         if document_embeddings is not None:
             if document_embeddings.ndim != 2 or len(document_embeddings) == 0:
                 raise ValueError("document_embeddings must be a non-empty (num_documents, dim) matrix")
-            # A buffer follows the model's device; not persistent: the loss is not saved with the model.
-            self.register_buffer(
-                "document_embeddings",
-                torch.nn.functional.normalize(document_embeddings.detach().float(), dim=1),
-                persistent=False,
-            )
+            self.num_documents = len(document_embeddings)
+            self.corpus_sample_size = resolve_sample_size(self.num_documents, corpus_sample_size)
+            if self.corpus_sample_size is None:
+                # A buffer follows the model's device; not persistent: the loss is not saved with the model.
+                self.register_buffer(
+                    "document_embeddings",
+                    torch.nn.functional.normalize(document_embeddings.detach().float(), dim=1),
+                    persistent=False,
+                )
+            else:
+                self.document_embeddings = None
+                self.corpus = document_embeddings.detach()  # sampled each step where it is, in its own type
         else:
             self.document_embeddings = None
+        self.uses_corpus = document_embeddings is not None
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> dict[str, Tensor]:
         sentence_features = list(sentence_features)
@@ -130,24 +158,31 @@ class LabelFreeAlignmentLoss(nn.Module):
         # Rows stay float32 here (exact to 2**24 documents): a half-precision label would round them.
         raw = labels.to(embeddings.device, torch.float32)
         targets = raw
-        source_rows, lexical = None, None
-        if self.document_embeddings is not None:
+        source_rows, lexical, neighbours = None, None, None
+        if self.uses_corpus:
             dimension = embeddings.shape[1]
-            extra = targets.shape[1] - dimension - 1 if targets.ndim == 2 else -1
+            extra = targets.shape[1] - dimension - 1 - self.neighbour_columns if targets.ndim == 2 else -1
+            # the teacher's best rows, last, only with neighbour_columns
+            more, named = "", ""
+            if self.neighbour_columns:
+                more = f" + {self.neighbour_columns}"
+                named = f", the teacher's best rows: neighbour_columns={self.neighbour_columns}"
             if self.lexical_weight > 0 and (extra < 2 or extra % 2):
                 raise ValueError(
-                    f"with lexical_weight, labels need {dimension + 1} + 2k columns (the text's target embedding, "
-                    "its source document's row, its BM25 top-k rows and scores: lexical_ranking_columns), got shape "
-                    f"{tuple(targets.shape)}"
+                    f"with lexical_weight, labels need {dimension + 1} + 2k{more} columns (the text's target "
+                    f"embedding, its source document's row, its BM25 top-k rows and scores: lexical_ranking_columns"
+                    f"{named}), got shape {tuple(targets.shape)}"
                 )
             if self.lexical_weight == 0 and extra != 0:
                 raise ValueError(
-                    f"with document_embeddings, labels need {dimension + 1} columns (the text's target "
-                    f"embedding and its source document's row), got shape {tuple(targets.shape)}"
+                    f"with document_embeddings, labels need {dimension + 1 + self.neighbour_columns} columns (the "
+                    f"text's target embedding and its source document's row{named}), got shape {tuple(targets.shape)}"
                 )
             source_rows = raw[:, dimension].round().long()
             if extra:
-                lexical = raw[:, dimension + 1 :].split(extra // 2, dim=1)
+                lexical = raw[:, dimension + 1 : dimension + 1 + extra].split(extra // 2, dim=1)
+            if self.neighbour_columns:
+                neighbours = raw[:, dimension + 1 + extra :].round().long()
             targets = raw[:, :dimension]
         targets = targets.to(embeddings.dtype)
         if targets.shape != embeddings.shape:
@@ -164,46 +199,80 @@ class LabelFreeAlignmentLoss(nn.Module):
             contrastive = self.ranking_loss.compute_loss_from_embeddings([embeddings, targets], None)
             parts["contrastive"] = self.contrastive_weight * contrastive
         use_document = source_rows is not None and self.document_weight > 0
-        use_ranking = self.document_embeddings is not None and self.ranking_weight > 0
+        use_ranking = self.uses_corpus and self.ranking_weight > 0
         if use_document or use_ranking:
+            if source_rows.max() >= self.num_documents:
+                raise ValueError(
+                    f"a label names document row {source_rows.max().item()} but there are only "
+                    f"{self.num_documents} document embeddings"
+                )
+            sample = self._sample(embeddings.device, source_rows, lexical, neighbours)
             # One (batch x corpus) score matrix serves both corpus-wide terms: it is the costly part at scale.
-            scores = self._corpus_scores(embeddings)
+            scores = self._corpus_scores(embeddings, sample)
             if use_document:
-                parts["document"] = self.document_weight * self._document_term(scores, source_rows)
+                parts["document"] = self.document_weight * self._document_term(scores, source_rows, sample)
             if use_ranking:
-                parts["ranking"] = self.ranking_weight * self._ranking_term(scores, targets, lexical)
+                parts["ranking"] = self.ranking_weight * self._ranking_term(scores, targets, lexical, sample)
         return parts
 
-    def _corpus_scores(self, embeddings: Tensor) -> Tensor:
-        """Scaled cosine scores of each embedding against every corpus document."""
-        documents = self.document_embeddings.to(embeddings.device, embeddings.dtype)
-        return self.document_scale * torch.nn.functional.normalize(embeddings, dim=1) @ documents.T
+    def _sample(
+        self,
+        device: torch.device,
+        source_rows: Tensor,
+        lexical: tuple[Tensor, Tensor] | None,
+        neighbours: Tensor | None,
+    ) -> CorpusSample | None:
+        """This step's sample of the corpus (None: the whole corpus): every row the labels name, then uniform rows."""
+        if self.corpus_sample_size is None:
+            return None
+        required = [source_rows.flatten()]
+        if lexical is not None:
+            required.append(lexical[0].round().long().flatten())
+        if neighbours is not None:
+            required.append(neighbours.flatten())
+        return sample_corpus(self.corpus, torch.cat(required), self.corpus_sample_size, device)
 
-    def _ranking_term(self, scores: Tensor, targets: Tensor, lexical: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def _corpus_scores(self, embeddings: Tensor, sample: CorpusSample | None = None) -> Tensor:
+        """Scaled cosine scores of each embedding against every corpus document (against the sample's rows, plus
+        their log-weights, when sampled)."""
+        if sample is None:
+            documents = self.document_embeddings.to(embeddings.device, embeddings.dtype)
+            return self.document_scale * torch.nn.functional.normalize(embeddings, dim=1) @ documents.T
+        documents = torch.nn.functional.normalize(sample.embeddings, dim=1).to(embeddings.dtype)
+        scores = self.document_scale * torch.nn.functional.normalize(embeddings, dim=1) @ documents.T
+        return scores + sample.log_weights.to(scores.dtype)
+
+    def _ranking_term(
+        self,
+        scores: Tensor,
+        targets: Tensor,
+        lexical: tuple[Tensor, Tensor] | None = None,
+        sample: CorpusSample | None = None,
+    ) -> Tensor:
         """KL from the teacher's score distribution over the corpus (the document route's, fused with BM25's with
         ``lexical``) to the query route's (``scores``)."""
         student = torch.log_softmax(scores, dim=1)
         with torch.no_grad():
-            teacher_scores = self._corpus_scores(targets)
+            teacher_scores = self._corpus_scores(targets, sample)
             if lexical is not None:
                 rows, lexical_scores = lexical
+                rows = rows.round().long()
+                if sample is not None:
+                    rows = sample.columns(rows)
                 found = rows >= 0  # -1: no more documents share a term with the text
                 bonus = torch.zeros_like(teacher_scores).scatter_add_(
-                    1, rows.round().long().clamp_min(0), (lexical_scores * found).to(teacher_scores.dtype)
+                    1, rows.clamp_min(0), (lexical_scores * found).to(teacher_scores.dtype)
                 )
                 teacher_scores = teacher_scores + self.document_scale * self.lexical_weight * bonus
             teacher = torch.log_softmax(teacher_scores, dim=1)
         return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
-    def _document_term(self, scores: Tensor, source_rows: Tensor) -> Tensor:
+    def _document_term(self, scores: Tensor, source_rows: Tensor, sample: CorpusSample | None = None) -> Tensor:
         """InfoNCE of each text against the whole corpus (``scores``), its source document the positive."""
-        if source_rows.max() >= len(self.document_embeddings):
-            raise ValueError(
-                f"a label names document row {source_rows.max().item()} but there are only "
-                f"{len(self.document_embeddings)} document embeddings"
-            )
         if not (source_rows >= 0).any():
             return scores.sum() * 0.0  # keeps the graph when no text in the batch has a source
+        if sample is not None:
+            source_rows = sample.columns(source_rows.to(scores.device))
         return torch.nn.functional.cross_entropy(scores, source_rows, ignore_index=-1)
 
     def get_config_dict(self) -> dict[str, Any]:
@@ -211,10 +280,11 @@ class LabelFreeAlignmentLoss(nn.Module):
             "regression": self.regression,
             "contrastive_weight": self.contrastive_weight,
             "scale": self.ranking_loss.scale,
-            "document_weight": self.document_weight if self.document_embeddings is not None else 0.0,
+            "document_weight": self.document_weight if self.uses_corpus else 0.0,
             "document_scale": self.document_scale,
             "ranking_weight": self.ranking_weight,
             "lexical_weight": self.lexical_weight,
+            "corpus_sample_size": self.corpus_sample_size or 0,
         }
 
     @property
