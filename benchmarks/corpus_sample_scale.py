@@ -24,13 +24,20 @@ import argparse
 import json
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import AnonymousPeak, child_result, machine, resident_mib, write_report  # noqa: E402
+from measure import (  # noqa: E402
+    AnonymousPeak,
+    add_cache_arguments,
+    child_result,
+    clustered_cache,
+    resident_mib,
+    settings_report,
+    write_report,
+)
 
 VOCABULARY, TOKENS = 30522, 16
 
@@ -132,10 +139,7 @@ def child(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True, help="scratch folder (outside the repository)")
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--dimension", type=int, default=384)
-    parser.add_argument("--clusters", type=int, default=1000)
+    add_cache_arguments(parser)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--sample", type=int, default=16384)
     parser.add_argument("--neighbours", type=int, default=16)
@@ -148,24 +152,14 @@ def main() -> None:
     if args.child_loss:
         print(json.dumps(child(args)))
         return
-    from cache_scale import write_stale_cache
-
-    args.work.mkdir(parents=True, exist_ok=True)
-    if not (args.work / "cache.npy").is_file():
-        write_stale_cache(args.work / "cache.npy", args.rows, args.dimension, args.clusters, seed=0)
+    clustered_cache(args)
     results = []
     for loss in ("corpus", "align"):
         for mode in ("whole", "sampled"):
             command = [sys.executable, __file__, *sys.argv[1:], "--child-loss", loss, "--child-mode", mode]
             results.append(child_result(command))
             print(results[-1], flush=True)
-    report = {
-        "benchmark": "corpus_sample_scale",
-        "settings": {key: str(value) for key, value in vars(args).items() if not key.startswith("child")},
-        "machine": machine(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "results": results,
-    }
+    report = settings_report("corpus_sample_scale", args, results)
     write_report(args.output, report)
 
 

@@ -17,13 +17,12 @@ import argparse
 import json
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import child_result, machine, write_report  # noqa: E402
+from measure import add_cache_arguments, child_result, clustered_cache, settings_report, write_report  # noqa: E402
 
 
 def queries_and_truth(cache: np.ndarray, count: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -71,11 +70,8 @@ def child(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True, help="scratch folder (outside the repository)")
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    add_cache_arguments(parser)
     parser.add_argument("--hnsw-rows", type=int, default=200_000)
-    parser.add_argument("--dimension", type=int, default=384)
-    parser.add_argument("--clusters", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--nprobe", type=int, default=16)
@@ -86,24 +82,14 @@ def main() -> None:
     if args.child_kind:
         print(json.dumps(child(args)))
         return
-    from cache_scale import write_stale_cache
-
-    args.work.mkdir(parents=True, exist_ok=True)
-    if not (args.work / "cache.npy").is_file():
-        write_stale_cache(args.work / "cache.npy", args.rows, args.dimension, args.clusters, seed=0)
+    clustered_cache(args)
     results = []
     for kind in ("flat", "ivf", "hnsw"):
         for storage in ("float32", "float16"):
             command = [sys.executable, __file__, *sys.argv[1:], "--child-kind", kind, "--child-storage", storage]
             results.append(child_result(command))
             print(results[-1], flush=True)
-    report = {
-        "benchmark": "index_storage",
-        "settings": {key: str(value) for key, value in vars(args).items() if not key.startswith("child")},
-        "machine": machine(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "results": results,
-    }
+    report = settings_report("index_storage", args, results)
     write_report(args.output, report)
 
 

@@ -3,12 +3,14 @@ measurement run in a fresh process (so that its memory is its own), the machine,
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import resource
 import subprocess
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +67,35 @@ def write_report(path: Path | None, report: dict[str, Any], indent: int = 2) -> 
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=indent) + "\n")
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """The synthetic float16 cache's options (:func:`clustered_cache`): scratch folder, rows, dimension, clusters."""
+    parser.add_argument("--work", type=Path, required=True, help="scratch folder (outside the repository)")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dimension", type=int, default=384)
+    parser.add_argument("--clusters", type=int, default=1000)
+
+
+def clustered_cache(args: argparse.Namespace) -> Path:
+    """``WORK/cache.npy``: a float16 memmap of ``--rows`` clustered unit vectors (``cache_scale.write_stale_cache``),
+    written the first time only."""
+    from cache_scale import write_stale_cache
+
+    path = args.work / "cache.npy"
+    args.work.mkdir(parents=True, exist_ok=True)
+    if not path.is_file():
+        write_stale_cache(path, args.rows, args.dimension, args.clusters, seed=0)
+    return path
+
+
+def settings_report(benchmark: str, args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """A report of ``results`` with the command line's settings (the child mode's hidden options left out), the
+    machine and the date."""
+    return {
+        "benchmark": benchmark,
+        "settings": {key: str(value) for key, value in vars(args).items() if not key.startswith("child")},
+        "machine": machine(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "results": results,
+    }
