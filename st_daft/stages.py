@@ -823,7 +823,9 @@ class CorpusStage(_FrozenDocumentStage):
         if extra:
             pseudo = pseudo_query_dataset(extra, cache.ids, documents, lexical_columns=pseudo_lexical)
             rows = concatenate_datasets([rows, pseudo])
-        neighbours = min(self.teacher_neighbours, len(documents)) if sample_size and self.ranking_weight > 0 else 0
+        neighbours = 0  # the teacher's best documents in every sample: only the ranking term, sampled, needs them
+        if sample_size is not None and self.ranking_weight > 0:
+            neighbours = min(self.teacher_neighbours, len(documents))
         if sample_size is not None:
             best = f", their {neighbours} best by the document route" if neighbours else ""
             logger.info(

@@ -156,7 +156,7 @@ class DAFTAlignmentLoss(nn.Module):
         as more negatives, each logit corrected by its log-weight: an estimate of the whole cache's softmax."""
         queries = embeddings[0]
         sample = sample_corpus(
-            self.document_cache.embeddings, batch_rows[:0], self.negative_sample_size, queries.device, batch_rows
+            self.document_cache.embeddings, None, self.negative_sample_size, queries.device, excluded=batch_rows
         )
         similarity, scale = self.ranking_loss.similarity_fct, self.ranking_loss.scale
         scores = torch.cat(

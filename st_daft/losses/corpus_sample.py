@@ -63,7 +63,7 @@ class CorpusSample(NamedTuple):
 
 def sample_corpus(
     corpus: Tensor,
-    required: Tensor,
+    required: Tensor | None,
     sample_size: int,
     device: torch.device | str,
     excluded: Tensor | None = None,
@@ -71,7 +71,7 @@ def sample_corpus(
 ) -> CorpusSample:
     """Every row in ``required`` and uniform rows of the others, ``sample_size`` in all (more when the required rows
     alone are more); rows in ``excluded`` are never drawn (e.g. the batch's own documents, already scored).
-    Negative entries of both are ignored.
+    Negative entries of both are ignored; None: no rows.
 
     ``corpus``: the ``(N, d)`` document embeddings, in memory or memory-mapped, of any float type. Uniform rows are
     drawn with replacement (O(sample_size), not O(N)); draws that hit a required or excluded row are dropped. Rows

@@ -222,7 +222,8 @@ class LabelFreeAlignmentLoss(nn.Module):
         lexical: tuple[Tensor, Tensor] | None,
         neighbours: Tensor | None,
     ) -> CorpusSample | None:
-        """This step's sample of the corpus (None: the whole corpus): every row the labels name, then uniform rows."""
+        """This step's sample of the corpus (None: the whole corpus): every row the labels name, then uniform rows,
+        normalised once for both corpus-wide terms."""
         if self.corpus_sample_size is None:
             return None
         required = [source_rows.flatten()]
@@ -230,7 +231,8 @@ class LabelFreeAlignmentLoss(nn.Module):
             required.append(lexical[0].round().long().flatten())
         if neighbours is not None:
             required.append(neighbours.flatten())
-        return sample_corpus(self.corpus, torch.cat(required), self.corpus_sample_size, device)
+        sample = sample_corpus(self.corpus, torch.cat(required), self.corpus_sample_size, device)
+        return sample._replace(embeddings=torch.nn.functional.normalize(sample.embeddings, dim=1))
 
     def _corpus_scores(self, embeddings: Tensor, sample: CorpusSample | None = None) -> Tensor:
         """Scaled cosine scores of each embedding against every corpus document (against the sample's rows, plus
@@ -238,7 +240,7 @@ class LabelFreeAlignmentLoss(nn.Module):
         if sample is None:
             documents = self.document_embeddings.to(embeddings.device, embeddings.dtype)
             return self.document_scale * torch.nn.functional.normalize(embeddings, dim=1) @ documents.T
-        documents = torch.nn.functional.normalize(sample.embeddings, dim=1).to(embeddings.dtype)
+        documents = sample.embeddings.to(embeddings.dtype)  # normalised by _sample
         scores = self.document_scale * torch.nn.functional.normalize(embeddings, dim=1) @ documents.T
         return scores + sample.log_weights.to(scores.dtype)
 
