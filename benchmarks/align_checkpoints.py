@@ -22,9 +22,9 @@ import json
 from datetime import date
 from pathlib import Path
 
-import st_daft.stages as stages
+import st_daft.training.stages as stages
 from st_daft.cli import main as cli_main
-from st_daft.evaluation import evaluate_collections
+from st_daft.evaluation.mteb import evaluate_collections
 
 RESULTS = Path(__file__).parent / "results" / "align_checkpoints"
 

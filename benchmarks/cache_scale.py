@@ -3,13 +3,14 @@
 A synthetic float16 cache of ``--size`` x ``--dimension`` unit vectors (clustered, as document embeddings are) is
 written chunk by chunk into a memmap outside the repository. A measured drift maps each stale vector to its fresh
 one: ``fresh = normalize(stale + stale D + 0.1 tanh(stale M))`` (a structured linear drift plus a small non-linear
-part). Two correctors learn it online from a sample (:class:`~st_daft.corrector.CorrectorTrainer`): a linear one
+part). Two correctors learn it online from a sample (:class:`~st_daft.negatives.corrector.CorrectorTrainer`): a linear
+one
 (depth 1, for query-side correction) and a 2-layer one. Then, timed and with the peak resident memory recorded:
 
 - the rebuild a correcting miner does every N steps: the corrector applied chunk by chunk and the corrected rows
   streamed into an IVF index that re-uses the cells the stale index trained (``build_faiss_index(..., transform=,
   like=)``); and, for comparison, the two-pass rebuild (the corrected cache written into a float16 memmap by
-  :func:`st_daft.index.corrected_matrix`, then an IVF index trained and filled over it);
+  :func:`st_daft.embeddings.index.corrected_matrix`, then an IVF index trained and filled over it);
 - mining queries/s and recall@k against exact search over the exactly corrected cache, for: exact chunked search,
   IVF, HNSW (on ``--hnsw-size`` rows if smaller), query-side linear correction (the *stale* IVF index searched with
   ``q + W^T q``, never rebuilt) and two-step (a query-side shortlist re-ranked by the 2-layer corrector).
@@ -32,10 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from st_daft.cache import StaleEmbeddingCache
-from st_daft.corrector import CorrectorNetwork, CorrectorTrainer, staleness_error
-from st_daft.index import build_faiss_index, corrected_matrix, exact_search, query_side_queries
-from st_daft.mining import linear_part
+from st_daft.embeddings.cache import StaleEmbeddingCache
+from st_daft.embeddings.index import build_faiss_index, corrected_matrix, exact_search, query_side_queries
+from st_daft.negatives.corrector import CorrectorNetwork, CorrectorTrainer, staleness_error
+from st_daft.negatives.miner import linear_part
 
 
 def peak_rss_gib() -> float:

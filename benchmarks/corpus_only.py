@@ -40,21 +40,21 @@ from sentence_transformers.sentence_transformer.evaluation import InformationRet
 from transformers import EarlyStoppingCallback
 
 from st_daft import build_asymmetric_model, freeze_route, get_route, load_beir, unfreeze_route
-from st_daft.callbacks import CollapseStopCallback
-from st_daft.collapse import CollapseEvaluator
-from st_daft.corpus_alignment import (
+from st_daft.callbacks.collapse import CollapseStopCallback
+from st_daft.data import RetrievalData
+from st_daft.embeddings.store import DocumentEmbeddingStore
+from st_daft.evaluation.collapse import CollapseEvaluator
+from st_daft.evaluation.mteb import evaluate_retrieval
+from st_daft.label_free.corpus_texts import (
     TEXT_KINDS,
     alignment_dataset,
     alignment_examples,
     document_embeddings,
     pseudo_query_dataset,
 )
-from st_daft.data import RetrievalData
-from st_daft.evaluation import evaluate_retrieval
-from st_daft.losses import LabelFreeAlignmentLoss
-from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE
-from st_daft.store import DocumentEmbeddingStore
-from st_daft.vocabulary import corpus_token_weights, initialize_static_route, reweight_static_route
+from st_daft.label_free.vocabulary import corpus_token_weights, initialize_static_route, reweight_static_route
+from st_daft.losses.label_free import LabelFreeAlignmentLoss
+from st_daft.models.asymmetric import DOCUMENT_ROUTE, QUERY_ROUTE
 
 logger = logging.getLogger("corpus_only")
 RESULTS = Path(__file__).parent / "results" / "corpus_only"

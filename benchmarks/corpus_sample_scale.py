@@ -46,9 +46,10 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     from datasets import Dataset
 
-    from st_daft.cache import StaleEmbeddingCache
-    from st_daft.corpus_alignment import with_teacher_neighbours
-    from st_daft.losses import DAFTAlignmentLoss, LabelFreeAlignmentLoss
+    from st_daft.embeddings.cache import StaleEmbeddingCache
+    from st_daft.label_free.corpus_texts import with_teacher_neighbours
+    from st_daft.losses.alignment import DAFTAlignmentLoss
+    from st_daft.losses.label_free import LabelFreeAlignmentLoss
 
     class StaticRoute(torch.nn.Module):
         """A static query route: the mean of its tokens' rows."""

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from st_daft import StaleEmbeddingCache, build_asymmetric_model, get_route, load_beir
-from st_daft.model import QUERY_ROUTE
-from st_daft.vocabulary import contextual_token_statistics, corpus_words
+from st_daft.label_free.token_statistics import contextual_token_statistics
+from st_daft.label_free.vocabulary import corpus_words
+from st_daft.models.asymmetric import QUERY_ROUTE
 
 
 def main() -> None:

@@ -25,17 +25,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from st_daft.corrector import staleness_error  # noqa: E402
 from st_daft.data import load_beir  # noqa: E402
+from st_daft.negatives.corrector import staleness_error  # noqa: E402
 
 
 def prepare(args: argparse.Namespace) -> None:
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
 
-    from st_daft.cache import StaleEmbeddingCache
-    from st_daft.losses import DAFTAlignmentLoss
-    from st_daft.model import (
+    from st_daft.embeddings.cache import StaleEmbeddingCache
+    from st_daft.losses.alignment import DAFTAlignmentLoss
+    from st_daft.models.asymmetric import (
         DOCUMENT_ROUTE,
         QUERY_ROUTE,
         build_asymmetric_model,
@@ -82,7 +82,7 @@ def prepare(args: argparse.Namespace) -> None:
         "fingerprint": cache.fingerprint,
     }
     if args.evaluate:
-        from st_daft.evaluation import evaluate_retrieval
+        from st_daft.evaluation.mteb import evaluate_retrieval
 
         started = time.perf_counter()
         scores = evaluate_retrieval(model, load_beir(args.data, split="test"), batch_size=32, show_progress_bar=False)
@@ -95,10 +95,10 @@ def prepare(args: argparse.Namespace) -> None:
 class ShadowCorrectorTrainers:
     """A corrector trainer for the loss that also trains a second, shadow corrector with the other drift loss on
     exactly the same observations (never used to mine), to measure MSE against cosine in one run. It composes two
-    public :class:`~st_daft.corrector.CorrectorTrainer` objects; the miner and the loss only see the first."""
+    public :class:`~st_daft.negatives.corrector.CorrectorTrainer` objects; the miner and the loss only see the first."""
 
     def __init__(self, primary, drift: str) -> None:
-        from st_daft.corrector import CorrectorNetwork, CorrectorTrainer
+        from st_daft.negatives.corrector import CorrectorNetwork, CorrectorTrainer
 
         self.primary, self.drift = primary, drift
         shadow_network = CorrectorNetwork(**primary.corrector.config())
@@ -165,7 +165,7 @@ class TopKAgreementCallback:
     def measure(self, model, step: int) -> None:
         import torch.nn.functional as F
 
-        from st_daft.cache import embed_documents
+        from st_daft.embeddings.encode import embed_documents
 
         started = time.perf_counter()
         was_training = model.training
@@ -220,14 +220,18 @@ def run(args: argparse.Namespace) -> None:
     )
     from sentence_transformers.base.sampler import BatchSamplers
 
-    from st_daft.cache import StaleEmbeddingCache, embed_documents
-    from st_daft.callbacks import LogStatisticsCallback, negative_mining_callbacks
-    from st_daft.corrector import CorrectorTrainer
-    from st_daft.evaluation import evaluate_retrieval
-    from st_daft.fingerprint import route_fingerprint
-    from st_daft.losses import CollapseSafeContrastiveLoss, MinedNegativesLoss
-    from st_daft.mining import NegativeMiner, RefreshPolicy, parse_negatives
-    from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, route_parameter_pattern
+    from st_daft.callbacks.negative_mining import negative_mining_callbacks
+    from st_daft.callbacks.statistics import LogStatisticsCallback
+    from st_daft.embeddings.cache import StaleEmbeddingCache
+    from st_daft.embeddings.encode import embed_documents
+    from st_daft.evaluation.mteb import evaluate_retrieval
+    from st_daft.losses.collapse_safe import CollapseSafeContrastiveLoss
+    from st_daft.losses.mined_negatives import MinedNegativesLoss
+    from st_daft.models.asymmetric import DOCUMENT_ROUTE, QUERY_ROUTE, route_parameter_pattern
+    from st_daft.models.fingerprint import route_fingerprint
+    from st_daft.negatives.corrector import CorrectorTrainer
+    from st_daft.negatives.miner import NegativeMiner
+    from st_daft.negatives.strategy import RefreshPolicy, parse_negatives
 
     work = Path(args.work)
     strategy = parse_negatives(args.strategy)

@@ -35,7 +35,7 @@ from st_daft import (
     load_beir,
     train_daft,
 )
-from st_daft.evaluation import evaluate_retrieval
+from st_daft.evaluation.mteb import evaluate_retrieval
 
 CONFIGS: dict[str, dict] = {
     "a": {"query_encoder": "symmetric", "stages": ()},

@@ -2,7 +2,7 @@
 
 Every token of the query tokenizer's vocabulary (30,522 for all-MiniLM-L6-v2) is embedded alone by the document
 route. Under torchrun each process distils ``1/N`` of the tokens and the rows are all-gathered
-(:func:`st_daft.distributed.compute_sharded`), so every process holds the whole table. This runs the real
+(:func:`st_daft.utils.distributed.compute_sharded`), so every process holds the whole table. This runs the real
 all-MiniLM-L6-v2 route, without a document store (every token is encoded), one thread per process, and checks that
 the gathered table equals the one-process one.
 
@@ -26,9 +26,9 @@ from pathlib import Path
 WORKER = """
 import sys, time, torch
 from st_daft import build_asymmetric_model
-from st_daft.distributed import get_rank, init_distributed
-from st_daft.vocabulary import distill_token_embeddings, vocabulary_texts
-from st_daft.model import get_route
+from st_daft.utils.distributed import get_rank, init_distributed
+from st_daft.label_free.vocabulary import distill_token_embeddings, vocabulary_texts
+from st_daft.models.asymmetric import get_route
 
 torch.set_num_threads(1)
 model = build_asymmetric_model(query_encoder="static", device="cpu")

@@ -44,9 +44,9 @@ from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores
 from sentence_transformers import SentenceTransformer
 
 from st_daft import DocumentEmbeddingStore, RetrievalData, load_beir
-from st_daft.baselines import BM25Search
-from st_daft.corpus_alignment import alignment_examples, lexical_ranking_columns
-from st_daft.model import default_document_encoder
+from st_daft.evaluation.baselines import BM25Search
+from st_daft.label_free.corpus_texts import alignment_examples, lexical_ranking_columns
+from st_daft.models.asymmetric import default_document_encoder
 
 RESULTS = Path(__file__).parent / "results"
 SESSION = {"document-layers": "fourteenth_session", "route-on-documents": "seventeenth_session"}

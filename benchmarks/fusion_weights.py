@@ -22,8 +22,8 @@ from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores
 from sentence_transformers import SentenceTransformer
 
 from st_daft import DocumentEmbeddingStore, HybridSearch, load_beir, to_mteb_task
-from st_daft.baselines import mteb_query_texts
-from st_daft.model import default_document_encoder
+from st_daft.evaluation.baselines import mteb_query_texts
+from st_daft.models.asymmetric import default_document_encoder
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 
 from st_daft import DocumentEmbeddingStore, load_beir
-from st_daft.baselines import BM25Search
-from st_daft.model import default_document_encoder
+from st_daft.evaluation.baselines import BM25Search
+from st_daft.models.asymmetric import default_document_encoder
 
 RESULTS = Path(__file__).parent / "results" / "tenth_session"
 

@@ -3,7 +3,8 @@
 A float16 cache (``--cache-dtype float16``) of ``--rows`` clustered unit vectors (``cache_scale.write_stale_cache``) is
 written once as a memmap. Then, each in a fresh process so that its memory is its own, an index of each kind
 (``flat``, ``ivf``, ``hnsw``) is built over it with ``storage="float32"`` and ``storage="float16"``
-(:func:`st_daft.index.build_faiss_index`, as the miner builds it), and searched with ``--queries`` perturbed cache
+(:func:`st_daft.embeddings.index.build_faiss_index`, as the miner builds it), and searched with ``--queries`` perturbed
+cache
 rows for their top ``--k``. Each reports build seconds, the anonymous resident memory the index holds, search
 milliseconds for the batch, and the overlap of its top k with the exact top k over the float16 cache (chunked
 ``exact_search``). HNSW runs on the first ``--hnsw-rows`` rows (its build is the slow part on a CPU).
@@ -28,7 +29,7 @@ from measure import add_cache_arguments, child_result, clustered_cache, settings
 def queries_and_truth(cache: np.ndarray, count: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
-    from st_daft.index import exact_search
+    from st_daft.embeddings.index import exact_search
 
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(cache), count, replace=False))
@@ -40,7 +41,7 @@ def queries_and_truth(cache: np.ndarray, count: int, k: int, seed: int = 0) -> t
 def child(args: argparse.Namespace) -> dict:
     from measure import resident_mib
 
-    from st_daft.index import build_faiss_index
+    from st_daft.embeddings.index import build_faiss_index
 
     cache = np.load(args.work / "cache.npy", mmap_mode="r")
     if args.child_kind == "hnsw":

@@ -34,7 +34,7 @@ from pathlib import Path
 from sentence_transformers import SentenceTransformer
 
 from st_daft import QUERY_ROUTE, interpolate_route, route_weights
-from st_daft.evaluation import evaluate_collections
+from st_daft.evaluation.mteb import evaluate_collections
 
 RESULTS = Path(__file__).parent / "results" / "interpolate_static_table"
 

@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from st_daft.corpus_alignment import TEXT_KINDS, alignment_examples
+from st_daft.label_free.corpus_texts import TEXT_KINDS, alignment_examples
 
 
 def main() -> None:

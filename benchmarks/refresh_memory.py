@@ -4,7 +4,7 @@ A cache of ``--rows`` synthetic documents (``"document 17 about ..."``, each dis
 on-disk folder, by an asymmetric model whose document route is a ``--dimension``-d ``StaticEmbedding`` on
 all-MiniLM-L6-v2's tokenizer (random rows, seeded: encoding is cheap, so the cache's own memory dominates). Then,
 each in a fresh process so that its peak resident memory is its own, the cache is mapped and re-embedded as
-:class:`~st_daft.mining.NegativeMiner` does at a ``refresh:N`` step:
+:class:`~st_daft.negatives.miner.NegativeMiner` does at a ``refresh:N`` step:
 
 - ``memory``: ``cache.refresh(model, texts)``, the rows held in memory;
 - ``disk``: ``cache.refresh(model, texts, folder=...)`` (what ``--cache-on-disk`` runs now do);

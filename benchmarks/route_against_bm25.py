@@ -20,8 +20,8 @@ from frozen_index_limits import bm25_scores, corpus_vectors, per_query_ndcg, que
 from sentence_transformers import SentenceTransformer
 
 from st_daft import DocumentEmbeddingStore, RetrievalData, load_beir
-from st_daft.baselines import BM25Search
-from st_daft.model import default_document_encoder
+from st_daft.evaluation.baselines import BM25Search
+from st_daft.models.asymmetric import default_document_encoder
 
 
 def paired_difference(route: np.ndarray, lexical: np.ndarray, resamples: int = 10_000) -> dict:

@@ -19,7 +19,7 @@ from datetime import date
 from pathlib import Path
 
 from st_daft import soup_static_routes
-from st_daft.evaluation import evaluate_collections
+from st_daft.evaluation.mteb import evaluate_collections
 
 RESULTS = Path(__file__).parent / "results" / "soup_static_tables"
 

@@ -1,6 +1,7 @@
 """A document store of a million rows: the memory and time to open it and read rows back.
 
-A :class:`~st_daft.store.DocumentEmbeddingStore` is filled with ``--rows`` synthetic ``--dimension``-d float32
+A :class:`~st_daft.embeddings.store.DocumentEmbeddingStore` is filled with ``--rows`` synthetic ``--dimension``-d
+float32
 vectors for the texts ``"document 0"``, ``"document 1"``, ... under all-MiniLM-L6-v2's document key (written once,
 outside the repository, in the store's own shards of 8,192 rows). Then, each in a fresh process so that its peak
 resident memory is its own:
@@ -51,13 +52,13 @@ def texts(start: int, stop: int) -> list[str]:
 def load_model():
     from sentence_transformers import SentenceTransformer
 
-    from st_daft.model import default_document_encoder
+    from st_daft.models.asymmetric import default_document_encoder
 
     return SentenceTransformer(default_document_encoder(), device="cpu")
 
 
 def fill(folder: Path, rows: int, dimension: int) -> None:
-    from st_daft.store import DocumentEmbeddingStore
+    from st_daft.embeddings.store import DocumentEmbeddingStore
 
     model = load_model()
     store = DocumentEmbeddingStore(folder)
@@ -69,10 +70,10 @@ def fill(folder: Path, rows: int, dimension: int) -> None:
 
 
 def measure(folder: Path, mode: str, rows: int, dimension: int, sample: int) -> dict:
-    from st_daft.store import DocumentEmbeddingStore
+    from st_daft.embeddings.store import DocumentEmbeddingStore
 
     model = load_model()
-    from st_daft.store import document_encoder_key
+    from st_daft.embeddings.store import document_encoder_key
 
     encoder_key = document_encoder_key(model)  # hashing the parameters is not the store's cost
     base, base_peak = resident_mib(), peak_rss_mib()

@@ -27,7 +27,7 @@ TEMPLATES = [
 
 def vocabulary_texts(count: int, seed: int = 0) -> list[str]:
     from st_daft import build_asymmetric_model
-    from st_daft.model import get_route
+    from st_daft.models.asymmetric import get_route
 
     tokenizer = get_route(build_asymmetric_model(query_encoder="static"), "query")[0].tokenizer
     vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
@@ -38,7 +38,7 @@ def vocabulary_texts(count: int, seed: int = 0) -> list[str]:
 
 
 def question_texts(corpus_file: str, count: int, seed: int = 0) -> list[str]:
-    from st_daft.corpus_alignment import alignment_examples
+    from st_daft.label_free.corpus_texts import alignment_examples
 
     with open(corpus_file, encoding="utf-8") as handle:  # the documents' text, without titles
         corpus = {row["_id"]: row["text"] for row in map(json.loads, handle) if row}

@@ -25,7 +25,8 @@ import torch
 from sentence_transformers.util import cos_sim
 
 from st_daft import DocumentEmbeddingStore, RetrievalData, build_asymmetric_model, load_beir
-from st_daft.vocabulary import contextual_token_statistics, initialize_static_route
+from st_daft.label_free.token_statistics import contextual_token_statistics
+from st_daft.label_free.vocabulary import initialize_static_route
 
 
 def ndcg_at_10(query_embeddings: torch.Tensor, document_embeddings: torch.Tensor, data: RetrievalData) -> float:

@@ -6,7 +6,7 @@ appears by itself; this file is the one place to change what the reference shows
 
 - ``FIRST``: modules listed first, in this order (the rest follow alphabetically);
 - ``EXCLUDE``: modules left out (private modules, ``_*.py``, are always left out);
-- ``PACKAGE_OPTIONS``: the package page shows its docstring only, not every re-exported name again.
+- ``PACKAGE_OPTIONS``: a package's page shows its docstring only, not every re-exported name again.
 """
 
 from __future__ import annotations
@@ -16,20 +16,22 @@ from pathlib import Path
 import mkdocs_gen_files
 
 PACKAGE = "st_daft"
-FIRST = ["st_daft.model", "st_daft.recipe", "st_daft.losses", "st_daft.collapse"]
+FIRST = ["st_daft.models.asymmetric", "st_daft.training.recipe", "st_daft.losses", "st_daft.evaluation.collapse"]
 EXCLUDE: set[str] = {"st_daft.cli"}  # the CLI is documented by `st-daft --help` and the guide
 PACKAGE_OPTIONS = "    options:\n      members: false\n"
 
 root = Path(__file__).resolve().parents[1]
 modules = []
+packages = set()
 for path in sorted((root / PACKAGE).rglob("*.py")):
     parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
+        packages.add(".".join(parts))
     elif parts[-1].startswith("_"):
         continue
     name = ".".join(parts)
-    if name not in EXCLUDE:
+    if not any(name == excluded or name.startswith(excluded + ".") for excluded in EXCLUDE):
         modules.append(name)
 order = [name for name in FIRST if name in modules] + sorted(name for name in modules if name not in FIRST)
 order.remove(PACKAGE)
@@ -40,7 +42,7 @@ for name in order:
     page = f"reference/{name}.md"
     with mkdocs_gen_files.open(page, "w") as handle:
         handle.write(f"# `{name}`\n\n::: {name}\n")
-        if name == PACKAGE:
+        if name in packages:
             handle.write(PACKAGE_OPTIONS)
     nav[name] = f"{name}.md"
 

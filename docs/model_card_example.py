@@ -4,7 +4,7 @@ No training happens here. The model is the real pair (static query route + the p
 as ``st-daft train --query-encoder static`` builds it, so architecture, parameter counts and lengths are the trained
 model's; the stages, collapse statistics and MTEB results are those of the recipe run ``e`` in
 benchmarks/results/daft_e.json (DAFT: alignment then joint fine-tuning, in-batch negatives, SciFact train), recorded
-with st_daft.model_card as the recipe records them. A second card takes the corrected-negatives run of
+with st_daft.models.card as the recipe records them. A second card takes the corrected-negatives run of
 benchmarks/results/corrector/ (alignment, then fine-tuning with corrected stale-cache negatives) and its
 "Training with st-daft" section is shown too. The usage snippet's similarity printout is switched off
 (``generate_widget_examples=False``): this untrained copy's similarities would not be the trained model's.
@@ -27,12 +27,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))  # this checkout's st_daft, also when run as a script from docs/
 
 from st_daft import build_asymmetric_model, load_beir  # noqa: E402
-from st_daft.model_card import (  # noqa: E402
-    attach_model_card,
-    record_evaluation,
-    record_negatives,
-    record_stage,
-)
+from st_daft.models.card import attach_model_card, record_evaluation, record_negatives, record_stage  # noqa: E402
 
 RESULTS = REPOSITORY / "benchmarks" / "results"
 
@@ -143,7 +138,7 @@ def main() -> None:
     page = f"""# Example model card
 
 The `README.md` that `model.save()` writes for a model trained with st-daft: sentence-transformers' own card
-(`SentenceTransformerModelCardData` and its template) with st-daft's sections (`st_daft.model_card`). Made by
+(`SentenceTransformerModelCardData` and its template) with st-daft's sections (`st_daft.models.card`). Made by
 `python docs/model_card_example.py --output /tmp/card-example --scifact ../shared/data/scifact
 --python-faq ../shared/data/python-faq`, without training: the model is the real static + all-MiniLM-L6-v2 pair,
 and the stages, collapse statistics and MTEB results are recorded from the benchmark run `e`

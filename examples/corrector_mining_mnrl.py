@@ -14,7 +14,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
 from st_daft import StaleEmbeddingCache, build_negative_mining, default_document_encoder, load_beir
-from st_daft.callbacks import LogStatisticsCallback
+from st_daft.callbacks.statistics import LogStatisticsCallback
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--data", required=True, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/train.tsv")

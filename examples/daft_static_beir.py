@@ -11,7 +11,7 @@ route stays frozen and the query route learns to land in its space, early-stoppe
 import argparse
 
 from st_daft import AlignStage, CorpusStage, DAFTConfig, VocabularyStage, build_asymmetric_model, load_beir, train_daft
-from st_daft.evaluation import evaluate_retrieval
+from st_daft.evaluation.mteb import evaluate_retrieval
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--data", required=True, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/{train,test}.tsv")

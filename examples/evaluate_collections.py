@@ -12,8 +12,9 @@ import argparse
 from sentence_transformers import SentenceTransformer
 
 from st_daft import DocumentEmbeddingStore, HybridSearch
-from st_daft.baselines import BM25Search
-from st_daft.evaluation import evaluate_collections, format_table
+from st_daft.evaluation.baselines import BM25Search
+from st_daft.evaluation.mteb import evaluate_collections
+from st_daft.evaluation.tables import format_table
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("model", help="model folder or Hub id")

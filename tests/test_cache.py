@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from st_daft import CacheMismatchError, StaleEmbeddingCache, build_asymmetric_model, get_route
-from st_daft.fingerprint import route_fingerprint
+from st_daft.models.fingerprint import route_fingerprint
 
 CORPUS = {
     "a": "cells divide by mitosis",
@@ -86,7 +86,7 @@ def test_empty_inputs_are_refused(model) -> None:
 
 
 def test_a_cache_on_disk_is_reused_only_for_the_same_route_and_corpus(model, tmp_path: Path, monkeypatch) -> None:
-    from st_daft import cache as cache_module
+    from st_daft.embeddings import encode as cache_module
 
     folder = tmp_path / "cache"
     built = StaleEmbeddingCache.build(model, CORPUS, dtype=torch.float16, folder=folder, show_progress_bar=False)
@@ -123,7 +123,7 @@ def test_a_cache_on_disk_is_reused_only_for_the_same_route_and_corpus(model, tmp
 def test_a_document_prompt_is_part_of_the_cache_identity(model, tmp_path: Path) -> None:
     """encode_document prepends the model's document prompt, so a cache built under one prompt holds other vectors
     than the model computes under another: it must be neither reused nor taken as current."""
-    from st_daft.mining import NegativeMiner
+    from st_daft.negatives.miner import NegativeMiner
 
     folder = tmp_path / "cache"
     plain = StaleEmbeddingCache.build(model, CORPUS, folder=folder, show_progress_bar=False)

@@ -14,8 +14,8 @@ from sentence_transformers import SentenceTransformer
 import st_daft
 from st_daft import AlignStage, DAFTConfig, FinetuneStage, build_asymmetric_model, default_stages, load_beir
 from st_daft.cli import main
-from st_daft.recipe import RECIPE_FILE, _context
-from st_daft.stages import last_complete_checkpoint
+from st_daft.training.recipe import RECIPE_FILE, _context
+from st_daft.training.stages.base import last_complete_checkpoint
 
 PACKAGE = Path(st_daft.__file__).parent
 
@@ -233,7 +233,7 @@ def test_resume_skips_a_half_written_checkpoint(
     shutil.copytree(complete, half)
     for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "modules.json"):
         (half / name).unlink(missing_ok=True)
-    with caplog.at_level("WARNING", logger="st_daft.stages"):
+    with caplog.at_level("WARNING", logger="st_daft.training.stages"):
         assert last_complete_checkpoint(stage_dir) == complete
     assert "checkpoint-3" in caplog.text and "incomplete" in caplog.text
     assert last_complete_checkpoint(tmp_path / "nothing-here") is None

@@ -1,4 +1,4 @@
-"""Tests of st_daft.collapse (metric functions, CollapseEvaluator) and of the callbacks that use them:
+"""Tests of st_daft.evaluation.collapse (metric functions, CollapseEvaluator) and of the callbacks that use them:
 CollapseStopCallback, transformers' EarlyStoppingCallback on the KL, LogStatisticsCallback."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import pytest
 import torch
 from transformers import EarlyStoppingCallback, TrainerControl, TrainerState
 
-from st_daft import collapse
-from st_daft.callbacks import CollapseStopCallback, LogStatisticsCallback
-from st_daft.collapse import (
+from st_daft.callbacks.collapse import CollapseStopCallback
+from st_daft.callbacks.statistics import LogStatisticsCallback
+from st_daft.evaluation import collapse
+from st_daft.evaluation.collapse import (
     CollapseEvaluator,
     collapse_statistics,
     effective_rank,

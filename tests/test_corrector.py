@@ -6,8 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from st_daft.cache import StaleEmbeddingCache
-from st_daft.corrector import CorrectorFileError, CorrectorNetwork, CorrectorTrainer, drift_loss, staleness_error
+from st_daft.embeddings.cache import StaleEmbeddingCache
+from st_daft.negatives.corrector import (
+    CorrectorFileError,
+    CorrectorNetwork,
+    CorrectorTrainer,
+    drift_loss,
+    staleness_error,
+)
 
 
 def _unit(rows: int, dimension: int, generator: torch.Generator) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""st-daft under torchrun: the helpers of st_daft.distributed in a real 2-process gloo group, and a tiny 2-process
+"""st-daft under torchrun: the helpers of st_daft.utils.distributed in a real 2-process gloo group, and a tiny 2-process
 ``st-daft train`` (align + fine-tuning with mined, corrected negatives) that finishes, checkpoints once, and ends
 close to the 1-process run with the same global batch.
 
@@ -18,8 +18,9 @@ from conftest import QUESTIONS, TOPICS, write_beir
 from training_runs import cli, finish, free_port, model_weights, start, tiny_train_args
 
 from st_daft import build_asymmetric_model, load_beir
-from st_daft.distributed import embed_sharded, get_world_size, is_main_process, local_shard
-from st_daft.vocabulary import contextual_token_statistics
+from st_daft.embeddings.encode import embed_sharded
+from st_daft.label_free.token_statistics import contextual_token_statistics
+from st_daft.utils.distributed import get_world_size, is_main_process, local_shard
 
 
 def _torchrun(script_or_module: list[str], processes: int = 2) -> list[str]:
@@ -42,9 +43,11 @@ HELPERS_SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     from sentence_transformers import SentenceTransformer
-    from st_daft.corrector import CorrectorNetwork
-    from st_daft.distributed import (all_reduce_gradients, broadcast_parameters, embed_sharded, get_rank,
-                                     init_distributed, is_main_process, local_shard)
+    from st_daft.negatives.corrector import CorrectorNetwork
+    from st_daft.utils.distributed import (
+        all_reduce_gradients, broadcast_parameters, get_rank, init_distributed, is_main_process, local_shard,
+    )
+    from st_daft.embeddings.encode import embed_sharded
 
     model_dir, output = sys.argv[1], sys.argv[2]
     model = SentenceTransformer(model_dir)
@@ -52,8 +55,8 @@ HELPERS_SCRIPT = textwrap.dedent(
     rank = get_rank()
     texts = [f"text number {i} about cells" for i in range(7)]  # 7 rows over 2 ranks: a padded last shard
     embeddings = embed_sharded(model, texts, batch_size=2)
-    from st_daft import vocabulary
-    from st_daft.model import build_asymmetric_model
+    from st_daft.label_free import vocabulary
+    from st_daft.models.asymmetric import build_asymmetric_model
     pair = build_asymmetric_model(model_dir, "static")
     distilled_counts = []
     local_distill = vocabulary._distill_token_embeddings
@@ -63,7 +66,7 @@ HELPERS_SCRIPT = textwrap.dedent(
     vocabulary._distill_token_embeddings = counting
     tokens = ["cell", "heart", "", "blood", "star", "fuse", "virus", "gene", "protein"]
     token_vectors = vocabulary.distill_token_embeddings(pair, tokens, batch_size=4, show_progress_bar=False)
-    from st_daft.corpus_alignment import lexical_ranking_columns
+    from st_daft.label_free.corpus_texts import lexical_ranking_columns
     lexical = lexical_ranking_columns(LEXICAL_DOCUMENTS, LEXICAL_TEXTS, top_k=2)
     torch.manual_seed(rank)  # different starting correctors on purpose
     corrector = CorrectorNetwork(embeddings.shape[1], depth=2)
@@ -109,7 +112,7 @@ def test_helpers_in_a_two_process_group(tiny_document_model_dir: Path, tmp_path:
     assert ranks[0]["corrector"] == ranks[1]["corrector"], "the correctors must stay identical across ranks"
     # The one-token distillation is split: each rank distils its own 5 or 4 of the 9 tokens and holds all 9 rows,
     # equal to one process's.
-    from st_daft.vocabulary import distill_token_embeddings
+    from st_daft.label_free.vocabulary import distill_token_embeddings
 
     tokens = ["cell", "heart", "", "blood", "star", "fuse", "virus", "gene", "protein"]
     single = distill_token_embeddings(
@@ -119,7 +122,7 @@ def test_helpers_in_a_two_process_group(tiny_document_model_dir: Path, tmp_path:
     for rank in ranks:
         torch.testing.assert_close(torch.tensor(rank["token_vectors"]), single, rtol=1e-4, atol=1e-5)
     # The BM25 rankings of the corpus stage's texts are split the same way; every rank holds one process's columns.
-    from st_daft.corpus_alignment import lexical_ranking_columns
+    from st_daft.label_free.corpus_texts import lexical_ranking_columns
 
     lexical = lexical_ranking_columns(LEXICAL_DOCUMENTS, LEXICAL_TEXTS, top_k=2)
     for rank in ranks:

@@ -21,9 +21,12 @@ def rst_to_markdown():
 
 
 def test_roles_become_code_spans(rst_to_markdown) -> None:
-    text = "Uses :class:`~st_daft.cache.StaleEmbeddingCache`, :func:`load_beir` and :meth:`~a.B.save`; :math:`x_i`."
+    text = (
+        "Uses :class:`~st_daft.embeddings.cache.StaleEmbeddingCache`, :func:`load_beir` and :meth:`~a.B.save`; "
+        ":math:`x_i`."
+    )
     assert rst_to_markdown(text) == "Uses `StaleEmbeddingCache`, `load_beir` and `save`; `x_i`."
-    assert rst_to_markdown(":mod:`st_daft.mining`") == "`st_daft.mining`"
+    assert rst_to_markdown(":mod:`st_daft.negatives.miner`") == "`st_daft.negatives.miner`"
 
 
 def test_literal_block_markers(rst_to_markdown) -> None:

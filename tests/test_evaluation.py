@@ -1,4 +1,5 @@
-"""Tests for st_daft.evaluation: MTEB retrieval evaluation of local collections through the query/document routes."""
+"""Tests for st_daft.evaluation.mteb: MTEB retrieval evaluation of local collections through the query/document
+routes."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from st_daft.data import DataError, RetrievalData, load_beir
-from st_daft.evaluation import evaluate_retrieval, to_mteb_task
+from st_daft.evaluation.mteb import evaluate_retrieval, to_mteb_task
 
 REQUIRED_KEYS = ("ndcg_at_10", "recall_at_100", "mrr_at_10", "map_at_10", "recall_at_10")
 RANKING_PREFIXES = ("ndcg_at_", "map_at_", "recall_at_", "precision_at_", "mrr_at_", "hit_rate_at_")
@@ -185,8 +186,8 @@ def test_document_store_goes_through_mteb_encoder_wrapper(
 ) -> None:
     from mteb.models import SentenceTransformerEncoderWrapper
 
-    from st_daft.evaluation import _wrap_model
-    from st_daft.store import DocumentEmbeddingStore
+    from st_daft.embeddings.store import DocumentEmbeddingStore
+    from st_daft.evaluation.mteb import _wrap_model
 
     data = load_beir(tiny_beir_dir, "test")
     model = _router_model(tiny_bert_dir, query_route="static", document_route="bert")
@@ -234,7 +235,7 @@ def _ids_ranked(model, data: RetrievalData) -> dict[str, list[str]]:
 
 def test_bm25_ranks_with_stemming_and_stopwords(tiny_beir_dir: Path) -> None:
     pytest.importorskip("bm25s")
-    from st_daft.baselines import BM25Search
+    from st_daft.evaluation.baselines import BM25Search
 
     data = load_beir(tiny_beir_dir, "test")
     data = RetrievalData(
@@ -252,7 +253,7 @@ def test_bm25_is_scored_by_mteb_like_any_model(tiny_beir_dir: Path) -> None:
     pytest.importorskip("bm25s")
     from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores
 
-    from st_daft.baselines import BM25Search
+    from st_daft.evaluation.baselines import BM25Search
 
     data = load_beir(tiny_beir_dir, "test")
     results = evaluate_retrieval(BM25Search(), data, show_progress_bar=False)
@@ -275,7 +276,7 @@ def test_empty_documents_are_named_and_evaluated(
     assert "1 corpus document(s) have empty text; they are kept and evaluated: ['blank-1']" in caplog.text
     assert dense["num_documents"] == 9
     if importlib.util.find_spec("bm25s"):
-        from st_daft.baselines import BM25Search
+        from st_daft.evaluation.baselines import BM25Search
 
         assert evaluate_retrieval(BM25Search(), tiny_beir_dir, show_progress_bar=False)["num_documents"] == 9
 
@@ -294,7 +295,7 @@ def test_queries_encoding_to_the_zero_vector_are_named(tiny_bert_dir: Path, tiny
 def test_zero_query_vectors_are_counted() -> None:
     import numpy as np
 
-    from st_daft.evaluation import warn_zero_query_vectors
+    from st_daft.evaluation.collapse import warn_zero_query_vectors
 
     assert warn_zero_query_vectors(np.ones((3, 4))) == 0
     with pytest.warns(UserWarning, match="2 of 3 queries"):
@@ -317,8 +318,9 @@ def test_several_collections_and_bm25_in_one_table(
     tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path: Path
 ) -> None:
     pytest.importorskip("bm25s")
-    from st_daft.baselines import BM25Search
-    from st_daft.evaluation import evaluate_collections, format_table
+    from st_daft.evaluation.baselines import BM25Search
+    from st_daft.evaluation.mteb import evaluate_collections
+    from st_daft.evaluation.tables import format_table
 
     second = _second_collection(tmp_path)
     output = tmp_path / "all.json"
@@ -381,7 +383,7 @@ def _expected_fusion(model, data: RetrievalData, weight: float) -> dict[str, tor
     """Cosine + weight x BM25 / the query's best BM25, computed directly over the whole corpus."""
     import numpy as np
 
-    from st_daft.baselines import BM25Search
+    from st_daft.evaluation.baselines import BM25Search
 
     documents = list(data.corpus.values())
     corpus = torch.nn.functional.normalize(model.encode_document(documents, convert_to_tensor=True), dim=-1)
@@ -553,7 +555,7 @@ def test_fused_rows_share_the_loaded_model_and_the_store(
     import sentence_transformers
 
     from st_daft import DocumentEmbeddingStore
-    from st_daft.evaluation import evaluate_collections
+    from st_daft.evaluation.mteb import evaluate_collections
 
     loads = []
 

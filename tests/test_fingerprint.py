@@ -1,4 +1,4 @@
-"""One route identity (st_daft.fingerprint) for cache, store, losses and miner."""
+"""One route identity (st_daft.models.fingerprint) for cache, store, losses and miner."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from sentence_transformers.base.modules.router import Router
 
 from st_daft import build_asymmetric_model, get_route
-from st_daft.fingerprint import hash_module_state, route_fingerprint
+from st_daft.models.fingerprint import hash_module_state, route_fingerprint
 
 
 def _store_key_of_version_0_1(model) -> str:
@@ -65,7 +65,7 @@ def test_plain_model_and_its_asymmetric_model_share_one_document_fingerprint(tin
     from sentence_transformers import SentenceTransformer
 
     from st_daft import DocumentEmbeddingStore, document_encoder_key
-    from st_daft.fingerprint import fingerprint_matches, legacy_route_fingerprints
+    from st_daft.models.fingerprint import fingerprint_matches, legacy_route_fingerprints
 
     plain = SentenceTransformer(str(tiny_document_model_dir), device="cpu")
     asymmetric = build_asymmetric_model(str(tiny_document_model_dir), "static")

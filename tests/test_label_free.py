@@ -26,7 +26,7 @@ from st_daft import (
     route_weights,
     train_daft,
 )
-from st_daft.corpus_alignment import (
+from st_daft.label_free.corpus_texts import (
     alignment_dataset,
     alignment_examples,
     alignment_texts,
@@ -35,10 +35,7 @@ from st_daft.corpus_alignment import (
     pseudo_query_dataset,
     with_teacher_neighbours,
 )
-from st_daft.losses import LabelFreeAlignmentLoss
-from st_daft.recipe import remove_checkpoints
-from st_daft.stages import INTERPOLATION_START_FILE
-from st_daft.vocabulary import (
+from st_daft.label_free.vocabulary import (
     add_words_to_static_route,
     corpus_token_weights,
     corpus_words,
@@ -47,6 +44,9 @@ from st_daft.vocabulary import (
     reweight_static_route,
     vocabulary_texts,
 )
+from st_daft.losses.label_free import LabelFreeAlignmentLoss
+from st_daft.training.recipe import remove_checkpoints
+from st_daft.training.stages.base import INTERPOLATION_START_FILE
 
 CORPUS = {
     "a": "Cells divide by mitosis. The nucleus holds the chromosomes and the genome inside them.",
@@ -283,7 +283,7 @@ def test_a_resumed_run_keeps_the_same_average(
     (kept,) = (tmp_path / "run" / "corpus-cache").glob("*/embeddings.npy")
     assert np.load(kept, mmap_mode="r").dtype == np.float16, "the vocabulary pass's cache, written to disk"
     again = build_asymmetric_model(str(tiny_document_model_dir), "static")
-    with caplog.at_level(logging.INFO, logger="st_daft.cache"):
+    with caplog.at_level(logging.INFO, logger="st_daft.embeddings.cache"):
         train_daft(again, data, tmp_path / "run", config(), resume_from_checkpoint=True)
     assert f"documents read back from {kept.parent}" in caplog.text and "(memory-mapped)" not in caplog.text
     torch.testing.assert_close(get_route(again, QUERY_ROUTE)[0].embedding.weight, first, rtol=0, atol=0)
@@ -309,8 +309,8 @@ def test_interpolate_route_checks_its_start(tiny_document_model_dir: Path) -> No
 def test_corpus_stage_pseudo_query_term_shares_the_align_stages_cache(
     tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path, monkeypatch
 ) -> None:
-    from st_daft import cache as cache_module
-    from st_daft.losses import LabelFreeAlignmentLoss
+    from st_daft.embeddings import cache as cache_module
+    from st_daft.losses.label_free import LabelFreeAlignmentLoss
 
     builds, losses = [], []
     original_build = cache_module.StaleEmbeddingCache.build.__func__
@@ -427,7 +427,7 @@ def test_run_dependent_defaults_resolve_in_one_place(tiny_document_model_dir: Pa
 def test_corpus_stage_pseudo_queries_need_no_encoding(
     tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path, monkeypatch, caplog
 ) -> None:
-    from st_daft import stages as stages_module
+    from st_daft.training.stages import corpus as stages_module
 
     encoded, datasets = [], []
     original_dataset = stages_module.alignment_dataset
@@ -465,13 +465,13 @@ def test_corpus_stage_pseudo_queries_need_no_encoding(
 
     # beside labelled queries the pseudo-query term is off, so the extra texts are not cut (and the user is told)
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
-    with caplog.at_level("WARNING", logger="st_daft.stages"):
+    with caplog.at_level("WARNING", logger="st_daft.training.stages"):
         summary = train_daft(model, data, tmp_path / "labelled", config())
     assert summary.stages[0].extra["num_pseudo_queries"] == 0 and "pseudo_queries=15 ignored" in caplog.text
     # more than the corpus can give: the texts there are, and a warning that says how many
     stage = CorpusStage(max_texts=10, pseudo_queries=100_000, **budget)
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
-    with caplog.at_level("WARNING", logger="st_daft.stages"):
+    with caplog.at_level("WARNING", logger="st_daft.training.stages"):
         summary = train_daft(model, dict(data.corpus), tmp_path / "more", DAFTConfig(stages=[stage]))
     given = summary.stages[0].extra["num_pseudo_queries"]
     assert 0 < given < 100_000 and f"100000 pseudo-queries asked for, the corpus has {given} texts" in caplog.text
@@ -671,7 +671,7 @@ def test_label_free_loss_on_a_sample_of_the_corpus(model) -> None:
 def test_corpus_and_align_stages_sample_a_large_corpus(
     tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path, monkeypatch
 ) -> None:
-    from st_daft.losses import DAFTAlignmentLoss
+    from st_daft.losses.alignment import DAFTAlignmentLoss
 
     recorded = []
     for loss_class in (LabelFreeAlignmentLoss, DAFTAlignmentLoss):
@@ -849,7 +849,7 @@ def _direct_token_sums(model, documents: list[str]) -> tuple[torch.Tensor, torch
 def test_contextual_token_statistics_sum_each_token_s_outputs(
     tiny_document_model_dir: Path, tmp_path, monkeypatch
 ) -> None:
-    from st_daft.vocabulary import contextual_token_statistics
+    from st_daft.label_free.token_statistics import contextual_token_statistics
 
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     documents = list(CORPUS.values()) + ["the heart of a cell", "blood"]
@@ -865,9 +865,11 @@ def test_contextual_token_statistics_sum_each_token_s_outputs(
     kept = contextual_token_statistics(model, documents, show_progress_bar=False, cache_folder=tmp_path)
     files = list(tmp_path.glob("token-statistics-*.pt"))
     assert len(files) == 1
-    from st_daft import vocabulary
+    from st_daft.label_free import token_statistics
 
-    monkeypatch.setattr(vocabulary, "_contextual_token_sums", lambda *args: pytest.fail("statistics computed again"))
+    monkeypatch.setattr(
+        token_statistics, "_contextual_token_sums", lambda *args: pytest.fail("statistics computed again")
+    )
     again = contextual_token_statistics(model, documents, show_progress_bar=False, cache_folder=tmp_path)
     monkeypatch.undo()
     assert torch.equal(kept.sums, again.sums) and torch.equal(kept.counts, again.counts)
@@ -876,7 +878,7 @@ def test_contextual_token_statistics_sum_each_token_s_outputs(
 
 
 def test_contextual_pass_yields_the_corpus_cache(tiny_document_model_dir: Path, tmp_path: Path) -> None:
-    from st_daft.vocabulary import contextual_token_statistics
+    from st_daft.label_free.token_statistics import contextual_token_statistics
 
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     corpus = {**CORPUS, "long": "the heart of a cell " * 20, "short": "blood"}
@@ -909,7 +911,7 @@ def test_contextual_pass_yields_the_corpus_cache(tiny_document_model_dir: Path, 
 
 
 def test_contextual_statistics_of_words_mean_their_pieces(tiny_document_model_dir: Path, tmp_path: Path) -> None:
-    from st_daft.vocabulary import contextual_token_statistics, contextual_token_vectors
+    from st_daft.label_free.token_statistics import contextual_token_statistics, contextual_token_vectors
 
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     transformer = get_route(model, "document")[0]
@@ -948,7 +950,7 @@ def test_contextual_statistics_of_words_mean_their_pieces(tiny_document_model_di
 
 
 def test_vocabulary_initialisation_from_contextual_vectors(tiny_document_model_dir: Path) -> None:
-    from st_daft.vocabulary import contextual_token_statistics
+    from st_daft.label_free.token_statistics import contextual_token_statistics
 
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     one_token = build_asymmetric_model(str(tiny_document_model_dir), "static")
@@ -974,7 +976,7 @@ def test_vocabulary_initialisation_from_contextual_vectors(tiny_document_model_d
 def test_contextual_vectors_need_a_mean_pooled_document_route(tiny_document_model_dir: Path, caplog) -> None:
     from sentence_transformers.sentence_transformer.modules import Pooling
 
-    from st_daft.vocabulary import contextual_token_statistics, mean_pooled_transformer
+    from st_daft.label_free.token_statistics import contextual_token_statistics, mean_pooled_transformer
 
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     assert mean_pooled_transformer(model) is None
@@ -1046,7 +1048,7 @@ def test_label_free_loss_fuses_bm25_into_the_ranking_teacher(model) -> None:
 def test_corpus_stage_lexical_teacher(
     tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path, monkeypatch
 ) -> None:
-    from st_daft.losses import LabelFreeAlignmentLoss as Loss
+    from st_daft.losses.label_free import LabelFreeAlignmentLoss as Loss
 
     losses = []
     original_init = Loss.__init__

@@ -9,8 +9,8 @@ import torch
 from sentence_transformers.util import cos_sim
 
 from st_daft import StaleEmbeddingCache, build_asymmetric_model, freeze_route, get_route
-from st_daft.losses import CollapseSafeContrastiveLoss, DAFTAlignmentLoss
-from st_daft.losses.collapse_safe import uniformity, variance_hinge
+from st_daft.losses.alignment import DAFTAlignmentLoss
+from st_daft.losses.collapse_safe import CollapseSafeContrastiveLoss, uniformity, variance_hinge
 
 QUERIES = ["how do cells divide", "what pumps blood", "how does rain form", "where is calcium stored"]
 DOCUMENTS = {

@@ -15,8 +15,6 @@ from conftest import QUESTIONS, TOPICS
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-from st_daft.cache import CacheMismatchError, StaleEmbeddingCache, cache_is_current, route_fingerprint, token_keys
-from st_daft.callbacks import LogStatisticsCallback
 from st_daft.callbacks.negative_mining import (
     CACHE_FOLDER,
     CHECKPOINT_FOLDER,
@@ -27,10 +25,15 @@ from st_daft.callbacks.negative_mining import (
     prune_caches,
     save_negative_mining_state,
 )
-from st_daft.corrector import CorrectorNetwork, CorrectorTrainer
-from st_daft.losses import CollapseSafeContrastiveLoss, MinedNegativesLoss
-from st_daft.mining import NegativeMiner, RefreshPolicy, parse_negatives
-from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, build_asymmetric_model, freeze_route, get_route
+from st_daft.callbacks.statistics import LogStatisticsCallback
+from st_daft.embeddings.cache import CacheMismatchError, StaleEmbeddingCache, cache_is_current, token_keys
+from st_daft.losses.collapse_safe import CollapseSafeContrastiveLoss
+from st_daft.losses.mined_negatives import MinedNegativesLoss
+from st_daft.models.asymmetric import DOCUMENT_ROUTE, QUERY_ROUTE, build_asymmetric_model, freeze_route, get_route
+from st_daft.models.fingerprint import route_fingerprint
+from st_daft.negatives.corrector import CorrectorNetwork, CorrectorTrainer
+from st_daft.negatives.miner import NegativeMiner
+from st_daft.negatives.strategy import RefreshPolicy, parse_negatives
 
 EXTRA = {
     f"x{index}": f"{a} and {b}"
@@ -309,7 +312,7 @@ def test_user_script_wraps_multiple_negatives_ranking_loss(model, tmp_path: Path
 
 
 def test_user_script_wraps_daft_alignment_loss(model, tmp_path: Path) -> None:
-    from st_daft.losses import DAFTAlignmentLoss
+    from st_daft.losses.alignment import DAFTAlignmentLoss
 
     freeze_route(model, DOCUMENT_ROUTE)
     document_before = [p.clone() for p in get_route(model, DOCUMENT_ROUTE).parameters()]
@@ -508,7 +511,7 @@ def test_query_side_and_two_step_modes_match_exact_corrected_search(cache, model
 
 
 def test_corrected_matrix_in_chunks_into_a_float16_memmap(cache, tmp_path: Path) -> None:
-    from st_daft.index import build_faiss_index, corrected_matrix, exact_search
+    from st_daft.embeddings.index import build_faiss_index, corrected_matrix, exact_search
 
     corrector = CorrectorNetwork(cache.dimension, hidden=16)
     torch.nn.init.normal_(corrector.mlp[-1].weight, std=0.3)
@@ -535,7 +538,7 @@ def test_corrected_matrix_in_chunks_into_a_float16_memmap(cache, tmp_path: Path)
 def test_index_streams_the_corrected_cache_and_reuses_trained_cells(cache) -> None:
     import faiss
 
-    from st_daft.index import build_faiss_index, corrected_matrix
+    from st_daft.embeddings.index import build_faiss_index, corrected_matrix
 
     corrector = CorrectorNetwork(cache.dimension, hidden=16)
     torch.nn.init.normal_(corrector.mlp[-1].weight, std=0.3)
@@ -676,7 +679,7 @@ def test_recipe_mines_through_the_index_it_is_given(
     index: str, options: dict, tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path, monkeypatch
 ) -> None:
     from st_daft import AlignStage, DAFTConfig, FinetuneStage, load_beir, train_daft
-    from st_daft import cache as cache_module
+    from st_daft.embeddings import cache as cache_module
 
     built: list[tuple[str, dict]] = []
     real_build = cache_module.build_faiss_index

@@ -18,13 +18,10 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
 from st_daft import CollapseEvaluator, CollapseStopCallback, build_asymmetric_model, freeze_route
-from st_daft.callbacks import ModelCardCallback
-from st_daft.model import DEFAULT_DOCUMENT_HUB_ID
-from st_daft.model_card import (
-    DAFTModelCardData,
+from st_daft.callbacks.model_card import ModelCardCallback
+from st_daft.models.asymmetric import DEFAULT_DOCUMENT_HUB_ID
+from st_daft.models.card import (
     attach_model_card,
-    build_template,
-    document_encoder_hub_id,
     negatives_from_log_history,
     push_to_hub,
     record_evaluation,
@@ -32,6 +29,8 @@ from st_daft.model_card import (
     record_stage,
     write_model_card,
 )
+from st_daft.models.card_data import DAFTModelCardData, document_encoder_hub_id
+from st_daft.models.card_template import build_template
 
 ALIGN = {
     "name": "align",
@@ -329,7 +328,7 @@ def test_a_corrected_recipe_run_gets_its_card_and_keeps_artefacts_beside_the_mod
     checkpoints; the model itself (what modules.json names, what save() writes, what push_to_hub uploads) holds none
     of them, and uploading the run folder as is is refused."""
     from st_daft import DAFTConfig, FinetuneStage, load_beir, train_daft
-    from st_daft.evaluation import evaluate_retrieval
+    from st_daft.evaluation.mteb import evaluate_retrieval
 
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     finetune = FinetuneStage(

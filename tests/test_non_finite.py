@@ -13,7 +13,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 from torch import nn
 
-from st_daft.callbacks import NonFiniteLossCallback, NonFiniteLossError
+from st_daft.callbacks.non_finite import NonFiniteLossCallback, NonFiniteLossError
 
 
 class NaNAtStep(nn.Module):

@@ -22,8 +22,8 @@ from st_daft import (
     train_daft,
 )
 from st_daft.cli import main
-from st_daft.evaluation import evaluate_retrieval
-from st_daft.recipe import split_validation, validation_texts
+from st_daft.evaluation.mteb import evaluate_retrieval
+from st_daft.training.recipe import split_validation, validation_texts
 
 
 def _tiny_config(stages: tuple[str, ...]) -> DAFTConfig:

@@ -22,7 +22,7 @@ import torch
 from conftest import QUESTIONS, TOPICS, write_beir
 from training_runs import assert_same_weights, cli, finish, model_weights, start, tiny_train_args
 
-from st_daft.cache import StaleEmbeddingCache
+from st_daft.embeddings.cache import StaleEmbeddingCache
 
 pytestmark = pytest.mark.slow
 

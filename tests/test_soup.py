@@ -1,4 +1,4 @@
-"""A soup of static query routes: several runs' tables averaged into one model (st_daft.soup, st-daft soup)."""
+"""A soup of static query routes: several runs' tables averaged into one model (st_daft.training.soup, st-daft soup)."""
 
 from __future__ import annotations
 

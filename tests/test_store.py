@@ -1,4 +1,5 @@
-"""Tests for st_daft.store: document-route embeddings kept on disk and reused while the document route is unchanged."""
+"""Tests for st_daft.embeddings.store: document-route embeddings kept on disk and reused while the document route is
+unchanged."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from st_daft import (
     get_route,
     load_beir,
 )
-from st_daft.store import _read_shard, _VectorsInFile
-from st_daft.vocabulary import distill_token_embeddings
+from st_daft.embeddings.store import _read_shard, _VectorsInFile
+from st_daft.label_free.vocabulary import distill_token_embeddings
 
 TEXTS = ["the cell divides", "protein folding in yeast", "a vaccine trial", "the cell divides"]
 
@@ -205,7 +206,7 @@ def test_a_shard_of_the_wrong_shape_is_skipped(model, tmp_path: Path) -> None:
 
 
 def test_stored_rows_found_while_shards_are_added_one_by_one(monkeypatch) -> None:
-    from st_daft.store import KEY_DTYPE, _StoredRows
+    from st_daft.embeddings.store import KEY_DTYPE, _StoredRows
 
     monkeypatch.setattr(_StoredRows, "merge_at", 4)  # merge the recent rows into the others often
     rng = np.random.default_rng(0)

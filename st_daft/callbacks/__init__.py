@@ -6,6 +6,7 @@ from st_daft.callbacks.negative_mining import (
     CorpusRefreshCallback,
     MiningStepCallback,
     NegativeMiningStateCallback,
+    build_negative_mining,
     negative_mining_callbacks,
 )
 from st_daft.callbacks.non_finite import NonFiniteLossCallback, NonFiniteLossError
@@ -19,6 +20,7 @@ __all__ = [
     "MiningStepCallback",
     "ModelCardCallback",
     "NegativeMiningStateCallback",
+    "build_negative_mining",
     "negative_mining_callbacks",
     "NonFiniteLossCallback",
     "NonFiniteLossError",

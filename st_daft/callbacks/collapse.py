@@ -8,7 +8,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from st_daft.collapse import DEFAULT_MAX_MEAN_COSINE, DEFAULT_MIN_STD, STATISTIC_NAMES, is_collapsed
+from st_daft.evaluation.collapse import DEFAULT_MAX_MEAN_COSINE, DEFAULT_MIN_STD, STATISTIC_NAMES, is_collapsed
 
 logger = logging.getLogger(__name__)
 
@@ -16,8 +16,9 @@ __all__ = ["CollapseStopCallback"]
 
 
 class CollapseStopCallback(TrainerCallback, ExportableState):
-    """Reads a :class:`~st_daft.collapse.CollapseEvaluator`'s metrics at every evaluation, records them, and stops
-    training as soon as a route collapsed (:func:`~st_daft.collapse.is_collapsed`), with the reason, e.g.
+    """Reads a :class:`~st_daft.evaluation.collapse.CollapseEvaluator`'s metrics at every evaluation, records them, and
+    stops
+    training as soon as a route collapsed (:func:`~st_daft.evaluation.collapse.is_collapsed`), with the reason, e.g.
     ``"the query route collapsed: mean cosine 0.9912 > 0.95 (max_mean_cosine)"``.
 
     Early stopping on the KL estimate (the end of DAFT's alignment stage) is transformers' own
@@ -29,12 +30,13 @@ class CollapseStopCallback(TrainerCallback, ExportableState):
     this object by a restored copy: read the outcome from ``trainer.callback_handler.callbacks``.
 
     Args:
-        evaluator_name: the ``name`` of the :class:`~st_daft.collapse.CollapseEvaluator`; its metrics are found as the
+        evaluator_name: the ``name`` of the :class:`~st_daft.evaluation.collapse.CollapseEvaluator`; its metrics are
+            found as the
             keys ending in ``{evaluator_name}_knn_kl`` etc. (the trainer prefixes them with ``eval_``).
         stop_on_collapse: stop training on collapse; otherwise only record it (a randomly initialised query route
             starts out collapsed, and alignment is what fixes it).
-        max_mean_cosine: collapse threshold of :func:`~st_daft.collapse.is_collapsed`.
-        min_std: collapse threshold of :func:`~st_daft.collapse.is_collapsed`.
+        max_mean_cosine: collapse threshold of :func:`~st_daft.evaluation.collapse.is_collapsed`.
+        min_std: collapse threshold of :func:`~st_daft.evaluation.collapse.is_collapsed`.
 
     Attributes:
         history: one dict per evaluation with ``step``, ``epoch`` and the collapse statistics found.

@@ -8,18 +8,18 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, get_route, has_route
-from st_daft.model_card import attach_model_card, negatives_from_log_history, record_negatives, record_stage
+from st_daft.models.asymmetric import DOCUMENT_ROUTE, QUERY_ROUTE, get_route, has_route
+from st_daft.models.card import attach_model_card, negatives_from_log_history, record_negatives, record_stage
 
 __all__ = ["ModelCardCallback"]
 
 
 class ModelCardCallback(TrainerCallback):
     """Puts what a ``SentenceTransformerTrainer`` run did on the model's st-daft card
-    (:class:`~st_daft.model_card.DAFTModelCardData`), so that ``model.save()`` writes it into ``README.md``.
+    (:class:`~st_daft.models.card_data.DAFTModelCardData`), so that ``model.save()`` writes it into ``README.md``.
 
-    On ``on_init_end`` / ``on_train_begin`` the card is attached (:func:`~st_daft.model_card.attach_model_card`);
-    on ``on_train_end`` one stage is recorded (:func:`~st_daft.model_card.record_stage`) from what the trainer shows:
+    On ``on_init_end`` / ``on_train_begin`` the card is attached (:func:`~st_daft.models.card.attach_model_card`);
+    on ``on_train_end`` one stage is recorded (:func:`~st_daft.models.card.record_stage`) from what the trainer shows:
 
     - ``steps``: ``state.global_step``; ``budget``: ``state.max_steps``;
     - ``learning_rates``: per route, ``"frozen"`` when the route has no trainable parameter, else the entry of
@@ -31,7 +31,7 @@ class ModelCardCallback(TrainerCallback):
       last evaluation in ``state.log_history``, without the ``eval_`` prefix (the collapse statistics among them);
 
     and, when the run logged ``mining_*`` statistics (a negative miner), the negatives strategy and its counts
-    (:func:`~st_daft.model_card.record_negatives`).
+    (:func:`~st_daft.models.card.record_negatives`).
 
     Args:
         stage_name: the stage's name on the card; default ``"align"`` when only the query route trained,

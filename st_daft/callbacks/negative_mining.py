@@ -23,16 +23,22 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
+from sentence_transformers import SentenceTransformer
+from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from st_daft.cache import METADATA_FILE, CacheMismatchError, StaleEmbeddingCache
-from st_daft.corrector import CorrectorTrainer
-from st_daft.distributed import broadcast_parameters
-from st_daft.fingerprint import encoding_fingerprint
-from st_daft.io import atomic_folder, atomic_write_json, read_json
-from st_daft.mining import NegativeMiner, RefreshPolicy
+from st_daft.embeddings.cache import METADATA_FILE, CacheMismatchError, StaleEmbeddingCache
+from st_daft.losses.mined_negatives import MinedNegativesLoss
+from st_daft.models.fingerprint import encoding_fingerprint
+from st_daft.negatives.corrector import CorrectorNetwork, CorrectorTrainer
+from st_daft.negatives.miner import NegativeMiner
+from st_daft.negatives.strategy import RefreshPolicy, parse_negatives
+from st_daft.utils.distributed import broadcast_parameters
+from st_daft.utils.io import atomic_folder, atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -269,3 +275,55 @@ def prune_caches(output_dir: Path, keep: str) -> None:
     for cache_folder in root.iterdir():
         if cache_folder.is_dir() and cache_folder.name not in referenced:
             shutil.rmtree(cache_folder, ignore_errors=True)
+
+
+def build_negative_mining(
+    model: SentenceTransformer,
+    loss: nn.Module,
+    cache: StaleEmbeddingCache | None,
+    corpus: Mapping[str, str],
+    strategy: str = "corrected",
+    num_negatives: int = 4,
+    query_positives: Mapping[str, Iterable[str]] | None = None,
+    margin: float | None = None,
+    corrector: CorrectorNetwork | None = None,
+    corrector_lr: float = 1e-3,
+    corrector_steps: int = 1,
+    corrector_buffer: int = 0,
+    drift_loss: str = "mse",
+    index: str | None = None,
+    index_options: dict[str, Any] | None = None,
+    shortlist: int = 256,
+    encode_batch_size: int = 64,
+) -> tuple[nn.Module, list[Any]]:
+    """``loss`` with negatives mined by ``strategy`` (see :func:`~st_daft.negatives.strategy.parse_negatives`), and the
+    trainer
+    callbacks that drive the mining. ``"in-batch"`` returns ``loss`` unchanged and no callbacks.
+
+    The loss's statistics (wrapped and ``mining_*``) reach the trainer's logs through
+    :class:`~st_daft.callbacks.LogStatisticsCallback` (or any callback that pops the loss's statistics).
+    """
+    parsed = parse_negatives(strategy)
+    if not parsed.mine:
+        return loss, []
+    miner = NegativeMiner(
+        cache,
+        corpus,
+        parsed,
+        num_negatives=num_negatives,
+        query_positives=query_positives,
+        margin=margin,
+        corrector=corrector,
+        index=index,
+        index_options=index_options,
+        shortlist=shortlist,
+        encode_batch_size=encode_batch_size,
+    )
+    trainer = None
+    if miner.corrector is not None:
+        trainer = CorrectorTrainer(
+            miner.corrector, lr=corrector_lr, steps=corrector_steps, buffer=corrector_buffer, drift_loss=drift_loss
+        )
+    refresh = RefreshPolicy(parsed.refresh_every) if parsed.refresh_every else None
+    mined = MinedNegativesLoss(model, loss, miner, trainer)
+    return mined, negative_mining_callbacks(miner, trainer, refresh)

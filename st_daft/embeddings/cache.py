@@ -9,7 +9,7 @@ The cache embeds a corpus once with the document route (batched, no gradient, pr
 - a fingerprint of the route's parameters at build time.
 
 While the document route is frozen (DAFT's alignment stage) the cache is exact. Once the route trains, the cached
-embeddings go stale; :mod:`st_daft.corrector` maps them towards the current route.
+embeddings go stale; :mod:`st_daft.negatives.corrector` maps them towards the current route.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,25 +25,19 @@ import torch
 from sentence_transformers import SentenceTransformer
 from torch import Tensor
 
-from st_daft.distributed import all_reduce_sum, barrier, embed_sharded, get_world_size, is_main_process
-from st_daft.fingerprint import encoding_fingerprint, fingerprint_matches, route_fingerprint
-from st_daft.index import build_faiss_index
-from st_daft.io import atomic_save_npy, atomic_write_json, read_json
-from st_daft.model import DOCUMENT_ROUTE, route_prompt
+from st_daft.embeddings.index import build_faiss_index
+from st_daft.models.asymmetric import DOCUMENT_ROUTE, route_prompt
+from st_daft.models.fingerprint import encoding_fingerprint, fingerprint_matches
+from st_daft.utils.distributed import all_reduce_sum, barrier, get_world_size, is_main_process
+from st_daft.utils.io import atomic_save_npy, atomic_write_json, read_json
 
 if TYPE_CHECKING:
-    from st_daft.store import DocumentEmbeddingStore
+    from st_daft.embeddings.store import DocumentEmbeddingStore
+
+from st_daft.embeddings.encode import _dtype_name, _embed_in_memory, _write_memmap
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "StaleEmbeddingCache",
-    "CacheMismatchError",
-    "route_fingerprint",
-    "cache_is_current",
-    "token_keys",
-    "embed_documents",
-]
 
 CACHE_FORMAT_VERSION = 1
 METADATA_FILE = "cache_metadata.json"
@@ -58,7 +51,7 @@ class CacheMismatchError(ValueError):
 
 def cache_is_current(model: SentenceTransformer, fingerprint: str) -> bool:
     """Whether a cache recorded under ``fingerprint`` holds what ``model.encode_document`` computes now: the same
-    document route (see :func:`~st_daft.fingerprint.fingerprint_matches`) under the same document prompt."""
+    document route (see :func:`~st_daft.models.fingerprint.fingerprint_matches`) under the same document prompt."""
     return fingerprint_matches(model, fingerprint, DOCUMENT_ROUTE, prompt=route_prompt(model, DOCUMENT_ROUTE))
 
 
@@ -81,7 +74,7 @@ class StaleEmbeddingCache:
         ids: corpus ids, one per row.
         embeddings: ``(len(ids), dim)`` embeddings from the document route.
         keys: one token key per row (see :func:`token_keys`).
-        fingerprint: :func:`~st_daft.fingerprint.encoding_fingerprint` of the document route the embeddings came
+        fingerprint: :func:`~st_daft.models.fingerprint.encoding_fingerprint` of the document route the embeddings came
             from (its parameters, and its prompt if it has one).
     """
 
@@ -122,7 +115,8 @@ class StaleEmbeddingCache:
         process alone writes; the others then map the same file. ``dtype=torch.float16`` halves the size either
         way. With ``reuse``, a complete cache already in ``folder`` of this document route over this corpus (same
         ids and texts) is loaded instead of built again, e.g. by a resumed run. With a
-        :class:`~st_daft.store.DocumentEmbeddingStore`, documents it already holds for this document route are read
+        :class:`~st_daft.embeddings.store.DocumentEmbeddingStore`, documents it already holds for this document route
+        are read
         from it instead of being encoded again.
         """
         ids, texts, keys = _corpus_keys(model, corpus)
@@ -240,7 +234,7 @@ class StaleEmbeddingCache:
 
     def build_index(self, kind: str = "flat", embeddings: Tensor | None = None, **options: Any) -> Any:
         """A faiss inner-product index over the cache (or over ``embeddings``, e.g. corrected ones), see
-        :func:`st_daft.index.build_faiss_index` (filled chunk by chunk: no float32 copy of a float16 cache).
+        :func:`st_daft.embeddings.index.build_faiss_index` (filled chunk by chunk: no float32 copy of a float16 cache).
 
         The index stores vectors in the cache's type unless ``storage`` says otherwise: a float16 cache gets a
         float16 index, half the memory of a float32 one, no slower, with the same neighbours
@@ -344,97 +338,6 @@ def _corpus_keys(model: SentenceTransformer, corpus: dict[str, str]) -> tuple[li
     for start in range(0, len(texts), 1024):
         keys.extend(token_keys(model.preprocess(texts[start : start + 1024], task=DOCUMENT_ROUTE)))
     return ids, texts, keys
-
-
-def embed_documents(
-    model: SentenceTransformer,
-    texts: list[str],
-    batch_size: int = 64,
-    show_progress_bar: bool = False,
-    store: DocumentEmbeddingStore | None = None,
-) -> Tensor:
-    """Document-route embeddings of ``texts`` (eval mode, no gradient) as a CPU float32 tensor.
-
-    With a ``store``, texts it holds for this exact document route are read back and the others are stored.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        if store is not None:
-            return torch.from_numpy(store.encode_document(model, texts, batch_size, show_progress_bar))
-        embeddings = model.encode_document(
-            texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar
-        )
-    finally:
-        model.train(was_training)
-    return embeddings.detach().to("cpu", torch.float32)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _embedded_chunks(
-    model: SentenceTransformer,
-    texts: list[str],
-    batch_size: int,
-    show_progress_bar: bool,
-    chunk_size: int,
-    store: DocumentEmbeddingStore | None,
-) -> Iterator[tuple[int, Tensor]]:
-    """``(start, float32 embeddings of texts[start : start + chunk_size])``, each chunk sharded across the process
-    group: one chunk's float32 rows in memory at a time, not the whole corpus's."""
-    for start in range(0, len(texts), chunk_size):
-        yield start, embed_sharded(model, texts[start : start + chunk_size], batch_size, show_progress_bar, store)
-
-
-def _embed_in_memory(
-    model: SentenceTransformer,
-    texts: list[str],
-    batch_size: int,
-    dtype: torch.dtype,
-    show_progress_bar: bool,
-    chunk_size: int = 8192,
-    store: DocumentEmbeddingStore | None = None,
-) -> Tensor:
-    """Document-route embeddings of ``texts`` as one CPU tensor of ``dtype``, filled chunk by chunk (a float16 cache
-    never exists as float32, nor as a list of batches beside its stack)."""
-    output: Tensor | None = None
-    for start, chunk in _embedded_chunks(model, texts, batch_size, show_progress_bar, chunk_size, store):
-        if output is None:
-            output = torch.empty(len(texts), chunk.shape[1], dtype=dtype)
-        output[start : start + len(chunk)] = chunk
-    return output
-
-
-def _write_memmap(
-    path: Path,
-    model: SentenceTransformer,
-    texts: list[str],
-    batch_size: int,
-    dtype: torch.dtype,
-    show_progress_bar: bool,
-    chunk_size: int,
-    store: DocumentEmbeddingStore | None = None,
-    write: bool = True,
-) -> int:
-    """Embed ``texts`` chunk by chunk into an .npy memmap at ``path`` (renamed into place when complete); with
-    ``write=False`` (a process other than the main one) take part in the sharded encoding only. The dimension."""
-    temporary = path.with_name(path.name + ".tmp.npy")
-    numpy_dtype = np.float16 if dtype == torch.float16 else np.float32
-    memmap, dimension = None, 0
-    for start, chunk in _embedded_chunks(model, texts, batch_size, show_progress_bar, chunk_size, store):
-        dimension = int(chunk.shape[1])
-        if not write:
-            continue
-        if memmap is None:
-            memmap = np.lib.format.open_memmap(temporary, mode="w+", dtype=numpy_dtype, shape=(len(texts), dimension))
-        memmap[start : start + len(chunk)] = chunk.numpy().astype(numpy_dtype)
-    if memmap is not None:
-        memmap.flush()
-        del memmap
-        temporary.replace(path)
-    return dimension
 
 
 def _reusable(

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
-from st_daft.fingerprint import legacy_route_fingerprints, route_fingerprint
-from st_daft.io import atomic_write
-from st_daft.model import DOCUMENT_ROUTE, route_prompt
+from st_daft.models.asymmetric import DOCUMENT_ROUTE, route_prompt
+from st_daft.models.fingerprint import legacy_route_fingerprints, route_fingerprint
+from st_daft.utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ KEY_DTYPE = np.dtype([("high", ">u8"), ("low", ">u8")])
 
 
 def document_encoder_key(model: SentenceTransformer) -> str:
-    """The store's namespace for ``model``: :func:`st_daft.fingerprint.route_fingerprint` of its document route
+    """The store's namespace for ``model``: :func:`st_daft.models.fingerprint.route_fingerprint` of its document route
     (parameters, the modules after the ``Router``, truncation length). Equal keys mean equal document embeddings."""
     return route_fingerprint(model, DOCUMENT_ROUTE)
 

@@ -1,14 +1,14 @@
 """Lexical baselines, scored by MTEB exactly as a dense model is: BM25 (bm25s, Snowball-stemmed, stopwords removed).
 
 :class:`BM25Search` implements MTEB's search protocol (``index`` the corpus, ``search`` the queries, return a run
-``{query id: {document id: score}}``), so ``mteb.evaluate`` — and :func:`st_daft.evaluation.evaluate_retrieval` —
+``{query id: {document id: score}}``), so ``mteb.evaluate`` — and :func:`st_daft.evaluation.mteb.evaluate_retrieval` —
 score its rankings with the same relevance judgements and the same code (pytrec_eval's nDCG@k, recall@k, ...) as a
 SentenceTransformer's. Needs the ``bm25`` extra: ``pip install "st-daft[bm25]"`` (``bm25s``, ``PyStemmer``).
 
 Example::
 
-    from st_daft.baselines import BM25Search
-    from st_daft.evaluation import evaluate_retrieval
+    from st_daft.evaluation.baselines import BM25Search
+    from st_daft.evaluation.mteb import evaluate_retrieval
 
     print(evaluate_retrieval(BM25Search(), "data/scifact")["ndcg_at_10"])
 """

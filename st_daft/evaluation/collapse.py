@@ -24,6 +24,7 @@ import csv
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -370,7 +371,7 @@ class CollapseEvaluator(SentenceEvaluator):
     Example:
         ::
 
-            from st_daft.collapse import CollapseEvaluator
+            from st_daft.evaluation.collapse import CollapseEvaluator
 
             evaluator = CollapseEvaluator(texts=validation_queries, name="dev")
             results = evaluator(model)
@@ -464,3 +465,27 @@ class CollapseEvaluator(SentenceEvaluator):
         if self.k != 1:
             config_dict["k"] = self.k
         return config_dict
+
+
+def warn_zero_query_vectors(embeddings: Any, inputs: Any = None, examples: int = 3) -> int:
+    """Warn when some queries encode to the zero vector, and return how many do.
+
+    A static query route maps a query none of whose tokens it knows (only punctuation, an unknown script) to the
+    mean of no rows: the zero vector, which scores every document 0, so the ranking of that query is arbitrary.
+    The warning names a few of them (``inputs``: the batches MTEB encodes, each with a ``"text"`` column).
+    """
+    vectors = np.asarray(embeddings.detach().cpu() if hasattr(embeddings, "detach") else embeddings)
+    zero = np.flatnonzero(~np.any(vectors != 0, axis=1))
+    if len(zero) == 0:
+        return 0
+    named = ""
+    if inputs is not None:
+        texts = [text for batch in inputs for text in batch.get("text", [])]
+        if len(texts) == len(vectors):
+            named = ", e.g. " + ", ".join(repr(texts[row][:60]) for row in zero[:examples])
+    warnings.warn(
+        f"{len(zero)} of {len(vectors)} queries encode to the zero vector with this query route{named}: they score "
+        f"every document 0 and their ranking is arbitrary (a static route knows none of their tokens)",
+        stacklevel=2,
+    )
+    return len(zero)

@@ -10,12 +10,13 @@ collections of both kinds: at ``weight=0.15`` a static route trained on SciFact'
 0.715 nDCG@10 on SciFact (3 seeds; BM25 0.686), and the default labelled route from 0.501 to 0.592 on python-faq, an
 unseen collection where BM25 scores 0.358 (10 seeds; docs/benchmarks.md, "Twelfth session"). The query side stays
 inference-free: a table lookup for the route, a tokenizer and an inverted index for BM25. This is the fusion the
-corpus stage's lexical teacher distils (:func:`~st_daft.corpus_alignment.lexical_ranking_columns`), here applied at
+corpus stage's lexical teacher distils (:func:`~st_daft.label_free.corpus_texts.lexical_ranking_columns`), here applied
+at
 search time instead.
 
 :class:`HybridSearch` implements MTEB's search protocol (``index``, ``search``), so
-:func:`~st_daft.evaluation.evaluate_retrieval` and ``st-daft evaluate --fuse-bm25`` score it with the same code and
-judgements as the dense model alone. BM25 is :class:`~st_daft.baselines.BM25Search` (the ``bm25`` extra).
+:func:`~st_daft.evaluation.mteb.evaluate_retrieval` and ``st-daft evaluate --fuse-bm25`` score it with the same code and
+judgements as the dense model alone. BM25 is :class:`~st_daft.evaluation.baselines.BM25Search` (the ``bm25`` extra).
 
 Example::
 
@@ -35,13 +36,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from st_daft.embeddings.encode import embed_documents
+from st_daft.evaluation.baselines import BM25Search, mteb_corpus_texts, mteb_query_texts
+from st_daft.evaluation.collapse import warn_zero_query_vectors
+
 if TYPE_CHECKING:
     from mteb.abstasks.task_metadata import TaskMetadata
     from mteb.models import ModelMeta
     from sentence_transformers import SentenceTransformer
 
-    from st_daft.baselines import BM25Search
-    from st_daft.store import DocumentEmbeddingStore
+    from st_daft.embeddings.store import DocumentEmbeddingStore
+    from st_daft.evaluation.baselines import BM25Search
 
 __all__ = ["HybridSearch", "DEFAULT_FUSION_WEIGHT"]
 
@@ -68,8 +73,8 @@ class HybridSearch:
         model: the dense model; its ``similarity_fn_name`` must be ``"cosine"`` (the default) or ``"dot"``.
         weight: BM25's weight in the fused score (non-negative).
         depth: how many of BM25's best documents per query are scored lexically.
-        lexical: the BM25 search model; :class:`~st_daft.baselines.BM25Search` with its defaults when None.
-        document_store: a :class:`~st_daft.store.DocumentEmbeddingStore` to read document embeddings from.
+        lexical: the BM25 search model; :class:`~st_daft.evaluation.baselines.BM25Search` with its defaults when None.
+        document_store: a :class:`~st_daft.embeddings.store.DocumentEmbeddingStore` to read document embeddings from.
         name: the model's label in results; ``"<model name> + BM25"`` by default.
 
     Raises:
@@ -96,8 +101,6 @@ class HybridSearch:
         if similarity not in _SIMILARITIES:
             raise ValueError(f"HybridSearch: the model's similarity must be one of {_SIMILARITIES}, got {similarity!r}")
         if lexical is None:
-            from st_daft.baselines import BM25Search
-
             lexical = BM25Search()
         self.model = model
         self.weight = float(weight)
@@ -130,8 +133,6 @@ class HybridSearch:
     ) -> None:
         """Index the corpus for BM25 and encode it with the document route (an MTEB corpus: ``id``, ``text``,
         optionally ``title``)."""
-        from st_daft.baselines import mteb_corpus_texts
-        from st_daft.cache import embed_documents
 
         self._document_ids, texts = mteb_corpus_texts(corpus)
         self.lexical.index_texts(self._document_ids, texts, task_metadata, hf_subset)
@@ -152,7 +153,6 @@ class HybridSearch:
     def fused_scores(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """``(len(texts), documents)`` fused scores of the indexed corpus (columns in :attr:`document_ids` order);
         BM25 over each text's ``depth`` best documents."""
-        from st_daft.evaluation import warn_zero_query_vectors
 
         if self._documents is None:
             raise RuntimeError("HybridSearch.fused_scores before index")
@@ -181,7 +181,6 @@ class HybridSearch:
         **kwargs: Any,
     ) -> dict[str, dict[str, float]]:
         """The ``top_k`` documents of each query by fused score (re-ranking ``top_ranked`` when given)."""
-        from st_daft.baselines import mteb_query_texts
 
         if self._documents is None:
             raise RuntimeError("HybridSearch.search before index")

@@ -9,15 +9,17 @@ Local collections become MTEB tasks with :func:`to_mteb_task`: an ``AbsTaskRetri
 so MTEB never downloads anything for them. The model reaches MTEB through MTEB's own encoder wrapper
 (``SentenceTransformerEncoderWrapper``), which encodes queries with ``model.encode_query`` and documents with
 ``model.encode_document`` (``task="query"`` / ``task="document"``: the Router's routes); a subclass of it reads
-document embeddings from a :class:`~st_daft.store.DocumentEmbeddingStore` when one is given. Search models such as
-:class:`~st_daft.baselines.BM25Search` rank by themselves, and MTEB scores every model's rankings with the same code.
+document embeddings from a :class:`~st_daft.embeddings.store.DocumentEmbeddingStore` when one is given. Search models
+such as
+:class:`~st_daft.evaluation.baselines.BM25Search` rank by themselves, and MTEB scores every model's rankings with the
+same code.
 No MTEB result cache is read or written (``cache=None``), and the model's metadata is built from the loaded model
 alone, never fetched from the Hub. :func:`evaluate_collections` runs several models on several collections and
 :func:`format_table` prints the comparison (``st-daft evaluate MODEL --data A --data B --baseline bm25``).
 
 Example::
 
-    from st_daft.evaluation import evaluate_retrieval
+    from st_daft.evaluation.mteb import evaluate_retrieval
 
     scores = evaluate_retrieval("runs/daft-model", "data/scifact", split="test", output_path="results.json")
     print(scores["ndcg_at_10"])
@@ -40,7 +42,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from st_daft.data import DataError, RetrievalData, load_beir
-from st_daft.store import DocumentEmbeddingStore, document_encoder_key, document_prompt
+from st_daft.embeddings.store import DocumentEmbeddingStore, document_encoder_key, document_prompt
+from st_daft.evaluation.collapse import warn_zero_query_vectors
+from st_daft.evaluation.hybrid import HybridSearch
 
 if TYPE_CHECKING:
     from mteb.abstasks.retrieval import AbsTaskRetrieval
@@ -50,7 +54,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOCAL_TASK_PREFIX", "to_mteb_task", "evaluate_retrieval", "evaluate_collections", "format_table"]
+__all__ = ["LOCAL_TASK_PREFIX", "to_mteb_task", "evaluate_retrieval", "evaluate_collections"]
 
 LOCAL_TASK_PREFIX = "BEIR-local-"
 """Prefix of the names of the MTEB tasks made from local collections, e.g. ``BEIR-local-scifact``."""
@@ -194,30 +198,6 @@ def _resolve_task(data: RetrievalData | str | Path | AbsTaskRetrieval, split: st
         ) from None
 
 
-def warn_zero_query_vectors(embeddings: Any, inputs: Any = None, examples: int = 3) -> int:
-    """Warn when some queries encode to the zero vector, and return how many do.
-
-    A static query route maps a query none of whose tokens it knows (only punctuation, an unknown script) to the
-    mean of no rows: the zero vector, which scores every document 0, so the ranking of that query is arbitrary.
-    The warning names a few of them (``inputs``: the batches MTEB encodes, each with a ``"text"`` column).
-    """
-    vectors = np.asarray(embeddings.detach().cpu() if hasattr(embeddings, "detach") else embeddings)
-    zero = np.flatnonzero(~np.any(vectors != 0, axis=1))
-    if len(zero) == 0:
-        return 0
-    named = ""
-    if inputs is not None:
-        texts = [text for batch in inputs for text in batch.get("text", [])]
-        if len(texts) == len(vectors):
-            named = ", e.g. " + ", ".join(repr(texts[row][:60]) for row in zero[:examples])
-    warnings.warn(
-        f"{len(zero)} of {len(vectors)} queries encode to the zero vector with this query route{named}: they score "
-        f"every document 0 and their ranking is arbitrary (a static route knows none of their tokens)",
-        stacklevel=2,
-    )
-    return len(zero)
-
-
 @functools.cache
 def _store_encoder_class() -> type[SentenceTransformerEncoderWrapper]:
     """MTEB's SentenceTransformer wrapper, with documents read from a document store; created on first use."""
@@ -313,7 +293,7 @@ def _wrap_model(
 
 
 def _is_search_model(model: Any) -> bool:
-    """An MTEB search model (``index`` + ``search``, e.g. :class:`~st_daft.baselines.BM25Search`)."""
+    """An MTEB search model (``index`` + ``search``, e.g. :class:`~st_daft.evaluation.baselines.BM25Search`)."""
     return callable(getattr(model, "index", None)) and callable(getattr(model, "search", None))
 
 
@@ -370,7 +350,8 @@ def evaluate_retrieval(
     Queries are encoded with ``model.encode_query`` and documents with ``model.encode_document``, so a model with a
     ``Router`` uses its ``"query"`` route for queries and its ``"document"`` route for documents; a symmetric model
     encodes both the same way. A search model (MTEB's ``SearchProtocol``: ``index`` and ``search``, e.g.
-    :class:`~st_daft.baselines.BM25Search`) ranks the documents itself, and MTEB scores its rankings with the same
+    :class:`~st_daft.evaluation.baselines.BM25Search`) ranks the documents itself, and MTEB scores its rankings with
+    the same
     code and judgements. Runs ``mteb.evaluate`` with ``cache=None`` (no results are read from or written to MTEB's
     result cache) and no CO2 tracking; local collections are never downloaded.
 
@@ -386,7 +367,8 @@ def evaluate_retrieval(
         output_path: if given, the returned dict is also written there as JSON (parent folders are created).
         batch_size: the encoding batch size.
         show_progress_bar: whether to show encoding progress bars.
-        document_store: a :class:`~st_daft.store.DocumentEmbeddingStore` (or its folder). Document embeddings it
+        document_store: a :class:`~st_daft.embeddings.store.DocumentEmbeddingStore` (or its folder). Document
+            embeddings it
             holds for this model's exact document route are read back, the others are encoded and stored: comparing
             several query routes against one frozen document encoder embeds each corpus once. Not used by search
             models.
@@ -497,7 +479,7 @@ def evaluate_collections(
     document_store: DocumentEmbeddingStore | str | Path | None = None,
     fuse_bm25: float | None = None,
 ) -> dict[str, Any]:
-    """Evaluate several models (e.g. a trained route and :class:`~st_daft.baselines.BM25Search`) on several
+    """Evaluate several models (e.g. a trained route and :class:`~st_daft.evaluation.baselines.BM25Search`) on several
     collections with :func:`evaluate_retrieval`, and average each model's scores over the collections.
 
     Every collection is loaded and checked before any model runs, so a bad input is named first. Each model is
@@ -513,7 +495,8 @@ def evaluate_collections(
         show_progress_bar: as in :func:`evaluate_retrieval`.
         document_store: as in :func:`evaluate_retrieval`.
         fuse_bm25: if given, a BM25 weight: every SentenceTransformer (or path) among ``models`` also gets a row
-            ``"<label> + BM25 (<weight>)"`` scored by :class:`~st_daft.hybrid.HybridSearch` with that weight (the
+            ``"<label> + BM25 (<weight>)"`` scored by :class:`~st_daft.evaluation.hybrid.HybridSearch` with that weight
+            (the
             ``bm25`` extra), from the same loaded model and ``document_store``.
 
     Returns:
@@ -534,8 +517,6 @@ def evaluate_collections(
     if document_store is not None and not isinstance(document_store, DocumentEmbeddingStore):
         document_store = DocumentEmbeddingStore(document_store)
     if fuse_bm25 is not None:
-        from st_daft.hybrid import HybridSearch
-
         dense = [(model, label) for (model, _), label in zip(loaded, row_labels) if not _is_search_model(model)]
         for model, label in dense:
             fused_label = f"{label} + BM25 ({fuse_bm25:g})"
@@ -578,28 +559,3 @@ def evaluate_collections(
     if output_path is not None:
         _write_json(output_path, comparison)
     return comparison
-
-
-_METRIC_NAMES = {"ndcg": "nDCG", "recall": "Recall", "map": "MAP", "mrr": "MRR", "precision": "P", "hit_rate": "Hit"}
-
-
-def metric_title(metric: str) -> str:
-    """``"ndcg_at_10"`` -> ``"nDCG@10"``."""
-    family, _, k = metric.rpartition("_at_")
-    return f"{_METRIC_NAMES.get(family, family)}@{k}" if family else metric
-
-
-def format_table(comparison: dict[str, Any], metric: str = "ndcg_at_10", digits: int = 3) -> str:
-    """A Markdown table of one score from :func:`evaluate_collections`: a row per model, a column per collection,
-    and the mean over the collections."""
-    names = comparison["collections"]
-    lines = [
-        f"| {metric_title(metric)} ({comparison['split']}) | " + " | ".join(names) + " | mean |",
-        "|---|" + "---:|" * (len(names) + 1),
-    ]
-    for label in comparison["models"]:
-        cells = [comparison["scores"][label][name].get(metric) for name in names]
-        cells.append(comparison["mean"][label].get(metric))
-        shown = ["" if value is None else f"{value:.{digits}f}" for value in cells]
-        lines.append(f"| {label} | " + " | ".join(shown) + " |")
-    return "\n".join(lines)

@@ -27,7 +27,7 @@ class CachedCorpusRetrievalEvaluator(InformationRetrievalEvaluator):
         relevant_docs: query id -> ids of its relevant documents.
         corpus_ids: the ids of the rows of ``corpus_embeddings``, in order.
         corpus_embeddings: one row per document, from the (frozen) document route; for example rows of the stage's
-            :class:`~st_daft.cache.StaleEmbeddingCache`, exact while that route does not train.
+            :class:`~st_daft.embeddings.cache.StaleEmbeddingCache`, exact while that route does not train.
         **kwargs: the other arguments of :class:`InformationRetrievalEvaluator` (``name``, ``ndcg_at_k``, ...).
 
     Example::

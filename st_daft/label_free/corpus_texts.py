@@ -19,9 +19,11 @@ from sentence_transformers import SentenceTransformer
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from st_daft.distributed import compute_sharded, embed_sharded
-from st_daft.index import exact_search
-from st_daft.store import DocumentEmbeddingStore
+from st_daft.embeddings.encode import embed_sharded
+from st_daft.embeddings.index import exact_search
+from st_daft.embeddings.store import DocumentEmbeddingStore
+from st_daft.evaluation.baselines import BM25Search
+from st_daft.utils.distributed import compute_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +145,8 @@ def alignment_dataset(
     With ``lexical_columns`` (one row per text, :func:`lexical_ranking_columns`), those columns follow the source row:
     the lexical ranking the loss adds to its ranking teacher.
 
-    With a :class:`~st_daft.store.DocumentEmbeddingStore`, targets computed by an earlier run with the same document
+    With a :class:`~st_daft.embeddings.store.DocumentEmbeddingStore`, targets computed by an earlier run with the same
+    document
     route are read back instead of encoded again.
     """
     if not texts:
@@ -224,10 +227,10 @@ def lexical_ranking_columns(
     :class:`~st_daft.losses.LabelFreeAlignmentLoss` (``lexical_weight``) adds these scores to its ranking teacher:
     the document route's scores fused with BM25's, a better ranker than either where queries share words with their
     documents (SciFact test: dense 0.645, BM25 0.686, the two fused 0.73). BM25 is
-    :class:`~st_daft.baselines.BM25Search` (bm25s, stopwords, Snowball stemmer; the ``bm25`` extra). The texts are
+    :class:`~st_daft.evaluation.baselines.BM25Search` (bm25s, stopwords, Snowball stemmer; the ``bm25`` extra). The
+    texts are
     split across a torchrun group's processes; every process indexes ``documents``.
     """
-    from st_daft.baselines import BM25Search
 
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")

@@ -11,21 +11,10 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 from sentence_transformers.util import cos_sim
 from torch import Tensor, nn
 
-from st_daft.cache import StaleEmbeddingCache
+from st_daft.citations import DAFT_CITATION
+from st_daft.embeddings.cache import StaleEmbeddingCache
 from st_daft.losses.corpus_sample import resolve_sample_size, sample_corpus
-from st_daft.model import DOCUMENT_ROUTE, route_or_model
-
-DAFT_CITATION = """
-@misc{leonhardt2022daft,
-    title={Distribution-Aligned Fine-Tuning for Efficient Neural Retrieval},
-    author={Jurek Leonhardt and Marcel Jahnke and Avishek Anand},
-    year={2022},
-    eprint={2211.04942},
-    archivePrefix={arXiv},
-    primaryClass={cs.IR},
-    url={https://arxiv.org/abs/2211.04942},
-}
-"""
+from st_daft.models.asymmetric import DOCUMENT_ROUTE, route_or_model
 
 
 class DAFTAlignmentLoss(nn.Module):
@@ -51,7 +40,8 @@ class DAFTAlignmentLoss(nn.Module):
         Document embeddings are computed without gradient and with the document route in eval mode (no dropout), so
         the document side is a fixed function however the trainer sets the model.
 
-        Because that function is fixed, a :class:`~st_daft.cache.StaleEmbeddingCache` built with the same document
+        Because that function is fixed, a :class:`~st_daft.embeddings.cache.StaleEmbeddingCache` built with the same
+        document
         route is exact: with ``document_cache`` the batch's documents are looked up instead of encoded (texts not in
         the cache are still encoded), and with ``cache_negatives`` every other cached document joins the softmax as
         a negative, the full-corpus softmax that aligns a static query route in a few hundred steps. Above 65,536
@@ -88,7 +78,7 @@ class DAFTAlignmentLoss(nn.Module):
 
                 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
                 from st_daft import StaleEmbeddingCache, build_asymmetric_model, freeze_route
-                from st_daft.losses import DAFTAlignmentLoss
+                from st_daft.losses.alignment import DAFTAlignmentLoss
 
                 model = build_asymmetric_model(query_encoder="static")
                 freeze_route(model, "document")

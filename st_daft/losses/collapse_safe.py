@@ -11,7 +11,7 @@ from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 from torch import Tensor, nn
 
-from st_daft.losses.alignment import DAFT_CITATION
+from st_daft.citations import DAFT_CITATION
 
 UNIFORMITY_CITATION = """
 @inproceedings{wang2020understanding,

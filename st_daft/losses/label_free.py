@@ -10,7 +10,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 from torch import Tensor, nn
 
-from st_daft.losses.alignment import DAFT_CITATION
+from st_daft.citations import DAFT_CITATION
 from st_daft.losses.corpus_sample import CorpusSample, resolve_sample_size, sample_corpus
 
 
@@ -34,7 +34,7 @@ class LabelFreeAlignmentLoss(nn.Module):
         encoder to a frozen document encoder with hundreds of thousands of labelled MS MARCO queries; most users have
         hundreds. Any text can serve instead: for a text ``t`` the target is the frozen document route's embedding
         ``D(t)``, and the query route ``Q`` learns ``Q(t) ~ D(t)`` over passages, sentences, spans and
-        pseudo-queries cut from the user's own corpus (:func:`st_daft.corpus_alignment.alignment_texts`). The
+        pseudo-queries cut from the user's own corpus (:func:`st_daft.label_free.corpus_texts.alignment_texts`). The
         targets are computed once (the route is frozen) and passed as the ``label`` column.
 
         The loss is a regression term (``1 - cos(Q(t), D(t))`` or MSE) plus, with ``contrastive_weight > 0``, an
@@ -45,7 +45,7 @@ class LabelFreeAlignmentLoss(nn.Module):
 
         The task itself is query -> document, and a text cut from a document is a label-free pseudo-query for it:
         with ``document_embeddings`` (the document route's embeddings of the whole corpus), each label carries one
-        extra column, the row of the text's source document (:func:`st_daft.corpus_alignment.alignment_dataset`
+        extra column, the row of the text's source document (:func:`st_daft.label_free.corpus_texts.alignment_dataset`
         with ``document_rows``), and a third term, weighted by ``document_weight``, is the InfoNCE of ``Q(t)``
         against every document of the corpus with its source as the positive (DAFT's alignment loss with all corpus
         documents as negatives, on pseudo-queries instead of labelled ones). Texts whose row is ``-1`` skip it.
@@ -59,7 +59,7 @@ class LabelFreeAlignmentLoss(nn.Module):
 
         With ``lexical_weight > 0`` the ranking term's teacher is the document route's scores fused with BM25's:
         each label also carries the text's best documents by BM25 and their scores divided by the text's best
-        (:func:`st_daft.corpus_alignment.lexical_ranking_columns`), and ``document_scale * lexical_weight`` times
+        (:func:`st_daft.label_free.corpus_texts.lexical_ranking_columns`), and ``document_scale * lexical_weight`` times
         those scores is added to the teacher's logits (score fusion, as in hybrid retrieval; Kuzi et al. 2020,
         "Leveraging Semantic and Lexical Matching to Improve the Recall of Document Retrieval Systems"). Where
         queries share words with their documents the fused ranking beats both of its parts (SciFact test: dense
@@ -70,7 +70,8 @@ class LabelFreeAlignmentLoss(nn.Module):
         ``corpus_sample_size``, each step scores a sample of the corpus instead
         (:func:`st_daft.losses.corpus_sample.sample_corpus`): the rows the batch's labels name (source documents,
         BM25's best, and the teacher's best, the last ``neighbour_columns`` label columns:
-        :func:`st_daft.corpus_alignment.with_teacher_neighbours`) and uniform rows of the rest, whose logits get the
+        :func:`st_daft.label_free.corpus_texts.with_teacher_neighbours`) and uniform rows of the rest, whose logits get
+        the
         sampled softmax's importance correction. The corpus then stays where it is (a memory-mapped float16 cache
         stays on disk) and only the sample moves to the device.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -12,12 +12,13 @@ from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.util import batch_to_device
 from torch import Tensor, nn
 
-from st_daft.cache import StaleEmbeddingCache, token_keys
-from st_daft.corrector import CORRECTOR_CITATION, CorrectorNetwork, CorrectorTrainer, staleness_error
-from st_daft.mining import NegativeMiner, RefreshPolicy, parse_negatives
-from st_daft.model import DOCUMENT_ROUTE, has_route, route_or_model
+from st_daft.citations import CORRECTOR_CITATION
+from st_daft.embeddings.cache import token_keys
+from st_daft.models.asymmetric import DOCUMENT_ROUTE, has_route, route_or_model
+from st_daft.negatives.corrector import CorrectorTrainer, staleness_error
+from st_daft.negatives.miner import NegativeMiner
 
-__all__ = ["MinedNegativesLoss", "build_negative_mining"]
+__all__ = ["MinedNegativesLoss"]
 
 
 class MinedNegativesLoss(nn.Module):
@@ -31,7 +32,8 @@ class MinedNegativesLoss(nn.Module):
         """
         Adds hard negatives mined during training to ``loss``, the way ``MatryoshkaLoss`` adds dimensions to a loss.
 
-        For each training batch the wrapped loss's columns are embedded, a :class:`~st_daft.mining.NegativeMiner`
+        For each training batch the wrapped loss's columns are embedded, a
+        :class:`~st_daft.negatives.miner.NegativeMiner`
         scores the detached query embeddings against the (corrected) stale cache of the corpus, the mined documents
         are encoded fresh by the document route (with gradient) and join the batch as extra document columns (every
         query sees every column, as in ``MultipleNegativesRankingLoss``), and the wrapped loss's
@@ -157,56 +159,3 @@ def _embedding_scorer(loss: nn.Module) -> Any:
         f"MinedNegativesLoss wraps losses with compute_loss_from_embeddings(embeddings, labels); "
         f"{type(loss).__name__} has none"
     )
-
-
-def build_negative_mining(
-    model: SentenceTransformer,
-    loss: nn.Module,
-    cache: StaleEmbeddingCache | None,
-    corpus: Mapping[str, str],
-    strategy: str = "corrected",
-    num_negatives: int = 4,
-    query_positives: Mapping[str, Iterable[str]] | None = None,
-    margin: float | None = None,
-    corrector: CorrectorNetwork | None = None,
-    corrector_lr: float = 1e-3,
-    corrector_steps: int = 1,
-    corrector_buffer: int = 0,
-    drift_loss: str = "mse",
-    index: str | None = None,
-    index_options: dict[str, Any] | None = None,
-    shortlist: int = 256,
-    encode_batch_size: int = 64,
-) -> tuple[nn.Module, list[Any]]:
-    """``loss`` with negatives mined by ``strategy`` (see :func:`~st_daft.mining.parse_negatives`), and the trainer
-    callbacks that drive the mining. ``"in-batch"`` returns ``loss`` unchanged and no callbacks.
-
-    The loss's statistics (wrapped and ``mining_*``) reach the trainer's logs through
-    :class:`~st_daft.callbacks.LogStatisticsCallback` (or any callback that pops the loss's statistics).
-    """
-    from st_daft.callbacks.negative_mining import negative_mining_callbacks
-
-    parsed = parse_negatives(strategy)
-    if not parsed.mine:
-        return loss, []
-    miner = NegativeMiner(
-        cache,
-        corpus,
-        parsed,
-        num_negatives=num_negatives,
-        query_positives=query_positives,
-        margin=margin,
-        corrector=corrector,
-        index=index,
-        index_options=index_options,
-        shortlist=shortlist,
-        encode_batch_size=encode_batch_size,
-    )
-    trainer = None
-    if miner.corrector is not None:
-        trainer = CorrectorTrainer(
-            miner.corrector, lr=corrector_lr, steps=corrector_steps, buffer=corrector_buffer, drift_loss=drift_loss
-        )
-    refresh = RefreshPolicy(parsed.refresh_every) if parsed.refresh_every else None
-    mined = MinedNegativesLoss(model, loss, miner, trainer)
-    return mined, negative_mining_callbacks(miner, trainer, refresh)

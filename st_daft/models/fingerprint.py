@@ -23,7 +23,7 @@ from sentence_transformers.base.modules.router import Router
 from sentence_transformers.sentence_transformer.modules import Normalize
 from torch import nn
 
-from st_daft.model import DOCUMENT_ROUTE, get_route, has_route, route_prompt
+from st_daft.models.asymmetric import DOCUMENT_ROUTE, get_route, has_route, route_prompt
 
 __all__ = [
     "route_fingerprint",

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from st_daft.distributed import all_reduce_gradients
-from st_daft.io import atomic_torch_save, atomic_write_json, read_json
+from st_daft.citations import CORRECTOR_CITATION
+from st_daft.utils.distributed import all_reduce_gradients
+from st_daft.utils.io import atomic_torch_save, atomic_write_json, read_json
 
 __all__ = [
     "CorrectorNetwork",
@@ -40,16 +41,6 @@ __all__ = [
     "CORRECTOR_CITATION",
 ]
 
-CORRECTOR_CITATION = """
-@inproceedings{monath2024corrector,
-    title={A Fresh Take on Stale Embeddings: Improving Dense Retriever Training with Corrector Networks},
-    author={Nicholas Monath and Will Grathwohl and Michael Boratko and Rob Fergus and Andrew McCallum
-        and Manzil Zaheer},
-    booktitle={International Conference on Machine Learning},
-    year={2024},
-    url={https://arxiv.org/abs/2409.01890},
-}
-"""
 
 CONFIG_FILE = "corrector_config.json"
 WEIGHTS_FILE = "corrector.pt"
@@ -254,7 +245,7 @@ class CorrectorTrainer:
     def step(self, cache: Any) -> float | None:
         """Drift-loss updates on the observations since the last call (plus the replay buffer); the last loss value.
 
-        ``cache``: the :class:`~st_daft.cache.StaleEmbeddingCache` the observed rows index.
+        ``cache``: the :class:`~st_daft.embeddings.cache.StaleEmbeddingCache` the observed rows index.
         """
         if not self._pending_rows:
             return None

@@ -6,7 +6,7 @@
 - :class:`NegativeMiner`: scores a batch's detached query embeddings against the (corrected) cache and returns, per
   query, the top rows that are no positive of the batch (the softmax shares every column) nor a known positive of
   the query, optionally outside a margin below the positive's score. It *reads* the corrector (to score
-  ``normalize(h(cache))``) but never trains it (:class:`~st_daft.corrector.CorrectorTrainer` does).
+  ``normalize(h(cache))``) but never trains it (:class:`~st_daft.negatives.corrector.CorrectorTrainer` does).
 - :class:`RefreshPolicy`: when a ``refresh:N`` strategy re-embeds the corpus.
 - :class:`MiningStatistics`: documents encoded, staleness errors, positive rank and overhead, per step and per
   logging interval.
@@ -22,10 +22,8 @@ the raw cache and the corrector is neither applied nor trained.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,70 +32,14 @@ import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 from torch import Tensor
 
-from st_daft.cache import CacheMismatchError, StaleEmbeddingCache, token_keys
-from st_daft.corrector import CorrectorNetwork
-from st_daft.fingerprint import encoding_fingerprint
-from st_daft.index import corrected_matrix, query_side_queries
-from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, has_route, route_or_model
+from st_daft.embeddings.cache import CacheMismatchError, StaleEmbeddingCache, token_keys
+from st_daft.embeddings.index import corrected_matrix, query_side_queries
+from st_daft.models.asymmetric import DOCUMENT_ROUTE, QUERY_ROUTE, has_route, route_or_model
+from st_daft.models.fingerprint import encoding_fingerprint
+from st_daft.negatives.corrector import CorrectorNetwork
+from st_daft.negatives.strategy import INDEX_MODES, NegativeStrategy, check_num_negatives, parse_negatives
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "NEGATIVE_STRATEGIES",
-    "INDEX_MODES",
-    "NegativeStrategy",
-    "parse_negatives",
-    "check_num_negatives",
-    "NegativeMiner",
-    "RefreshPolicy",
-    "MiningStatistics",
-]
-
-NEGATIVE_STRATEGIES = ("in-batch", "stale", "corrected", "refresh:N", "corrected+refresh:N")
-INDEX_MODES = ("exact", "flat", "ivf", "hnsw", "query-side", "two-step")
-_REFRESH = re.compile(r"^(corrected\+)?refresh:(\d+)$")
-
-
-@dataclass(frozen=True)
-class NegativeStrategy:
-    """A parsed negatives strategy: whether to mine, whether to correct, how often to re-embed the corpus."""
-
-    spec: str
-    mine: bool
-    correct: bool
-    refresh_every: int | None = None
-
-
-def parse_negatives(spec: str | NegativeStrategy) -> NegativeStrategy:
-    """Parse ``in-batch | stale | corrected | refresh:N | corrected+refresh:N`` (N: steps between re-embeddings)."""
-    if isinstance(spec, NegativeStrategy):
-        return spec
-    text = str(spec).strip().lower()
-    if text == "in-batch":
-        return NegativeStrategy(text, mine=False, correct=False)
-    if text == "stale":
-        return NegativeStrategy(text, mine=True, correct=False)
-    if text == "corrected":
-        return NegativeStrategy(text, mine=True, correct=True)
-    match = _REFRESH.match(text)
-    if match and int(match.group(2)) >= 1:
-        return NegativeStrategy(text, mine=True, correct=bool(match.group(1)), refresh_every=int(match.group(2)))
-    raise ValueError(
-        f"unknown negatives strategy {spec!r}: expected one of {', '.join(NEGATIVE_STRATEGIES)} "
-        "(N: a positive number of steps between full re-embeddings of the corpus, e.g. refresh:100)"
-    )
-
-
-def check_num_negatives(num_negatives: int, corpus_size: int) -> None:
-    """Refuse a number of mined negatives per query that the corpus cannot supply (call it before any stage trains;
-    :class:`NegativeMiner` calls it too)."""
-    if num_negatives < 1:
-        raise ValueError(f"num_negatives (--num-negatives) must be at least 1, got {num_negatives}")
-    if num_negatives >= corpus_size:
-        raise ValueError(
-            f"num_negatives (--num-negatives) is {num_negatives} but the corpus has only {corpus_size} documents: "
-            f"at most {corpus_size - 1} negatives can be mined per query (one is its positive)"
-        )
 
 
 class MiningStatistics:
@@ -184,23 +126,6 @@ class MiningStatistics:
         self.history = [dict(entry) for entry in state["history"]]
 
 
-@dataclass
-class RefreshPolicy:
-    """Re-embed the corpus every ``every`` completed steps (``refresh:N``); ``None`` never."""
-
-    every: int | None = None
-    last_step: int = 0
-
-    def due(self, step: int) -> bool:
-        return bool(self.every) and step > 0 and step % self.every == 0 and step != self.last_step
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"every": self.every, "last_step": self.last_step}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.last_step = int(state["last_step"])
-
-
 class NegativeMiner:
     """Scores the (corrected) cache and returns each query's admissible hard-negative rows.
 
@@ -214,8 +139,8 @@ class NegativeMiner:
             (the batch's own positives are always kept out).
         margin: also drop candidates whose score is above ``positive score - margin`` (likely false negatives).
         corrector: the corrector network whose ``normalize(h(cache))`` is scored for the correcting strategies;
-            default a 2-layer :class:`~st_daft.corrector.CorrectorNetwork`. Train it with a
-            :class:`~st_daft.corrector.CorrectorTrainer`.
+            default a 2-layer :class:`~st_daft.negatives.corrector.CorrectorNetwork`. Train it with a
+            :class:`~st_daft.negatives.corrector.CorrectorTrainer`.
         index: ``None`` (exact matmul up to ``exact_limit`` rows, else ``"flat"``), ``"exact"``, a faiss index kind
             (``"flat"``, ``"ivf"``, ``"hnsw"``: built over the (corrected) matrix and rebuilt every
             ``index_refresh_every`` steps while correcting), ``"query-side"`` (a stale faiss index searched with
@@ -223,7 +148,8 @@ class NegativeMiner:
             unnormalised ``q . h(e)``) or ``"two-step"`` (a shortlist of ``shortlist`` rows from the stale index
             searched with the query-side correction of ``h``'s least-squares linear part, re-ranked exactly by
             ``q . normalize(h(stale[rows]))``).
-        index_options: options of :func:`~st_daft.index.build_faiss_index` (``nlist``, ``nprobe``, ``hnsw_m``,
+        index_options: options of :func:`~st_daft.embeddings.index.build_faiss_index` (``nlist``, ``nprobe``,
+            ``hnsw_m``,
             ``storage`` ...; ``storage`` defaults to the cache's type, so a float16 cache gets a float16 index) and,
             for the query-side modes, ``base`` (the stale index kind, default ``"flat"``).
         encode_batch_size: batch size of full-corpus re-embeddings (``refresh:N``).

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SERVING_DTYPES", "StaticQueryEncoder", "export_static_model", "static_route_table"]
 
-QUERY_ROUTE = "query"  # st_daft.model.QUERY_ROUTE, repeated here so that serving does not import torch
+QUERY_ROUTE = "query"  # st_daft.models.asymmetric.QUERY_ROUTE, repeated here so that serving does not import torch
 SERVING_DTYPES = ("float32", "float16", "int8")
 
 
@@ -78,7 +78,7 @@ def static_route_table(
     import torch
     from sentence_transformers.sentence_transformer.modules import Normalize, Router, StaticEmbedding
 
-    from st_daft.model import route_prompt
+    from st_daft.models.asymmetric import route_prompt
 
     modules = list(model.children())
     routers = [index for index, module in enumerate(modules) if isinstance(module, Router)]

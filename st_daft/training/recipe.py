@@ -1,4 +1,4 @@
-"""The recipe: a list of stages (:mod:`st_daft.stages`) run in order on one model by :func:`train_daft`.
+"""The recipe: a list of stages (:mod:`st_daft.training.stages`) run in order on one model by :func:`train_daft`.
 
 DAFT itself (Leonhardt, Jahnke & Anand 2022) is ``align`` then ``finetune``; ``finetune`` alone is the plain
 (non-DAFT) baseline; ``vocabulary`` and ``corpus`` are label-free stages that run before them, and the only ones a
@@ -20,18 +20,15 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from st_daft.data import RetrievalData
-from st_daft.distributed import is_main_process
-from st_daft.io import atomic_write_json
-from st_daft.model import QUERY_ROUTE, has_route
-from st_daft.model_card import (
-    STAGE_DESCRIPTIONS,
-    attach_model_card,
-    negatives_from_log_history,
-    record_negatives,
-    record_stage,
-)
-from st_daft.stages import DEVICES, PRECISIONS, STAGE_TYPES, Stage, StageContext, StageResult
-from st_daft.store import DocumentEmbeddingStore
+from st_daft.embeddings.store import DocumentEmbeddingStore
+from st_daft.models.asymmetric import QUERY_ROUTE, has_route
+from st_daft.models.card import attach_model_card, negatives_from_log_history, record_negatives, record_stage
+from st_daft.models.card_data import STAGE_DESCRIPTIONS
+from st_daft.training.stages import STAGE_TYPES
+from st_daft.training.stages.base import DEVICES, PRECISIONS, Stage, StageContext, StageResult, TrainedStage
+from st_daft.training.stages.finetune import FinetuneStage
+from st_daft.utils.distributed import is_main_process
+from st_daft.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -83,15 +80,18 @@ class DAFTConfig:
     """The stages to run, and the settings they share.
 
     Args:
-        stages: stage objects (:class:`~st_daft.stages.VocabularyStage`, :class:`~st_daft.stages.CorpusStage`,
-            :class:`~st_daft.stages.AlignStage`, :class:`~st_daft.stages.FinetuneStage`, each with its own budget and
+        stages: stage objects (:class:`~st_daft.training.stages.vocabulary.VocabularyStage`,
+            :class:`~st_daft.training.stages.corpus.CorpusStage`,
+            :class:`~st_daft.training.stages.align.AlignStage`,
+            :class:`~st_daft.training.stages.finetune.FinetuneStage`, each with its own budget and
             loss settings) or stage names for their defaults, in that order. ``("align", "finetune")`` is DAFT,
             ``("finetune",)`` the plain baseline.
         validation_fraction: share of training queries held out for validation when the data has no dev split.
         num_validation_texts: held-out texts for the KL criterion.
         validation_corpus_size: documents the validation retrieval runs over (the validation queries' judged
             documents plus random others); None for the whole corpus. Each evaluation re-encodes them.
-        document_store: folder of a :class:`~st_daft.store.DocumentEmbeddingStore`. What the frozen document route
+        document_store: folder of a :class:`~st_daft.embeddings.store.DocumentEmbeddingStore`. What the frozen document
+            route
             embeds (vocabulary, label-free targets, the corpus cache) is kept there, keyed by the route, and later
             runs with the same document encoder read it back instead of encoding it again.
         cache_dtype: ``"float32"`` or ``"float16"`` (half the memory, vectors to about 1e-3): how the corpus cache
@@ -252,7 +252,7 @@ def train_daft(
         titles: document id -> title of a bare corpus (the corpus stage cuts pseudo-queries from titles).
 
     Returns:
-        A :class:`TrainingSummary`: one :class:`~st_daft.stages.StageResult` per stage that ran.
+        A :class:`TrainingSummary`: one :class:`~st_daft.training.stages.base.StageResult` per stage that ran.
     """
     config = config or DAFTConfig()
     output_dir = Path(output_dir)
@@ -288,7 +288,6 @@ def train_daft(
 
 def _record_on_card(model: SentenceTransformer, stage: Stage, result: StageResult, context: StageContext) -> None:
     """The stage's budget, learning rates, stop reason and final statistics (and its negatives) on the model card."""
-    from st_daft.stages import FinetuneStage, TrainedStage
 
     record: dict[str, Any] = {
         "name": result.name,

@@ -20,8 +20,8 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import StaticEmbedding
 
-from st_daft.fingerprint import route_fingerprint
-from st_daft.model import DOCUMENT_ROUTE, QUERY_ROUTE, get_route
+from st_daft.models.asymmetric import DOCUMENT_ROUTE, QUERY_ROUTE, get_route
+from st_daft.models.fingerprint import route_fingerprint
 
 __all__ = ["soup_static_routes", "SOUP_FILE"]
 

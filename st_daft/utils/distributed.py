@@ -30,9 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
-
-    from st_daft.store import DocumentEmbeddingStore
+    pass
 
 T = TypeVar("T")
 __all__ = [
@@ -42,7 +40,6 @@ __all__ = [
     "get_world_size",
     "is_main_process",
     "barrier",
-    "embed_sharded",
     "compute_sharded",
     "local_shard",
     "all_reduce_gradients",
@@ -97,28 +94,6 @@ def _communication_device(like: torch.device | None = None) -> torch.device:
     if dist.get_backend() == "nccl":
         return like if like is not None and like.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def embed_sharded(
-    model: SentenceTransformer,
-    texts: list[str],
-    batch_size: int = 64,
-    show_progress_bar: bool = False,
-    store: DocumentEmbeddingStore | None = None,
-) -> Tensor:
-    """Document-route embeddings of ``texts`` (CPU float32, in order), computed once across the process group.
-
-    In a process group each rank embeds one contiguous shard of ``texts`` and the shards are all-gathered, so every
-    rank returns the full matrix for ``1/world_size`` of the work; in one process this is
-    :func:`~st_daft.cache.embed_documents`. A ``store`` is read by every rank and written by each for its own shard
-    (stores take concurrent writers: every process writes its own shard files).
-    """
-    from st_daft.cache import embed_documents
-
-    def embed(shard: list[str], show: bool) -> Tensor:
-        return embed_documents(model, shard, batch_size, show_progress_bar=show, store=store)
-
-    return compute_sharded(texts, embed, show_progress_bar, like=model.device)
 
 
 def local_shard(items: list[T]) -> list[T]:
