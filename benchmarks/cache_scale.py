@@ -113,7 +113,7 @@ def faiss_search(index):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, help="folder for the memmaps (outside the repository)")
-    parser.add_argument("--output", default="benchmarks/results/cache_scale.json")
+    parser.add_argument("--output", default="benchmarks/results/scale/cache_scale.json")
     parser.add_argument("--size", type=int, default=1_000_000)
     parser.add_argument("--dimension", type=int, default=384)
     parser.add_argument("--clusters", type=int, default=2000)

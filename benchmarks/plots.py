@@ -9,7 +9,7 @@ Plots (one function each, callable on their own):
 
 - ``collapse_over_steps.png`` (:func:`plot_collapse`): query-route mean pairwise cosine and the 1-NN KL estimate
   per evaluation, plain joint fine-tuning vs DAFT, for the tiny transformer and the static query route
-  (``daft_f-plain``, ``daft_f-daft``, ``daft_d``, ``daft_e``: their ``collapse_trace``).
+  (``quality/daft_f-plain``, ``quality/daft_f-daft``, ``quality/daft_d``, ``quality/daft_e``: their ``collapse_trace``).
 - ``corrector_drift.png`` (:func:`plot_corrector_drift`): staleness of the cached document embeddings vs the
   corrector's error over fine-tuning steps (``corrector/result-*.json``: ``history``).
 - ``corrector_cost.png`` (:func:`plot_corrector_cost`): test nDCG@10 of each negatives strategy against the
@@ -18,8 +18,8 @@ Plots (one function each, callable on their own):
   the corrected cache with those mined from fresh embeddings (``corrector/topk_agreement.json``; skipped with a
   notice while that file does not exist).
 - ``query_encoder_frontier.png`` (:func:`plot_frontier`): queries/s at batch 1 against SciFact and python-faq
-  nDCG@10 for every query encoder measured by ``benchmarks/query_speed.py`` (``query_speed.json``, ``daft_*.json``),
-  BM25 as a reference line (``bm25_reference.json``).
+  nDCG@10 for every query encoder measured by ``benchmarks/query_speed.py`` (``serving/query_speed.json``, ``quality/daft_*.json``),
+  BM25 as a reference line (``quality/bm25_reference.json``).
 
 Nothing here holds a measured number: every figure comes from a results file.
 """
@@ -102,7 +102,7 @@ def plot_collapse(results_dir: Path, output: Path, pairs: dict[str, tuple[str, s
     """
     pairs = pairs or {"tiny:2,128 + MiniLM": ("f-plain", "f-daft"), "static + MiniLM": ("d", "e")}
     runs = {
-        title: (_load(results_dir / f"daft_{plain}.json"), _load(results_dir / f"daft_{daft}.json"))
+        title: (_load(results_dir / "quality" / f"daft_{plain}.json"), _load(results_dir / "quality" / f"daft_{daft}.json"))
         for title, (plain, daft) in pairs.items()
     }
     runs = {title: pair for title, pair in runs.items() if pair[0] or pair[1]}
@@ -404,12 +404,12 @@ def _encoder_family(setup: dict) -> str:
 
 
 def _frontier_points(results_dir: Path) -> list[dict]:
-    speeds = (_load(results_dir / "query_speed.json") or {}).get("models", {})
+    speeds = (_load(results_dir / "serving" / "query_speed.json") or {}).get("models", {})
     points = []
     for name, speed in speeds.items():
         if name.endswith(QUERY_ONLY_SUFFIX):
             continue
-        result = _load(results_dir / f"daft_{name}.json")
+        result = _load(results_dir / "quality" / f"daft_{name}.json")
         if result is None:
             continue
         served = speeds.get(name + QUERY_ONLY_SUFFIX)  # a Router model is served by its exported query route
@@ -477,7 +477,7 @@ def plot_frontier(results_dir: Path, output: Path) -> Path | None:
     if not points:
         print(f"skipped {output.name}: no query_speed.json with matching daft_*.json in {results_dir}")
         return None
-    bm25 = _load(results_dir / "bm25_reference.json") or {}
+    bm25 = _load(results_dir / "quality" / "bm25_reference.json") or {}
     datasets = [("scifact", "SciFact test (trained on SciFact train)"), ("python-faq", "python-faq (zero-shot)")]
     figure, axes = plt.subplots(1, 2, figsize=(13, 6), sharex=True)
     for axis, (key, title) in zip(axes, datasets):
