@@ -1,5 +1,12 @@
 """Adapt a static query route to a corpus with no queries at all, then score it on the corpus's queries.
 
+Question: Which corpus-stage settings adapt a static route best to a corpus with no queries (each knob on its own)?
+Command: ``python benchmarks/corpus_only.py --corpus ../shared/data/scifact --split train --document-store
+    runs/store --name dev-base``
+Results: benchmarks/results/experiments/pseudo_query_term/
+Page: docs/results/experiments.md
+
+
 Composes the library's label-free pieces by hand (no ``train_daft``), so each knob of the corpus stage can be
 varied on its own:
 
@@ -15,9 +22,9 @@ varied on its own:
 
 Example (today's composition, then with the text -> source-document term)::
 
-    python benchmarks/corpus_only.py --corpus ../shared/data/python-faq --document-store ../notes/store
+    python benchmarks/corpus_only.py --corpus ../shared/data/python-faq --document-store runs/store
     python benchmarks/corpus_only.py --corpus ../shared/data/scifact --split train --document-weight 1 \\
-        --document-store ../notes/store
+        --document-store runs/store
 
 Results go to ``benchmarks/results/corpus_only/<name>.json``.
 """

@@ -1,10 +1,16 @@
 """DAFT on SciFact: train each configuration, evaluate it through MTEB on SciFact test and python-faq.
 
+Question: What does each recipe and stage score on SciFact test and python-faq, and how long does it train?
+Command: ``python benchmarks/daft_scifact.py --config e --shared ../shared/data --work runs/bench``
+Results: benchmarks/results/quality/daft_<name>.json
+Page: docs/results/quality.md
+
+
 Usage (one configuration per call, results appended to a JSON file per configuration)::
 
     python benchmarks/daft_scifact.py --config e --shared ../shared/data --work runs/bench
 
-Configurations (issue #2):
+Configurations:
     a   all-MiniLM-L6-v2, symmetric, zero-shot
     b   all-MiniLM-L6-v2, symmetric, fine-tuned on SciFact train (plain InfoNCE)
     c   static query route + MiniLM document route, zero-shot

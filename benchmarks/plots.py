@@ -1,5 +1,11 @@
 """Re-create every plot in docs/ from the results JSON in benchmarks/results/.
 
+Question: What do the results files look like as plots?
+Command: ``python benchmarks/plots.py``
+Results: reads benchmarks/results/{quality,serving,corrector}/, writes docs/*.png
+Page: docs/results/ (every page with a plot)
+
+
 Usage::
 
     python benchmarks/plots.py                                  # reads benchmarks/results, writes docs/*.png
@@ -18,7 +24,8 @@ Plots (one function each, callable on their own):
   the corrected cache with those mined from fresh embeddings (``corrector/topk_agreement.json``; skipped with a
   notice while that file does not exist).
 - ``query_encoder_frontier.png`` (:func:`plot_frontier`): queries/s at batch 1 against SciFact and python-faq
-  nDCG@10 for every query encoder measured by ``benchmarks/query_speed.py`` (``serving/query_speed.json``, ``quality/daft_*.json``),
+  nDCG@10 for every query encoder measured by ``benchmarks/query_speed.py`` (``serving/query_speed.json``,
+  ``quality/daft_*.json``),
   BM25 as a reference line (``quality/bm25_reference.json``).
 
 Nothing here holds a measured number: every figure comes from a results file.
@@ -102,7 +109,10 @@ def plot_collapse(results_dir: Path, output: Path, pairs: dict[str, tuple[str, s
     """
     pairs = pairs or {"tiny:2,128 + MiniLM": ("f-plain", "f-daft"), "static + MiniLM": ("d", "e")}
     runs = {
-        title: (_load(results_dir / "quality" / f"daft_{plain}.json"), _load(results_dir / "quality" / f"daft_{daft}.json"))
+        title: (
+            _load(results_dir / "quality" / f"daft_{plain}.json"),
+            _load(results_dir / "quality" / f"daft_{daft}.json"),
+        )
         for title, (plain, daft) in pairs.items()
     }
     runs = {title: pair for title, pair in runs.items() if pair[0] or pair[1]}

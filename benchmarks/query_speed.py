@@ -1,5 +1,12 @@
 """Query-encoding speed, every measurement of a run in one process, one encoder after the other.
 
+Question: How many queries a second does each way of serving a query route encode, against MiniLM and the floor?
+Command: ``python benchmarks/query_speed.py --serving RUN --queries ../shared/data/scifact --output
+    benchmarks/results/serving/query_speed_serving_7_idle.json``
+Results: benchmarks/results/serving/
+Page: docs/results/serving.md
+
+
 Two modes.
 
 **Models** (``python benchmarks/query_speed.py MODEL ...``): for each model, ``encode_query`` queries per second at

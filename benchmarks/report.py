@@ -78,10 +78,16 @@ def _table(header: list[str], rows: list[list[str]], align: str | None = None) -
 # the default recipe (`st-daft train --data ../shared/data/scifact`), ten seeds
 DEFAULT_SEEDS = "quality/default_seeds/lab-wise*-s[0-9]-eval.json"
 # a corpus alone (`st-daft train --corpus CORPUS.jsonl`), per collection
-CORPUS_ONLY_SEEDS = {"scifact": "corpus_only/sft-words-s*-eval.json", "python-faq": "corpus_only/pf-wordsctx-s*-eval.json"}
+CORPUS_ONLY_SEEDS = {
+    "scifact": "corpus_only/sft-words-s*-eval.json",
+    "python-faq": "corpus_only/pf-wordsctx-s*-eval.json",
+}
 FUSION_WEIGHT = "0.15"  # `st-daft evaluate --fuse-bm25`'s default --fusion-weight
 FUSED = {"scifact": "fusion/fusion_weights_labelled.json", "python-faq": "fusion/fusion_weights_labelled.json"}
-SERVING = {"scifact": "serving/query_speed_serving_7_idle.json", "python-faq": "serving/query_speed_serving_corpus_words.json"}
+SERVING = {
+    "scifact": "serving/query_speed_serving_7_idle.json",
+    "python-faq": "serving/query_speed_serving_corpus_words.json",
+}
 SERVED_BY = "StaticQueryEncoder (float32)"
 
 
@@ -442,7 +448,8 @@ def cache_scale_table() -> str:
         f"{data['stale_error']:.4f}, linear corrector {data['corrector_linear']['corrected_error']:.1e}, 2-layer "
         f"corrector {data['corrector_mlp']['corrected_error']:.1e}. Corrector applied and IVF index rebuilt: "
         f"{rebuild['total_seconds']:.1f} s; streamed into the stale cells: "
-        f"{streamed['apply_corrector_and_fill_ivf_seconds']:.1f} s; peak resident memory {data['peak_rss_gib']:.1f} GiB."
+        f"{streamed['apply_corrector_and_fill_ivf_seconds']:.1f} s; "
+        f"peak resident memory {data['peak_rss_gib']:.1f} GiB."
     )
     machine = f"Machine: {data['machine']}; date {data['date']}."
     return _table(header, rows) + "\n\n" + lines + "\n\n" + machine + " " + _source("scale/cache_scale_1m.json")
@@ -485,9 +492,17 @@ def refresh_table() -> str:
                 f"{run['max_abs_error_vs_encode_document']:.1e}",
             ]
         )
-    header = ["re-embedding written to", "code", "seconds", "peak memory above start MiB", "max diff to encode_document"]
+    header = [
+        "re-embedding written to",
+        "code",
+        "seconds",
+        "peak memory above start MiB",
+        "max diff to encode_document",
+    ]
     machine = f"{data['rows']:,} x {data['dimension']} {data['dtype']}; machine {data['machine']}; date {data['date']}."
-    return _table(header, rows, "---|---|---:|---:|---:") + "\n\n" + machine + " " + _source("scale/refresh_memory.json")
+    return (
+        _table(header, rows, "---|---|---:|---:|---:") + "\n\n" + machine + " " + _source("scale/refresh_memory.json")
+    )
 
 
 def index_storage_table() -> str:
@@ -507,8 +522,12 @@ def index_storage_table() -> str:
     ]
     header = ["index", "storage", "rows", "faiss type", "build s", "memory MiB", "search ms", "top-20 overlap"]
     machine = f"Machine {data['machine']}; date {data['date']}."
-    return _table(header, rows, "---|---|---:|---|---:|---:|---:|---:") + "\n\n" + machine + " " + _source(
-        "scale/index_storage.json"
+    return (
+        _table(header, rows, "---|---|---:|---|---:|---:|---:|---:")
+        + "\n\n"
+        + machine
+        + " "
+        + _source("scale/index_storage.json")
     )
 
 
@@ -526,8 +545,12 @@ def corpus_sample_table() -> str:
     ]
     header = ["stage loss", "scored each step", "corpus rows", "s per step", "step peak memory MiB"]
     machine = f"Machine {data['machine']}; date {data['date']}."
-    return _table(header, rows, "---|---|---:|---:|---:") + "\n\n" + machine + " " + _source(
-        "scale/corpus_sample_scale_1m.json"
+    return (
+        _table(header, rows, "---|---|---:|---:|---:")
+        + "\n\n"
+        + machine
+        + " "
+        + _source("scale/corpus_sample_scale_1m.json")
     )
 
 
@@ -555,7 +578,13 @@ def corpus_sample_quality_table() -> str:
                 _fmt(_mean(tiny)),
             ]
         )
-    header = ["run", "whole corpus, seed 0", "2,048-row sample, seeds 0-2", "seed 0 difference", "512 rows, 2 neighbours"]
+    header = [
+        "run",
+        "whole corpus, seed 0",
+        "2,048-row sample, seeds 0-2",
+        "seed 0 difference",
+        "512 rows, 2 neighbours",
+    ]
     return _table(header, rows, "---|---:|---|---:|---:") + "\n\n" + _source("scale/corpus_sample_quality/*.json")
 
 
@@ -575,8 +604,10 @@ def ddp_table() -> str:
         for name, run in data["runs"].items()
     ]
     header = ["run", "per-process batch", "training wall time", "SciFact test nDCG@10", "final 1-NN KL"]
-    return _table(header, rows) + f"\n\n{data['steps']} align steps, global batch {data['global_batch']}. " + _source(
-        "crash_safety/ddp_scifact.json"
+    return (
+        _table(header, rows)
+        + f"\n\n{data['steps']} align steps, global batch {data['global_batch']}. "
+        + _source("crash_safety/ddp_scifact.json")
     )
 
 

@@ -15,7 +15,7 @@ history+="|\\b(this|that|a|one|each|every|same|earlier|later|previous|next|last|
 history+="|\\bthe session\\b|\\bsessions? (measured|of work)\\b|\\bin this round\\b"
 history+="|\\b(issue|ticket)s? ?#?[0-9]+|(^|[ (])#[0-9]+\\b|\\bissue #"
 status=0
-if grep -rnIE --exclude-dir=__pycache__ --exclude-dir=site "$history" "${targets[@]}"; then
+if grep -rniIE --exclude-dir=__pycache__ --exclude-dir=site "$history" "${targets[@]}"; then
     echo "check_wording: work history above (ordinals of work, ticket numbers); say what the project does instead" >&2
     status=1
 fi

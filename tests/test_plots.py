@@ -86,7 +86,9 @@ def results(tmp_path: Path) -> Path:
             }
         },
     )
-    _write(root / "quality" / "bm25_reference.json", {"scifact": {"ndcg_at_10": 0.65}, "python-faq": {"ndcg_at_10": 0.35}})
+    _write(
+        root / "quality" / "bm25_reference.json", {"scifact": {"ndcg_at_10": 0.65}, "python-faq": {"ndcg_at_10": 0.35}}
+    )
     history = [{"step": float(step), "stale_error": 0.02 * step} for step in range(1, 6)]
     corrected_history = [{**row, "corrected_error": row["stale_error"] / 2} for row in history]
     _write(
