@@ -470,9 +470,7 @@ def _place_labels(axis: plt.Axes, points: list[tuple[float, float, str]]) -> Non
         for dx, dy, align in candidates:
             if annotation is not None:
                 annotation.remove()
-            annotation = axis.annotate(
-                text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7.5, ha=align
-            )
+            annotation = axis.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=9, ha=align)
             box = annotation.get_window_extent(renderer).expanded(1.04, 1.15)
             covers_label = any(box.overlaps(other) for other in taken)
             covers_point = any(box.contains(px, py) for px, py in markers)
@@ -489,7 +487,8 @@ def plot_frontier(results_dir: Path, output: Path) -> Path | None:
         return None
     bm25 = _load(results_dir / "quality" / "bm25_reference.json") or {}
     datasets = [("scifact", "SciFact test (trained on SciFact train)"), ("python-faq", "python-faq (zero-shot)")]
-    figure, axes = plt.subplots(1, 2, figsize=(13, 6), sharex=True)
+    # one panel above the other, so that the figure reads at the width of a docs page
+    figure, axes = plt.subplots(2, 1, figsize=(9, 11.5), sharex=True)
     for axis, (key, title) in zip(axes, datasets):
         scored = [point for point in points if point[key] is not None]
         axis.set_xscale("log")
@@ -525,19 +524,20 @@ def plot_frontier(results_dir: Path, output: Path) -> Path | None:
         if reference is not None:
             axis.axhline(reference, color="#8c564b", ls="--", lw=1.2, label="BM25 reference (speed not measured)")
             axis.text(55, reference + 0.01, f"BM25 {reference:.3f}", color="#8c564b", fontsize=8, va="bottom")
-        axis.set_xlabel("queries/s at batch 1 (log; query route served alone, 2 CPU cores)")
-        axis.set_ylabel("nDCG@10")
-        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("queries/s at batch 1 (log; query route served alone, 2 CPU cores)", fontsize=11)
+        axis.set_ylabel("nDCG@10", fontsize=11)
+        axis.set_title(title, fontsize=12)
+        axis.tick_params(labelsize=10)
         axis.grid(alpha=0.3, which="both")
     handles: dict = {}
     for axis in axes:  # one legend for both panels, below them
         for handle, label in zip(*axis.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     figure.legend(
-        handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 4), fontsize=8.5, frameon=False
+        handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 2), fontsize=10, frameon=False
     )
-    figure.suptitle("Query encoders beside a MiniLM document route: speed vs quality", fontsize=12)
-    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    figure.suptitle("Query encoders beside a MiniLM document route: speed vs quality", fontsize=13)
+    figure.tight_layout(rect=(0, 0.09, 1, 1))
     for axis, (key, _) in zip(axes, datasets):  # after the layout, so that the overlap checks see final positions
         _place_labels(axis, [(p["queries_per_second"], p[key], p["label"]) for p in points if p[key] is not None])
     return _save(figure, output)

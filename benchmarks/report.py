@@ -46,6 +46,14 @@ def _files(pattern: str) -> list[Path]:
     return sorted(RESULTS.glob(pattern), key=key)
 
 
+def _date(value: str) -> str:
+    """An ISO timestamp of a results file as a reader reads it: 2026-11-23 07:02 UTC."""
+    match = re.match(r"(\d{4}-\d{2}-\d{2})(?:T(\d{2}:\d{2}))?", value)
+    if not match:
+        return value
+    return match.group(1) + (f" {match.group(2)} UTC" if match.group(2) else "")
+
+
 def _source(*patterns: str) -> str:
     """The line under a table that names the files it was rendered from."""
     return "Rendered from " + ", ".join(f"`benchmarks/results/{pattern}`" for pattern in patterns) + "."
@@ -419,7 +427,7 @@ def serving_table(relative: str) -> str:
             ]
         )
     header = ["encoder", "queries/s b=1", "p50 ms", "p99 ms", "x MiniLM", "x floor", "queries/s b=32"]
-    machine = f"Machine: {data['machine']}; torch threads {data.get('torch_threads', '–')}; date {data['date']}."
+    machine = f"Machine: {data['machine']}; torch threads {data.get('torch_threads', '–')}; date {_date(data['date'])}."
     return _table(header, rows) + "\n\n" + machine + " " + _source(relative)
 
 
@@ -451,7 +459,7 @@ def cache_scale_table() -> str:
         f"{streamed['apply_corrector_and_fill_ivf_seconds']:.1f} s; "
         f"peak resident memory {data['peak_rss_gib']:.1f} GiB."
     )
-    machine = f"Machine: {data['machine']}; date {data['date']}."
+    machine = f"Machine: {data['machine']}; date {_date(data['date'])}."
     return _table(header, rows) + "\n\n" + lines + "\n\n" + machine + " " + _source("scale/cache_scale_1m.json")
 
 
@@ -474,7 +482,11 @@ def store_table() -> str:
             )
     header = ["rows in the store", "store", "rows read", "seconds", "peak anonymous memory MiB"]
     date = _load("scale/store_scale_after.json")["date"]
-    return _table(header, rows, "---:|---|---:|---:|---:") + f"\n\nDate {date}. " + _source("scale/store_scale_*.json")
+    return (
+        _table(header, rows, "---:|---|---:|---:|---:")
+        + f"\n\nDate {_date(date)}. "
+        + _source("scale/store_scale_*.json")
+    )
 
 
 def refresh_table() -> str:
@@ -499,7 +511,8 @@ def refresh_table() -> str:
         "peak memory above start MiB",
         "max diff to encode_document",
     ]
-    machine = f"{data['rows']:,} x {data['dimension']} {data['dtype']}; machine {data['machine']}; date {data['date']}."
+    machine = f"{data['rows']:,} x {data['dimension']} {data['dtype']}; machine {data['machine']}; "
+    machine += f"date {_date(data['date'])}."
     return (
         _table(header, rows, "---|---|---:|---:|---:") + "\n\n" + machine + " " + _source("scale/refresh_memory.json")
     )
@@ -521,7 +534,7 @@ def index_storage_table() -> str:
         for run in data["results"]
     ]
     header = ["index", "storage", "rows", "faiss type", "build s", "memory MiB", "search ms", "top-20 overlap"]
-    machine = f"Machine {data['machine']}; date {data['date']}."
+    machine = f"Machine {data['machine']}; date {_date(data['date'])}."
     return (
         _table(header, rows, "---|---|---:|---|---:|---:|---:|---:")
         + "\n\n"
@@ -544,7 +557,7 @@ def corpus_sample_table() -> str:
         for run in data["results"]
     ]
     header = ["stage loss", "scored each step", "corpus rows", "s per step", "step peak memory MiB"]
-    machine = f"Machine {data['machine']}; date {data['date']}."
+    machine = f"Machine {data['machine']}; date {_date(data['date'])}."
     return (
         _table(header, rows, "---|---|---:|---:|---:")
         + "\n\n"

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 repo="$(pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-pip_quiet=(python -m pip install --quiet --disable-pip-version-check)
+pip_quiet=(python -m pip install --quiet --disable-pip-version-check --no-compile)
 
 echo "package check: building sdist and wheel"
 python -m build --no-isolation --sdist --wheel --outdir "$work/dist" . >"$work/build.log" 2>&1 || {
@@ -55,7 +55,7 @@ from sentence_transformers import SentenceTransformer
 
 work = Path(sys.argv[1])
 summary = json.loads((work / "run" / "daft_summary.json").read_text())
-steps = [stage["global_step"] for stage in summary["stages"]]
+steps = [stage["steps"] for stage in summary["stages"]]
 assert steps == [3], f"expected one stage of 3 steps, got {steps}"
 queries = [json.loads(line)["text"] for line in (work / "fixture" / "beir" / "queries.jsonl").open()]
 vectors = SentenceTransformer(str(work / "run")).encode_query(queries)
