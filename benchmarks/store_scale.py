@@ -7,8 +7,8 @@ Results: benchmarks/results/scale/store_scale_*.json
 Page: docs/results/scale.md
 
 A :class:`~st_daft.embeddings.store.DocumentEmbeddingStore` is filled with ``--rows`` synthetic ``--dimension``-d
-float32 vectors for the texts ``"document 0"``, ``"document 1"``, ... under all-MiniLM-L6-v2's document key (written once,
-outside the repository, in the store's own shards of 8,192 rows). Then, each in a fresh process so that its peak
+float32 vectors for the texts ``"document 0"``, ``"document 1"``, ... under all-MiniLM-L6-v2's document key (written
+once, outside the repository, in the store's own shards of 8,192 rows). Then, each in a fresh process so that its peak
 resident memory is its own:
 
 - ``sample``: open the store and read back ``--sample`` random rows (an evaluation corpus of that size);
