@@ -18,8 +18,10 @@ scripts/setup.sh "$venv"
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 export TOKENIZERS_PARALLELISM=false
-[[ -d "$data" ]] && export HF_HUB_OFFLINE=1   # a local folder needs no Hub; the packaged MiniLM is used
+if [[ -d "$data" ]]; then
+    export HF_HUB_OFFLINE=1   # a local folder needs no Hub; the packaged all-MiniLM-L6-v2 is used
+fi
 minilm="$(python -c 'from st_daft import default_document_encoder; print(default_document_encoder())')"
-st-daft train --data "$data" --output "$output" --document-store runs/store --overwrite
+st-daft train --data "$data" --output "$output" --document-store runs/store   # refuses an OUTPUT_DIR that holds a run
 st-daft evaluate "$output" "$minilm" --data "$data" --split test --document-store runs/store --baseline bm25 \
     --fuse-bm25 --output "$output/scifact-test.json"
