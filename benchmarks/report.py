@@ -459,6 +459,13 @@ def cache_scale_table() -> str:
         f"{streamed['apply_corrector_and_fill_ivf_seconds']:.1f} s; "
         f"peak resident memory {data['peak_rss_gib']:.1f} GiB."
     )
+    hnsw = data.get("hnsw")
+    if hnsw:
+        lines += (
+            f" The HNSW rows search {hnsw['rows']:,} rows and compare with the exact search over all of them; exact "
+            f"search over the same {hnsw['rows']:,} rows serves {hnsw['exact_queries_per_second_on_same_rows']:,.0f} "
+            f"queries/s (HNSW build {hnsw['build_seconds']:.0f} s)."
+        )
     machine = f"Machine: {data['machine']}; date {_date(data['date'])}."
     return _table(header, rows) + "\n\n" + lines + "\n\n" + machine + " " + _source("scale/cache_scale_1m.json")
 
