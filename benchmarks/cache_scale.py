@@ -23,7 +23,7 @@ one
   IVF, HNSW (on ``--hnsw-size`` rows if smaller), query-side linear correction (the *stale* IVF index searched with
   ``q + W^T q``, never rebuilt) and two-step (a query-side shortlist re-ranked by the 2-layer corrector).
 
-    python benchmarks/cache_scale.py --work runs/cache-scale --output benchmarks/results/cache_scale.json
+    python benchmarks/cache_scale.py --work runs/cache-scale --output benchmarks/results/scale/cache_scale.json
 """
 
 from __future__ import annotations

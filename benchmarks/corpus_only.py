@@ -26,7 +26,7 @@ Example (today's composition, then with the text -> source-document term)::
     python benchmarks/corpus_only.py --corpus ../shared/data/scifact --split train --document-weight 1 \\
         --document-store runs/store
 
-Results go to ``benchmarks/results/corpus_only/<name>.json``.
+Results go to ``benchmarks/results/experiments/pseudo_query_term/<name>.json``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from st_daft.losses.label_free import LabelFreeAlignmentLoss
 from st_daft.models.asymmetric import DOCUMENT_ROUTE, QUERY_ROUTE
 
 logger = logging.getLogger("corpus_only")
-RESULTS = Path(__file__).parent / "results" / "corpus_only"
+RESULTS = Path(__file__).parent / "results" / "experiments" / "pseudo_query_term"
 KL_NAME = "alignment"
 PSEUDO_NAME = "pseudo"
 PSEUDO_METRIC = f"eval_{PSEUDO_NAME}_cosine_ndcg@10"

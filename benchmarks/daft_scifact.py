@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--config", required=True, choices=sorted(CONFIGS))
     parser.add_argument("--shared", default="../shared/data", help="folder holding scifact/ and python-faq/")
     parser.add_argument("--work", default="runs/bench", help="where trained models go")
-    parser.add_argument("--results", default="benchmarks/results", help="where the JSON results go")
+    parser.add_argument("--results", default="benchmarks/results/quality", help="where the JSON results go")
     parser.add_argument("--name", default=None, help="result name (default: the configuration)")
     parser.add_argument("--query-encoder", default=None)
     parser.add_argument("--stages", default=None, help="comma-separated, overrides the configuration")

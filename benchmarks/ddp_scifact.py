@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument(
         "--device", default=None, help="st-daft train --device (cpu on a CPU-only machine: see README, torchrun)"
     )
-    parser.add_argument("--output", default="benchmarks/results/ddp_scifact.json")
+    parser.add_argument("--output", default="benchmarks/results/crash_safety/ddp_scifact.json")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
