@@ -1,5 +1,13 @@
 """Million-document caches: apply a corrector and rebuild an index within a bounded memory, and mine fast.
 
+Question: Can a corrector be applied and the miner's index rebuilt over a million-row cache within bounded memory,
+    and how fast and exact is mining then?
+Command: ``python benchmarks/cache_scale.py --work runs/cache-scale-1m --size 1000000 --clusters 2000 --nlist 1024
+    --output benchmarks/results/scale/cache_scale_1m.json``
+Results: benchmarks/results/scale/cache_scale_1m.json
+Page: docs/results/scale.md
+
+
 A synthetic float16 cache of ``--size`` x ``--dimension`` unit vectors (clustered, as document embeddings are) is
 written chunk by chunk into a memmap outside the repository. A measured drift maps each stale vector to its fresh
 one: ``fresh = normalize(stale + stale D + 0.1 tanh(stale M))`` (a structured linear drift plus a small non-linear
@@ -15,7 +23,7 @@ one
   IVF, HNSW (on ``--hnsw-size`` rows if smaller), query-side linear correction (the *stale* IVF index searched with
   ``q + W^T q``, never rebuilt) and two-step (a query-side shortlist re-ranked by the 2-layer corrector).
 
-    python benchmarks/cache_scale.py --work /tmp/cache-scale --output benchmarks/results/cache_scale.json
+    python benchmarks/cache_scale.py --work runs/cache-scale --output benchmarks/results/scale/cache_scale.json
 """
 
 from __future__ import annotations
@@ -113,7 +121,7 @@ def faiss_search(index):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, help="folder for the memmaps (outside the repository)")
-    parser.add_argument("--output", default="benchmarks/results/cache_scale.json")
+    parser.add_argument("--output", default="benchmarks/results/scale/cache_scale.json")
     parser.add_argument("--size", type=int, default=1_000_000)
     parser.add_argument("--dimension", type=int, default=384)
     parser.add_argument("--clusters", type=int, default=2000)

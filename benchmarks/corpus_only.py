@@ -1,5 +1,12 @@
 """Adapt a static query route to a corpus with no queries at all, then score it on the corpus's queries.
 
+Question: Which corpus-stage settings adapt a static route best to a corpus with no queries (each knob on its own)?
+Command: ``python benchmarks/corpus_only.py --corpus ../shared/data/scifact --split train --document-store
+    runs/store --name dev-base``
+Results: benchmarks/results/experiments/pseudo_query_term/
+Page: docs/results/experiments.md
+
+
 Composes the library's label-free pieces by hand (no ``train_daft``), so each knob of the corpus stage can be
 varied on its own:
 
@@ -15,11 +22,11 @@ varied on its own:
 
 Example (today's composition, then with the text -> source-document term)::
 
-    python benchmarks/corpus_only.py --corpus ../shared/data/python-faq --document-store ../notes/store
+    python benchmarks/corpus_only.py --corpus ../shared/data/python-faq --document-store runs/store
     python benchmarks/corpus_only.py --corpus ../shared/data/scifact --split train --document-weight 1 \\
-        --document-store ../notes/store
+        --document-store runs/store
 
-Results go to ``benchmarks/results/corpus_only/<name>.json``.
+Results go to ``benchmarks/results/experiments/pseudo_query_term/<name>.json``.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ from st_daft.losses.label_free import LabelFreeAlignmentLoss
 from st_daft.models.asymmetric import DOCUMENT_ROUTE, QUERY_ROUTE
 
 logger = logging.getLogger("corpus_only")
-RESULTS = Path(__file__).parent / "results" / "corpus_only"
+RESULTS = Path(__file__).parent / "results" / "experiments" / "pseudo_query_term"
 KL_NAME = "alignment"
 PSEUDO_NAME = "pseudo"
 PSEUDO_METRIC = f"eval_{PSEUDO_NAME}_cosine_ndcg@10"

@@ -1,5 +1,12 @@
 """The corpus and align stages' softmax over a million-document corpus: the whole corpus against a sample of it.
 
+Question: What do the corpus and align stages' corpus-wide softmaxes cost at a million documents, whole against sampled?
+Command: ``python benchmarks/corpus_sample_scale.py --work runs/corpus-sample --output
+    benchmarks/results/scale/corpus_sample_scale_1m.json``
+Results: benchmarks/results/scale/corpus_sample_scale_1m.json
+Page: docs/results/scale.md
+
+
 A float16 cache of ``--rows`` clustered unit vectors (``cache_scale.write_stale_cache``) is written once as a memmap,
 as ``--cache-on-disk --cache-dtype float16`` keeps it. Then, each in a fresh process so that its memory is its own:
 
@@ -15,7 +22,7 @@ memory it holds, seconds per step (forward and backward, after one warm step) an
 the steps. ``corpus`` also times the teacher-neighbour search (``with_teacher_neighbours``, exact, chunked over the
 memmap) for ``--neighbour-texts`` texts.
 
-    python benchmarks/corpus_sample_scale.py --work /tmp/corpus-sample --output benchmarks/results/S.json
+    python benchmarks/corpus_sample_scale.py --work runs/corpus-sample --output benchmarks/results/S.json
 """
 
 from __future__ import annotations

@@ -1,8 +1,14 @@
 """Corrector-adjusted stale-cache hard-negative mining on SciFact: strategy x (nDCG@10, texts encoded, wall time).
 
+Question: Which negatives strategy buys what on SciFact: quality, texts encoded, wall time, cache staleness?
+Command: ``python benchmarks/corrector_scifact.py prepare|run|report --data ../shared/data/scifact --work
+    runs/corrector-bench``
+Results: benchmarks/results/corrector/
+Page: docs/results/corrector.md
+
 Three sub-commands, all sharing one work folder (outside the repository; SciFact is read where it lies):
 
-    python benchmarks/corrector_scifact.py prepare --data /work/shared/data/scifact --work /tmp/corrector-bench
+    python benchmarks/corrector_scifact.py prepare --data ../shared/data/scifact --work runs/corrector-bench
     python benchmarks/corrector_scifact.py run --strategy corrected --data ... --work ...
     python benchmarks/corrector_scifact.py report --work ... [--plot docs/corrector_drift.png]
 

@@ -1,10 +1,16 @@
 """DAFT on SciFact: train each configuration, evaluate it through MTEB on SciFact test and python-faq.
 
+Question: What does each recipe and stage score on SciFact test and python-faq, and how long does it train?
+Command: ``python benchmarks/daft_scifact.py --config e --shared ../shared/data --work runs/bench``
+Results: benchmarks/results/quality/daft_<name>.json
+Page: docs/results/quality.md
+
+
 Usage (one configuration per call, results appended to a JSON file per configuration)::
 
     python benchmarks/daft_scifact.py --config e --shared ../shared/data --work runs/bench
 
-Configurations (issue #2):
+Configurations:
     a   all-MiniLM-L6-v2, symmetric, zero-shot
     b   all-MiniLM-L6-v2, symmetric, fine-tuned on SciFact train (plain InfoNCE)
     c   static query route + MiniLM document route, zero-shot
@@ -101,7 +107,7 @@ def main() -> None:
     parser.add_argument("--config", required=True, choices=sorted(CONFIGS))
     parser.add_argument("--shared", default="../shared/data", help="folder holding scifact/ and python-faq/")
     parser.add_argument("--work", default="runs/bench", help="where trained models go")
-    parser.add_argument("--results", default="benchmarks/results", help="where the JSON results go")
+    parser.add_argument("--results", default="benchmarks/results/quality", help="where the JSON results go")
     parser.add_argument("--name", default=None, help="result name (default: the configuration)")
     parser.add_argument("--query-encoder", default=None)
     parser.add_argument("--stages", default=None, help="comma-separated, overrides the configuration")

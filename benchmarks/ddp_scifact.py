@@ -1,6 +1,12 @@
 """2-process (torchrun, DDP) against 1-process training on SciFact, with the same global batch: final nDCG@10 on the
 test split and training wall time.
 
+Question: Do two processes (torchrun, DDP) end where one does, at the same global batch?
+Command: ``python benchmarks/ddp_scifact.py --data ../shared/data/scifact --work runs/ddp-bench --output
+    benchmarks/results/crash_safety/ddp_scifact.json``
+Results: benchmarks/results/crash_safety/ddp_scifact.json
+Page: docs/results/crash-safety.md
+
 The budget is the DAFT alignment stage (static query route, MiniLM document route frozen; the corpus cache comes
 from the document store, so neither run encodes the corpus), which is what fits this CPU machine; the commands are
 the ordinary ``st-daft train`` / ``st-daft evaluate`` ones, so a GPU node runs the same with ``--nproc``, a larger
@@ -9,8 +15,8 @@ cannot improve, and this measures the overhead of DDP and the equality of the re
 
 Usage::
 
-    python benchmarks/ddp_scifact.py --data ../shared/data/scifact --work /tmp/ddp-bench \
-        --document-store ../notes/store --steps 200 --global-batch 64
+    python benchmarks/ddp_scifact.py --data ../shared/data/scifact --work runs/ddp-bench \
+        --document-store runs/store --steps 200 --global-batch 64
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ def main() -> None:
     parser.add_argument(
         "--device", default=None, help="st-daft train --device (cpu on a CPU-only machine: see README, torchrun)"
     )
-    parser.add_argument("--output", default="benchmarks/results/ddp_scifact.json")
+    parser.add_argument("--output", default="benchmarks/results/crash_safety/ddp_scifact.json")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

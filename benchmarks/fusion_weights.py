@@ -1,5 +1,12 @@
 """nDCG@10 of routes fused with BM25 (``st_daft.HybridSearch``) at several BM25 weights, on several collections.
 
+Question: At which BM25 weight does a route fused with BM25 score best, per collection?
+Command: ``python benchmarks/fusion_weights.py RUN [RUN ...] --data ../shared/data/scifact --output
+    benchmarks/results/fusion/fusion_weights_labelled.json``
+Results: benchmarks/results/fusion/fusion_weights_*.json
+Page: docs/results/fusion.md
+
+
 ``st-daft evaluate MODEL --fuse-bm25`` scores one weight (``--fusion-weight``, 0.15 by default); this script scores a
 grid of them for each model and collection, with the same fusion (``HybridSearch.fused_scores``: similarity + w x
 BM25 / the query's best BM25 score, BM25 over its 1,000 best documents) and MTEB's metric code (pytrec_eval), so its
@@ -8,7 +15,7 @@ figures at a weight equal ``st-daft evaluate``'s. Weight 0 is the model alone.
 Example::
 
     python benchmarks/fusion_weights.py R1 R2 all-MiniLM-L6-v2 --data ../shared/data/scifact \\
-        --data ../shared/data/python-faq --document-store S --output benchmarks/results/twelfth_session/f.json
+        --data ../shared/data/python-faq --document-store S --output benchmarks/results/fusion/f.json
 """
 
 from __future__ import annotations

@@ -1,5 +1,13 @@
 """The negative miner's faiss index over a float16 cache: float32 storage against float16 storage.
 
+Question: What does float16 storage save in the miner's faiss index over a float16 cache, and does it find the same
+    neighbours?
+Command: ``python benchmarks/index_storage.py --work runs/index-storage --output
+    benchmarks/results/scale/index_storage.json``
+Results: benchmarks/results/scale/index_storage.json
+Page: docs/results/scale.md
+
+
 A float16 cache (``--cache-dtype float16``) of ``--rows`` clustered unit vectors (``cache_scale.write_stale_cache``) is
 written once as a memmap. Then, each in a fresh process so that its memory is its own, an index of each kind
 (``flat``, ``ivf``, ``hnsw``) is built over it with ``storage="float32"`` and ``storage="float16"``
@@ -9,7 +17,7 @@ rows for their top ``--k``. Each reports build seconds, the anonymous resident m
 milliseconds for the batch, and the overlap of its top k with the exact top k over the float16 cache (chunked
 ``exact_search``). HNSW runs on the first ``--hnsw-rows`` rows (its build is the slow part on a CPU).
 
-    python benchmarks/index_storage.py --work /tmp/index-storage --output benchmarks/results/S.json
+    python benchmarks/index_storage.py --work runs/index-storage --output benchmarks/results/S.json
 """
 
 from __future__ import annotations

@@ -1,5 +1,11 @@
 """Re-create every plot in docs/ from the results JSON in benchmarks/results/.
 
+Question: What do the results files look like as plots?
+Command: ``python benchmarks/plots.py``
+Results: reads benchmarks/results/{quality,serving,corrector}/, writes docs/*.png
+Page: docs/results/ (every page with a plot)
+
+
 Usage::
 
     python benchmarks/plots.py                                  # reads benchmarks/results, writes docs/*.png
@@ -9,7 +15,7 @@ Plots (one function each, callable on their own):
 
 - ``collapse_over_steps.png`` (:func:`plot_collapse`): query-route mean pairwise cosine and the 1-NN KL estimate
   per evaluation, plain joint fine-tuning vs DAFT, for the tiny transformer and the static query route
-  (``daft_f-plain``, ``daft_f-daft``, ``daft_d``, ``daft_e``: their ``collapse_trace``).
+  (``quality/daft_f-plain``, ``quality/daft_f-daft``, ``quality/daft_d``, ``quality/daft_e``: their ``collapse_trace``).
 - ``corrector_drift.png`` (:func:`plot_corrector_drift`): staleness of the cached document embeddings vs the
   corrector's error over fine-tuning steps (``corrector/result-*.json``: ``history``).
 - ``corrector_cost.png`` (:func:`plot_corrector_cost`): test nDCG@10 of each negatives strategy against the
@@ -18,8 +24,9 @@ Plots (one function each, callable on their own):
   the corrected cache with those mined from fresh embeddings (``corrector/topk_agreement.json``; skipped with a
   notice while that file does not exist).
 - ``query_encoder_frontier.png`` (:func:`plot_frontier`): queries/s at batch 1 against SciFact and python-faq
-  nDCG@10 for every query encoder measured by ``benchmarks/query_speed.py`` (``query_speed.json``, ``daft_*.json``),
-  BM25 as a reference line (``bm25_reference.json``).
+  nDCG@10 for every query encoder measured by ``benchmarks/query_speed.py`` (``serving/query_speed.json``,
+  ``quality/daft_*.json``),
+  BM25 as a reference line (``quality/bm25_reference.json``).
 
 Nothing here holds a measured number: every figure comes from a results file.
 """
@@ -102,7 +109,10 @@ def plot_collapse(results_dir: Path, output: Path, pairs: dict[str, tuple[str, s
     """
     pairs = pairs or {"tiny:2,128 + MiniLM": ("f-plain", "f-daft"), "static + MiniLM": ("d", "e")}
     runs = {
-        title: (_load(results_dir / f"daft_{plain}.json"), _load(results_dir / f"daft_{daft}.json"))
+        title: (
+            _load(results_dir / "quality" / f"daft_{plain}.json"),
+            _load(results_dir / "quality" / f"daft_{daft}.json"),
+        )
         for title, (plain, daft) in pairs.items()
     }
     runs = {title: pair for title, pair in runs.items() if pair[0] or pair[1]}
@@ -404,12 +414,12 @@ def _encoder_family(setup: dict) -> str:
 
 
 def _frontier_points(results_dir: Path) -> list[dict]:
-    speeds = (_load(results_dir / "query_speed.json") or {}).get("models", {})
+    speeds = (_load(results_dir / "serving" / "query_speed.json") or {}).get("models", {})
     points = []
     for name, speed in speeds.items():
         if name.endswith(QUERY_ONLY_SUFFIX):
             continue
-        result = _load(results_dir / f"daft_{name}.json")
+        result = _load(results_dir / "quality" / f"daft_{name}.json")
         if result is None:
             continue
         served = speeds.get(name + QUERY_ONLY_SUFFIX)  # a Router model is served by its exported query route
@@ -460,9 +470,7 @@ def _place_labels(axis: plt.Axes, points: list[tuple[float, float, str]]) -> Non
         for dx, dy, align in candidates:
             if annotation is not None:
                 annotation.remove()
-            annotation = axis.annotate(
-                text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7.5, ha=align
-            )
+            annotation = axis.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=9, ha=align)
             box = annotation.get_window_extent(renderer).expanded(1.04, 1.15)
             covers_label = any(box.overlaps(other) for other in taken)
             covers_point = any(box.contains(px, py) for px, py in markers)
@@ -477,9 +485,10 @@ def plot_frontier(results_dir: Path, output: Path) -> Path | None:
     if not points:
         print(f"skipped {output.name}: no query_speed.json with matching daft_*.json in {results_dir}")
         return None
-    bm25 = _load(results_dir / "bm25_reference.json") or {}
+    bm25 = _load(results_dir / "quality" / "bm25_reference.json") or {}
     datasets = [("scifact", "SciFact test (trained on SciFact train)"), ("python-faq", "python-faq (zero-shot)")]
-    figure, axes = plt.subplots(1, 2, figsize=(13, 6), sharex=True)
+    # one panel above the other, so that the figure reads at the width of a docs page
+    figure, axes = plt.subplots(2, 1, figsize=(9, 11.5), sharex=True)
     for axis, (key, title) in zip(axes, datasets):
         scored = [point for point in points if point[key] is not None]
         axis.set_xscale("log")
@@ -515,19 +524,20 @@ def plot_frontier(results_dir: Path, output: Path) -> Path | None:
         if reference is not None:
             axis.axhline(reference, color="#8c564b", ls="--", lw=1.2, label="BM25 reference (speed not measured)")
             axis.text(55, reference + 0.01, f"BM25 {reference:.3f}", color="#8c564b", fontsize=8, va="bottom")
-        axis.set_xlabel("queries/s at batch 1 (log; query route served alone, 2 CPU cores)")
-        axis.set_ylabel("nDCG@10")
-        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("queries/s at batch 1 (log; query route served alone, 2 CPU cores)", fontsize=11)
+        axis.set_ylabel("nDCG@10", fontsize=11)
+        axis.set_title(title, fontsize=12)
+        axis.tick_params(labelsize=10)
         axis.grid(alpha=0.3, which="both")
     handles: dict = {}
     for axis in axes:  # one legend for both panels, below them
         for handle, label in zip(*axis.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     figure.legend(
-        handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 4), fontsize=8.5, frameon=False
+        handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 2), fontsize=10, frameon=False
     )
-    figure.suptitle("Query encoders beside a MiniLM document route: speed vs quality", fontsize=12)
-    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    figure.suptitle("Query encoders beside a MiniLM document route: speed vs quality", fontsize=13)
+    figure.tight_layout(rect=(0, 0.09, 1, 1))
     for axis, (key, _) in zip(axes, datasets):  # after the layout, so that the overlap checks see final positions
         _place_labels(axis, [(p["queries_per_second"], p[key], p["label"]) for p in points if p[key] is not None])
     return _save(figure, output)

@@ -1,5 +1,12 @@
 """Query-encoding speed, every measurement of a run in one process, one encoder after the other.
 
+Question: How many queries a second does each way of serving a query route encode, against MiniLM and the floor?
+Command: ``python benchmarks/query_speed.py --serving RUN --queries ../shared/data/scifact --output
+    benchmarks/results/serving/query_speed_serving_7_idle.json``
+Results: benchmarks/results/serving/
+Page: docs/results/serving.md
+
+
 Two modes.
 
 **Models** (``python benchmarks/query_speed.py MODEL ...``): for each model, ``encode_query`` queries per second at
@@ -13,7 +20,7 @@ the first 32 queries is recorded as ``max_abs_diff``. ``--no-export-query-route`
 against all-MiniLM-L6-v2 and the floor::
 
     python benchmarks/query_speed.py --serving                 # the static route of build_asymmetric_model, in memory
-    python benchmarks/query_speed.py --serving runs/static --output benchmarks/results/query_speed_serving_1.json
+    python benchmarks/query_speed.py --serving runs/static --output benchmarks/results/serving/serving_1.json
 
 - ``floor``: what a static route needs and nothing else: the Rust tokenizer (``tokenizers``), numpy gather of the
   token rows, mean, normalise; on the route's table with every ``Dense`` folded in;
@@ -278,7 +285,7 @@ def main() -> None:
     )
     parser.add_argument("--queries", default="../shared/data/scifact", help="BEIR folder whose test queries are used")
     parser.add_argument(
-        "--output", default=None, help="JSON file (default benchmarks/results/query_speed[_serving].json)"
+        "--output", default=None, help="JSON file (default benchmarks/results/serving/query_speed[_serving].json)"
     )
     parser.add_argument("--serving", action="store_true", help="serving mode: floor, MiniLM, full model and exports")
     parser.add_argument(
@@ -295,7 +302,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.output is None:
-        args.output = f"benchmarks/results/query_speed{'_serving' if args.serving else ''}.json"
+        args.output = f"benchmarks/results/serving/query_speed{'_serving' if args.serving else ''}.json"
     if args.serving:
         serving(args)
     elif not args.models:

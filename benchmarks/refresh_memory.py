@@ -1,5 +1,12 @@
 """A ``refresh:N`` re-embedding of a corpus cache: memory held in memory against on disk.
 
+Question: How much memory does a refresh:N re-embedding of a million-row cache take, in memory and on disk?
+Command: ``python benchmarks/refresh_memory.py --folder runs/refresh-memory --rows 1000000 --output
+    benchmarks/results/scale/refresh_memory.json``
+Results: benchmarks/results/scale/refresh_memory.json
+Page: docs/results/scale.md
+
+
 A cache of ``--rows`` synthetic documents (``"document 17 about ..."``, each distinct) is built once, float16, in an
 on-disk folder, by an asymmetric model whose document route is a ``--dimension``-d ``StaticEmbedding`` on
 all-MiniLM-L6-v2's tokenizer (random rows, seeded: encoding is cheap, so the cache's own memory dominates). Then,
@@ -13,7 +20,7 @@ each in a fresh process so that its peak resident memory is its own, the cache i
 Each reports seconds and the peak anonymous resident memory (``RssAnon``, polled every 5 ms) above the process's
 after mapping the cache, and checks that the refreshed rows equal ``encode_document``'s on a sample.
 
-    python benchmarks/refresh_memory.py --folder /tmp/refresh-memory --output benchmarks/results/S.json
+    python benchmarks/refresh_memory.py --folder runs/refresh-memory --output benchmarks/results/S.json
 """
 
 from __future__ import annotations

@@ -1,20 +1,159 @@
-"""Render benchmarks/results/*.json as the markdown tables of docs/benchmarks.md (between marker comments).
+"""Render benchmarks/results/<topic>/*.json as the tables of the results pages (docs/results/) and of README.md.
 
-Usage::
+Question: do the tables on the results pages and in the README say what the results files hold?
+Command::
 
-    python benchmarks/report.py            # rewrites the generated blocks of docs/benchmarks.md
+    python benchmarks/report.py            # rewrites every generated block (between marker comments)
+    python benchmarks/report.py --check    # changes nothing; exits 1 naming each page that differs from its files
+
+Results: benchmarks/results/<topic>/ (read only). Pages: README.md and docs/results/*.md; tests/test_results_pages.py
+runs the check. Each block is a ``<!-- NAME:start -->`` / ``<!-- NAME:end -->`` pair; the text between them is
+generated, the prose around them is written by hand.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import statistics
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
-RESULTS = Path("benchmarks/results")
-DOC = Path("docs/benchmarks.md")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 # benchmarks/query_speed.py's key for a model's exported query route (st_daft.export_route), measured alone.
 QUERY_ONLY_SUFFIX = " (query route only)"
+COLLECTIONS = {"scifact": "SciFact", "python-faq": "python-faq"}
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _load(relative: str) -> dict:
+    return json.loads((RESULTS / relative).read_text(encoding="utf-8"))
+
+
+def _files(pattern: str) -> list[Path]:
+    """Files matching a glob under benchmarks/results, by seed (``-s0``, ``-s1`` ... ``-s10``) then by name."""
+
+    def key(path: Path) -> tuple[int, str]:
+        match = re.search(r"[-_]s(\d+)(?:[-_.]|$)", path.name)
+        return (int(match.group(1)) if match else -1, path.name)
+
+    return sorted(RESULTS.glob(pattern), key=key)
+
+
+def _date(value: str) -> str:
+    """An ISO timestamp of a results file as a reader reads it: 2026-11-23 07:02 UTC."""
+    match = re.match(r"(\d{4}-\d{2}-\d{2})(?:T(\d{2}:\d{2}))?", value)
+    if not match:
+        return value
+    return match.group(1) + (f" {match.group(2)} UTC" if match.group(2) else "")
+
+
+def _source(*patterns: str) -> str:
+    """The line under a table that names the files it was rendered from."""
+    return "Rendered from " + ", ".join(f"`benchmarks/results/{pattern}`" for pattern in patterns) + "."
+
+
+def _evaluation(path: Path, collection: str, model: str | None = None, score: str = "ndcg_at_10") -> float | None:
+    """One score of an ``st-daft evaluate --output`` file: the first model's unless one is named."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    scores = data["scores"][model or data["models"][0]]
+    return scores.get(collection, {}).get(score)
+
+
+def _seed_scores(pattern: str, collection: str) -> list[float]:
+    return [score for path in _files(pattern) if (score := _evaluation(path, collection)) is not None]
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    align = align or "|".join(["---"] + ["---:"] * (len(header) - 1))
+    lines = ["| " + " | ".join(header) + " |", "|" + align + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------- headline
+
+# the default recipe (`st-daft train --data ../shared/data/scifact`), ten seeds
+DEFAULT_SEEDS = "quality/default_seeds/lab-wise*-s[0-9]-eval.json"
+# a corpus alone (`st-daft train --corpus CORPUS.jsonl`), per collection
+CORPUS_ONLY_SEEDS = {
+    "scifact": "corpus_only/sft-words-s*-eval.json",
+    "python-faq": "corpus_only/pf-wordsctx-s*-eval.json",
+}
+FUSION_WEIGHT = "0.15"  # `st-daft evaluate --fuse-bm25`'s default --fusion-weight
+FUSED = {"scifact": "fusion/fusion_weights_labelled.json", "python-faq": "fusion/fusion_weights_labelled.json"}
+SERVING = {
+    "scifact": "serving/query_speed_serving_7_idle.json",
+    "python-faq": "serving/query_speed_serving_corpus_words.json",
+}
+SERVED_BY = "StaticQueryEncoder (float32)"
+
+
+def _fused_mean(relative: str, collection: str, weight: str = FUSION_WEIGHT) -> float | None:
+    per_model = _load(relative)["ndcg_at_10"]
+    values = [scores[collection][weight] for name, scores in per_model.items() if "MiniLM" not in name]
+    return _mean([value for value in values if value is not None])
+
+
+def _minilm(collection: str) -> float:
+    return _load("quality/daft_a.json")[collection]["ndcg_at_10"]
+
+
+def _bm25(collection: str) -> float:
+    return _load("quality/bm25_reference.json")[collection]["ndcg_at_10"]
+
+
+def _speed_ratio(relative: str, encoder: str = SERVED_BY) -> float:
+    return _load(relative)["encoders"][encoder]["batch_1"]["x_minilm"]
+
+
+def headline_table() -> str:
+    """README.md's table: each collection against each system, and the query route's batch-1 speed."""
+    header = [
+        "test nDCG@10",
+        "default route",
+        "corpus-only route",
+        "default route + BM25",
+        "BM25",
+        "all-MiniLM-L6-v2",
+        "queries/s at batch 1, x MiniLM",
+    ]
+    rows = []
+    for collection, name in COLLECTIONS.items():
+        default = _seed_scores(DEFAULT_SEEDS, collection)
+        corpus_only = _seed_scores(CORPUS_ONLY_SEEDS[collection], collection)
+        rows.append(
+            [
+                name,
+                f"**{_fmt(_mean(default))}**",
+                _fmt(_mean(corpus_only)),
+                _fmt(_fused_mean(FUSED[collection], collection)),
+                _fmt(_bm25(collection)),
+                _fmt(_minilm(collection)),
+                f"{_speed_ratio(SERVING[collection]):.0f}x",
+            ]
+        )
+    seeds = len(_files(DEFAULT_SEEDS))
+    corpus_seeds = " / ".join(str(len(_files(pattern))) for pattern in CORPUS_ONLY_SEEDS.values())
+    note = (
+        f"Means over seeds ({seeds} for the default route and its fusion, {corpus_seeds} for the corpus-only route); "
+        f"fusion weight {FUSION_WEIGHT}; speed: the exported query route served by `StaticQueryEncoder`, one process, "
+        "one query a call, against all-MiniLM-L6-v2's `encode` in the same run."
+    )
+    return _table(header, rows) + "\n\n" + note
+
+
+# ------------------------------------------------------------------------------------------------------ quality
 
 LABELS = {
     "a": "(a) all-MiniLM-L6-v2, symmetric, zero-shot",
@@ -22,24 +161,20 @@ LABELS = {
     "c": "(c) static + MiniLM, zero-shot",
     "d": "(d) static + MiniLM, plain joint fine-tuning",
     "e": "(e) static + MiniLM, DAFT",
-    "l4-static-vca": "(e+) static + MiniLM, label-free recipe: vocabulary + corpus + align (issue #4)",
+    "l4-static-vca": "(e+) static + MiniLM, vocabulary + corpus + align",
     "f-plain": "(f) tiny:2,128 + MiniLM, plain joint fine-tuning",
     "f-daft": "(f) tiny:2,128 + MiniLM, DAFT",
 }
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
 def _speeds() -> dict:
     """benchmarks/query_speed.py's measurements per model name (empty before it has run)."""
-    speed_file = RESULTS / "query_speed.json"
+    speed_file = RESULTS / "serving" / "query_speed.json"
     return json.loads(speed_file.read_text())["models"] if speed_file.is_file() else {}
 
 
 def _result(name: str) -> dict | None:
-    path = RESULTS / f"daft_{name}.json"
+    path = RESULTS / "quality" / f"daft_{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -68,7 +203,7 @@ def daft_table() -> str:
                 f"| ↳ {label.split(' ', 1)[0]} served by its query route alone (`st-daft export`) | same | same | same "
                 f"| same | {_fmt(served.get('batch_1'), 0)} | {_fmt(served.get('batch_32'), 0)} | – | – |"
             )
-    return "\n".join(rows)
+    return "\n".join(rows) + "\n\n" + _source("quality/daft_*.json", "serving/query_speed.json")
 
 
 def collapse_table() -> str:
@@ -86,10 +221,10 @@ def collapse_table() -> str:
                 f"| {_fmt(row.get('eval_alignment_query_std'), 4)} | {_fmt(row.get('eval_alignment_document_std'), 4)} "
                 f"| {_fmt(row.get('eval_alignment_knn_kl'), 1)} |"
             )
-    return "\n".join(rows)
+    return "\n".join(rows) + "\n\n" + _source("quality/daft_{d,e,f-plain,f-daft}.json")
 
 
-# Issue #4: which stage buys what, per query encoder (benchmarks/daft_scifact.py --name l4-...).
+# which stage buys what, per query encoder (benchmarks/daft_scifact.py --config NAME)
 LABEL_FREE_ROWS = {
     "static (MiniLM input embeddings)": [
         ("c", "untrained"),
@@ -131,11 +266,10 @@ def _stage_kls(result: dict) -> str:
 
 
 def label_free_table() -> str:
-    speeds = _speeds()
     rows = [
         "| query encoder | stages | SciFact nDCG@10 | SciFact R@100 | python-faq nDCG@10 | python-faq R@100 "
-        "| KL at the end of each stage | train s | queries/s b=1 / b=32 (query route alone) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| KL at the end of each stage | train s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for encoder, entries in LABEL_FREE_ROWS.items():
         for name, stages in entries:
@@ -143,31 +277,425 @@ def label_free_table() -> str:
             if result is None:
                 continue
             scifact, faq = result.get("scifact", {}), result.get("python-faq", {})
-            speed = speeds.get(name + QUERY_ONLY_SUFFIX) or speeds.get(name) or {}
             rows.append(
                 f"| {encoder} | {stages} | {_fmt(scifact.get('ndcg_at_10'))} | {_fmt(scifact.get('recall_at_100'))} "
                 f"| {_fmt(faq.get('ndcg_at_10'))} | {_fmt(faq.get('recall_at_100'))} | {_stage_kls(result)} "
-                f"| {_fmt(result.get('train_seconds'), 0)} "
-                f"| {_fmt(speed.get('batch_1'), 0)} / {_fmt(speed.get('batch_32'), 0)} |"
+                f"| {_fmt(result.get('train_seconds'), 0)} |"
             )
-    return "\n".join(rows)
+    return "\n".join(rows) + "\n\n" + _source("quality/daft_*.json")
 
 
-def replace_block(text: str, marker: str, content: str) -> str:
+def default_seeds_table() -> str:
+    files = _files(DEFAULT_SEEDS)
+    rows = []
+    for path in files:
+        seed = re.search(r"-s(\d+)-", path.name).group(1)
+        rows.append([seed] + [_fmt(_evaluation(path, collection)) for collection in COLLECTIONS])
+    means = [_mean(_seed_scores(DEFAULT_SEEDS, collection)) for collection in COLLECTIONS]
+    spreads = [statistics.stdev(_seed_scores(DEFAULT_SEEDS, collection)) for collection in COLLECTIONS]
+    rows.append([f"**mean of {len(files)}**"] + [f"**{_fmt(mean)}**" for mean in means])
+    rows.append(["standard deviation"] + [_fmt(spread) for spread in spreads])
+    rows.append(["all-MiniLM-L6-v2"] + [_fmt(_minilm(collection)) for collection in COLLECTIONS])
+    rows.append(["BM25"] + [_fmt(_bm25(collection)) for collection in COLLECTIONS])
+    header = ["seed", "SciFact test nDCG@10", "python-faq nDCG@10 (never trained on)"]
+    return _table(header, rows) + "\n\n" + _source(DEFAULT_SEEDS, "quality/daft_a.json", "quality/bm25_reference.json")
+
+
+# -------------------------------------------------------------------------------------------------- corpus only
+
+CORPUS_ONLY_ROWS = [
+    ("python-faq", "the default", "corpus_only/pf-wordsctx-s*-eval.json"),
+    ("SciFact", "the default", "corpus_only/sft-words-s*-eval.json"),
+    ("SciFact", "`--corpus-pseudo-queries 60000 --corpus-steps 1800`", "corpus_only/sft-wordspq-s*-eval.json"),
+]
+
+
+def corpus_only_table() -> str:
+    rows = []
+    for name, recipe, pattern in CORPUS_ONLY_ROWS:
+        collection = name.lower()
+        scores = _seed_scores(pattern, collection)
+        cells = [_fmt(score) for score in scores] + ["–"] * (5 - len(scores))
+        rows.append(
+            [name, recipe, *cells, f"**{_fmt(_mean(scores))}**", _fmt(_bm25(collection)), _fmt(_minilm(collection))]
+        )
+    header = ["collection", "recipe", "seed 0", "seed 1", "seed 2", "seed 3", "seed 4", "mean", "BM25", "MiniLM"]
+    align = "---|---|" + "|".join(["---:"] * 8)
+    return _table(header, rows, align) + "\n\n" + _source(*(pattern for _, _, pattern in CORPUS_ONLY_ROWS))
+
+
+# ------------------------------------------------------------------------------------------------------- fusion
+
+FUSION_ROWS = [
+    ("default route, 10 seeds", "fusion/fusion_weights_labelled.json", ("scifact", "python-faq")),
+    ("SciFact corpus-only route, 3 seeds", "fusion/fusion_weights_scifact_corpus_only_test.json", ("scifact",)),
+    ("python-faq corpus-only route, 3 seeds", "fusion/fusion_weights_python_faq_corpus_only.json", ("python-faq",)),
+]
+
+
+def fusion_table() -> str:
+    weights = ["0", "0.05", "0.1", "0.15", "0.2", "0.3"]
+    rows = []
+    for label, relative, collections in FUSION_ROWS:
+        per_model = _load(relative)["ndcg_at_10"]
+        # the default corpus-only routes only (the file also holds opt-in recipes' runs and a soup)
+        models = {name: scores for name, scores in per_model.items() if "MiniLM" not in name and "lex" not in name}
+        for collection in collections:
+            cells = [_fmt(_mean([scores[collection][weight] for scores in models.values()])) for weight in weights]
+            up = sum(scores[collection][FUSION_WEIGHT] > scores[collection]["0"] for scores in models.values())
+            rows.append([label, COLLECTIONS[collection], *cells, f"{up} of {len(models)}"])
+    header = ["route", "collection", *(f"w = {weight}" for weight in weights), f"seeds up at w = {FUSION_WEIGHT}"]
+    align = "---|---|" + "|".join(["---:"] * (len(weights) + 1))
+    bm25 = " · ".join(f"BM25 alone: {COLLECTIONS[c]} {_fmt(_bm25(c))}" for c in COLLECTIONS)
+    return _table(header, rows, align) + "\n\n" + bm25 + "\n\n" + _source(*(r for _, r, _ in FUSION_ROWS))
+
+
+# ---------------------------------------------------------------------------------------------------- corrector
+
+CORRECTOR_RUNS = ["in-batch", "stale", "corrected", "corrected_light", "refresh-8"]
+
+
+def corrector_table() -> str:
+    prepare = _load("corrector/prepare.json")
+    rows = [["(aligned start, no fine-tuning)", _fmt(prepare["aligned_test_ndcg_at_10"], 4)] + ["–"] * 6]
+    for name in CORRECTOR_RUNS:
+        result = _load(f"corrector/result-{name}.json")
+        config = result.get("config", {})
+        strategy = result["strategy"]
+        if strategy == "corrected":
+            strategy += f" ({config['corrector_steps']} update(s)/step, buffer {config['corrector_buffer']})"
+        rows.append(
+            [
+                strategy,
+                _fmt(result["test_ndcg_at_10"], 4),
+                f"{result['documents_encoded_training']:,}",
+                str(result["num_refreshes"]),
+                f"{result['train_seconds']:.0f} s",
+                f"{100 * result['mining_overhead']:.1f}%",
+                _fmt(result.get("final_sample_stale_error"), 4),
+                _fmt(result.get("final_sample_corrected_error"), 4),
+            ]
+        )
+    header = [
+        "negatives",
+        "SciFact test nDCG@10",
+        "texts encoded",
+        "corpus re-embeddings",
+        "train time",
+        "mining overhead",
+        "stale error (end)",
+        "corrected error (end)",
+    ]
+    return _table(header, rows) + "\n\n" + _source("corrector/prepare.json", "corrector/result-*.json")
+
+
+def agreement_table() -> str:
+    data = _load("corrector/topk_agreement.json")
+    rows = []
+    for point in data["checkpoints"]:
+        rows.append(
+            [
+                str(point["step"]),
+                _fmt(point["stale_vs_fresh"]),
+                _fmt(point["corrected_vs_fresh"]),
+                _fmt(point.get("stale_error", 0.0)),
+                _fmt(point.get("corrected_error", 0.0)),
+            ]
+        )
+    k = data["k"]
+    header = ["step", f"stale vs fresh (top-{k} overlap)", "corrected vs fresh", "stale error", "corrected error"]
+    return _table(header, rows) + "\n\n" + _source("corrector/topk_agreement.json") + f" Date: {data['date']}."
+
+
+# ------------------------------------------------------------------------------------------------------ serving
+
+
+def serving_table(relative: str) -> str:
+    data = _load(relative)
+    rows = []
+    for encoder, timing in data["encoders"].items():
+        one, many = timing["batch_1"], timing.get("batch_32", {})
+        rows.append(
+            [
+                f"**{encoder}**" if encoder == SERVED_BY else encoder,
+                _fmt(one["queries_per_s"], 0),
+                _fmt(one["p50_ms"], 3),
+                _fmt(one["p99_ms"], 3),
+                _fmt(one.get("x_minilm"), 1),
+                _fmt(one.get("x_floor"), 2),
+                _fmt(many.get("queries_per_s"), 0),
+            ]
+        )
+    header = ["encoder", "queries/s b=1", "p50 ms", "p99 ms", "x MiniLM", "x floor", "queries/s b=32"]
+    machine = f"Machine: {data['machine']}; torch threads {data.get('torch_threads', '–')}; date {_date(data['date'])}."
+    return _table(header, rows) + "\n\n" + machine + " " + _source(relative)
+
+
+def serving_scifact_table() -> str:
+    return serving_table(SERVING["scifact"])
+
+
+def serving_faq_table() -> str:
+    return serving_table(SERVING["python-faq"])
+
+
+# ------------------------------------------------------------------------------------------------------- scale
+
+
+def cache_scale_table() -> str:
+    data = _load("scale/cache_scale_1m.json")
+    rows = [
+        [mode, _fmt(result["queries_per_second"], 0), _fmt(result["recall_at_k"]), f"{result['speedup_vs_exact']:.1f}x"]
+        for mode, result in data["modes"].items()
+    ]
+    header = ["search over the corrected cache", "queries/s", f"recall@{data['config']['k']} vs exact", "vs exact"]
+    rebuild = data["rebuild"]
+    streamed = data["rebuild_streamed"]
+    lines = (
+        f"{data['config']['size']:,} x {data['config']['dimension']} float16 cache: stale error "
+        f"{data['stale_error']:.4f}, linear corrector {data['corrector_linear']['corrected_error']:.1e}, 2-layer "
+        f"corrector {data['corrector_mlp']['corrected_error']:.1e}. Corrector applied and IVF index rebuilt: "
+        f"{rebuild['total_seconds']:.1f} s; streamed into the stale cells: "
+        f"{streamed['apply_corrector_and_fill_ivf_seconds']:.1f} s; "
+        f"peak resident memory {data['peak_rss_gib']:.1f} GiB."
+    )
+    hnsw = data.get("hnsw")
+    if hnsw:
+        lines += (
+            f" The HNSW rows search {hnsw['rows']:,} rows and compare with the exact search over all of them; exact "
+            f"search over the same {hnsw['rows']:,} rows serves {hnsw['exact_queries_per_second_on_same_rows']:,.0f} "
+            f"queries/s (HNSW build {hnsw['build_seconds']:.0f} s)."
+        )
+    machine = f"Machine: {data['machine']}; date {_date(data['date'])}."
+    return _table(header, rows) + "\n\n" + lines + "\n\n" + machine + " " + _source("scale/cache_scale_1m.json")
+
+
+def store_table() -> str:
+    rows = []
+    names = ["store_scale_before", "store_scale_after", "store_scale_4m_before", "store_scale_4m_after"]
+    for name in names:
+        data = _load(f"scale/{name}.json")
+        label = re.sub(r"^[0-9a-f]{7}: ", "", data["label"])
+        for mode in ("sample", "corpus"):
+            run = data[mode]
+            rows.append(
+                [
+                    f"{data['rows']:,}",
+                    label,
+                    f"{run['rows_read']:,}",
+                    f"{run['seconds']:.2f}",
+                    f"{run['peak_anonymous_mib']:,.0f}",
+                ]
+            )
+    header = ["rows in the store", "store", "rows read", "seconds", "peak anonymous memory MiB"]
+    date = _load("scale/store_scale_after.json")["date"]
+    return (
+        _table(header, rows, "---:|---|---:|---:|---:")
+        + f"\n\nDate {_date(date)}. "
+        + _source("scale/store_scale_*.json")
+    )
+
+
+def refresh_table() -> str:
+    data = _load("scale/refresh_memory.json")
+    rows = []
+    for run in data["results"]:
+        where = "disk (`--cache-on-disk`)" if run["on_disk"] else "memory"
+        code = "the current package" if run["code"] == "this tree" else "before streaming (a float32 copy)"
+        rows.append(
+            [
+                where,
+                code,
+                f"{run['seconds']:.1f}",
+                f"{run['peak_anon_mib_above_start']:,.0f}",
+                f"{run['max_abs_error_vs_encode_document']:.1e}",
+            ]
+        )
+    header = [
+        "re-embedding written to",
+        "code",
+        "seconds",
+        "peak memory above start MiB",
+        "max diff to encode_document",
+    ]
+    machine = f"{data['rows']:,} x {data['dimension']} {data['dtype']}; machine {data['machine']}; "
+    machine += f"date {_date(data['date'])}."
+    return (
+        _table(header, rows, "---|---|---:|---:|---:") + "\n\n" + machine + " " + _source("scale/refresh_memory.json")
+    )
+
+
+def index_storage_table() -> str:
+    data = _load("scale/index_storage.json")
+    rows = [
+        [
+            run["kind"],
+            run["storage"],
+            f"{run['rows']:,}",
+            f"`{run['index_type']}`",
+            f"{run['build_seconds']:.1f}",
+            f"{run['memory_mib']:,.0f}",
+            f"{run['search_ms']:.1f}",
+            _fmt(run["overlap_at_20_with_exact"]),
+        ]
+        for run in data["results"]
+    ]
+    header = ["index", "storage", "rows", "faiss type", "build s", "memory MiB", "search ms", "top-20 overlap"]
+    machine = f"Machine {data['machine']}; date {_date(data['date'])}."
+    return (
+        _table(header, rows, "---|---|---:|---|---:|---:|---:|---:")
+        + "\n\n"
+        + machine
+        + " "
+        + _source("scale/index_storage.json")
+    )
+
+
+def corpus_sample_table() -> str:
+    data = _load("scale/corpus_sample_scale_1m.json")
+    rows = [
+        [
+            run["loss"],
+            "whole corpus" if run["mode"] == "whole" else f"{run['sample']:,}-row sample",
+            f"{run['rows']:,}",
+            f"{run['seconds_per_step']:.2f}",
+            f"{run['step_peak_memory_mib']:,.0f}",
+        ]
+        for run in data["results"]
+    ]
+    header = ["stage loss", "scored each step", "corpus rows", "s per step", "step peak memory MiB"]
+    machine = f"Machine {data['machine']}; date {_date(data['date'])}."
+    return (
+        _table(header, rows, "---|---|---:|---:|---:")
+        + "\n\n"
+        + machine
+        + " "
+        + _source("scale/corpus_sample_scale_1m.json")
+    )
+
+
+SAMPLE_QUALITY = [
+    ("python-faq corpus only", "python-faq", "faq"),
+    ("SciFact corpus only", "scifact", "sci"),
+    ("SciFact labelled (the default)", "scifact", "lab"),
+    ("SciFact labelled: python-faq", "python-faq", "lab"),
+]
+
+
+def corpus_sample_quality_table() -> str:
+    rows = []
+    for label, collection, prefix in SAMPLE_QUALITY:
+        folder = "scale/corpus_sample_quality/"
+        whole = _seed_scores(f"{folder}{prefix}_full_s0-eval.json", collection)
+        sampled = _seed_scores(f"{folder}{prefix}_s2048_s*-eval.json", collection)
+        tiny = _seed_scores(f"{folder}{prefix}_s512_k2_s0-eval.json", collection)
+        rows.append(
+            [
+                label,
+                _fmt(_mean(whole)),
+                " / ".join(_fmt(score) for score in sampled),
+                _fmt(sampled[0] - whole[0]) if whole and sampled else "–",
+                _fmt(_mean(tiny)),
+            ]
+        )
+    header = [
+        "run",
+        "whole corpus, seed 0",
+        "2,048-row sample, seeds 0-2",
+        "seed 0 difference",
+        "512 rows, 2 neighbours",
+    ]
+    return _table(header, rows, "---|---:|---|---:|---:") + "\n\n" + _source("scale/corpus_sample_quality/*.json")
+
+
+# ------------------------------------------------------------------------------------------------ crash safety
+
+
+def ddp_table() -> str:
+    data = _load("crash_safety/ddp_scifact.json")
+    rows = [
+        [
+            name,
+            str(run["per_process_batch"]),
+            f"{run['train_wall_seconds']:.1f} s",
+            _fmt(run["ndcg_at_10"], 4),
+            f"{run['final_knn_kl']:.2f}",
+        ]
+        for name, run in data["runs"].items()
+    ]
+    header = ["run", "per-process batch", "training wall time", "SciFact test nDCG@10", "final 1-NN KL"]
+    return (
+        _table(header, rows)
+        + f"\n\n{data['steps']} align steps, global batch {data['global_batch']}. "
+        + _source("crash_safety/ddp_scifact.json")
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- pages
+
+PAGES: dict[str, dict[str, Callable[[], str]]] = {
+    "README.md": {"results-table": headline_table},
+    "docs/index.md": {"results-table": headline_table},
+    "docs/results/index.md": {"results-table": headline_table},
+    "docs/results/quality.md": {
+        "default-seeds": default_seeds_table,
+        "daft-table": daft_table,
+        "collapse-table": collapse_table,
+        "labelfree-table": label_free_table,
+    },
+    "docs/results/corpus-only.md": {"corpus-only": corpus_only_table},
+    "docs/results/fusion.md": {"fusion-weights": fusion_table},
+    "docs/results/corrector.md": {"corrector": corrector_table, "agreement": agreement_table},
+    "docs/results/serving.md": {"serving-scifact": serving_scifact_table, "serving-python-faq": serving_faq_table},
+    "docs/results/scale.md": {
+        "cache-scale": cache_scale_table,
+        "corpus-sample": corpus_sample_table,
+        "corpus-sample-quality": corpus_sample_quality_table,
+        "store": store_table,
+        "refresh": refresh_table,
+        "index-storage": index_storage_table,
+    },
+    "docs/results/crash-safety.md": {"ddp": ddp_table},
+}
+
+
+def replace_block(text: str, marker: str, content: str, page: str = "the page") -> str:
     pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
     if not pattern.search(text):
-        raise SystemExit(f"docs/benchmarks.md has no <!-- {marker}:start/end --> block")
+        raise SystemExit(f"{page} has no <!-- {marker}:start --> ... <!-- {marker}:end --> block")
     return pattern.sub(lambda match: match.group(1) + content + "\n" + match.group(2), text)
 
 
-def main() -> None:
-    text = DOC.read_text()
-    text = replace_block(text, "daft-table", daft_table())
-    text = replace_block(text, "collapse-table", collapse_table())
-    text = replace_block(text, "labelfree-table", label_free_table())
-    DOC.write_text(text)
-    print(f"updated {DOC}")
+def render(page: str) -> str:
+    """The page as the results files say it should read."""
+    path = ROOT / page
+    text = path.read_text(encoding="utf-8")
+    for marker, table in PAGES[page].items():
+        text = replace_block(text, marker, table(), page)
+    return text
+
+
+def stale_pages() -> list[str]:
+    """The pages whose generated blocks differ from what the results files give."""
+    return [page for page in PAGES if render(page) != (ROOT / page).read_text(encoding="utf-8")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page differs")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = stale_pages()
+        for page in stale:
+            print(f"{page} differs from benchmarks/results: run python benchmarks/report.py", file=sys.stderr)
+        return 1 if stale else 0
+    for page in PAGES:
+        text = render(page)
+        if text != (ROOT / page).read_text(encoding="utf-8"):
+            (ROOT / page).write_text(text, encoding="utf-8")
+            print(f"updated {page}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

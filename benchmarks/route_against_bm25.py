@@ -1,11 +1,18 @@
 """Is a route's nDCG@10 difference from BM25 beyond the noise of the claims? A paired bootstrap per split.
 
+Question: Is a route's difference from BM25 beyond the noise of the claims?
+Command: ``python benchmarks/route_against_bm25.py RUN [RUN ...] --data ../shared/data/scifact --output
+    benchmarks/results/experiments/route_against_bm25/route_against_bm25.json``
+Results: benchmarks/results/experiments/route_against_bm25/
+Page: docs/results/experiments.md
+
+
 For each route and split (SciFact test and training claims), every claim's nDCG@10 under the route and under BM25
 (bm25s, Snowball stemmer, as ``st-daft evaluate --baseline bm25``); the mean difference, a 95% interval from 10,000
 paired bootstrap resamples of the claims, and how many claims each wins. Both splits pooled too (1,109 claims).
 
     python benchmarks/route_against_bm25.py RUN [RUN ...] --data ../shared/data/scifact --document-store S \
-        --output benchmarks/results/thirteenth_session/route_against_bm25.json [--feedback]
+        --output benchmarks/results/experiments/route_against_bm25/route_against_bm25.json [--feedback]
 """
 
 from __future__ import annotations
@@ -16,12 +23,48 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from frozen_index_limits import bm25_scores, corpus_vectors, per_query_ndcg, query_vectors
+import torch
 from sentence_transformers import SentenceTransformer
 
 from st_daft import DocumentEmbeddingStore, RetrievalData, load_beir
 from st_daft.evaluation.baselines import BM25Search
 from st_daft.models.asymmetric import default_document_encoder
+
+
+def top_100_run(scores: np.ndarray | torch.Tensor, data: RetrievalData, document_ids: list[str]) -> dict:
+    """The run (query id -> {document id: score}, 100 best) of a (queries, documents) score matrix."""
+    values, rows = torch.as_tensor(np.asarray(scores, dtype=np.float32)).topk(100, dim=1)
+    return {
+        query_id: {document_ids[r]: float(v) for r, v in zip(rs.tolist(), vs.tolist())}
+        for query_id, rs, vs in zip(data.queries, rows, values)
+    }
+
+
+def query_vectors(model: SentenceTransformer, data: RetrievalData) -> np.ndarray:
+    return np.asarray(model.encode_query(list(data.queries.values()), normalize_embeddings=True), dtype=np.float32)
+
+
+def per_query_ndcg(scores: np.ndarray, data: RetrievalData, document_ids: list[str]) -> np.ndarray:
+    import pytrec_eval
+
+    run = top_100_run(scores, data, document_ids)
+    judged = pytrec_eval.RelevanceEvaluator(data.qrels, {"ndcg_cut.10"}).evaluate(run)
+    return np.array([judged.get(query_id, {}).get("ndcg_cut_10", 0.0) for query_id in data.queries])
+
+
+def corpus_vectors(encoder: SentenceTransformer, texts: list[str], store: DocumentEmbeddingStore | None) -> np.ndarray:
+    """The documents' embeddings as float32, from ``store`` when given (computed once and kept there)."""
+    if store is not None:
+        return np.asarray(store.encode_document(encoder, texts, show_progress_bar=True), dtype=np.float32)
+    return np.asarray(encoder.encode_document(texts, show_progress_bar=True), dtype=np.float32)
+
+
+def bm25_scores(bm25: BM25Search, data: RetrievalData, documents: int, depth: int, dtype=np.float32) -> np.ndarray:
+    """A (queries, documents) matrix of each query's BM25 scores over its best (``depth`` best; 0 elsewhere)."""
+    rows, normalised = bm25.normalised_top_k(list(data.queries.values()), depth)
+    scores = np.zeros((len(data.queries), documents), dtype=dtype)
+    np.put_along_axis(scores, rows, normalised.astype(dtype), axis=1)
+    return scores
 
 
 def paired_difference(route: np.ndarray, lexical: np.ndarray, resamples: int = 10_000) -> dict:

@@ -1,9 +1,14 @@
 """A document store of a million rows: the memory and time to open it and read rows back.
 
+Question: What memory and time does a document store of millions of rows take to open and read?
+Command: ``python benchmarks/store_scale.py --folder runs/store-scale --rows 1000000 --output
+    benchmarks/results/scale/store_scale_after.json``
+Results: benchmarks/results/scale/store_scale_*.json
+Page: docs/results/scale.md
+
 A :class:`~st_daft.embeddings.store.DocumentEmbeddingStore` is filled with ``--rows`` synthetic ``--dimension``-d
-float32
-vectors for the texts ``"document 0"``, ``"document 1"``, ... under all-MiniLM-L6-v2's document key (written once,
-outside the repository, in the store's own shards of 8,192 rows). Then, each in a fresh process so that its peak
+float32 vectors for the texts ``"document 0"``, ``"document 1"``, ... under all-MiniLM-L6-v2's document key (written
+once, outside the repository, in the store's own shards of 8,192 rows). Then, each in a fresh process so that its peak
 resident memory is its own:
 
 - ``sample``: open the store and read back ``--sample`` random rows (an evaluation corpus of that size);
@@ -16,7 +21,7 @@ and, at the end, its file-backed resident memory (``RssFile``: pages of files ma
 the kernel drops under pressure rather than memory the process owns). ``ru_maxrss`` counts both and is given too.
 ``--label`` names the code measured (e.g. a commit), so two runs can be compared.
 
-    python benchmarks/store_scale.py --folder /tmp/store-scale --label after --output benchmarks/results/S.json
+    python benchmarks/store_scale.py --folder runs/store-scale --label after --output benchmarks/results/S.json
 """
 
 from __future__ import annotations

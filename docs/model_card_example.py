@@ -3,7 +3,7 @@
 No training happens here. The model is the real pair (static query route + the packaged all-MiniLM-L6-v2), built
 as ``st-daft train --query-encoder static`` builds it, so architecture, parameter counts and lengths are the trained
 model's; the stages, collapse statistics and MTEB results are those of the recipe run ``e`` in
-benchmarks/results/daft_e.json (DAFT: alignment then joint fine-tuning, in-batch negatives, SciFact train), recorded
+benchmarks/results/quality/daft_e.json (DAFT: alignment then joint fine-tuning, in-batch negatives, SciFact train), recorded
 with st_daft.models.card as the recipe records them. A second card takes the corrected-negatives run of
 benchmarks/results/corrector/ (alignment, then fine-tuning with corrected stale-cache negatives) and its
 "Training with st-daft" section is shown too. The usage snippet's similarity printout is switched off
@@ -40,8 +40,8 @@ def collection_size(folder: str | None) -> dict[str, int]:
 
 
 def daft_run_records(sizes: dict[str, dict[str, int]]) -> tuple[list[dict], dict, list[dict]]:
-    """Stages, negatives and evaluations of benchmarks/results/daft_e.json, as record_* dicts."""
-    run = json.loads((RESULTS / "daft_e.json").read_text())
+    """Stages, negatives and evaluations of benchmarks/results/quality/daft_e.json, as record_* dicts."""
+    run = json.loads((RESULTS / "quality" / "daft_e.json").read_text())
     config = run["daft_config"]
     stages = []
     for stage in run["stages"]:
@@ -142,7 +142,7 @@ The `README.md` that `model.save()` writes for a model trained with st-daft: sen
 `python docs/model_card_example.py --output /tmp/card-example --scifact ../shared/data/scifact
 --python-faq ../shared/data/python-faq`, without training: the model is the real static + all-MiniLM-L6-v2 pair,
 and the stages, collapse statistics and MTEB results are recorded from the benchmark run `e`
-(`benchmarks/results/daft_e.json`: DAFT alignment then joint fine-tuning, in-batch negatives, SciFact train). The
+(`benchmarks/results/quality/daft_e.json`: DAFT alignment then joint fine-tuning, in-batch negatives, SciFact train). The
 similarity printout of the usage snippet is off, since this copy's weights are not the trained ones; a trained
 model's card prints them.
 

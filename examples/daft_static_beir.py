@@ -24,7 +24,7 @@ model = build_asymmetric_model(query_encoder="static")  # Router(query=static ta
 if args.quick:
     stages = [AlignStage(max_steps=6, eval_steps=3, batch_size=16)]
 else:
-    # The static route's recipe (docs/benchmarks.md): learning rate 1e-3 for the table in every stage.
+    # The static route's recipe (docs/results/quality.md): learning rate 1e-3 for the table in every stage.
     stages = [VocabularyStage(), CorpusStage(max_steps=600, max_texts=20000), AlignStage(learning_rate=1e-3)]
 config = DAFTConfig(stages=stages, document_store=args.document_store, num_validation_texts=64 if args.quick else 500)
 summary = train_daft(model, load_beir(args.data, "train"), args.output, config, overwrite=True)

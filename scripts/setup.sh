@@ -9,8 +9,8 @@ python3 -m venv "$venv"
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 python -m pip install --quiet --upgrade pip
-# CPU PyTorch first, pinned, so that nothing later pulls a multi-GB CUDA build. Outside this workplace pass the
-# CPU index, e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu scripts/setup.sh
+# CPU PyTorch first, pinned, so that nothing later pulls a multi-GB CUDA build. Where the default index serves CUDA
+# builds, pass the CPU index, e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu scripts/setup.sh
 python -m pip install --quiet "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 python - <<'PY'
 import torch

@@ -395,7 +395,7 @@ def test_resume_restores_cache_corrector_and_optimizer_exactly(model, cache, tmp
 
 
 def test_a_resumed_run_resumes_again_after_rotation_and_a_move(model, cache, tmp_path: Path) -> None:
-    """Issue 10: a checkpoint written after a resume must not point into a checkpoint that rotation deletes."""
+    """A checkpoint written after a resume must not point into a checkpoint that rotation deletes."""
     _train(model, _mining(cache, "corrected"), tmp_path / "run", max_steps=2, save_steps=2)
 
     def again():

@@ -71,11 +71,11 @@ def results(tmp_path: Path) -> Path:
         0.5,
         0.1,
     )
-    _write(root / "daft_p.json", plain)
-    _write(root / "daft_q.json", daft)
-    _write(root / "daft_m.json", _daft_result("m", "symmetric", [], [], 0.6, 0.7))
+    _write(root / "quality" / "daft_p.json", plain)
+    _write(root / "quality" / "daft_q.json", daft)
+    _write(root / "quality" / "daft_m.json", _daft_result("m", "symmetric", [], [], 0.6, 0.7))
     _write(
-        root / "query_speed.json",
+        root / "serving" / "query_speed.json",
         {
             "models": {
                 "p": {"batch_1": 500.0, "batch_32": 2000.0},
@@ -86,7 +86,9 @@ def results(tmp_path: Path) -> Path:
             }
         },
     )
-    _write(root / "bm25_reference.json", {"scifact": {"ndcg_at_10": 0.65}, "python-faq": {"ndcg_at_10": 0.35}})
+    _write(
+        root / "quality" / "bm25_reference.json", {"scifact": {"ndcg_at_10": 0.65}, "python-faq": {"ndcg_at_10": 0.35}}
+    )
     history = [{"step": float(step), "stale_error": 0.02 * step} for step in range(1, 6)]
     corrected_history = [{**row, "corrected_error": row["stale_error"] / 2} for row in history]
     _write(
@@ -120,10 +122,10 @@ def test_collapse_plot(plots, results: Path, tmp_path: Path) -> None:
 
 
 def test_collapse_trace_counts_steps_across_stages(plots, results: Path) -> None:
-    daft = json.loads((results / "daft_q.json").read_text())
+    daft = json.loads((results / "quality" / "daft_q.json").read_text())
     # the fine-tuning evaluation at its step 20 comes after 40 alignment steps; batch statistics are left out
     assert [point["total_step"] for point in plots._evaluations(daft)] == [20, 40, 60]
-    plain = json.loads((results / "daft_p.json").read_text())
+    plain = json.loads((results / "quality" / "daft_p.json").read_text())
     assert [point["total_step"] for point in plots._evaluations(plain)] == [20]
 
 

@@ -1,4 +1,5 @@
-"""Every Python snippet of README.md runs, on the tiny offline model and data (paths and budgets substituted)."""
+"""Every Python snippet of README.md and of the Python API guide runs, on the tiny offline model and data (paths and
+budgets substituted)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,16 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraini
 
 from st_daft import build_asymmetric_model, export_route, export_static_model, load_beir
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PYTHON_GUIDE = ROOT / "docs" / "guide" / "python.md"
+
+
+def _snippets(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
+
+
+SNIPPETS = _snippets(README) + _snippets(PYTHON_GUIDE)
 
 
 def _substitute(code: str, replacements: dict[str, str]) -> str:
@@ -41,7 +50,39 @@ def _snippet(word: str) -> str:
 
 
 def test_readme_has_the_snippets_this_file_runs() -> None:
-    assert len(SNIPPETS) == 4
+    assert len(_snippets(README)) == 1
+    assert len(_snippets(PYTHON_GUIDE)) == 4
+
+
+def test_readme_is_short_and_starts_with_install_and_code() -> None:
+    text = README.read_text(encoding="utf-8")
+    assert len(text.encode("utf-8")) <= 10_000
+    first_lines = "\n".join(text.splitlines()[:80])
+    assert "pip install st-daft" in first_lines
+    assert "```python\nfrom sentence_transformers import SentenceTransformer\nfrom st_daft import" in first_lines
+
+
+def test_quickstart_snippet(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path: Path) -> None:
+    code = _substitute(
+        _snippet("model.encode_query(["),
+        {
+            'build_asymmetric_model(query_encoder="static")': (
+                f'build_asymmetric_model({str(tiny_document_model_dir)!r}, "static")'
+            ),
+            '"../shared/data/scifact"': repr(str(tiny_beir_dir)),
+            '"runs/static"': repr(str(tmp_path / "static")),
+            '"train"), ': (
+                '"train"), config=DAFTConfig(stages=[VocabularyStage(), CorpusStage(max_steps=4, eval_steps=2, '
+                "batch_size=8), AlignStage(max_steps=4, eval_steps=2, batch_size=4)], validation_fraction=0.2, "
+                "num_validation_texts=16), output_dir="
+            ),
+        },
+    )
+    namespace: dict = {}
+    exec("from st_daft import AlignStage, CorpusStage, DAFTConfig, VocabularyStage\n" + code, namespace)
+    assert (tmp_path / "static" / "daft_summary.json").is_file()
+    assert namespace["queries"].shape == (1, 32) and namespace["documents"].shape == (1, 32)
+    assert namespace["model"].similarity(namespace["queries"], namespace["documents"]).shape == (1, 1)
 
 
 def test_mining_snippet(inputs: dict, tmp_path: Path) -> None:

@@ -69,8 +69,8 @@ def build_faiss_index(
     about 4 sqrt(n), trained on up to ``train_size`` rows, searched with ``nprobe``) or ``"hnsw"`` (``IndexHNSWFlat``,
     ``hnsw_m`` links, ``ef_construction``, searched with ``ef_search``). ``storage="float16"`` keeps the vectors of
     any kind as float16 (faiss scalar quantizer; ``flat``: ``IndexScalarQuantizer``, still an exhaustive search):
-    half the memory of a float32 index, and over a float16 cache the same scores up to float16 rounding (1M x 384 on
-    this 2-core CPU: flat 757 MiB against 1,465 and 1.7x faster to search, the same top 20; docs/benchmarks.md).
+    half the memory of a float32 index, and over a float16 cache the same scores up to float16 rounding, faster, and
+    the same neighbours (docs/results/scale.md).
 
     ``transform`` maps each float32 chunk (a ``(rows, dim)`` tensor) before it is added, e.g.
     ``lambda chunk: F.normalize(corrector(chunk), dim=1)``: the index is built over the corrected cache without

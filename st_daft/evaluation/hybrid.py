@@ -6,9 +6,8 @@ exactly (a drug, a gene, a function), BM25 misses documents that answer in other
     ``score(q, d) = sim(q, d) + weight * BM25(q, d) / max_d' BM25(q, d')``
 
 (the query's BM25 scores divided by its best one, so in ``[0, 1]`` like a cosine), rank better than either on
-collections of both kinds: at ``weight=0.15`` a static route trained on SciFact's corpus alone goes from 0.659 to
-0.715 nDCG@10 on SciFact (3 seeds; BM25 0.686), and the default labelled route from 0.501 to 0.592 on python-faq, an
-unseen collection where BM25 scores 0.358 (10 seeds; docs/benchmarks.md, "Twelfth session"). The query side stays
+collections of both kinds, where BM25 is strong (SciFact) and where it is weak (python-faq): the figures, per
+weight and seed, are on the docs' results page "Fusion with BM25" (docs/results/fusion.md). The query side stays
 inference-free: a table lookup for the route, a tokenizer and an inverted index for BM25. This is the fusion the
 corpus stage's lexical teacher distils (:func:`~st_daft.label_free.corpus_texts.lexical_ranking_columns`), here applied
 at
@@ -52,8 +51,8 @@ __all__ = ["HybridSearch", "DEFAULT_FUSION_WEIGHT"]
 
 DEFAULT_FUSION_WEIGHT = 0.15
 """BM25's weight when none is given (``st-daft evaluate --fuse-bm25``): where the default labelled route peaked on
-python-faq, with most of its SciFact gain (corpus-only routes would pick 0.3 on SciFact; docs/benchmarks.md, "Twelfth
-session")."""
+python-faq, with most of its SciFact gain; corpus-only routes would pick a larger weight on SciFact
+(docs/results/fusion.md)."""
 
 _SIMILARITIES = ("cosine", "dot")
 

@@ -226,7 +226,7 @@ def lexical_ranking_columns(
 
     :class:`~st_daft.losses.LabelFreeAlignmentLoss` (``lexical_weight``) adds these scores to its ranking teacher:
     the document route's scores fused with BM25's, a better ranker than either where queries share words with their
-    documents (SciFact test: dense 0.645, BM25 0.686, the two fused 0.73). BM25 is
+    documents (docs/results/fusion.md). BM25 is
     :class:`~st_daft.evaluation.baselines.BM25Search` (bm25s, stopwords, Snowball stemmer; the ``bm25`` extra). The
     texts are
     split across a torchrun group's processes; every process indexes ``documents``.

@@ -1,10 +1,10 @@
 """General-domain English texts that ship with st-daft, for the corpus stage beside a labelled collection.
 
 A static query route trained on one collection's texts fits its rows to that collection's senses of each token
-and loses some of the document encoder's general sense of the rest (a SciFact-trained route scores 0.481 on
-python-faq's programming questions). Adding general texts to the corpus stage's regression targets keeps more of it:
-20,000 WordNet texts beside SciFact's 20,000 cut texts, with the corpus stage's 900 steps (600 without them), lift
-python-faq from 0.486 to 0.496 over 5 seeds while SciFact stays at 0.824 (docs/benchmarks.md).
+and loses some of the document encoder's general sense of the rest (python-faq's programming questions, for a
+SciFact-trained route). Adding general texts to the corpus stage's regression targets keeps more of it: 20,000
+WordNet texts beside SciFact's 20,000 cut texts, with the corpus stage's 900 steps (600 without them), lift
+python-faq and leave SciFact where it was (docs/guide/label-free.md, "General texts").
 
 The texts are WordNet 3.0's definitions (``"lemma, lemma: definition"``) and example sentences, 20,000 drawn with a
 fixed seed (``scripts/build_general_texts.py``; WordNet's licence is in ``st_daft/resources/WORDNET_LICENSE``).

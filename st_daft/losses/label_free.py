@@ -62,8 +62,8 @@ class LabelFreeAlignmentLoss(nn.Module):
         (:func:`st_daft.label_free.corpus_texts.lexical_ranking_columns`), and ``document_scale * lexical_weight`` times
         those scores is added to the teacher's logits (score fusion, as in hybrid retrieval; Kuzi et al. 2020,
         "Leveraging Semantic and Lexical Matching to Improve the Recall of Document Retrieval Systems"). Where
-        queries share words with their documents the fused ranking beats both of its parts (SciFact test: dense
-        0.645, BM25 0.686, fused at weight 0.3 0.73), and a static route, which cannot run BM25 at query time,
+        queries share words with their documents the fused ranking beats both of its parts (docs/results/fusion.md),
+        and a static route, which cannot run BM25 at query time,
         learns what it can of that ranking.
 
         Both corpus-wide terms score every corpus document up to 65,536 of them (as measured). Above that, or below

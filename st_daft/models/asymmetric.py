@@ -87,8 +87,8 @@ def default_document_encoder() -> str:
 
 TOKENLEARN_REMOVED = (
     "query encoder 'tokenlearn' was removed: its 64-d table, projected into the document space by a Dense layer, "
-    "scored 0.363 SciFact test nDCG@10 with the label-free recipe (vocabulary,corpus,align) against 0.790 for "
-    "'static', which also has fewer parameters (30,522 tokens x 384 = 11.7M against 276,326 x 64 = 17.7M). "
+    "scored far below 'static' with the label-free recipe (docs/results/quality.md, 'Which stage buys what'), and "
+    "'static' also has fewer parameters (30,522 tokens x 384 against 276,326 x 64). "
     "Use --query-encoder static; a model2vec folder path still works as a query encoder (+ Dense) for experiments"
 )
 

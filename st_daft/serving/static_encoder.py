@@ -194,7 +194,7 @@ class StaticQueryEncoder:
 
     model2vec's ``StaticModel.encode`` does this work, plus a fixed cost on every call (splitting into batches, a
     progress bar, setting and resetting the tokenizer's truncation) that at batch size 1 is as large as the work
-    itself (docs/benchmarks.md: 0.22 ms a query against the floor's 0.10 ms). This encoder loads the same folder
+    itself (docs/results/serving.md). This encoder loads the same folder
     with model2vec (``StaticModel.from_pretrained``) and encodes with exactly its arithmetic (unknown tokens dropped,
     its character and token truncation, per-token weights, normalisation), set up once instead of per call; its
     vectors equal ``StaticModel.encode``'s (tested).

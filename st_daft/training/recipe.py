@@ -56,7 +56,7 @@ CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def default_stages(query_encoder: str, labelled: bool = True) -> tuple[str, ...]:
-    """The stages that measured best for a query encoder spec (docs/benchmarks.md), label-free ones only when
+    """The stages that measured best for a query encoder spec (docs/results/quality.md), label-free ones only when
     there are no labelled queries.
 
     ``static``: vocabulary, corpus, align; ``tiny:L,H``: corpus, align; a symmetric model: finetune; any other

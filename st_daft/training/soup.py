@@ -4,9 +4,8 @@ Model soups (Wortsman et al., ICML 2022) average the weights of models fine-tune
 seeds or settings; the soup often scores above each of them, at the serving cost of one model. A static query route's
 weights are one table, and the runs of one st-daft recipe on one collection share its start (the vocabulary stage's
 distillation), its vocabulary and, while the document route stays frozen (vocabulary, corpus, align), the document
-route itself. Averaging the tables is then the whole soup. Measured (docs/benchmarks.md): +0.007 to +0.015 nDCG@10
-over the mean of the runs in every setting tried, e.g. SciFact corpus only with pseudo-queries 0.678 -> 0.688 (3
-runs), python-faq after SciFact's labels 0.494 -> 0.501 (5 runs).
+route itself. Averaging the tables is then the whole soup. Every soup measured scored above the mean of its
+runs, at one run's serving cost (the figures: docs/guide/label-free.md and docs/results/experiments.md).
 """
 
 from __future__ import annotations

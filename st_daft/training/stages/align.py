@@ -62,9 +62,9 @@ class AlignStage(_FrozenDocumentStage):
             robustness on other collections than the fine-tuned model alone. 1 keeps the aligned route. Default
             (None): 0.75 for a static query route after the corpus stage when align is the last stage, else 1 (not
             measured; an untrained start, as in DAFT's own ``align, finetune``, is nothing to keep). The start is
-            saved in the stage's folder, so a resumed run averages with the same start. Measured (docs/benchmarks.md,
-            SciFact's labels, 10 seeds): python-faq, a collection unlike the training one, 0.498 -> 0.501 (eight
-            seeds up), SciFact test 0.824 -> 0.817 (nine seeds down).
+            saved in the stage's folder, so a resumed run averages with the same start. It trades a little of the
+            training collection for a collection unlike it (ten seeds: docs/results/quality.md and the label-free
+            guide).
     """
 
     name: ClassVar[str] = "align"

@@ -48,21 +48,17 @@ class CorpusStage(_FrozenDocumentStage):
         contrastive_weight: weight of the in-batch InfoNCE term.
         document_weight: weight of the pseudo-query term: each text cut from a document must find that document
             among the whole corpus (InfoNCE over the document route's corpus embeddings, the cache the align stage
-            uses too); 0 disables it. Default (None): 1 for a corpus without labelled queries, 0 with them.
-            Measured (docs/benchmarks.md): corpus only, SciFact's training claims as dev 0.581 -> 0.633 and
-            python-faq 0.603 -> 0.617; with SciFact's labels (align follows) SciFact test 0.787 -> 0.799 but
-            python-faq, a collection unlike the training one, 0.487 -> 0.460: the term fits the route to the
-            training corpus, which is what a corpus-only run wants and what a labelled run already gets from align.
+            uses too); 0 disables it. Default (None): 1 for a corpus without labelled queries, 0 with them:
+            the term fits the route to the training corpus, which is what a corpus-only run wants and what a
+            labelled run already gets from align (figures: docs/results/experiments.md).
         document_scale: inverse temperature of that term (default: the in-batch term's, 20).
         pseudo_queries: more texts cut from the corpus beyond ``max_texts`` that are not encoded: each is a
             pseudo-query whose target is its source document's embedding (from the corpus cache), so they add
             query -> document pairs at no encoding cost. Only with the pseudo-query term (``document_weight > 0``).
         ranking_weight: weight of a listwise term distilling the document route's ranking of the whole corpus for
-            each text (:class:`~st_daft.losses.LabelFreeAlignmentLoss`); 0 disables it. Measured
-            (docs/benchmarks.md): with SciFact's labels (align follows) SciFact test 0.804 -> 0.822 and python-faq
-            0.477 -> 0.481 (3 seeds); corpus only, with 1,200 steps, python-faq 0.616 -> 0.653 (5 seeds) and
-            SciFact 0.637 -> 0.650 (3 seeds). The route learns to order the corpus as the document route does,
-            which pays where the document route is the stronger ranker.
+            each text (:class:`~st_daft.losses.LabelFreeAlignmentLoss`); 0 disables it. The route learns to order
+            the corpus as the document route does, which pays where the document route is the stronger ranker
+            (figures: the label-free guide, docs/guide/label-free.md).
         lexical_weight: fuse BM25 into the ranking term's teacher: each text's ``lexical_top_k`` best documents by
             BM25 (bm25s, stemmed; the ``bm25`` extra) add ``lexical_weight`` times their BM25 score, divided by the
             text's best, to the document route's cosine
@@ -81,17 +77,17 @@ class CorpusStage(_FrozenDocumentStage):
             (:func:`~st_daft.label_free.general_corpus.general_texts`, WordNet definitions and examples) join the
             texts, as
             regression targets like unlabelled queries. Default (None): 20,000 for a static query route beside
-            labelled queries, which keeps the route working on collections unlike the training one (SciFact's labels,
-            5 seeds, with 900 steps: python-faq 0.486 -> 0.496, SciFact 0.824 -> 0.824); 0 for a corpus alone, whose
+            labelled queries, which keeps the route working on collections unlike the training one
+            (docs/guide/label-free.md); 0 for a corpus alone, whose
             own text is what the route is for, and for other query routes (not measured).
     """
 
     name: ClassVar[str] = "corpus"
     folder: ClassVar[str] = "stage-0-corpus"
     needs_labels: ClassVar[bool] = False
-    # None: 600 beside labelled queries (the measured static recipe; 2,000 steps over 40,000 texts gave 0.799 / 0.462),
-    # 900 when the general texts join them (twice the texts), 1,200 for a corpus alone, where the ranking term keeps
-    # gaining (docs/benchmarks.md)
+    # None: 600 beside labelled queries (the measured static recipe; a longer stage did not help, see
+    # docs/results/experiments.md), 900 when the general texts join them (twice the texts), 1,200 for a corpus alone,
+    # where the ranking term keeps gaining
     max_steps: int | None = None
     batch_size: int = 128
     eval_steps: int = 150

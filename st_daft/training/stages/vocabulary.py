@@ -43,11 +43,9 @@ class VocabularyStage(Stage):
     the tokens the corpus contains then take the mean of their contextual output vectors over the corpus instead:
     for a mean-pooled document route that is the static table closest to the route on this corpus
     (:func:`~st_daft.label_free.token_statistics.contextual_token_statistics`). It fits the route to the corpus's
-    senses of its
-    words, which is what a corpus-only run wants and hurts a collection unlike the training one (docs/benchmarks.md,
-    nDCG@10): untrained, python-faq on its own corpus 0.376 -> 0.486 and SciFact's training claims 0.264 -> 0.514;
-    after the corpus stage, corpus only (3-seed means), python-faq 0.617 -> 0.616 and SciFact 0.620 -> 0.637; trained
-    on SciFact's labels (seed 0), SciFact test 0.787 -> 0.804 but python-faq 0.487 -> 0.384.
+    senses of its words, which is what a corpus-only run wants and hurts a collection unlike the training one, so
+    ``"auto"`` turns it on for a corpus alone only (figures: docs/results/corpus-only.md and
+    docs/results/experiments.md).
 
     Args:
         zipf_weighting: weight token vectors by log(1 + rank) (model2vec's distillation).
