@@ -127,7 +127,7 @@ def test_cli_train_and_evaluate(tiny_document_model_dir: Path, tiny_beir_dir: Pa
 
 def test_cli_reports_bad_input(tmp_path, capsys) -> None:
     assert main(["train", "--data", str(tmp_path / "missing" / "x"), "--output", str(tmp_path / "o")]) == 2
-    assert "neither a local BEIR folder" in capsys.readouterr().err
+    assert "does not exist; give a local BEIR folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--data", "x", "--output", "y", "--stages", "align,pretrain"])
 
