@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -98,13 +99,25 @@ def _nearest_existing(path: Path) -> Path:
     return Path("/")  # pragma: no cover - the root always exists
 
 
+def _writable(folder: Path) -> bool:
+    """Whether a folder can be made in ``folder`` (tried: permissions, read-only file systems and ``/proc`` all
+    say no), leaving nothing behind."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        probe = tempfile.mkdtemp(prefix=".st-daft-probe-", dir=folder)
+    except OSError:
+        return False
+    os.rmdir(probe)
+    return True
+
+
 def _check_creatable(path: Path, option: str) -> None:
     """Refuse a path that does not exist and cannot be made: one of its parents is a file, or not writable."""
     ancestor = _nearest_existing(path)
     if not ancestor.is_dir():
         raise OutputError(f"{option} {path}: {ancestor} is a file, so no folder can be made there; give another path")
-    read_only = hasattr(os, "statvfs") and bool(os.statvfs(ancestor).f_flag & getattr(os, "ST_RDONLY", 1))
-    if read_only or not os.access(ancestor, os.W_OK | os.X_OK):
+    if not _writable(ancestor):
         raise OutputError(f"{option} {path}: {ancestor} is not writable; give a path in a folder you can write to")
 
 
@@ -318,7 +331,7 @@ def claim_output(
         return claimed
     if not path.is_dir():
         raise OutputError(f"{option} {path} is a file, not a folder; give a new or empty folder")
-    if not os.access(path, os.W_OK | os.X_OK):
+    if not _writable(path):
         raise OutputError(f"{option} {path} is not writable; give a folder you can write to")
     entries = sorted(entry.name for entry in path.iterdir())
     if not entries:
