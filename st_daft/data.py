@@ -219,6 +219,8 @@ def hub_failure(error: BaseException) -> str:
 
 def _missing_file(path: Path, what: str) -> DataError:
     """A missing-file error that mentions look-alikes in the same folder (``corpus.jsonl.gz``, ``Corpus.jsonl``)."""
+    if path.is_dir():
+        return DataError(f"{path} is a folder, not a file ({what})")
     stem = path.name.split(".")[0].lower()
     siblings = path.parent.glob("*") if path.parent.is_dir() else []
     near = sorted(p.name for p in siblings if p.name.lower().startswith(stem))
@@ -330,6 +332,8 @@ def _read_beir_jsonl(path: Path, with_title: bool) -> _BeirRows:
 
 
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a qrels file")
     if not path.is_file():
         available = sorted(p.stem for p in path.parent.glob("*.tsv")) if path.parent.is_dir() else []
         raise DataError(f"missing qrels file {path}; splits available: {available or 'none'}")
@@ -365,6 +369,8 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
                 qrels.setdefault(query_id, {})[doc_id] = score
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text (a compressed or binary file?)") from None
+        except csv.Error as error:
+            raise DataError(f"{path}:{reader.line_num}: not a tab-separated line ({error})") from None
     if not qrels:
         raise DataError(f"{path} has no judgements (expected 'query-id<TAB>corpus-id<TAB>score' lines)")
     return qrels
@@ -403,6 +409,8 @@ def _load_beir_folder(folder: Path, split: str, empty_texts: EmptyTexts) -> Retr
             )
     if empty_texts == "error":
         _refuse_empty_texts(corpus_rows, query_rows, list(qrels))
+        if not any(score > 0 for judged in qrels.values() for score in judged.values()):
+            raise DataError(f"{qrels_path}: no positive (score > 0) judgement, so no training pair; training needs one")
     corpus = {item: join_title_text(title, text) for item, (_, title, text) in corpus_rows.rows.items()}
     titles = {item: title for item, (_, title, _) in corpus_rows.rows.items()}
     queries = {qid: query_rows.rows[qid][2] for qid in qrels}

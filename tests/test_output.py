@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from st_daft.output import (
+from st_daft.utils.output import (
     MARKER_FILE,
     OutputError,
     OutputFolder,
@@ -154,12 +154,12 @@ def test_resume_compares_what_was_trained(tmp_path: Path) -> None:
 
 
 def test_identity_of_a_large_file_is_sampled(tmp_path: Path, monkeypatch) -> None:
-    import st_daft.output
+    import st_daft.utils.output
 
     file = tmp_path / "big.bin"
     file.write_bytes(bytes(range(256)) * 64)
-    monkeypatch.setattr(st_daft.output, "FULL_HASH_BYTES", 1024)
-    monkeypatch.setattr(st_daft.output, "_SAMPLE_BYTES", 64)
+    monkeypatch.setattr(st_daft.utils.output, "FULL_HASH_BYTES", 1024)
+    monkeypatch.setattr(st_daft.utils.output, "_SAMPLE_BYTES", 64)
     sampled = file_identity(file)
     assert sampled["sampled"] and sampled["size"] == 256 * 64
     content = bytearray(file.read_bytes())

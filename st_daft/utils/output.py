@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from st_daft.io import atomic_write_json
+from st_daft.utils.io import atomic_write_json
 
 __all__ = [
     "MARKER_FILE",
@@ -63,13 +63,13 @@ class OutputError(ValueError):
 
 
 def _main_process() -> bool:
-    from st_daft.distributed import is_main_process  # torch is imported only once something is written
+    from st_daft.utils.distributed import is_main_process  # torch is imported only once something is written
 
     return is_main_process()
 
 
 def _barrier() -> None:
-    from st_daft.distributed import barrier
+    from st_daft.utils.distributed import barrier
 
     barrier()
 
