@@ -80,7 +80,7 @@ def test_config_validation() -> None:
 def test_align_needs_an_asymmetric_model(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
     model = SentenceTransformer(str(tiny_document_model_dir))
     with pytest.raises(ValueError, match="need an asymmetric"):
-        train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path, _tiny_config(("align",)))
+        train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", _tiny_config(("align",)))
 
 
 def test_validation_split_and_texts(tiny_beir_dir: Path) -> None:

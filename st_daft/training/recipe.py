@@ -295,7 +295,9 @@ def train_daft(
     config = config or DAFTConfig()
     output_dir = Path(output_dir)
     if output is None:
-        output = claim_output(output_dir, "train_daft", overwrite=overwrite, resume=resume_from_checkpoint)
+        output = claim_output(
+            output_dir, "train_daft", overwrite=overwrite, resume=resume_from_checkpoint, option="output_dir"
+        )
     if "run" not in output.record:
         identity = run_identity(config, data_identity(train_data, validation_data, unlabeled_queries))
         output.check_resume(identity, anyway=resume_anyway, flag="resume_anyway=True")

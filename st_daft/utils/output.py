@@ -42,6 +42,7 @@ __all__ = [
     "OutputFolder",
     "claim_output",
     "claim_output_file",
+    "check_writable_folder",
     "write_output_file",
     "file_identity",
     "identity_differences",
@@ -119,6 +120,16 @@ def _check_creatable(path: Path, option: str) -> None:
         raise OutputError(f"{option} {path}: {ancestor} is a file, so no folder can be made there; give another path")
     if not _writable(ancestor):
         raise OutputError(f"{option} {path}: {ancestor} is not writable; give a path in a folder you can write to")
+
+
+def check_writable_folder(path: str | Path, option: str) -> None:
+    """Refuse a folder a command writes into without owning it (a document store shared by runs) when it is a file
+    or cannot be made, naming ``option``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {path} is a file, not a folder; give a folder")
+    if not path.exists():
+        _check_creatable(path, option)
 
 
 def _read_marker(marker: Path, option: str, path: Path) -> dict[str, Any]:
