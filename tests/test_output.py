@@ -118,7 +118,7 @@ def test_paths_that_cannot_be_made_are_named(tmp_path: Path) -> None:
     file.write_text("x")
     with pytest.raises(OutputError, match="is a file, not a folder"):
         claim_output(file, "train")
-    with pytest.raises(OutputError, match=f"{file} is a file, so no folder can be made there"):
+    with pytest.raises(OutputError, match=f"{file} is a file, so nothing can be made in it"):
         claim_output(file / "run", "train")
 
 

@@ -202,7 +202,7 @@ def check_model_source(source: str | Path, option: str = "") -> None:
         ValueError: the message names the path and says what to give instead.
     """
     from st_daft.data import looks_like_local_path
-    from st_daft.io import check_safetensors
+    from st_daft.utils.io import check_safetensors
 
     named = f"{option} {source}".strip()
     path = Path(source)

@@ -285,8 +285,8 @@ def train_daft(
         overwrite: replace a previous run in ``output_dir``: only what st-daft wrote there is removed (see
             :mod:`st_daft.utils.output`); a folder holding anything else is refused.
         titles: document id -> title of a bare corpus (the corpus stage cuts pseudo-queries from titles).
-        output: the folder as a caller claimed it (:func:`~st_daft.utils.output.claim_output`, e.g. the ``st-daft train``
-            command, which records its arguments); by default claimed here.
+        output: the folder as a caller claimed it (:func:`~st_daft.utils.output.claim_output`, e.g. the
+            ``st-daft train`` command, which records its arguments); by default claimed here.
         resume_anyway: resume a run whose recorded data or settings differ from these.
 
     Returns:

@@ -113,13 +113,14 @@ def _writable(folder: Path) -> bool:
     return True
 
 
-def _check_creatable(path: Path, option: str) -> None:
+def _check_creatable(path: Path, option: str, named: Path | None = None) -> None:
     """Refuse a path that does not exist and cannot be made: one of its parents is a file, or not writable."""
     ancestor = _nearest_existing(path)
+    named = named or path
     if not ancestor.is_dir():
-        raise OutputError(f"{option} {path}: {ancestor} is a file, so no folder can be made there; give another path")
+        raise OutputError(f"{option} {named}: {ancestor} is a file, so nothing can be made in it; give another path")
     if not _writable(ancestor):
-        raise OutputError(f"{option} {path}: {ancestor} is not writable; give a path in a folder you can write to")
+        raise OutputError(f"{option} {named}: {ancestor} is not writable; give a path in a folder you can write to")
 
 
 def check_writable_folder(path: str | Path, option: str) -> None:
@@ -383,7 +384,7 @@ def claim_output_file(
     path = Path(path)
     marker = {"command": command, "arguments": list(arguments or []), "version": package_version()}
     if not path.exists():
-        _check_creatable(path.parent, option)
+        _check_creatable(path.parent, option, named=path)
         return marker
     if path.is_dir():
         raise OutputError(f"{option} {path} is a folder; give the path of a new JSON file")
