@@ -393,6 +393,12 @@ def _refuse_empty_texts(corpus: _BeirRows, queries: _BeirRows, judged_queries: l
 
 
 def _load_beir_folder(folder: Path, split: str, empty_texts: EmptyTexts) -> RetrievalData:
+    absent = [name for name in ("corpus.jsonl", "queries.jsonl") if not (folder / name).exists()]
+    if len(absent) == 2:
+        raise DataError(
+            f"missing files {', '.join(absent)} in {folder} (a BEIR folder needs corpus.jsonl, queries.jsonl and "
+            "qrels/<split>.tsv)"
+        )
     corpus_rows = _read_beir_jsonl(folder / "corpus.jsonl", with_title=True)
     query_rows = _read_beir_jsonl(folder / "queries.jsonl", with_title=False)
     qrels_path = folder / "qrels" / f"{split}.tsv"
