@@ -98,7 +98,8 @@ def test_export_never_writes_over_its_source_or_a_users_folder(kept_run: Path, t
     exported = tmp_path / "query"
     assert main(["export", str(kept_run), str(exported)]) == 0
     assert main(["export", str(kept_run), str(exported)]) == 2
-    assert "holds an earlier `st-daft export` output; pass --overwrite" in _error(capsys)
+    error = _error(capsys)
+    assert "holds an earlier `st-daft export` output (" in error and "; pass --overwrite to replace it" in error
     assert main(["export", str(kept_run), str(exported), "--overwrite"]) == 0
 
 
