@@ -435,14 +435,18 @@ def _shown(value: Any) -> str:
 
 
 def identity_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """One sentence per label whose value differs between two identities (a file: by content, not path)."""
+    """One sentence per label whose value differs between two identities (a file: by content, not path); labels
+    only one of them has (the settings of a stage added or left out) are named together."""
     differences = []
-    for label in sorted(set(before) | set(now), key=lambda name: (name not in now, name)):
-        old, new = before.get(label), now.get(label)
+    for label in sorted(set(before) & set(now)):
+        old, new = before[label], now[label]
         if isinstance(old, dict) and isinstance(new, dict) and "sha256" in old and "sha256" in new:
             if old["sha256"] != new["sha256"] or old.get("size") != new.get("size"):
                 moved = "" if old.get("path") == new.get("path") else f" (was {old.get('path')})"
                 differences.append(f"{label} {new.get('path')} has other content than the earlier run's{moved}")
         elif old != new:
             differences.append(f"{label} {_shown(old)} before, {_shown(new)} now")
+    for only, side in ((set(now) - set(before), "this command"), (set(before) - set(now), "the earlier run")):
+        if only:
+            differences.append(f"{len(only)} setting(s) only in {side} ({_listed(sorted(only))})")
     return differences
