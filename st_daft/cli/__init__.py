@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_soup(args)
         return run_evaluate(args)
     except KeyboardInterrupt:
-        print(interrupted_message(args), file=sys.stderr)
+        print(f"\n{interrupted_message(args)}", file=sys.stderr)  # on its own line, after a progress bar's
         return INTERRUPTED
     except (DataError, FileNotFoundError, ValueError) as error:
         print(one_line(args.command, str(error)), file=sys.stderr)
