@@ -23,6 +23,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "load_queries_file",
         "RetrievalData",
     ),
+    "st_daft.utils.output": (
+        "claim_output",
+        "OutputError",
+        "OutputFolder",
+    ),
     "st_daft.models.asymmetric": (
         "build_asymmetric_model",
         "count_parameters",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,15 @@ from datasets import Dataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RetrievalData", "load_beir", "load_corpus", "load_queries_file", "join_title_text", "DataError"]
+__all__ = [
+    "RetrievalData",
+    "load_beir",
+    "load_corpus",
+    "load_queries_file",
+    "join_title_text",
+    "DataError",
+    "looks_like_local_path",
+]
 
 EmptyTexts = Literal["error", "warn"]
 """What empty (or whitespace-only) texts are: an ``"error"`` (training) or a logged ``"warn"``-ing (evaluation)."""
@@ -175,11 +184,43 @@ class RetrievalData:
         )
 
 
+# ---------------------------------------------------------------------------------------------------- local or Hub
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_BARE_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def looks_like_local_path(source: str | Path, bare_names: bool = False) -> bool:
+    """Whether ``source``, which does not exist here, was meant as a local path rather than a Hub id: it is not of
+    the form ``owner/name`` (nor a bare ``name`` where ``bare_names`` allows one, as models' ids do), or its first
+    part is a folder here (``out/run`` beside an ``out/`` folder). Such a path is never sent to the Hub."""
+    if isinstance(source, Path):
+        return True
+    if _HUB_ID.fullmatch(source):
+        return Path(source.split("/")[0]).is_dir() or source.endswith((".json", ".jsonl", ".tsv", ".txt"))
+    return not (bare_names and _BARE_HUB_NAME.fullmatch(source) and not source.endswith((".json", ".jsonl")))
+
+
+def hub_failure(error: BaseException) -> str:
+    """Why loading from the Hugging Face Hub failed, in words: offline mode, no connection, or not found."""
+    from huggingface_hub import constants
+
+    text = f"{type(error).__name__} {error}"
+    if constants.HF_HUB_OFFLINE or "OfflineModeIsEnabled" in text:
+        return "not found here, and the Hugging Face Hub is not asked in offline mode (HF_HUB_OFFLINE is set)"
+    if "connect" in text.lower() or "reach" in text.lower():
+        return "not found here, and the Hugging Face Hub could not be reached"
+    reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+    return f"not found on the Hugging Face Hub ({reason})"
+
+
 # ---------------------------------------------------------------------------------------------------- line readers
 
 
 def _missing_file(path: Path, what: str) -> DataError:
     """A missing-file error that mentions look-alikes in the same folder (``corpus.jsonl.gz``, ``Corpus.jsonl``)."""
+    if path.is_dir():
+        return DataError(f"{path} is a folder, not a file ({what})")
     stem = path.name.split(".")[0].lower()
     siblings = path.parent.glob("*") if path.parent.is_dir() else []
     near = sorted(p.name for p in siblings if p.name.lower().startswith(stem))
@@ -191,7 +232,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """``(line number, line)`` of a UTF-8 text file; a binary or compressed file is named, with its line."""
     line_number = 0
     try:
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig") as handle:  # a byte-order mark (some editors write one) is not text
             for line_number, line in enumerate(handle, start=1):
                 yield line_number, line
     except UnicodeDecodeError:
@@ -208,7 +249,8 @@ def _json_lines(path: Path, hint: str) -> Iterator[tuple[int, Any]]:
         try:
             yield line_number, json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg}); {hint}") from None
+            reason = f"{error.msg.removesuffix(' at')} at column {error.colno}"
+            raise DataError(f"{path}:{line_number}: not valid JSON ({reason}); {hint}") from None
 
 
 def _type_name(value: Any) -> str:
@@ -290,12 +332,14 @@ def _read_beir_jsonl(path: Path, with_title: bool) -> _BeirRows:
 
 
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a qrels file")
     if not path.is_file():
         available = sorted(p.stem for p in path.parent.glob("*.tsv")) if path.parent.is_dir() else []
         raise DataError(f"missing qrels file {path}; splits available: {available or 'none'}")
     qrels: dict[str, dict[str, int]] = {}
     judged_on: dict[tuple[str, str], int] = {}
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:  # a byte-order mark is not the header's text
         reader = csv.reader(handle, delimiter="\t")
         try:
             for line_number, row in enumerate(reader, start=1):
@@ -325,6 +369,8 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
                 qrels.setdefault(query_id, {})[doc_id] = score
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text (a compressed or binary file?)") from None
+        except csv.Error as error:
+            raise DataError(f"{path}:{reader.line_num}: not a tab-separated line ({error})") from None
     if not qrels:
         raise DataError(f"{path} has no judgements (expected 'query-id<TAB>corpus-id<TAB>score' lines)")
     return qrels
@@ -347,6 +393,12 @@ def _refuse_empty_texts(corpus: _BeirRows, queries: _BeirRows, judged_queries: l
 
 
 def _load_beir_folder(folder: Path, split: str, empty_texts: EmptyTexts) -> RetrievalData:
+    absent = [name for name in ("corpus.jsonl", "queries.jsonl") if not (folder / name).exists()]
+    if len(absent) == 2:
+        raise DataError(
+            f"missing files {', '.join(absent)} in {folder} (a BEIR folder needs corpus.jsonl, queries.jsonl and "
+            "qrels/<split>.tsv)"
+        )
     corpus_rows = _read_beir_jsonl(folder / "corpus.jsonl", with_title=True)
     query_rows = _read_beir_jsonl(folder / "queries.jsonl", with_title=False)
     qrels_path = folder / "qrels" / f"{split}.tsv"
@@ -363,6 +415,8 @@ def _load_beir_folder(folder: Path, split: str, empty_texts: EmptyTexts) -> Retr
             )
     if empty_texts == "error":
         _refuse_empty_texts(corpus_rows, query_rows, list(qrels))
+        if not any(score > 0 for judged in qrels.values() for score in judged.values()):
+            raise DataError(f"{qrels_path}: no positive (score > 0) judgement, so no training pair; training needs one")
     corpus = {item: join_title_text(title, text) for item, (_, title, text) in corpus_rows.rows.items()}
     titles = {item: title for item, (_, title, _) in corpus_rows.rows.items()}
     queries = {qid: query_rows.rows[qid][2] for qid in qrels}
@@ -377,13 +431,16 @@ def _load_beir_folder(folder: Path, split: str, empty_texts: EmptyTexts) -> Retr
     )
 
 
-def _load_beir_hub(dataset_id: str, split: str, empty_texts: EmptyTexts) -> RetrievalData:  # pragma: no cover - Hub
+def _load_beir_hub(dataset_id: str, split: str, empty_texts: EmptyTexts) -> RetrievalData:
     """Load ``BeIR/<name>`` (configs ``corpus`` and ``queries``) and ``BeIR/<name>-qrels`` from the Hub."""
     from datasets import load_dataset
 
-    corpus_ds = load_dataset(dataset_id, "corpus", split="corpus")
-    queries_ds = load_dataset(dataset_id, "queries", split="queries")
-    qrels_ds = load_dataset(f"{dataset_id}-qrels", split=split)
+    try:
+        corpus_ds = load_dataset(dataset_id, "corpus", split="corpus")
+        queries_ds = load_dataset(dataset_id, "queries", split="queries")
+        qrels_ds = load_dataset(f"{dataset_id}-qrels", split=split)
+    except (OSError, ValueError) as error:  # offline, unreachable, no such dataset or split
+        raise DataError(f"{dataset_id}: {hub_failure(error)}; check the id, or give a local BEIR folder") from None
     corpus = {str(row["_id"]): join_title_text(row.get("title"), row["text"]) for row in corpus_ds}
     titles = {str(row["_id"]): row.get("title") or "" for row in corpus_ds}
     if len(corpus) != len(corpus_ds):
@@ -419,10 +476,10 @@ def load_beir(source: str | Path, split: str = "test", *, empty_texts: EmptyText
         if not path.is_dir():
             raise DataError(f"{path} is a file; expected a BEIR folder with corpus.jsonl, queries.jsonl and qrels/")
         return _load_beir_folder(path, split, empty_texts)
-    if isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/")):
+    if isinstance(source, str) and not looks_like_local_path(source):
         logger.info("%s is not a local folder; loading it from the Hugging Face Hub", source)
         return _load_beir_hub(source, split, empty_texts)
-    raise DataError(f"{source} is neither a local BEIR folder nor a Hub dataset id like 'BeIR/scifact'")
+    raise DataError(f"{source} does not exist; give a local BEIR folder or a Hub dataset id like 'BeIR/scifact'")
 
 
 # ------------------------------------------------------------------------------------ corpora and query logs alone

@@ -88,7 +88,7 @@ def test_a_file_or_missing_path_is_not_a_beir_folder(tmp_path: Path) -> None:
     file.write_text("{}")
     with pytest.raises(DataError, match="is a file; expected a BEIR folder"):
         load_beir(file)
-    with pytest.raises(DataError, match="neither a local BEIR folder nor a Hub dataset id"):
+    with pytest.raises(DataError, match="nowhere.deeper does not exist; give a local BEIR folder or a Hub dataset id"):
         load_beir(str(tmp_path / "nowhere" / "deeper"))
 
 
@@ -290,3 +290,39 @@ def test_load_queries_file(tmp_path: Path, tiny_beir_dir: Path) -> None:
     log.write_text("\n \n")
     with pytest.raises(DataError, match=r"log.txt holds no queries"):
         load_queries_file(log)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path: Path) -> None:
+    folder = write_beir(tmp_path / "a", {"d1": ("", "text")}, {"q1": "query"}, {"test": {"q1": {"d1": 1}}})
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        file = folder / name
+        file.write_bytes(b"\xef\xbb\xbf" + file.read_bytes())
+    data = load_beir(folder)
+    assert data.qrels == {"q1": {"d1": 1}} and data.corpus == {"d1": "text"}
+
+
+def test_the_reason_a_json_line_is_invalid_is_whole(tmp_path: Path) -> None:
+    folder = write_beir(tmp_path / "a", {"d1": ("", "text")}, {"q1": "query"}, {"test": {"q1": {"d1": 1}}})
+    (folder / "corpus.jsonl").write_text('{"_id": "d1", "text": "a\tb"}\n')
+    with pytest.raises(DataError, match=r"corpus.jsonl:1: not valid JSON \(Invalid control character at column 25\)"):
+        load_beir(folder)
+
+
+def test_a_local_looking_path_is_never_sent_to_the_hub(tmp_path: Path, monkeypatch) -> None:
+    import st_daft.data
+
+    def hub(*args, **kwargs):
+        raise AssertionError("sent to the Hub")
+
+    monkeypatch.setattr(st_daft.data, "_load_beir_hub", hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    for source in ("out/does-not-exist", "./x", "a/b/c", "corpus.jsonl", str(tmp_path / "nowhere")):
+        with pytest.raises(DataError, match="does not exist; give a local BEIR folder"):
+            load_beir(source)
+
+
+def test_an_unreachable_hub_dataset_is_one_sentence(monkeypatch) -> None:
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="BeIR/scifact: not found here, and the Hugging Face Hub is not asked"):
+        load_beir("BeIR/scifact")

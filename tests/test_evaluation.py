@@ -486,11 +486,13 @@ def test_cli_evaluate_fuse_bm25(
         with pytest.raises(SystemExit) as exit_info:
             main([*arguments, "--fuse-bm25", "--fusion-weight", weight])
         assert exit_info.value.code == 2 and "--fusion-weight: must be a finite number" in capsys.readouterr().err
-    # The collections are checked before any model is read: a missing model is never reached.
+    # Every path is checked before any model is read: a missing model folder first, then each collection.
     missing = ["evaluate", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data"), "--fuse-bm25"]
     if importlib.util.find_spec("bm25s"):
         assert main(missing) == 2
-        assert "no-data" in capsys.readouterr().err
+        assert "no-model does not exist" in capsys.readouterr().err
+        assert main(["evaluate", model, "--data", str(tmp_path / "no-data"), "--fuse-bm25"]) == 2
+        assert "no-data does not exist" in capsys.readouterr().err
     assert main([*arguments, "--fusion-weight", "0.3"]) == 2
     assert "--fusion-weight applies to --fuse-bm25 only" in capsys.readouterr().err
 

@@ -80,7 +80,7 @@ def test_config_validation() -> None:
 def test_align_needs_an_asymmetric_model(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
     model = SentenceTransformer(str(tiny_document_model_dir))
     with pytest.raises(ValueError, match="need an asymmetric"):
-        train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path, _tiny_config(("align",)))
+        train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", _tiny_config(("align",)))
 
 
 def test_validation_split_and_texts(tiny_beir_dir: Path) -> None:
@@ -127,7 +127,7 @@ def test_cli_train_and_evaluate(tiny_document_model_dir: Path, tiny_beir_dir: Pa
 
 def test_cli_reports_bad_input(tmp_path, capsys) -> None:
     assert main(["train", "--data", str(tmp_path / "missing" / "x"), "--output", str(tmp_path / "o")]) == 2
-    assert "neither a local BEIR folder" in capsys.readouterr().err
+    assert "does not exist; give a local BEIR folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--data", "x", "--output", "y", "--stages", "align,pretrain"])
 

@@ -81,4 +81,4 @@ def test_cli_soup(tiny_document_model_dir: Path, tmp_path: Path, capsys) -> None
     assert "soup of 3 static query tables" in capsys.readouterr().out
     assert (output / "daft_soup.json").is_file()
     assert main(["soup", *map(str, runs), "--output", str(output)]) == 2, "an existing folder is not replaced"
-    assert "exists" in capsys.readouterr().err
+    assert "holds an earlier `st-daft soup` output" in capsys.readouterr().err

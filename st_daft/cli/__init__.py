@@ -14,6 +14,7 @@ from st_daft.cli.commands import (
     run_export,
     run_soup,
 )
+from st_daft.cli.errors import FAILED, INTERRUPTED, interrupted_message, one_line, os_message
 from st_daft.cli.train import _add_train_parser, run_train
 
 logger = logging.getLogger("st_daft")
@@ -30,8 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``st-daft`` command; every failure it can explain is one line on stderr with exit status 2, Ctrl-C
+    one line with 130 (:mod:`st_daft.cli.errors`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in the output folder's marker
+    from safetensors import SafetensorError
+
     from st_daft.data import DataError
 
     try:
@@ -42,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "soup":
             return run_soup(args)
         return run_evaluate(args)
+    except KeyboardInterrupt:
+        print(f"\n{interrupted_message(args)}", file=sys.stderr)  # on its own line, after a progress bar's
+        return INTERRUPTED
     except (DataError, FileNotFoundError, ValueError) as error:
-        print(f"st-daft {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        print(one_line(args.command, str(error)), file=sys.stderr)
+    except SafetensorError as error:
+        print(one_line(args.command, f"a weights file is truncated or not safetensors ({error})"), file=sys.stderr)
+    except OSError as error:  # a file that cannot be read or written, a full disk
+        print(one_line(args.command, os_message(error)), file=sys.stderr)
+    return FAILED

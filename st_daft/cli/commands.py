@@ -7,7 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-from st_daft.cli.options import _DOCUMENT_STORE_HELP, _non_negative_float
+from st_daft.cli.errors import hub_message
+from st_daft.cli.options import _DOCUMENT_STORE_HELP, _OVERWRITE_HELP, _non_negative_float
+from st_daft.utils.output import check_writable_folder, claim_output, claim_output_file, write_output_file
 
 logger = logging.getLogger("st_daft")
 
@@ -46,6 +48,7 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
         help="BM25's weight in --fuse-bm25 rows (default 0.15, st_daft.evaluation.hybrid.DEFAULT_FUSION_WEIGHT)",
     )
     evaluate.add_argument("--output", default=None, help="write every score of every model and collection to JSON")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an --output file st-daft wrote before")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--document-store", default=None, help=_DOCUMENT_STORE_HELP)
 
@@ -71,6 +74,7 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="table storage type of --format model2vec (default float32; int8 keeps one scale per row)",
     )
+    export.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
 
 
 def _add_soup_parser(commands: argparse._SubParsersAction) -> None:
@@ -79,14 +83,23 @@ def _add_soup_parser(commands: argparse._SubParsersAction) -> None:
         help="average the static query tables of several runs of one recipe (other seeds) into one model",
     )
     soup.add_argument("runs", nargs="+", help="trained model folders (two or more; same collection and recipe)")
-    soup.add_argument("--output", required=True, help="folder for the soup (must not exist)")
+    soup.add_argument("--output", required=True, help="folder for the soup (a new or empty one)")
+    soup.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
 
 
 def run_soup(args: argparse.Namespace) -> int:
-    from st_daft.models.asymmetric import QUERY_ROUTE, get_route
-    from st_daft.training.soup import soup_static_routes
+    from st_daft.models.asymmetric import QUERY_ROUTE, check_model_source, get_route
+    from st_daft.training.soup import save_soup, soup_static_routes
 
-    soup = soup_static_routes(args.runs, output_path=args.output)
+    if len(args.runs) < 2:
+        raise ValueError(f"a soup needs two or more runs, got {len(args.runs)}: {' '.join(args.runs)}")
+    reads = [("a run averaged", run) for run in args.runs]
+    folder = claim_output(args.output, "soup", args.argv, overwrite=args.overwrite, reads=reads)
+    for run in args.runs:
+        check_model_source(run)
+    soup = soup_static_routes(args.runs)
+    with folder.writing():
+        save_soup(soup, args.runs, folder.path)
     rows, dimension = get_route(soup, QUERY_ROUTE)[0].embedding.weight.shape
     print(f"soup of {len(args.runs)} static query tables ({rows:,} x {dimension}) saved to {Path(args.output)}")
     return 0
@@ -120,16 +133,29 @@ def run_evaluate(args: argparse.Namespace) -> int:
     except ImportError as error:
         print(f"st-daft evaluate: error: {option}: {error}", file=sys.stderr)
         return 2
-    comparison = evaluate_collections(
-        models,
-        args.data,
-        split=args.split,
-        labels=labels,
-        output_path=args.output,
-        batch_size=args.batch_size,
-        document_store=args.document_store,
-        fuse_bm25=fuse_bm25,
-    )
+    marker = None
+    if args.output:
+        marker = claim_output_file(args.output, "evaluate", args.argv, overwrite=args.overwrite)
+    if args.document_store:
+        check_writable_folder(args.document_store, "--document-store")
+    from st_daft.models.asymmetric import check_model_source
+
+    for model in args.model:
+        check_model_source(model)
+    try:
+        comparison = evaluate_collections(
+            models,
+            args.data,
+            split=args.split,
+            labels=labels,
+            batch_size=args.batch_size,
+            document_store=args.document_store,
+            fuse_bm25=fuse_bm25,
+        )
+    except OSError as error:  # a Hub id that is not there, or not reachable
+        raise ValueError(hub_message(error, [("", model) for model in args.model])) from None
+    if marker is not None:
+        write_output_file(args.output, comparison, marker)
     for metric in ("ndcg_at_10", "recall_at_100"):
         print()
         print(format_table(comparison, metric))
@@ -141,15 +167,24 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from sentence_transformers import SentenceTransformer
 
-    from st_daft.models.asymmetric import count_parameters, export_route
+    from st_daft.models.asymmetric import check_model_source, count_parameters, export_route
 
     if args.dtype is not None and args.format != "model2vec":
         raise ValueError(f"--dtype {args.dtype} applies to --format model2vec only")
-    model = SentenceTransformer(args.model)
+    reads = [("the model exported", args.model)]
+    folder = claim_output(args.output, "export", args.argv, overwrite=args.overwrite, option="OUTPUT", reads=reads)
+    check_model_source(args.model)
+    try:
+        model = SentenceTransformer(args.model)
+    except OSError as error:  # a Hub id that is not there, or not reachable
+        raise ValueError(hub_message(error, [("", args.model)])) from None
     if args.format == "model2vec":
         from st_daft.serving import export_static_model
 
-        static_model = export_static_model(model, args.output, route=args.route, dtype=args.dtype or "float32")
+        # a route that is not static is refused before anything is written
+        export_static_model(model, route=args.route, dtype=args.dtype or "float32")
+        with folder.writing():
+            static_model = export_static_model(model, folder.path, route=args.route, dtype=args.dtype or "float32")
         rows, dimension = static_model.embedding.shape
         print(
             f"{args.route} route: {rows:,} x {dimension} {static_model.embedding_dtype} table "
@@ -157,7 +192,9 @@ def run_export(args: argparse.Namespace) -> int:
         )
         print(f"model2vec model saved to {Path(args.output)}")
         return 0
-    exported = export_route(model, args.route, output_path=args.output)
+    exported = export_route(model, args.route)  # a missing route is refused before anything is written
+    with folder.writing():
+        exported.save(str(folder.path))
     print(f"{args.route} route: {count_parameters(exported):,} parameters (full model: {count_parameters(model):,})")
     print(f"model saved to {Path(args.output)}")
     return 0

@@ -78,6 +78,10 @@ def _unit_float(value: str) -> float:
     return number
 
 
+_OVERWRITE_HELP = (
+    "replace what an earlier st-daft command wrote in the output folder: only the entries its .st-daft.json marker "
+    "lists are removed (a folder holding anything else is refused)"
+)
 _DOCUMENT_STORE_HELP = (
     "folder of a document embedding store: document-route embeddings are kept there and reused by later runs "
     "with the same document encoder (e.g. a frozen one)"

@@ -12,6 +12,7 @@ from typing import Any
 
 from st_daft.cli.options import (
     _DOCUMENT_STORE_HELP,
+    _OVERWRITE_HELP,
     _index_option,
     _negatives,
     _non_negative_float,
@@ -203,10 +204,23 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="default: auto")
     run.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="default: fp32")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--resume", action="store_true", help="resume each stage from its last complete checkpoint")
-    run.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
     run.add_argument(
-        "--keep-checkpoints", action="store_true", help="keep the per-stage checkpoint folders (and the corpus cache)"
+        "--resume",
+        action="store_true",
+        help="resume each stage from its last complete checkpoint; refused when the run in --output was trained on "
+        "other data or settings (each difference is named)",
+    )
+    run.add_argument(
+        "--resume-anyway",
+        action="store_true",
+        help="with --resume: continue the run in --output with this command's data and settings, though they differ",
+    )
+    run.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    run.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep the per-stage checkpoint folders (and the corpus cache); a resumed run keeps them when the run "
+        "it resumes did",
     )
     run.add_argument(
         "--cache-dtype",
@@ -411,7 +425,10 @@ def _load_training_data(args: argparse.Namespace):
 
         queries = load_queries_file(args.unlabeled_queries)
     folder = Path(args.data) if args.data else None
-    if args.corpus or (folder and folder.is_dir() and not (folder / "queries.jsonl").exists()):
+    corpus_only = (
+        folder and folder.is_dir() and not any((folder / name).exists() for name in ("queries.jsonl", "qrels"))
+    )
+    if args.corpus or corpus_only:
         from st_daft.data import load_corpus
 
         corpus_file = Path(args.corpus) if args.corpus else folder / "corpus.jsonl"
@@ -438,33 +455,102 @@ def _corpus_titles(file: Path) -> dict[str, str]:
     return titles
 
 
+def _check_train_options(args: argparse.Namespace) -> None:
+    """What can be checked of ``st-daft train``'s options before any file is read or model loaded."""
+    from st_daft.models.asymmetric import check_model_source, check_query_encoder
+    from st_daft.training.stages.base import check_device
+    from st_daft.utils.output import check_writable_folder
+
+    if args.resume_anyway and not args.resume:
+        raise ValueError("--resume-anyway applies to --resume only")
+    check_device(None if args.device == "auto" else args.device, args.precision)
+    check_query_encoder(args.query_encoder)
+    if args.document_encoder:
+        check_model_source(args.document_encoder, "--document-encoder")
+    if args.document_store:
+        check_writable_folder(args.document_store, "--document-store")
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as error:
+            reason = str(error).splitlines()[0]
+            raise ValueError(f"--push-to-hub {args.push_to_hub}: not a Hub repository id ({reason})") from None
+
+
+def _run_inputs(args: argparse.Namespace, document_encoder: str) -> dict[str, object]:
+    """What identifies a run's inputs for --resume: the encoders, and each data file's content (or the Hub id)."""
+    from st_daft.utils.output import file_identity
+
+    def local(spec: str) -> str:
+        return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+    inputs: dict[str, object] = {
+        "--query-encoder": local(args.query_encoder),
+        "--document-encoder": local(document_encoder),
+        "--split": args.split,
+        "--dev-split": args.dev_split,
+    }
+    files: list[tuple[str, Path]] = []
+    if args.data and Path(args.data).is_dir():
+        folder = Path(args.data)
+        names = ["corpus.jsonl", "queries.jsonl", f"qrels/{args.split}.tsv"]
+        names += [f"qrels/{args.dev_split}.tsv"] if args.dev_split else []
+        files += [(f"--data {name}", folder / name) for name in names]
+    elif args.data:
+        inputs["--data"] = args.data  # a Hub dataset
+    for option, path in (("--corpus", args.corpus), ("--unlabeled-queries", args.unlabeled_queries)):
+        if path:
+            inner = "corpus.jsonl" if option == "--corpus" else "queries.jsonl"
+            files.append((option, Path(path) / inner if Path(path).is_dir() else Path(path)))
+    for label, path in files:
+        if path.is_file():
+            inputs[label] = file_identity(path)
+    return inputs
+
+
 def run_train(args: argparse.Namespace) -> int:
     from sentence_transformers import SentenceTransformer
 
+    from st_daft.cli.errors import hub_message
     from st_daft.models.asymmetric import build_asymmetric_model, default_document_encoder
-    from st_daft.training.recipe import check_output_dir, default_stages, remove_checkpoints, train_daft
+    from st_daft.training.recipe import checkpoint_entries, default_stages, run_identity, train_daft
     from st_daft.utils.distributed import init_distributed, is_main_process
+    from st_daft.utils.output import claim_output
 
     _check_paths(args)
-    if not args.overwrite:  # fail before loading anything; with --overwrite, train_daft clears the folder
-        check_output_dir(args.output, resume=args.resume)
+    # fail before loading anything: the output folder, then every option that names a device, model or path
+    folder = claim_output(args.output, "train", args.argv, overwrite=args.overwrite, resume=args.resume)
+    _check_train_options(args)
     train_data, validation_data, unlabeled_queries = _load_training_data(args)
     labelled = not isinstance(train_data, tuple)
     train_data, titles = (train_data, None) if labelled else train_data
     stages = args.stages or default_stages(args.query_encoder, labelled=labelled)
     _check_stage_options(args, stages)
     config = _config_from_args(args, stages)
+    document_encoder = args.document_encoder or default_document_encoder()
+    identity = run_identity(config, _run_inputs(args, document_encoder))
+    for difference in folder.check_resume(identity, anyway=args.resume_anyway):
+        print(f"warning: --resume-anyway: {difference}", file=sys.stderr)
+    # checkpoints a run kept stay kept when it is resumed (unless --keep-checkpoints was given to neither)
+    keep = args.keep_checkpoints or bool(folder.resuming and folder.previous.get("keep_checkpoints"))
+    folder.record["keep_checkpoints"] = keep
     if not labelled:
         extra = f" and {len(unlabeled_queries)} unlabelled queries" if unlabeled_queries else ""
         print(f"corpus only ({len(train_data)} documents{extra}, no labelled queries): label-free stages")
     origin = "--stages" if args.stages else f"default for --query-encoder {args.query_encoder}"
     print(f"stages: {','.join(stages)} ({origin})", flush=True)
     device = None if args.device == "auto" else args.device
-    document_encoder = args.document_encoder or default_document_encoder()
-    if args.query_encoder == "symmetric":
-        model = SentenceTransformer(document_encoder, device=device)
-    else:
-        model = build_asymmetric_model(document_encoder, args.query_encoder, device=device, seed=args.seed)
+    try:
+        if args.query_encoder == "symmetric":
+            model = SentenceTransformer(document_encoder, device=device)
+        else:
+            model = build_asymmetric_model(document_encoder, args.query_encoder, device=device, seed=args.seed)
+    except OSError as error:  # a Hub id that is not there, or not reachable
+        raise ValueError(
+            hub_message(error, [("--document-encoder", document_encoder), ("--query-encoder", args.query_encoder)])
+        ) from None
     # under torchrun: join the process group before the corpus is embedded (sharded), and after the model is built,
     # since transformers' save_pretrained writes nothing outside rank 0 once a group exists
     init_distributed()
@@ -478,9 +564,10 @@ def run_train(args: argparse.Namespace) -> int:
         unlabeled_queries=unlabeled_queries,
         overwrite=args.overwrite,
         titles=titles,
+        output=folder,
     )
-    if not args.keep_checkpoints and is_main_process():
-        remove_checkpoints(args.output)
+    if not keep and is_main_process():
+        folder.remove(checkpoint_entries(config))
     for stage in summary.stages:
         print(stage.describe())
     print(f"model saved to {args.output}")

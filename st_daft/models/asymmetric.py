@@ -73,6 +73,8 @@ __all__ = [
     "route_prompt",
     "count_parameters",
     "export_route",
+    "check_model_source",
+    "check_query_encoder",
 ]
 
 
@@ -184,6 +186,67 @@ def _is_model2vec_folder(path: Path) -> bool:
     if not config_file.is_file():
         return True
     return "model_type" not in json.loads(config_file.read_text())
+
+
+#: Folders of a run that hold checkpoints, not the model: their weights are not the model's.
+_NOT_THE_MODEL = re.compile(r"^(stage-.*|checkpoint-\d+|corpus-cache)$")
+
+
+def check_model_source(source: str | Path, option: str = "") -> None:
+    """Refuse, before anything is loaded, a model that cannot load, naming it (and ``option``, as it was given): a
+    local-looking path that does not exist (never sent to the Hub: see
+    :func:`~st_daft.data.looks_like_local_path`), a file, a folder that holds no model, one whose ``modules.json``
+    or config is cut short, or whose ``.safetensors`` weights are truncated. A Hub id passes (it is loaded later).
+
+    Raises:
+        ValueError: the message names the path and says what to give instead.
+    """
+    from st_daft.data import looks_like_local_path
+    from st_daft.utils.io import check_safetensors
+
+    named = f"{option} {source}".strip()
+    path = Path(source)
+    give = "give a sentence-transformers model folder or a Hub model id like 'sentence-transformers/all-MiniLM-L6-v2'"
+    if not path.exists():
+        if looks_like_local_path(str(source), bare_names=True):
+            raise ValueError(f"{named} does not exist; {give}")
+        return
+    if not path.is_dir():
+        raise ValueError(f"{named} is a file, not a model folder; {give}")
+    if not any((path / name).is_file() for name in ("modules.json", "config.json", "model.safetensors")):
+        raise ValueError(f"{named} holds no model (no modules.json or config.json); {give}")
+    for name in ("modules.json", "config.json", "config_sentence_transformers.json"):
+        if (path / name).is_file():
+            try:
+                json.loads((path / name).read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as error:
+                raise ValueError(
+                    f"{named}: {path / name} is cut short or not JSON ({type(error).__name__}); copy or save the "
+                    "model again"
+                ) from None
+    for weights in sorted(path.rglob("*.safetensors")):
+        if not any(_NOT_THE_MODEL.match(part) for part in weights.relative_to(path).parts[:-1]):
+            try:
+                check_safetensors(weights)
+            except ValueError as error:
+                raise ValueError(f"{named}: {error}; copy or save the model again") from None
+
+
+def check_query_encoder(spec: str) -> None:
+    """Refuse, before anything is loaded, a ``--query-encoder`` spec that cannot build (see
+    :func:`build_asymmetric_model`), naming it."""
+    if spec in ("static", "symmetric"):
+        return
+    tiny = TINY_PATTERN.match(spec)
+    if spec.startswith("tiny") and not (tiny and int(tiny.group(1)) >= 1 and int(tiny.group(2)) >= 2):
+        raise ValueError(
+            f"--query-encoder {spec}: expected tiny:LAYERS,HIDDEN with at least 1 layer and hidden size 2, e.g. "
+            "tiny:2,128"
+        )
+    if spec == "tokenlearn":
+        raise ValueError(f"--query-encoder {spec}: {TOKENLEARN_REMOVED}")
+    if not tiny:
+        check_model_source(spec, "--query-encoder")
 
 
 def _query_modules_from_spec(

@@ -7,10 +7,11 @@ corpus without queries allows. :func:`default_stages` gives the stages that meas
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +26,20 @@ from st_daft.models.asymmetric import QUERY_ROUTE, has_route
 from st_daft.models.card import attach_model_card, negatives_from_log_history, record_negatives, record_stage
 from st_daft.models.card_data import STAGE_DESCRIPTIONS
 from st_daft.training.stages import STAGE_TYPES
-from st_daft.training.stages.base import DEVICES, PRECISIONS, Stage, StageContext, StageResult, TrainedStage
+from st_daft.training.stages.base import (
+    DEVICES,
+    PRECISIONS,
+    Stage,
+    StageContext,
+    StageResult,
+    TrainedStage,
+    check_checkpoint,
+    last_complete_checkpoint,
+)
 from st_daft.training.stages.finetune import FinetuneStage
 from st_daft.utils.distributed import is_main_process
 from st_daft.utils.io import atomic_write_json
+from st_daft.utils.output import OutputFolder, claim_output
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +50,9 @@ __all__ = [
     "default_stages",
     "split_validation",
     "validation_texts",
-    "check_output_dir",
+    "run_identity",
+    "data_identity",
+    "checkpoint_entries",
     "remove_checkpoints",
     "STAGES",
     "RECIPE_FILE",
@@ -49,7 +62,6 @@ STAGES = tuple(STAGE_TYPES)
 LABEL_FREE_STAGES = tuple(name for name, kind in STAGE_TYPES.items() if not kind.needs_labels)
 #: Written beside the saved model: the stages that trained it (no custom class inside the model itself).
 RECIPE_FILE = "daft_recipe.json"
-DATASET_FILES = ("corpus.jsonl", "queries.jsonl", "qrels")
 #: With ``cache_on_disk``: the corpus caches, one sub-folder per document route (its fingerprint).
 CORPUS_CACHE_FOLDER = "corpus-cache"
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -196,30 +208,47 @@ def validation_texts(data: RetrievalData | dict[str, str], count: int, seed: int
     return texts[:count]
 
 
-def check_output_dir(output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
-    """Refuse an output folder that would lose something: a dataset's folder, or a previous run's checkpoints or
-    model (unless resuming it, or ``overwrite`` says to replace it: then its checkpoints are removed here)."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return
-    dataset_files = [name for name in DATASET_FILES if (output_dir / name).exists()]
-    if dataset_files:
-        raise ValueError(
-            f"output folder {output_dir} holds a dataset ({', '.join(dataset_files)}): the model would be written "
-            "over it; choose another --output"
-        )
-    previous = sorted(str(path.relative_to(output_dir)) for path in output_dir.glob("stage-*/checkpoint-*"))
-    if (output_dir / "daft_summary.json").is_file():
-        previous.append("daft_summary.json")
-    if not previous or resume:
-        return
-    if not overwrite:
-        raise ValueError(
-            f"output folder {output_dir} holds a previous run ({', '.join(previous[:3])}); pass --resume "
-            "(resume_from_checkpoint=True) to continue it or --overwrite (overwrite=True) to replace it"
-        )
-    logger.warning("--overwrite: removing the previous run's checkpoints in %s", output_dir)
-    remove_checkpoints(output_dir)
+def _json_value(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples as lists), so a recorded identity compares with a new one."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_identity(config: DAFTConfig, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a run trains, as :meth:`~st_daft.utils.output.OutputFolder.check_resume` compares it: its stages and every
+    stage setting (budgets, learning rates, losses), the seed and the shared settings that change what is trained,
+    and ``inputs`` (the data's identity, the encoders: label -> value)."""
+    identity: dict[str, Any] = {"stages": ",".join(config.stage_names), "seed": config.seed}
+    for stage in config.stages:
+        for key, value in stage.settings().items():
+            if key != "stage":
+                identity[f"{stage.name} stage {key}"] = _json_value(value)
+    for key in ("validation_fraction", "num_validation_texts", "validation_corpus_size", "cache_dtype"):
+        identity[key] = getattr(config, key)
+    return {**identity, **_json_value(inputs or {})}
+
+
+def data_identity(
+    train_data: RetrievalData | dict[str, str],
+    validation_data: RetrievalData | None = None,
+    unlabeled_queries: list[str] | None = None,
+) -> dict[str, Any]:
+    """The identity of data given in memory (the Python API): a SHA-256 of its texts and judgements."""
+    digest = hashlib.sha256()
+    for data in (train_data, validation_data):
+        if isinstance(data, RetrievalData):
+            content: Any = [data.corpus, data.queries, data.qrels]
+        else:
+            content = data
+        digest.update(json.dumps(content, sort_keys=True).encode())
+    digest.update(json.dumps(unlabeled_queries or []).encode())
+    return {"training data": {"path": "(in memory)", "sha256": digest.hexdigest()}}
+
+
+def checkpoint_entries(config: DAFTConfig) -> list[str]:
+    """The entries of a run's folder that are its checkpoints, not its model: each stage's folder, the corpus
+    cache."""
+    folders = [getattr(stage, "folder", "") for stage in config.stages]
+    return [*(folder for folder in folders if folder), CORPUS_CACHE_FOLDER]
 
 
 def train_daft(
@@ -232,6 +261,9 @@ def train_daft(
     unlabeled_queries: list[str] | None = None,
     overwrite: bool = False,
     titles: dict[str, str] | None = None,
+    *,
+    output: OutputFolder | None = None,
+    resume_anyway: bool = False,
 ) -> TrainingSummary:
     """Train ``model`` with the stages of ``config`` and save it to ``output_dir``.
 
@@ -246,24 +278,52 @@ def train_daft(
         config: the stages and shared settings.
         validation_data: held-out queries over the same corpus; by default ``config.validation_fraction`` of the
             training queries.
-        resume_from_checkpoint: resume each stage from its last complete checkpoint when one exists.
+        resume_from_checkpoint: resume each stage from its last complete checkpoint when one exists. The run must
+            be the one that wrote ``output_dir`` (same data, stages, settings and seed), or it is refused naming
+            each difference (unless ``resume_anyway``).
         unlabeled_queries: query texts without judgements, added to the corpus stage's texts.
-        overwrite: replace a previous run in ``output_dir`` (otherwise it is refused).
+        overwrite: replace a previous run in ``output_dir``: only what st-daft wrote there is removed (see
+            :mod:`st_daft.utils.output`); a folder holding anything else is refused.
         titles: document id -> title of a bare corpus (the corpus stage cuts pseudo-queries from titles).
+        output: the folder as a caller claimed it (:func:`~st_daft.utils.output.claim_output`, e.g. the
+            ``st-daft train`` command, which records its arguments); by default claimed here.
+        resume_anyway: resume a run whose recorded data or settings differ from these.
 
     Returns:
         A :class:`TrainingSummary`: one :class:`~st_daft.training.stages.base.StageResult` per stage that ran.
     """
     config = config or DAFTConfig()
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, resume=resume_from_checkpoint, overwrite=overwrite)
+    if output is None:
+        output = claim_output(
+            output_dir, "train_daft", overwrite=overwrite, resume=resume_from_checkpoint, option="output_dir"
+        )
+    if "run" not in output.record:
+        identity = run_identity(config, data_identity(train_data, validation_data, unlabeled_queries))
+        output.check_resume(identity, anyway=resume_anyway, flag="resume_anyway=True")
     context = _context(model, train_data, output_dir, config, validation_data, unlabeled_queries, titles)
-    context.resume = resume_from_checkpoint
+    context.resume = output.resuming
     stages = _runnable_stages(config, context)
     arguments = [stage.prepare(context) for stage in stages]  # a bad device or precision fails before any step
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if context.resume:  # a checkpoint whose weights are cut short is named before anything trains
+        for stage, args in zip(stages, arguments):
+            if args is not None:
+                checkpoint = last_complete_checkpoint(args.output_dir, stage.checkpoint_files())
+                if checkpoint:
+                    check_checkpoint(checkpoint)
     logger.info("stages: %s", ", ".join(stage.name for stage in stages))
+    with output.writing(planned=checkpoint_entries(config)):
+        return _train_stages(model, output_dir, config, context, stages, arguments)
 
+
+def _train_stages(
+    model: SentenceTransformer,
+    output_dir: Path,
+    config: DAFTConfig,
+    context: StageContext,
+    stages: list[Stage],
+    arguments: list[Any],
+) -> TrainingSummary:
     attach_model_card(model)  # before training: each stage's trainer fills the same card data
     results = []
     for stage, args in zip(stages, arguments):
@@ -386,7 +446,12 @@ def _runnable_stages(config: DAFTConfig, context: StageContext) -> list[Stage]:
     return stages
 
 
-def remove_checkpoints(output_dir: str | Path) -> None:
-    """Delete the per-stage checkpoint folders of a run and its on-disk corpus cache (the final model stays)."""
-    for stage_dir in [*Path(output_dir).glob("stage-*"), Path(output_dir) / CORPUS_CACHE_FOLDER]:
-        shutil.rmtree(stage_dir, ignore_errors=True)
+def remove_checkpoints(output_dir: str | Path) -> list[str]:
+    """Delete the per-stage checkpoint folders of a run and its on-disk corpus cache (the final model stays): only
+    those the folder's marker lists as written by st-daft (a user's ``stage-plans/`` stays). Returns their names."""
+    folder = OutputFolder.of(output_dir)
+    if folder is None:
+        logger.warning("%s has no st-daft marker: no checkpoint folder is removed", output_dir)
+        return []
+    names = {*(getattr(kind, "folder", "") for kind in STAGE_TYPES.values()), CORPUS_CACHE_FOLDER} - {""}
+    return folder.remove(names)

@@ -22,7 +22,7 @@ from sentence_transformers.sentence_transformer.modules import StaticEmbedding
 from st_daft.models.asymmetric import DOCUMENT_ROUTE, QUERY_ROUTE, get_route
 from st_daft.models.fingerprint import route_fingerprint
 
-__all__ = ["soup_static_routes", "SOUP_FILE"]
+__all__ = ["soup_static_routes", "save_soup", "SOUP_FILE"]
 
 SOUP_FILE = "daft_soup.json"
 """Written beside a saved soup: the runs it averages."""
@@ -87,7 +87,12 @@ def soup_static_routes(
         scale = _mean_row_norm(target.float())
         target.copy_((torch.stack(tables).mean(dim=0) * scale).to(target.dtype))
     if output_path is not None:
-        soup.save(str(output_path))
-        record = {"runs": names, "method": "uniform soup of mean-row-norm-scaled static query tables"}
-        (Path(output_path) / SOUP_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        save_soup(soup, names, output_path)
     return soup
+
+
+def save_soup(soup: SentenceTransformer, runs: Sequence[str], output_path: str | Path) -> None:
+    """Save a soup to ``output_path`` with ``daft_soup.json`` naming the ``runs`` it averages."""
+    soup.save(str(output_path))
+    record = {"runs": list(runs), "method": "uniform soup of mean-row-norm-scaled static query tables"}
+    (Path(output_path) / SOUP_FILE).write_text(json.dumps(record, indent=1) + "\n")

@@ -24,6 +24,7 @@ __all__ = [
     "atomic_save_npy",
     "atomic_folder",
     "read_json",
+    "check_safetensors",
 ]
 
 
@@ -75,6 +76,30 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise FileNotFoundError(f"{path}: {what} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: {what} is corrupt or truncated ({error})") from None
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Refuse a ``.safetensors`` file that is truncated or not one, naming it (safetensors' own error does not):
+    the header must parse and the file must hold every byte its tensors' offsets name. Reads the header only."""
+    path = Path(path)
+    size = path.stat().st_size
+    problem = None
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if length < 2 or 8 + length > size:
+            problem = "no complete header"
+        else:
+            try:
+                header = json.loads(handle.read(length).decode("utf-8"))
+                ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                problem = "an unreadable header"
+            else:
+                if 8 + length + max(ends, default=0) > size:
+                    problem = f"{size:,} bytes of the {8 + length + max(ends):,} its header names"
+    if problem is not None:
+        raise ValueError(f"{path} is truncated or not a safetensors file ({problem})")
 
 
 @contextmanager

@@ -22,6 +22,8 @@ from st_daft.training.stages.base import (
     StageContext,
     StageResult,
     TrainedStage,
+    check_checkpoint,
+    check_device,
     last_complete_checkpoint,
     training_arguments,
 )
@@ -44,6 +46,8 @@ __all__ = [
     "check_mining_index_option",
     "training_arguments",
     "last_complete_checkpoint",
+    "check_checkpoint",
+    "check_device",
 ]
 
 STAGE_TYPES: dict[str, type[Stage]] = {

@@ -34,6 +34,7 @@ from st_daft.models.asymmetric import (
 )
 from st_daft.models.fingerprint import encoding_fingerprint
 from st_daft.utils.distributed import barrier, is_main_process
+from st_daft.utils.io import check_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,29 @@ class StageContext:
         return {"query": QUERY_ROUTE, "positive": DOCUMENT_ROUTE} if self.asymmetric else {}
 
 
+def check_device(device: str | None, precision: str = "fp32") -> str:
+    """The device a run trains on (``device``, or transformers' pick for None: CUDA, MPS, else the CPU), refusing
+    one torch does not see and a precision it cannot train in (float16 mixed precision on the CPU), naming the
+    option. Cheap: called before any model is loaded.
+
+    Raises:
+        ValueError: the device is not there, or the precision does not run on it.
+    """
+    for name, available in (("cuda", torch.cuda.is_available), ("mps", torch.backends.mps.is_available)):
+        if device == name and not available():
+            raise ValueError(f"--device {name}: torch sees no {name.upper()} device on this machine; use --device cpu")
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    resolved = device or ("cuda" if cuda else "mps" if mps else "cpu")
+    if precision == "fp16" and resolved == "cpu":
+        raise ValueError(
+            "--precision fp16: float16 mixed precision trains on a GPU, and this run trains on the CPU; use "
+            "--precision bf16 or fp32"
+        )
+    if precision == "bf16" and resolved == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--precision bf16: this CUDA device has no bfloat16; use --precision fp16 or fp32")
+    return resolved
+
+
 def training_arguments(
     output_dir: Path,
     stage: TrainedStage,
@@ -162,10 +186,7 @@ def training_arguments(
     ``context.device`` names one; ``context.precision`` maps to the trainer's ``fp16``/``bf16``."""
     _require_resolved(stage, "max_steps")  # a budget left to the run (CorpusStage) reaches the trainer resolved
     strategy = "steps" if stage.eval_steps > 0 else "epoch"
-    if context.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' (--device cuda) was asked for, but torch sees no CUDA device")
-    if context.device == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' (--device mps) was asked for, but torch sees no MPS device")
+    check_device(context.device, context.precision)
     return SentenceTransformerTrainingArguments(
         output_dir=str(output_dir),
         max_steps=stage.max_steps,
@@ -219,6 +240,20 @@ def _incomplete(checkpoint: Path, required: tuple[str, ...]) -> str | None:
         return f"no readable {COMPLETE_CHECKPOINT_MARKER}"
     absent = [name for name in required if not (checkpoint / name).exists()]
     return f"no {absent[0]}" if absent else None
+
+
+def check_checkpoint(checkpoint: str | Path) -> None:
+    """Refuse a complete checkpoint whose weights cannot be read (a truncated ``model.safetensors``: a disk that
+    filled, a copy cut short), naming the file: resuming from it would fail inside the trainer without a name."""
+    checkpoint = Path(checkpoint)
+    for weights in sorted(checkpoint.rglob("*.safetensors")):
+        try:
+            check_safetensors(weights)
+        except ValueError as error:
+            raise ValueError(
+                f"--resume: {error}; delete {checkpoint} to resume from the checkpoint before it, or train again "
+                "with --overwrite instead of --resume"
+            ) from None
 
 
 @dataclass
@@ -326,6 +361,8 @@ class TrainedStage(Stage):
         )
         trainer.add_callback(NonFiniteLossCallback(loss))  # after DefaultFlowCallback: it cancels that step's save
         resume = last_complete_checkpoint(args.output_dir, self.checkpoint_files()) if context.resume else None
+        if resume:
+            check_checkpoint(resume)
         logger.info("stage %s: %s%s", self.name, args.output_dir, f" (resuming from {resume})" if resume else "")
         trainer.train(resume_from_checkpoint=resume)
         training_seconds = round(time.perf_counter() - started, 1)
