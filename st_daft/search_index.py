@@ -110,6 +110,7 @@ def build_search_index(
     fusion_weight: float = DEFAULT_FUSION_WEIGHT,
     resume: bool = False,
     show_progress_bar: bool = True,
+    document_store: Any = None,
 ) -> Path:
     """Write an index folder for :class:`~st_daft.serving.Searcher` (see the module docs); returns its path.
 
@@ -128,6 +129,8 @@ def build_search_index(
         resume: finish an interrupted build in ``output``: complete embeddings of this route and corpus are read
             back instead of computed again.
         show_progress_bar: progress bars for embedding, the faiss index and BM25.
+        document_store: a :class:`~st_daft.store.DocumentEmbeddingStore` (or its folder) to read the document
+            route's embeddings from where it holds them (e.g. filled by ``st-daft evaluate --document-store``).
 
     Raises:
         ValueError: a query route that is not static, an unknown index kind or option, a non-empty ``output``, a
@@ -144,6 +147,7 @@ def build_search_index(
     from st_daft.index import build_faiss_index
     from st_daft.io import atomic_write_json
     from st_daft.serving import export_static_model
+    from st_daft.store import DocumentEmbeddingStore
 
     if index not in INDEX_CHOICES:
         raise ValueError(f"index {index!r}: choose one of {', '.join(INDEX_CHOICES)}")
@@ -167,6 +171,9 @@ def build_search_index(
     corpus = data if isinstance(data, dict) else load_corpus(data)
     if not corpus:
         raise ValueError(f"--data {data}: the corpus is empty")
+    store = document_store
+    if store is not None and not isinstance(store, DocumentEmbeddingStore):
+        store = DocumentEmbeddingStore(store)
     init_distributed()
     if is_main_process():
         _prepare_output(output, resume)
@@ -180,6 +187,7 @@ def build_search_index(
         dtype=torch.float16,
         show_progress_bar=show_progress_bar,
         folder=output / "documents",
+        store=store,
         reuse=resume,
     )
     if not is_main_process():
@@ -256,12 +264,21 @@ class SearcherRetrieval:
         searcher: a loaded searcher, or an index folder.
         fuse_bm25: as :meth:`Searcher.search`'s.
         max_top_k: the most documents returned per query.
+        encode: query texts -> ``(queries, dim)`` vectors, to search with another query encoder of the same
+            document space (e.g. the document model itself); the searcher's route by default.
     """
 
-    def __init__(self, searcher: Searcher | str | Path, fuse_bm25: float | bool | None = None, max_top_k: int = 100):
+    def __init__(
+        self,
+        searcher: Searcher | str | Path,
+        fuse_bm25: float | bool | None = None,
+        max_top_k: int = 100,
+        encode: Any = None,
+    ) -> None:
         self.searcher = searcher if isinstance(searcher, Searcher) else Searcher.load(searcher)
         self.fuse_bm25 = fuse_bm25
         self.max_top_k = max_top_k
+        self.encode = encode
         fused = "" if fuse_bm25 in (None, False) else " + BM25"
         self.name = f"index {self.searcher.folder}{fused}"
 
@@ -301,7 +318,9 @@ class SearcherRetrieval:
         k = min(top_k, self.max_top_k)
         results: dict[str, dict[str, float]] = {}
         for start in range(0, len(texts), 256):
-            ids, scores = self.searcher.search(texts[start : start + 256], k=k, fuse_bm25=self.fuse_bm25)
+            chunk = texts[start : start + 256]
+            vectors = None if self.encode is None else self.encode(chunk)
+            ids, scores = self.searcher.search(chunk, k=k, fuse_bm25=self.fuse_bm25, vectors=vectors)
             for query_id, query_ids_found, query_scores in zip(query_ids[start : start + 256], ids, scores):
                 results[query_id] = {doc: float(score) for doc, score in zip(query_ids_found, query_scores)}
         return results

@@ -347,21 +347,25 @@ class Searcher:
         result_scores: list[np.ndarray] = []
         for query in range(len(texts)):
             dense_rows = rows[query][rows[query] >= 0]
+            columns = np.zeros(0, dtype=np.int64)
             if fuse:
-                has_terms = lexical[query, :1].sum() > 0
-                query_lexical = lexical_rows[query] if has_terms else lexical_rows[query, :0]
-                candidates, columns = np.unique(np.concatenate([dense_rows, query_lexical]), return_inverse=True)
+                # BM25's documents; without a query vector only those sharing a term with the query.
+                keep = lexical[query] > 0 if not known[query] else np.ones(lexical.shape[1], dtype=bool)
+                if lexical[query, :1].sum() <= 0:
+                    keep[:] = False  # no term in common with any document: no lexical candidates
+                query_rows, query_lexical = lexical_rows[query][keep], lexical[query][keep]
+                candidates, columns = np.unique(np.concatenate([dense_rows, query_rows]), return_inverse=True)
                 columns = columns[len(dense_rows) :]
             else:
-                candidates, columns = dense_rows, None
+                candidates = dense_rows
             if known[query]:
                 scores = self.rows_scores(vectors[query : query + 1], candidates[None, :])
             else:
                 scores = np.zeros((1, len(candidates)), dtype=np.float32)
-            if fuse and len(columns):
-                add_lexical_scores(scores, columns[None, :], lexical[query : query + 1, : len(columns)], weight)
+            if len(columns):
+                add_lexical_scores(scores, columns[None, :], query_lexical[None, :], weight)
             scores = scores[0]
-            if not known[query] and not (fuse and len(columns)):
+            if not len(candidates):
                 result_ids.append([])
                 result_scores.append(np.zeros(0, dtype=np.float32))
                 continue
