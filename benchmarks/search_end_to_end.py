@@ -72,11 +72,11 @@ def build_indexes(route: Any, data: Path, work: Path, store: Any) -> tuple[Path,
 def quality(route: Any, minilm: Any, data: Path, flat: Path, ivf: Path, store: Any) -> dict[str, Any]:
     """nDCG@10 (test split) of every configuration, scored by MTEB through ``evaluate_retrieval``."""
     from mteb.models.hybrid_wrappers import HybridSearch as MtebHybridSearch
+    from st_daft.evaluation.baselines import BM25Search
+    from st_daft.serving.build import SearcherRetrieval
 
     from st_daft import HybridSearch, evaluate_retrieval
-    from st_daft.evaluation.baselines import BM25Search
     from st_daft.serving import Searcher
-    from st_daft.serving.build import SearcherRetrieval
 
     def ndcg(model: Any) -> float:
         result = evaluate_retrieval(model, data, split="test", show_progress_bar=False, document_store=store)
@@ -195,7 +195,6 @@ def speed(flat: Path, ivf: Path, minilm: Any, queries: list[str], batch: int = 3
 def synthetic_index(route_index: Path, work: Path, rows: int, clusters: int, nlist: int) -> Path:
     """An index folder over ``rows`` synthetic clustered 384-d float16 rows, with ``route_index``'s query route."""
     import faiss
-
     from cache_scale import write_stale_cache
     from st_daft.embeddings.index import build_faiss_index
     from st_daft.utils.io import atomic_write_json
@@ -302,9 +301,36 @@ def synthetic(folder: Path, queries: list[str], probes: list[int], count: int = 
     }
 
 
+def load_test(url: str, queries: list[str], requests: int, clients: int, fuse: str) -> dict[str, Any]:
+    """``requests`` GET requests (each a query of ``queries`` in turn) from ``clients`` threads, after 20 warm-up
+    requests: requests/s and latency percentiles."""
+    import httpx
+
+    latencies: list[float] = []
+    lock = threading.Lock()
+    local = threading.local()
+
+    def one(position: int) -> None:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=30)
+        start = time.perf_counter()
+        response = local.client.get(url, params={"q": queries[position % len(queries)], "fuse": fuse})
+        response.raise_for_status()
+        with lock:
+            latencies.append(time.perf_counter() - start)
+
+    for position in range(20):
+        one(position)
+    latencies.clear()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(requests)))
+    elapsed = time.perf_counter() - started
+    return {"requests": requests, "requests_per_s": round(requests / elapsed, 1), **percentiles(latencies)}
+
+
 def service(flat: Path, queries: list[str], requests: int) -> dict[str, Any]:
     """examples/serve_search.py's app under uvicorn on 127.0.0.1, ``requests`` requests from 1 and 4 clients."""
-    import httpx
     import uvicorn
 
     sys.path.insert(0, str(ROOT / "examples"))
@@ -325,31 +351,8 @@ def service(flat: Path, queries: list[str], requests: int) -> dict[str, Any]:
     try:
         for clients in (1, 4):
             for fuse in ("0", "1"):
-                latencies: list[float] = []
-                lock = threading.Lock()
-                local = threading.local()
-
-                def one(position: int) -> None:
-                    if not hasattr(local, "client"):
-                        local.client = httpx.Client(timeout=30)
-                    start = time.perf_counter()
-                    response = local.client.get(url, params={"q": queries[position % len(queries)], "fuse": fuse})
-                    response.raise_for_status()
-                    with lock:
-                        latencies.append(time.perf_counter() - start)
-
-                for position in range(20):  # warm-up
-                    one(position)
-                latencies.clear()
-                started = time.perf_counter()
-                with ThreadPoolExecutor(clients) as pool:
-                    list(pool.map(one, range(requests)))
-                elapsed = time.perf_counter() - started
-                results[f"clients_{clients}{'_fused' if fuse == '1' else ''}"] = {
-                    "requests": requests,
-                    "requests_per_s": round(requests / elapsed, 1),
-                    **percentiles(latencies),
-                }
+                name = f"clients_{clients}{'_fused' if fuse == '1' else ''}"
+                results[name] = load_test(url, queries, requests, clients, fuse)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -372,9 +375,9 @@ def main() -> None:
 
     import torch
     from sentence_transformers import SentenceTransformer
+    from st_daft.embeddings.store import DocumentEmbeddingStore
 
     from st_daft import default_document_encoder, load_beir
-    from st_daft.embeddings.store import DocumentEmbeddingStore
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     args.work.mkdir(parents=True, exist_ok=True)

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from st_daft import HybridSearch, build_asymmetric_model, build_search_index, evaluate_retrieval
-from st_daft.cli import main
 from st_daft.evaluation.baselines import BM25Search
-from st_daft.serving import Searcher, SearchIndexError
 from st_daft.serving.build import SearcherRetrieval
+
+from st_daft import HybridSearch, build_asymmetric_model, build_search_index, evaluate_retrieval, get_route
+from st_daft.cli import main
+from st_daft.serving import Searcher, SearchIndexError
 
 ROOT = Path(__file__).resolve().parents[1]
 
