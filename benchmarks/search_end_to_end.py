@@ -72,11 +72,11 @@ def build_indexes(route: Any, data: Path, work: Path, store: Any) -> tuple[Path,
 def quality(route: Any, minilm: Any, data: Path, flat: Path, ivf: Path, store: Any) -> dict[str, Any]:
     """nDCG@10 (test split) of every configuration, scored by MTEB through ``evaluate_retrieval``."""
     from mteb.models.hybrid_wrappers import HybridSearch as MtebHybridSearch
-    from st_daft.evaluation.baselines import BM25Search
-    from st_daft.serving.build import SearcherRetrieval
 
     from st_daft import HybridSearch, evaluate_retrieval
+    from st_daft.evaluation.baselines import BM25Search
     from st_daft.serving import Searcher
+    from st_daft.serving.build import SearcherRetrieval
 
     def ndcg(model: Any) -> float:
         result = evaluate_retrieval(model, data, split="test", show_progress_bar=False, document_store=store)
@@ -196,6 +196,7 @@ def synthetic_index(route_index: Path, work: Path, rows: int, clusters: int, nli
     """An index folder over ``rows`` synthetic clustered 384-d float16 rows, with ``route_index``'s query route."""
     import faiss
     from cache_scale import write_stale_cache
+
     from st_daft.embeddings.index import build_faiss_index
     from st_daft.utils.io import atomic_write_json
 
@@ -375,9 +376,9 @@ def main() -> None:
 
     import torch
     from sentence_transformers import SentenceTransformer
-    from st_daft.embeddings.store import DocumentEmbeddingStore
 
     from st_daft import default_document_encoder, load_beir
+    from st_daft.embeddings.store import DocumentEmbeddingStore
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     args.work.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 ``score(q, d) = sim(q, d) + weight * BM25(q, d) / max_d' BM25(q, d')``: each query's BM25 scores divided by its best
 one (so in ``[0, 1]`` like a cosine), weighted, and added to the dense similarity of the same document; a document
-outside BM25's candidates gets no lexical term. :class:`~st_daft.hybrid.HybridSearch` (``st-daft evaluate
+outside BM25's candidates gets no lexical term. :class:`~st_daft.evaluation.hybrid.HybridSearch` (``st-daft evaluate
 --fuse-bm25``) adds it to a query's similarity to every document, :class:`~st_daft.serving.Searcher` to the
 similarity of its candidates (the dense search's best and BM25's): the same float32 arithmetic on the same numbers,
 so both rank alike. This module imports numpy only, so a query service uses it without torch.

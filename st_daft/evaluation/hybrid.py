@@ -159,7 +159,7 @@ class HybridSearch:
         scores = queries @ self._documents.T
         if self.weight > 0:
             rows, lexical = self.lexical.normalised_top_k(texts, self.depth)
-            add_lexical_scores(scores.numpy(), rows, lexical, self.weight)  # the searcher's fusion (st_daft.evaluation.fusion)
+            add_lexical_scores(scores.numpy(), rows, lexical, self.weight)  # the searcher's fusion too
         return scores
 
     def search(

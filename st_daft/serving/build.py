@@ -5,16 +5,17 @@ INDEX``.
 folder (its layout is in :mod:`st_daft.serving.searcher`'s docs):
 
 1. the query route as a model2vec folder (:func:`~st_daft.serving.export_static_model`), recording the document
-   route's fingerprint (:func:`~st_daft.fingerprint.encoding_fingerprint`), checked first, before any document is
+   route's fingerprint (:func:`~st_daft.models.fingerprint.encoding_fingerprint`), checked first, before any document is
    embedded: a route that is not static is refused;
 2. the document route's embeddings of the corpus, float16, through the corpus cache
-   (:class:`~st_daft.cache.StaleEmbeddingCache`): chunk by chunk into a memory-mapped file, sharded over
+   (:class:`~st_daft.embeddings.cache.StaleEmbeddingCache`): chunk by chunk into a memory-mapped file, sharded over
    ``torchrun`` processes, and read back by a resumed build (``resume=True``) when complete for this route and
    corpus;
-3. the document ids, and a faiss inner-product index over the rows (:func:`~st_daft.index.build_faiss_index`,
-   float16 storage): ``flat`` (exact) below :data:`EXACT_INDEX_LIMIT` documents, ``ivf`` above, or as asked;
-4. with ``bm25=True``, a bm25s index of the same texts (:class:`~st_daft.baselines.BM25Search`: the tokenisation,
-   stopwords and stemmer ``st-daft evaluate --baseline bm25`` and ``--fuse-bm25`` use);
+3. the document ids, and a faiss inner-product index over the rows
+   (:func:`~st_daft.embeddings.index.build_faiss_index`, float16 storage): ``flat`` (exact) below
+   :data:`EXACT_INDEX_LIMIT` documents, ``ivf`` above, or as asked;
+4. with ``bm25=True``, a bm25s index of the same texts (:class:`~st_daft.evaluation.baselines.BM25Search`: the
+   tokenisation, stopwords and stemmer ``st-daft evaluate --baseline bm25`` and ``--fuse-bm25`` use);
 5. ``manifest.json``, last: a folder without one is not an index.
 
 :class:`SearcherRetrieval` wraps a loaded searcher as an MTEB search model, so ``evaluate_retrieval`` scores its
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from st_daft.evaluation.fusion import DEFAULT_FUSION_WEIGHT
-from st_daft.searcher import (
+from st_daft.serving.searcher import (
     DOCUMENT_FINGERPRINT_KEY,
     INDEX_FORMAT,
     INDEX_FORMAT_VERSION,
@@ -53,7 +54,7 @@ EXACT_INDEX_LIMIT = 100_000
 
 INDEX_CHOICES = ("auto", "flat", "ivf", "hnsw")
 SEARCH_INDEX_OPTIONS = ("nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction", "train_size", "seed")
-"""``--index-option`` keys: :func:`~st_daft.index.build_faiss_index`'s integer settings."""
+"""``--index-option`` keys: :func:`~st_daft.embeddings.index.build_faiss_index`'s integer settings."""
 DEFAULT_NPROBE = 64
 """Cells an IVF index searches per query unless told otherwise (recall@10 against exact search is measured in
 ``benchmarks/search_end_to_end.py``)."""
@@ -129,7 +130,7 @@ def build_search_index(
         resume: finish an interrupted build in ``output``: complete embeddings of this route and corpus are read
             back instead of computed again.
         show_progress_bar: progress bars for embedding, the faiss index and BM25.
-        document_store: a :class:`~st_daft.store.DocumentEmbeddingStore` (or its folder) to read the document
+        document_store: a :class:`~st_daft.embeddings.store.DocumentEmbeddingStore` (or its folder) to read the document
             route's embeddings from where it holds them (e.g. filled by ``st-daft evaluate --document-store``).
 
     Raises:
@@ -140,14 +141,14 @@ def build_search_index(
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from st_daft.cache import StaleEmbeddingCache
     from st_daft.data import load_corpus
-    from st_daft.distributed import barrier, init_distributed, is_main_process
-    from st_daft.fingerprint import encoding_fingerprint
-    from st_daft.index import build_faiss_index
-    from st_daft.io import atomic_write_json
+    from st_daft.embeddings.cache import StaleEmbeddingCache
+    from st_daft.embeddings.index import build_faiss_index
+    from st_daft.embeddings.store import DocumentEmbeddingStore
+    from st_daft.models.fingerprint import encoding_fingerprint
     from st_daft.serving import export_static_model
-    from st_daft.store import DocumentEmbeddingStore
+    from st_daft.utils.distributed import barrier, init_distributed, is_main_process
+    from st_daft.utils.io import atomic_write_json
 
     if index not in INDEX_CHOICES:
         raise ValueError(f"index {index!r}: choose one of {', '.join(INDEX_CHOICES)}")
@@ -155,7 +156,7 @@ def build_search_index(
     if not (np.isfinite(fusion_weight) and fusion_weight >= 0):
         raise ValueError(f"fusion weight must be a non-negative number, got {fusion_weight}")
     if bm25:
-        from st_daft.baselines import BM25Search
+        from st_daft.evaluation.baselines import BM25Search
 
         BM25Search()  # the bm25 extra, checked before any work
     output = Path(output)
@@ -225,7 +226,7 @@ def build_search_index(
         "bm25": None,
     }
     if bm25:
-        from st_daft.baselines import BM25Search
+        from st_daft.evaluation.baselines import BM25Search
 
         lexical = BM25Search(show_progress_bar=show_progress_bar).index_texts(cache.ids, list(corpus.values()))
         bm25_folder = output / "bm25"
@@ -310,7 +311,7 @@ class SearcherRetrieval:
         **kwargs: Any,
     ) -> dict[str, dict[str, float]]:
         """Each query's ``top_k`` documents with their scores."""
-        from st_daft.baselines import mteb_query_texts
+        from st_daft.evaluation.baselines import mteb_query_texts
 
         if top_ranked:
             raise ValueError("SearcherRetrieval does not re-rank given candidates (top_ranked)")

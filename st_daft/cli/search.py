@@ -78,7 +78,7 @@ def add_search_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from st_daft.fusion import DEFAULT_FUSION_WEIGHT
+    from st_daft.evaluation.fusion import DEFAULT_FUSION_WEIGHT
     from st_daft.serving.build import build_search_index
 
     if args.fusion_weight is not None and not args.bm25:

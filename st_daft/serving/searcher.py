@@ -10,15 +10,17 @@ An index folder (written by :func:`st_daft.build_search_index` or ``st-daft inde
 - ``ids.json``: the document ids, one per row;
 - ``faiss.index``: the faiss inner-product index over those rows (exact ``flat`` below 100,000 documents, ``ivf``
   above), read memory-mapped where faiss can;
-- ``bm25/`` (optional): a bm25s index of the same corpus, tokenised as :class:`~st_daft.baselines.BM25Search` does.
+- ``bm25/`` (optional): a bm25s index of the same corpus, tokenised as
+  :class:`~st_daft.evaluation.baselines.BM25Search` does.
 
 :meth:`Searcher.search` encodes the queries with the route (a table lookup, :class:`StaticQueryEncoder`), asks the
 faiss index for each query's ``k`` best rows, and scores them again from the float16 embeddings (one dot product per
 candidate), so an approximate index's results carry exact scores. With ``fuse_bm25`` it adds BM25's ``depth`` best
-documents to the candidates and fuses ``similarity + weight * BM25 / best BM25`` (:mod:`st_daft.evaluation.fusion`, the rule
-``st-daft evaluate --fuse-bm25`` ranks by): a document outside both lists scores at most the ``k``-th dense score,
-so over an exact index the fused top ``k`` is the one an exhaustive fusion gives. The searcher imports numpy,
-tokenizers, model2vec, faiss and, for fusion, bm25s; never torch, transformers or mteb.
+documents to the candidates and fuses ``similarity + weight * BM25 / best BM25``
+(:mod:`st_daft.evaluation.fusion`, the rule ``st-daft evaluate --fuse-bm25`` ranks by): a document outside both
+lists scores at most the ``k``-th dense score, so over an exact index the fused top ``k`` is the one an exhaustive
+fusion gives. The searcher imports numpy, tokenizers, model2vec, faiss and, for fusion, bm25s; never torch,
+transformers or mteb.
 
 Example::
 
@@ -192,7 +194,7 @@ class Searcher:
             SearchIndexError: a file is missing, truncated or inconsistent with the manifest (named), or the query
                 route or the embeddings come from another document route than the manifest records.
         """
-        from st_daft.serving import StaticQueryEncoder
+        from st_daft.serving.static_encoder import StaticQueryEncoder
 
         folder = Path(folder)
         manifest = read_manifest(folder)
@@ -245,7 +247,7 @@ class Searcher:
 
         lexical = None
         if bm25 and files.get("bm25"):
-            from st_daft.baselines import BM25Search
+            from st_daft.evaluation.baselines import BM25Search
 
             try:
                 lexical = BM25Search.load(folder / files["bm25"], ids)
