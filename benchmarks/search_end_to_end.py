@@ -192,12 +192,16 @@ def speed(flat: Path, ivf: Path, minilm: Any, queries: list[str], batch: int = 3
     }
 
 
-def synthetic_index(route_index: Path, work: Path, rows: int, clusters: int, nlist: int) -> Path:
-    """An index folder over ``rows`` synthetic clustered 384-d float16 rows, with ``route_index``'s query route."""
+def synthetic_index(route: Any, work: Path, rows: int, clusters: int, nlist: int) -> Path:
+    """An index folder over ``rows`` synthetic clustered float16 unit vectors (``cache_scale.write_stale_cache``),
+    with ``route``'s query route and an IVF index; written once (reused when its manifest is there)."""
     import faiss
     from cache_scale import write_stale_cache
 
     from st_daft.embeddings.index import build_faiss_index
+    from st_daft.models.fingerprint import encoding_fingerprint
+    from st_daft.serving import export_static_model
+    from st_daft.serving.searcher import DOCUMENT_FINGERPRINT_KEY, INDEX_FORMAT, INDEX_FORMAT_VERSION
     from st_daft.utils.io import atomic_write_json
 
     folder = work / f"synthetic-{rows}"
@@ -205,26 +209,34 @@ def synthetic_index(route_index: Path, work: Path, rows: int, clusters: int, nli
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "documents").mkdir(parents=True)
-    manifest = json.loads((route_index / "manifest.json").read_text())
-    dimension = manifest["dimension"]
+    fingerprint = encoding_fingerprint(route)
+    export_static_model(route, folder / "query", config={DOCUMENT_FINGERPRINT_KEY: fingerprint})
+    dimension = route.get_sentence_embedding_dimension()
     embeddings = write_stale_cache(folder / "documents" / "embeddings.npy", rows, dimension, clusters, seed=0)
-    shutil.copytree(route_index / "query", folder / "query")
     atomic_write_json(folder / "ids.json", [f"s{row}" for row in range(rows)], indent=None)
     started = time.perf_counter()
     options = {"nlist": nlist, "nprobe": 32, "train_size": 65536}
     index = build_faiss_index(embeddings, "ivf", storage="float16", show_progress_bar=True, **options)
     faiss.write_index(index, str(folder / "faiss.index"))
-    manifest.update(
-        documents=rows,
-        model="synthetic clustered unit vectors",
-        index={
-            "kind": "ivf",
-            "storage": "float16",
-            "options": options,
-            "build_s": round(time.perf_counter() - started),
+    manifest = {
+        "format": INDEX_FORMAT,
+        "format_version": INDEX_FORMAT_VERSION,
+        "model": "synthetic clustered unit vectors",
+        "documents": rows,
+        "dimension": dimension,
+        "similarity": "cosine",
+        "document_fingerprint": fingerprint,
+        "embeddings_dtype": "float16",
+        "index": {"kind": "ivf", "storage": "float16", "options": options},
+        "build_s": round(time.perf_counter() - started, 1),
+        "files": {
+            "query_route": "query",
+            "embeddings": "documents/embeddings.npy",
+            "ids": "ids.json",
+            "faiss": "faiss.index",
+            "bm25": None,
         },
-    )
-    manifest["files"]["bm25"] = None
+    }
     atomic_write_json(folder / "manifest.json", manifest)
     return folder
 
@@ -292,6 +304,7 @@ def synthetic(folder: Path, queries: list[str], probes: list[int], count: int = 
         "rows": rows,
         "dimension": dimension,
         "index": searcher.manifest["index"],
+        "index_build_s": searcher.manifest.get("build_s"),
         "load_fresh_process": load,
         "embeddings_file_mib": round((folder / "documents" / "embeddings.npy").stat().st_size / 2**20),
         "faiss_file_mib": round((folder / "faiss.index").stat().st_size / 2**20),
@@ -371,7 +384,10 @@ def main() -> None:
     parser.add_argument("--nlist", type=int, default=1024, help="IVF cells of the synthetic index")
     parser.add_argument("--requests", type=int, default=1000, help="requests per service load test (0: skip)")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--only-synthetic", action="store_true", help="build (and measure) the synthetic index only")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--update", action="store_true", help="keep the rest of --output; replace what is measured")
     args = parser.parse_args()
 
     import torch
@@ -394,10 +410,19 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "note": "one process; the CPU is shared with other work, so compare ratios within this run",
     }
-    scifact: dict[str, Any] = {}
-    flat, ivf = build_indexes(route, args.data, args.work, store)
+    if args.update and args.output is not None and args.output.is_file():
+        report = {**json.loads(args.output.read_text()), **report}
     queries = list(load_beir(args.data, "test").queries.values())
-    scifact.update(speed(flat, ivf, minilm, queries))
+    if args.only_synthetic:
+        folder = synthetic_index(route, args.work, args.rows, args.clusters, args.nlist)
+        report["synthetic"] = synthetic(folder, queries, probes=[8, 16, 32, 64])
+        write_report(args.output, report)
+        print(json.dumps(report["synthetic"], indent=2))
+        return
+    scifact: dict[str, Any] = dict(report.get("scifact", {}))
+    flat, ivf = build_indexes(route, args.data, args.work, store)
+    if not args.skip_speed:
+        scifact.update(speed(flat, ivf, minilm, queries))
     if not args.skip_quality:
         scifact["ndcg_at_10"] = quality(route, minilm, args.data, flat, ivf, store)
     report["scifact"] = scifact
@@ -407,7 +432,7 @@ def main() -> None:
         report["python_faq"] = {"ndcg_at_10": quality(route, minilm, args.faq, faq_flat, faq_ivf, store)}
         write_report(args.output, report)
     if args.rows:
-        folder = synthetic_index(flat, args.work, args.rows, args.clusters, args.nlist)
+        folder = synthetic_index(route, args.work, args.rows, args.clusters, args.nlist)
         report["synthetic"] = synthetic(folder, queries, probes=[8, 16, 32, 64])
         write_report(args.output, report)
     if args.requests:
