@@ -235,3 +235,26 @@ def test_service_example_answers_over_http(index_dir: Path) -> None:
         assert response.status_code == 400 and message in response.json()["error"]
     with pytest.warns(UserWarning, match="no token"):
         assert client.get("/search", params={"q": ""}).json()["hits"] == []
+
+
+@pytest.mark.slow
+def test_searcher_reproduces_evaluate_on_a_scifact_slice(scifact_dir: Path, tmp_path: Path) -> None:
+    """all-MiniLM-L6-v2 documents (float16 in the index) and a static route: the same nDCG@10 as ``st-daft
+    evaluate``, dense and fused, on 60 test claims over 300 abstracts."""
+    from test_examples import _slice
+
+    from st_daft import default_document_encoder
+    from st_daft.embeddings.store import DocumentEmbeddingStore
+
+    data = _slice(scifact_dir, tmp_path / "slice", 300, ("test",), queries_per_split=60)
+    route = build_asymmetric_model(default_document_encoder(), "static")
+    store = DocumentEmbeddingStore(tmp_path / "store")  # the corpus is embedded once, for every row below
+    index = build_search_index(route, data, tmp_path / "index", bm25=True, document_store=store)
+    searcher = Searcher.load(index)
+
+    def ndcg(model) -> float:
+        return evaluate_retrieval(model, data, show_progress_bar=False, document_store=store)["ndcg_at_10"]
+
+    assert ndcg(SearcherRetrieval(searcher)) == pytest.approx(ndcg(route), abs=1e-4)
+    fused = ndcg(HybridSearch(route, document_store=store))
+    assert ndcg(SearcherRetrieval(searcher, fuse_bm25=True)) == pytest.approx(fused, abs=1e-4)
