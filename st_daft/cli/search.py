@@ -53,6 +53,12 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
     index.add_argument(
         "--query-dtype", choices=["float32", "float16", "int8"], default="float32", help="query route table type"
     )
+    index.add_argument(
+        "--embeddings-dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="document embeddings type: float16 (default, half the size) or float32 (evaluate's exact scores)",
+    )
     index.add_argument("--batch-size", type=int, default=64)
     index.add_argument(
         "--resume", action="store_true", help="finish an interrupted build in --output (reuses complete embeddings)"
@@ -94,6 +100,7 @@ def run_index(args: argparse.Namespace) -> int:
             bm25=args.bm25,
             batch_size=args.batch_size,
             query_dtype=args.query_dtype,
+            embeddings_dtype=args.embeddings_dtype,
             fusion_weight=DEFAULT_FUSION_WEIGHT if args.fusion_weight is None else args.fusion_weight,
             resume=args.resume,
         )

@@ -7,7 +7,7 @@ folder (its layout is in :mod:`st_daft.serving.searcher`'s docs):
 1. the query route as a model2vec folder (:func:`~st_daft.serving.export_static_model`), recording the document
    route's fingerprint (:func:`~st_daft.models.fingerprint.encoding_fingerprint`), checked first, before any document is
    embedded: a route that is not static is refused;
-2. the document route's embeddings of the corpus, float16, through the corpus cache
+2. the document route's embeddings of the corpus, float16 (or float32), through the corpus cache
    (:class:`~st_daft.embeddings.cache.StaleEmbeddingCache`): chunk by chunk into a memory-mapped file, sharded over
    ``torchrun`` processes, and read back by a resumed build (``resume=True``) when complete for this route and
    corpus;
@@ -108,6 +108,7 @@ def build_search_index(
     bm25: bool = False,
     batch_size: int = 64,
     query_dtype: str = "float32",
+    embeddings_dtype: str = "float16",
     fusion_weight: float = DEFAULT_FUSION_WEIGHT,
     resume: bool = False,
     show_progress_bar: bool = True,
@@ -126,6 +127,9 @@ def build_search_index(
         bm25: also write a BM25 index (the ``bm25`` extra) for ``Searcher.search(fuse_bm25=...)``.
         batch_size: the document route's encoding batch size.
         query_dtype: the query route table's type (``float32``, ``float16``, ``int8``).
+        embeddings_dtype: the document embeddings' type, ``float16`` (half the disk and memory) or ``float32`` (the
+            very scores ``st-daft evaluate`` computes; float16 rounding moves a score by about 1e-4, which reorders
+            near-ties); the faiss index stores the same type.
         fusion_weight: BM25's weight when a search asks for fusion without one.
         resume: finish an interrupted build in ``output``: complete embeddings of this route and corpus are read
             back instead of computed again.
@@ -150,6 +154,8 @@ def build_search_index(
     from st_daft.utils.distributed import barrier, init_distributed, is_main_process
     from st_daft.utils.io import atomic_write_json
 
+    if embeddings_dtype not in ("float16", "float32"):
+        raise ValueError(f"embeddings dtype {embeddings_dtype!r}: choose float16 or float32")
     if index not in INDEX_CHOICES:
         raise ValueError(f"index {index!r}: choose one of {', '.join(INDEX_CHOICES)}")
     options = check_index_options(dict(index_options or {}))
@@ -185,7 +191,7 @@ def build_search_index(
         model,
         corpus,
         batch_size=batch_size,
-        dtype=torch.float16,
+        dtype=torch.float16 if embeddings_dtype == "float16" else torch.float32,
         show_progress_bar=show_progress_bar,
         folder=output / "documents",
         store=store,
@@ -212,7 +218,7 @@ def build_search_index(
     faiss_index = build_faiss_index(
         cache.embeddings,
         kind,
-        storage="float16",
+        storage=embeddings_dtype,
         show_progress_bar=show_progress_bar,
         transform=normalise if similarity == "cosine" else None,
         **options,
@@ -242,8 +248,8 @@ def build_search_index(
         "dimension": dimension,
         "similarity": similarity,
         "document_fingerprint": fingerprint,
-        "embeddings_dtype": "float16",
-        "index": {"kind": kind, "storage": "float16", "options": options},
+        "embeddings_dtype": embeddings_dtype,
+        "index": {"kind": kind, "storage": embeddings_dtype, "options": options},
         "fusion": {"weight": float(fusion_weight), "depth": 1000},
         "files": files,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

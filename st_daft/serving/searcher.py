@@ -5,11 +5,12 @@ An index folder (written by :func:`st_daft.build_search_index` or ``st-daft inde
 - ``manifest.json``: what the folder holds (documents, dimension, similarity, the document route's fingerprint, the
   faiss index's kind and options, the fusion settings) and the name of every file below;
 - ``query/``: the query route as a model2vec folder (what ``st-daft export --format model2vec`` writes);
-- ``documents/embeddings.npy``: the document route's embeddings of the corpus, float16, read memory-mapped (with the
-  corpus cache's ``cache_metadata.json`` beside it, which also lets an interrupted build resume);
+- ``documents/embeddings.npy``: the document route's embeddings of the corpus, float16 (or float32), memory-mapped
+  (with the corpus cache's ``cache_metadata.json`` beside it, which also lets an interrupted build resume);
 - ``ids.json``: the document ids, one per row;
 - ``faiss.index``: the faiss inner-product index over those rows (exact ``flat`` below 100,000 documents, ``ivf``
-  above), read memory-mapped where faiss can;
+  above), memory-mapped where faiss can when larger than :data:`MMAP_FAISS_BYTES` (a mapped IVF index searches
+  several times slower than one in memory, so a small one is read whole);
 - ``bm25/`` (optional): a bm25s index of the same corpus, tokenised as
   :class:`~st_daft.evaluation.baselines.BM25Search` does.
 
@@ -55,6 +56,8 @@ DOCUMENT_FINGERPRINT_KEY = "st_daft_document_fingerprint"
 """The key of the query route's model2vec ``config.json`` naming the document route it was trained beside."""
 CACHE_METADATA_FILE = "cache_metadata.json"  # st_daft's corpus cache, beside the embeddings
 _FILES = ("query_route", "embeddings", "ids", "faiss")
+MMAP_FAISS_BYTES = 256 * 2**20
+"""faiss index files larger than this are memory-mapped (loading reads no vector), smaller ones read whole."""
 
 
 class SearchIndexError(ValueError):
@@ -89,9 +92,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def open_embeddings(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """The float16 embeddings file as a read-only memmap (no row is read yet), refused naming the file when it is
-    missing, truncated or of another shape."""
+def open_embeddings(path: Path, shape: tuple[int, int], dtype: str = "float16") -> np.ndarray:
+    """The embeddings file as a read-only memmap (no row is read yet), refused naming the file when it is missing,
+    truncated, or of another shape or type."""
     if not path.is_file():
         raise SearchIndexError(f"{path}: document embeddings file not found")
     try:
@@ -100,6 +103,8 @@ def open_embeddings(path: Path, shape: tuple[int, int]) -> np.ndarray:
         raise SearchIndexError(f"{path}: document embeddings file is truncated or corrupt ({error})") from None
     if embeddings.shape != shape:
         raise SearchIndexError(f"{path}: embeddings of shape {embeddings.shape}, the manifest says {shape}")
+    if embeddings.dtype != np.dtype(dtype):
+        raise SearchIndexError(f"{path}: {embeddings.dtype} embeddings, the manifest says {dtype}")
     return embeddings
 
 
@@ -109,9 +114,11 @@ def _read_faiss(path: Path, size: int, dimension: int) -> Any:
     if not path.is_file():
         raise SearchIndexError(f"{path}: faiss index file not found")
     try:
+        if path.stat().st_size <= MMAP_FAISS_BYTES:
+            raise RuntimeError("small: read whole")
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:
-        try:  # a kind faiss cannot map: read it whole
+        try:  # small, or a kind faiss cannot map: read it whole
             index = faiss.read_index(str(path))
         except RuntimeError as error:
             raise SearchIndexError(f"{path}: faiss index is truncated or corrupt ({str(error)[:200]})") from None
@@ -223,7 +230,7 @@ class Searcher:
                     f"{cache_metadata}: the document embeddings come from document route {recorded!r}, the manifest "
                     f"records {fingerprint!r}: these embeddings belong to another index"
                 )
-        embeddings = open_embeddings(embeddings_path, (size, dimension))
+        embeddings = open_embeddings(embeddings_path, (size, dimension), manifest.get("embeddings_dtype", "float16"))
 
         ids_path = folder / files["ids"]
         ids = _read_json(ids_path, "the document ids")
@@ -274,14 +281,16 @@ class Searcher:
     def rows_scores(self, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Dense scores of query ``vectors[i]`` against document rows ``rows[i]`` (``(queries, candidates)``), from
         the float16 embeddings (normalised for a cosine index)."""
-        flat = np.asarray(rows).reshape(-1)
-        order = np.argsort(flat, kind="stable")  # sorted reads of the memmap
-        documents = np.empty((len(flat), self.dimension), dtype=np.float32)
-        documents[order] = self.embeddings[flat[order]]
-        if self.normalize:
-            documents /= np.maximum(np.linalg.norm(documents, axis=1, keepdims=True), 1e-12)
-        documents = documents.reshape(*np.shape(rows), self.dimension)
-        return np.einsum("qcd,qd->qc", documents, vectors, optimize=False)
+        rows = np.asarray(rows).reshape(len(vectors), -1)
+        scores = np.empty(rows.shape, dtype=np.float32)
+        for query, (vector, query_rows) in enumerate(zip(vectors, rows)):
+            order = np.argsort(query_rows, kind="stable")  # sorted reads of the memmap
+            documents = np.asarray(self.embeddings[query_rows[order]], dtype=np.float32)
+            values = np.einsum("cd,d->c", documents, vector)
+            if self.normalize:
+                values /= np.maximum(np.sqrt(np.einsum("cd,cd->c", documents, documents)), 1e-12)
+            scores[query, order] = values
+        return scores
 
     def dense_search(self, vectors: np.ndarray, k: int) -> np.ndarray:
         """``(queries, k)`` rows the faiss index finds best for each vector (``-1`` where it finds fewer)."""
