@@ -69,6 +69,14 @@ def test_searcher_ranks_as_evaluate_does(route, index_dir: Path, tiny_beir_dir: 
     expected_fused = hybrid.fused_scores([query])[0].numpy()
     np.testing.assert_allclose(fused_scores, [expected_fused[columns[d]] for d in fused_ids], atol=2e-3)
     assert fused_ids == sorted(fused_ids, key=lambda d: -expected_fused[columns[d]])
+    # float32 embeddings: evaluate's very scores.
+    exact_dir = build_search_index(
+        route, tiny_beir_dir, index_dir.parent / "float32", bm25=True, embeddings_dtype="float32"
+    )
+    exact = Searcher.load(exact_dir)
+    assert exact.embeddings.dtype == np.float32 and exact.manifest["index"]["storage"] == "float32"
+    fused_ids, fused_scores = exact.search(query, k=8, fuse_bm25=0.3)
+    np.testing.assert_allclose(fused_scores, [expected_fused[columns[d]] for d in fused_ids], atol=1e-6)
 
 
 def _mteb_corpus(folder: Path) -> list[dict[str, str]]:
