@@ -58,6 +58,7 @@ def build_indexes(route: Any, data: Path, work: Path, store: Any) -> tuple[Path,
     """``(flat, ivf)`` index folders of ``data``'s corpus (float16 embeddings), and a float32 ``flat`` one beside
     them, built once (reused when a manifest is there)."""
     from st_daft import build_search_index
+    from st_daft.utils.output import MARKER_FILE
 
     flat, ivf = work / f"{data.name}-flat", work / f"{data.name}-ivf"
     exact = work / f"{data.name}-flat32"
@@ -71,6 +72,7 @@ def build_indexes(route: Any, data: Path, work: Path, store: Any) -> tuple[Path,
         shutil.rmtree(ivf, ignore_errors=True)
         ivf.mkdir(parents=True)
         shutil.copytree(flat / "documents", ivf / "documents")  # a resumed build reads these embeddings back
+        shutil.copy(flat / MARKER_FILE, ivf / MARKER_FILE)  # the folder st-daft wrote, so it may resume there
         build_search_index(route, data, ivf, index="ivf", bm25=True, resume=True, document_store=store)
     return flat, ivf
 

@@ -157,7 +157,7 @@ def test_build_refuses_bad_input_before_embedding(route, tiny_document_model_dir
         build_search_index(route, tiny_beir_dir, tmp_path / "b", index_options={"bogus": 1})
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(ValueError, match="not empty and st-daft did not write it"):
         build_search_index(route, tiny_beir_dir, tmp_path / "full", show_progress_bar=False)
     assert (tmp_path / "full" / "notes.txt").read_text() == "keep me"
 
@@ -213,7 +213,12 @@ def test_cli_index_and_search(route, tiny_beir_dir: Path, tmp_path: Path, capsys
     expected = Searcher.load(output).search("how do cells divide", k=2, fuse_bm25=True)[0]
     assert [hit["id"] for hit in line["hits"]] == expected
     assert main(["index", str(tmp_path / "route"), "--data", str(tiny_beir_dir), "--output", str(output)]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "holds an earlier `st-daft index` output" in capsys.readouterr().err
+    assert (
+        main(["index", str(tmp_path / "route"), "--data", str(tiny_beir_dir), "--output", str(output), "--overwrite"])
+        == 0
+    )
+    assert json.loads((output / "manifest.json").read_text())["files"]["bm25"] is None  # rebuilt without --bm25
     other = tmp_path / "other"
     assert main(["index", str(tmp_path / "route"), "--data", str(tiny_beir_dir), "--output", str(other)]) == 0
     assert main(["search", str(other), "cells", "--fuse-bm25"]) == 2

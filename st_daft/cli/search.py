@@ -63,6 +63,9 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
     index.add_argument(
         "--resume", action="store_true", help="finish an interrupted build in --output (reuses complete embeddings)"
     )
+    index.add_argument(
+        "--overwrite", action="store_true", help="replace an index st-daft wrote in --output (only what it wrote)"
+    )
 
 
 def add_search_parser(commands: argparse._SubParsersAction) -> None:
@@ -103,6 +106,8 @@ def run_index(args: argparse.Namespace) -> int:
             embeddings_dtype=args.embeddings_dtype,
             fusion_weight=DEFAULT_FUSION_WEIGHT if args.fusion_weight is None else args.fusion_weight,
             resume=args.resume,
+            overwrite=args.overwrite,
+            arguments=getattr(args, "argv", None),
         )
     except ImportError as error:
         print(f"st-daft index: error: --bm25: {error}", file=sys.stderr)

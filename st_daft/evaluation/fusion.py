@@ -16,8 +16,8 @@ __all__ = ["DEFAULT_FUSION_WEIGHT", "add_lexical_scores", "normalise_lexical_sco
 
 DEFAULT_FUSION_WEIGHT = 0.15
 """BM25's weight when none is given (``st-daft evaluate --fuse-bm25``, ``Searcher.search(fuse_bm25=True)``): where
-the default labelled route peaked on python-faq, with most of its SciFact gain (docs/benchmarks.md, "Twelfth
-session")."""
+the default labelled route peaked on python-faq, with most of its SciFact gain; corpus-only routes would pick a
+larger weight on SciFact (docs/results/fusion.md)."""
 
 
 def normalise_lexical_scores(scores: np.ndarray) -> np.ndarray:

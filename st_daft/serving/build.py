@@ -28,6 +28,7 @@ import datetime
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,21 +77,6 @@ def check_index_options(options: dict[str, Any]) -> dict[str, int]:
     return checked
 
 
-def _prepare_output(output: Path, resume: bool) -> None:
-    """Refuse an output folder that holds anything, unless resuming a build of an index there."""
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output}: is a file, not a folder")
-    if output.is_dir() and any(output.iterdir()):
-        if not resume:
-            raise ValueError(
-                f"--output {output}: the folder is not empty; choose a new folder (or pass --resume to finish an "
-                "interrupted build there)"
-            )
-        if not (output / "documents").is_dir() and not (output / MANIFEST_FILE).is_file():
-            raise ValueError(f"--output {output}: --resume needs a folder an index build started; this one is not")
-    output.mkdir(parents=True, exist_ok=True)
-
-
 def _write_faiss(index: Any, path: Path) -> None:
     import faiss
 
@@ -113,6 +99,8 @@ def build_search_index(
     resume: bool = False,
     show_progress_bar: bool = True,
     document_store: Any = None,
+    overwrite: bool = False,
+    arguments: Sequence[str] | None = None,
 ) -> Path:
     """Write an index folder for :class:`~st_daft.serving.Searcher` (see the module docs); returns its path.
 
@@ -120,7 +108,8 @@ def build_search_index(
         model: an asymmetric model (or its folder / Hub id) whose query route is static.
         data: a BEIR folder, a corpus file (JSON lines or one text a line, :func:`~st_daft.data.load_corpus`), or
             ``{id: text}``.
-        output: the index folder; must be new or empty (or an interrupted build's, with ``resume``).
+        output: the index folder: new or empty, or one ``st-daft index`` wrote (with ``resume`` or ``overwrite``;
+            :func:`~st_daft.utils.output.claim_output`: nothing a user put there is removed).
         index: ``"auto"`` (``flat`` below :data:`EXACT_INDEX_LIMIT` documents, else ``ivf``), ``"flat"``,
             ``"ivf"`` or ``"hnsw"``.
         index_options: faiss settings (:data:`SEARCH_INDEX_OPTIONS`), e.g. ``{"nlist": 4096, "nprobe": 64}``.
@@ -136,23 +125,22 @@ def build_search_index(
         show_progress_bar: progress bars for embedding, the faiss index and BM25.
         document_store: a :class:`~st_daft.embeddings.store.DocumentEmbeddingStore` (or its folder) to read the document
             route's embeddings from where it holds them (e.g. filled by ``st-daft evaluate --document-store``).
+        overwrite: replace an index ``st-daft index`` wrote in ``output`` (only what it wrote is removed).
+        arguments: the command line, recorded in the folder's marker.
 
     Raises:
         ValueError: a query route that is not static, an unknown index kind or option, a non-empty ``output``, a
             similarity other than cosine or dot; :class:`~st_daft.data.DataError` for a bad corpus.
     """
     import numpy as np
-    import torch
     from sentence_transformers import SentenceTransformer
 
     from st_daft.data import load_corpus
-    from st_daft.embeddings.cache import StaleEmbeddingCache
-    from st_daft.embeddings.index import build_faiss_index
     from st_daft.embeddings.store import DocumentEmbeddingStore
     from st_daft.models.fingerprint import encoding_fingerprint
     from st_daft.serving import export_static_model
-    from st_daft.utils.distributed import barrier, init_distributed, is_main_process
-    from st_daft.utils.io import atomic_write_json
+    from st_daft.utils.distributed import init_distributed
+    from st_daft.utils.output import claim_output
 
     if embeddings_dtype not in ("float16", "float32"):
         raise ValueError(f"embeddings dtype {embeddings_dtype!r}: choose float16 or float32")
@@ -166,6 +154,11 @@ def build_search_index(
 
         BM25Search()  # the bm25 extra, checked before any work
     output = Path(output)
+    reads = [(what, source) for what, source in (("the model indexed", model), ("the corpus", data))]
+    reads = [(what, source) for what, source in reads if isinstance(source, (str, Path))]
+    claimed = claim_output(output, "index", arguments, overwrite=overwrite, resume=resume, reads=reads)
+    if resume and claimed.previous is not None and claimed.previous.get("command") != "index":
+        raise ValueError(f"--output {output}: --resume continues an `st-daft index` build; this folder holds another")
     label = str(model) if isinstance(model, (str, Path)) else model.model_card_data.model_name
     if not isinstance(model, SentenceTransformer):
         model = SentenceTransformer(str(model))
@@ -182,8 +175,40 @@ def build_search_index(
     if store is not None and not isinstance(store, DocumentEmbeddingStore):
         store = DocumentEmbeddingStore(store)
     init_distributed()
+    with claimed.writing(planned=[MANIFEST_FILE, "query", "documents", "ids.json", "faiss.index", "bm25"]):
+        return _write_index(
+            model, corpus, output, route, fingerprint, similarity, label, index, options, bm25, batch_size, store,
+            resume, embeddings_dtype, fusion_weight, show_progress_bar,
+        )  # fmt: skip
+
+
+def _write_index(
+    model: Any,
+    corpus: dict[str, str],
+    output: Path,
+    route: Any,
+    fingerprint: str,
+    similarity: str,
+    label: str | None,
+    index: str,
+    options: dict[str, int],
+    bm25: bool,
+    batch_size: int,
+    store: Any,
+    resume: bool,
+    embeddings_dtype: str,
+    fusion_weight: float,
+    show_progress_bar: bool,
+) -> Path:
+    """Everything :func:`build_search_index` writes, into the claimed folder."""
+    import torch
+
+    from st_daft.embeddings.cache import StaleEmbeddingCache
+    from st_daft.embeddings.index import build_faiss_index
+    from st_daft.utils.distributed import barrier, is_main_process
+    from st_daft.utils.io import atomic_write_json
+
     if is_main_process():
-        _prepare_output(output, resume)
         (output / MANIFEST_FILE).unlink(missing_ok=True)  # not an index until the manifest is written again
     barrier()
 
