@@ -633,6 +633,144 @@ def ddp_table() -> str:
 
 # ------------------------------------------------------------------------------------------------------- pages
 
+# ------------------------------------------------------------------------------------------------------ search
+
+SEARCH = "search/end_to_end.json"
+SEARCH_ROWS = {
+    "static_exact": "static route, exact (flat)",
+    "static_ann": "static route, ANN (IVF)",
+    "minilm_exact": "all-MiniLM-L6-v2, same exact index",
+    "bm25": "bm25s alone",
+    "static_fused": "static route + BM25, fused",
+    "minilm_fused": "all-MiniLM-L6-v2 + BM25, fused",
+}
+
+
+def search_equality_table() -> str:
+    """The searcher's nDCG@10 against ``st-daft evaluate``'s, float16 and float32 index folders."""
+    data = _load(SEARCH)
+    rows = []
+    for collection, key in (("SciFact", "scifact"), ("python-faq", "python_faq")):
+        scores = data[key]["ndcg_at_10"]
+        for kind, evaluated, half, full in (
+            ("dense", "evaluate_dense", "static_exact", "static_exact_float32"),
+            ("fused with BM25 (0.15)", "evaluate_fused", "static_fused", "static_fused_float32"),
+        ):
+            rows.append(
+                [
+                    f"{collection}, {kind}",
+                    _fmt(scores[evaluated], 5),
+                    f"{_fmt(scores[half], 5)} ({scores[half] - scores[evaluated]:+.5f})",
+                    f"{_fmt(scores[full], 5)} ({scores[full] - scores[evaluated]:+.5f})",
+                ]
+            )
+    header = ["nDCG@10 (test)", "`st-daft evaluate`", "searcher, float16 index", "searcher, float32 index"]
+    return _table(header, rows) + "\n\n" + _source(SEARCH)
+
+
+def search_speed_table() -> str:
+    """A whole query on SciFact: batch-1 p50/p99, batch-32 queries/s, the time split, nDCG@10 on both collections."""
+    data = _load(SEARCH)
+    scifact, faq = data["scifact"], data["python_faq"]["ndcg_at_10"]
+    rows = []
+    for key, label in SEARCH_ROWS.items():
+        row = scifact["rows"][key]
+        split = ", ".join(
+            f"{phase} {value:.2f}" for phase, value in row.get("batch_1_split_p50_ms", {}).items() if value
+        )
+        rows.append(
+            [
+                label,
+                _fmt(row["batch_1"]["p50_ms"], 2),
+                _fmt(row["batch_1"]["p99_ms"], 1),
+                _fmt(row["batch_32_queries_per_s"], 0),
+                split or "–",
+                f"{_fmt(scifact['ndcg_at_10'][key], 4)} / {_fmt(faq[key], 4)}",
+            ]
+        )
+    header = [
+        "configuration",
+        "b=1 p50 ms",
+        "b=1 p99 ms",
+        "b=32 queries/s",
+        "b=1 split, p50 ms",
+        "nDCG@10 SciFact / faq",
+    ]
+    ratios = (
+        f"Static over MiniLM at batch 1 (p50): {scifact['static_vs_minilm_batch_1_p50']:.0f}x exact, "
+        f"{scifact['static_ann_vs_minilm_batch_1_p50']:.0f}x ANN, {scifact['fused_vs_minilm_fused_batch_1_p50']:.1f}x "
+        f"fused (against MiniLM fused); at batch 32 {scifact['static_vs_minilm_batch_32_qps']:.0f}x."
+    )
+    machine = f"Machine: {data['machine']}; torch threads {data['torch_threads']}; {scifact['num_queries']} queries."
+    return _table(header, rows) + "\n\n" + ratios + " " + machine + " " + _source(SEARCH)
+
+
+def search_fusion_table() -> str:
+    """st-daft's fusion against mteb 2's RRF, DBSF and RSF over the same dense and BM25 runs."""
+    data = _load(SEARCH)
+    scifact, faq = data["scifact"]["ndcg_at_10"], data["python_faq"]["ndcg_at_10"]
+    rows = [
+        ["st-daft: `sim + 0.15 * BM25 / max BM25`", "–", f"{scifact['static_fused']:.4f} / {faq['static_fused']:.4f}"]
+    ]
+    for name, label in (("rrf", "RRF (k=60)"), ("dbsf", "DBSF"), ("rsf", "RSF (min-max)")):
+        cells = [
+            f"{scifact['mteb_fusions'][f'{name} ({weights})']:.4f} / {faq['mteb_fusions'][f'{name} ({weights})']:.4f}"
+            for weights in ("equal", "1:0.15")
+        ]
+        rows.append([label, *cells])
+    header = ["fusion (nDCG@10 SciFact / python-faq)", "equal weights (mteb's default)", "weights 1 : 0.15"]
+    return _table(header, rows) + "\n\n" + _source(SEARCH)
+
+
+def search_scale_table() -> str:
+    """The million-row index: load, memory, recall@10 and search time by nprobe."""
+    data = _load(SEARCH)["synthetic"]
+    load = data["load_fresh_process"]
+    rows = [
+        [
+            nprobe,
+            _fmt(result["recall_at_10"], 4),
+            _fmt(result["search"]["p50_ms"], 2),
+            _fmt(result["search"]["p99_ms"], 1),
+        ]
+        for nprobe, result in data["ivf_by_nprobe"].items()
+    ]
+    rows.append(
+        [
+            "exact (float16, in memory)",
+            "1.0000",
+            _fmt(data["exact_float16_search"]["p50_ms"], 2),
+            _fmt(data["exact_float16_search"]["p99_ms"], 1),
+        ]
+    )
+    header = ["IVF nprobe", "recall@10 vs exact", "search p50 ms", "search p99 ms"]
+    summary = (
+        f"{data['rows']:,} rows x {data['dimension']}; `Searcher.load` in a fresh process {load['load_s']:.1f} s, "
+        f"{load['rss_anon_mib']:.0f} MiB anonymous memory (embeddings file {data['embeddings_file_mib']:,} MiB, faiss "
+        f"file {data['faiss_file_mib']:,} MiB, both memory-mapped), heavy modules loaded: "
+        f"{', '.join(load['heavy_modules']) or 'none'}; the route encodes a query in "
+        f"{data['route_encode']['p50_ms']:.2f} ms (p50); {data['queries']} queries."
+    )
+    return _table(header, rows) + "\n\n" + summary + " " + _source(SEARCH)
+
+
+def search_service_table() -> str:
+    """examples/serve_search.py under uvicorn on the loopback address."""
+    data = _load(SEARCH)["service"]
+    rows = [
+        [
+            name.replace("clients_", "").replace("_fused", " (fused)"),
+            _fmt(result["requests_per_s"], 0),
+            _fmt(result["p50_ms"], 1),
+            _fmt(result["p99_ms"], 1),
+            str(result["requests"]),
+        ]
+        for name, result in data.items()
+    ]
+    header = ["clients", "requests/s", "p50 ms", "p99 ms", "requests"]
+    return _table(header, rows) + "\n\n" + _source(SEARCH)
+
+
 PAGES: dict[str, dict[str, Callable[[], str]]] = {
     "README.md": {"results-table": headline_table},
     "docs/index.md": {"results-table": headline_table},
@@ -656,6 +794,13 @@ PAGES: dict[str, dict[str, Callable[[], str]]] = {
         "index-storage": index_storage_table,
     },
     "docs/results/crash-safety.md": {"ddp": ddp_table},
+    "docs/results/search.md": {
+        "search-equality": search_equality_table,
+        "search-speed": search_speed_table,
+        "search-fusion": search_fusion_table,
+        "search-scale": search_scale_table,
+        "search-service": search_service_table,
+    },
 }
 
 

@@ -130,7 +130,13 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "st_daft.training.stages.vocabulary": ("VocabularyStage",),
     "st_daft.serving": (
         "export_static_model",
+        "Searcher",
+        "SearchIndexError",
         "StaticQueryEncoder",
+    ),
+    "st_daft.serving.build": (
+        "build_search_index",
+        "SearcherRetrieval",
     ),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -145,6 +145,51 @@ def _cut_model() -> str:
     return _raised(lambda: check_model_source("model"))
 
 
+def _index(fingerprint: str = "route-a", bm25: bool = False) -> Path:
+    """A two-document index folder ``index`` written by hand (as ``st-daft index`` lays it out, without a model)."""
+    import faiss
+    from model2vec import StaticModel
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = Path("index")
+    (folder / "documents").mkdir(parents=True)
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "cells": 1, "divide": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    vectors = np.eye(3, 4, dtype=np.float32)
+    config = {"st_daft_document_fingerprint": fingerprint}
+    StaticModel(vectors, tokenizer, config=config, normalize=True).save_pretrained(str(folder / "query"))
+    embeddings = np.eye(2, 4, dtype=np.float16)
+    np.save(folder / "documents" / "embeddings.npy", embeddings)
+    (folder / "ids.json").write_text('["d1", "d2"]')
+    index = faiss.IndexFlatIP(4)
+    index.add(embeddings.astype(np.float32))
+    faiss.write_index(index, str(folder / "faiss.index"))
+    files = {"query_route": "query", "embeddings": "documents/embeddings.npy", "ids": "ids.json"}
+    manifest = {"format": "st-daft-search-index", "format_version": 1, "documents": 2, "dimension": 4}
+    manifest.update(document_fingerprint="route-a", files={**files, "faiss": "faiss.index", "bm25": None})
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def _index_error(change: Callable[[Path], object]) -> str:
+    from st_daft.serving import Searcher
+
+    folder = _index()
+    change(folder)
+    return _raised(lambda: Searcher.load(folder).search("cells divide", fuse_bm25=True))
+
+
+def _other_route(folder: Path) -> None:
+    import shutil
+
+    shutil.move(str(folder), "first")
+    _index(fingerprint="route-b")
+    shutil.rmtree(Path("first") / "query")
+    shutil.move("index/query", "first/query")
+    shutil.rmtree("index")
+    shutil.move("first", "index")
+
+
 def _hub_model_offline(monkeypatch) -> str:
     from st_daft.cli.errors import hub_message
 
@@ -349,6 +394,14 @@ PRODUCE: dict[str, Callable[..., list[str]]] = {
         _raised(lambda: __import__("st_daft.training.stages", fromlist=["x"]).check_device("cpu", "fp16"))
     ],
     "Ctrl-C during `st-daft train` (exit status 130)": lambda **_: [_interrupted()],
+    "`Searcher.load` of a folder without `manifest.json`": lambda **_: [
+        _index_error(lambda folder: (folder / "manifest.json").unlink())
+    ],
+    "an index whose `documents/embeddings.npy` is cut short": lambda **_: [
+        _index_error(lambda folder: (folder / "documents/embeddings.npy").write_bytes(b"\x93NUMPY"))
+    ],
+    "an index whose query route was exported beside another document route": lambda **_: [_index_error(_other_route)],
+    "`search(..., fuse_bm25=True)` on an index built without `--bm25`": lambda **_: [_index_error(lambda _: None)],
 }
 
 

@@ -1,4 +1,5 @@
-"""The ``st-daft`` command: ``st-daft train``, ``evaluate``, ``export`` and ``soup``; ``main`` runs one."""
+"""The ``st-daft`` command: ``st-daft train``, ``evaluate``, ``export``, ``soup``, ``index`` and ``search``; ``main``
+runs one."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from st_daft.cli.commands import (
     run_soup,
 )
 from st_daft.cli.errors import FAILED, INTERRUPTED, interrupted_message, one_line, os_message
+from st_daft.cli.search import add_index_parser, add_search_parser, run_index, run_search
 from st_daft.cli.train import _add_train_parser, run_train
 
 logger = logging.getLogger("st_daft")
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(commands)
     _add_export_parser(commands)
     _add_soup_parser(commands)
+    add_index_parser(commands)
+    add_search_parser(commands)
     return parser
 
 
@@ -48,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_export(args)
         if args.command == "soup":
             return run_soup(args)
+        if args.command == "index":
+            return run_index(args)
+        if args.command == "search":
+            return run_search(args)
         return run_evaluate(args)
     except KeyboardInterrupt:
         print(f"\n{interrupted_message(args)}", file=sys.stderr)  # on its own line, after a progress bar's

@@ -15,13 +15,15 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from st_daft.data import join_title_text
+from st_daft.evaluation.fusion import normalise_lexical_scores
 
 if TYPE_CHECKING:
     from mteb.abstasks.task_metadata import TaskMetadata
@@ -46,12 +48,21 @@ _LANGUAGES: dict[str, tuple[str, str]] = {
     "nob": ("no", "norwegian"),
 }
 
+BM25_SETTINGS_FILE = "bm25_settings.json"
+
+
+def _warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
 _INSTALL = 'BM25 needs the bm25 extra: pip install "st-daft[bm25]" (bm25s and PyStemmer)'
 
 
 def mteb_corpus_texts(corpus: Any) -> tuple[list[str], list[str]]:
     """``(ids, texts)`` of an MTEB corpus dataset (``id``, ``text``, optionally ``title``); texts joined as
     ``"{title} {text}"``."""
+    from st_daft.data import join_title_text  # here: a searcher's BM25 needs no datasets
+
     texts = [join_title_text(row.get("title"), row["text"]) for row in corpus]
     return [str(row["id"]) for row in corpus], texts
 
@@ -106,6 +117,7 @@ class BM25Search:
         self._document_ids: list[str] = []
         self._stopwords: str | None = None
         self._stemmer: Any = None
+        self._indexed_language: str | None = None
 
     @property
     def mteb_model_meta(self) -> ModelMeta:
@@ -178,23 +190,79 @@ class BM25Search:
             raise RuntimeError("BM25Search.top_k before fit")
         k = min(k, len(self._document_ids))
         bm25s_logger = logging.getLogger("bm25s")
-        level = bm25s_logger.level
-        bm25s_logger.setLevel(max(level, logging.WARNING))  # not one "The query is empty" line per stopword-only text
+        # Not one "The query is empty" line per stopword-only text. A filter, not setLevel: a logger's level change
+        # clears every logger's cache, which costs a searcher more than its BM25 search.
+        bm25s_logger.addFilter(_warnings_only)
         try:
             rows, scores = self._retriever.retrieve(self._tokenize(list(texts)), k=k, show_progress=False)
         finally:
-            bm25s_logger.setLevel(level)
+            bm25s_logger.removeFilter(_warnings_only)
         return np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
     def normalised_top_k(self, texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`top_k` with each text's scores divided by its best one, so in ``[0, 1]`` (all 0 for a text that
         shares no term with any document)."""
         rows, scores = self.top_k(texts, k)
-        return rows, scores / np.maximum(scores[:, :1], 1e-12)
+        return rows, normalise_lexical_scores(scores)
+
+    def save(self, folder: str | Path) -> None:
+        """Write the index to ``folder`` (bm25s's files and ``bm25_settings.json``: language, k1, b, method, row
+        count), for :meth:`load`."""
+        if self._retriever is None:
+            raise RuntimeError("BM25Search.save before fit")
+        folder = Path(folder)
+        self._retriever.save(str(folder))
+        settings = {
+            "language": self._indexed_language,
+            "k1": self.k1,
+            "b": self.b,
+            "method": self.method,
+            "documents": len(self._document_ids),
+        }
+        (folder / BM25_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: str | Path, document_ids: Sequence[str] | None = None, mmap: bool = True) -> BM25Search:
+        """An index :meth:`save` wrote (memory-mapped with ``mmap``), tokenising queries as it tokenised documents;
+        ``document_ids`` name its rows (``"0"``, ``"1"``, ... when None).
+
+        Raises:
+            FileNotFoundError: ``folder`` or one of its files is missing (named).
+            ValueError: the settings file is unreadable, or ``document_ids`` do not match its row count.
+        """
+        import bm25s
+
+        folder = Path(folder)
+        settings_file = folder / BM25_SETTINGS_FILE
+        if not settings_file.is_file():
+            raise FileNotFoundError(f"{settings_file}: BM25 index settings not found")
+        try:
+            settings = json.loads(settings_file.read_text(encoding="utf-8"))
+            search = cls(settings["language"], settings["k1"], settings["b"], settings["method"])
+            size = int(settings["documents"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{settings_file}: not a BM25 settings file ({error})") from None
+        if document_ids is not None and len(document_ids) != size:
+            raise ValueError(
+                f"{settings_file}: the BM25 index has {size} documents, the search index {len(document_ids)}"
+            )
+        bm25s_logger = logging.getLogger("bm25s")
+        level = bm25s_logger.level
+        bm25s_logger.setLevel(max(level, logging.WARNING))
+        try:
+            search._retriever = bm25s.BM25.load(str(folder), mmap=mmap)
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"{folder}: the BM25 index does not load ({error})") from None
+        finally:
+            bm25s_logger.setLevel(level)
+        search._use_language(settings["language"])
+        search._document_ids = list(document_ids) if document_ids is not None else [str(row) for row in range(size)]
+        return search
 
     def _use_language(self, language: str | None) -> None:
         import Stemmer
 
+        self._indexed_language = language
         self._stopwords, stemmer_name = _LANGUAGES[language] if language else (None, None)
         self._stemmer = Stemmer.Stemmer(stemmer_name) if stemmer_name else None
 

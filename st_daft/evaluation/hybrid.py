@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from st_daft.embeddings.encode import embed_documents
 from st_daft.evaluation.baselines import BM25Search, mteb_corpus_texts, mteb_query_texts
 from st_daft.evaluation.collapse import warn_zero_query_vectors
+from st_daft.evaluation.fusion import DEFAULT_FUSION_WEIGHT, add_lexical_scores
 
 if TYPE_CHECKING:
     from mteb.abstasks.task_metadata import TaskMetadata
@@ -48,11 +49,6 @@ if TYPE_CHECKING:
     from st_daft.evaluation.baselines import BM25Search
 
 __all__ = ["HybridSearch", "DEFAULT_FUSION_WEIGHT"]
-
-DEFAULT_FUSION_WEIGHT = 0.15
-"""BM25's weight when none is given (``st-daft evaluate --fuse-bm25``): where the default labelled route peaked on
-python-faq, with most of its SciFact gain; corpus-only routes would pick a larger weight on SciFact
-(docs/results/fusion.md)."""
 
 _SIMILARITIES = ("cosine", "dot")
 
@@ -163,7 +159,7 @@ class HybridSearch:
         scores = queries @ self._documents.T
         if self.weight > 0:
             rows, lexical = self.lexical.normalised_top_k(texts, self.depth)
-            scores.scatter_add_(1, torch.from_numpy(rows), torch.from_numpy(self.weight * lexical))
+            add_lexical_scores(scores.numpy(), rows, lexical, self.weight)  # the searcher's fusion too
         return scores
 
     def search(

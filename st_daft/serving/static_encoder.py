@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -146,6 +146,7 @@ def export_static_model(
     output_path: str | Path | None = None,
     route: str = QUERY_ROUTE,
     dtype: str = "float32",
+    config: dict[str, Any] | None = None,
 ) -> StaticModel:
     """Export a static route of an asymmetric model as a model2vec ``StaticModel`` (see the module docs).
 
@@ -155,6 +156,7 @@ def export_static_model(
             ``model2vec.StaticModel.from_pretrained(output_path)``.
         route: the route to export, ``"query"`` (default).
         dtype: the table's storage type: ``"float32"`` (default), ``"float16"`` or ``"int8"`` (one scale per row).
+        config: more entries for the folder's ``config.json`` (an index records the document route it pairs with).
 
     Returns:
         The ``StaticModel``; its ``encode`` gives the full model's ``encode_query`` vectors (float16 for a float16
@@ -175,7 +177,7 @@ def export_static_model(
     static_model = StaticModel(
         vectors=table,
         tokenizer=tokenizer,
-        config={"st_daft_route": route},
+        config={"st_daft_route": route, **(config or {})},
         normalize=normalize,
         base_model_name=name,
         language=card.language or None,
