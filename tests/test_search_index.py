@@ -29,7 +29,9 @@ def route(tiny_document_model_dir: Path):
 
 @pytest.fixture()
 def index_dir(route, tiny_beir_dir: Path, tmp_path: Path) -> Path:
-    return build_search_index(route, tiny_beir_dir, tmp_path / "index", bm25=True, show_progress_bar=False)
+    return build_search_index(
+        route, tiny_beir_dir, tmp_path / "index", bm25=True, embeddings_dtype="float16", show_progress_bar=False
+    )
 
 
 def _ndcg(model, data: Path) -> float:
@@ -69,10 +71,8 @@ def test_searcher_ranks_as_evaluate_does(route, index_dir: Path, tiny_beir_dir: 
     expected_fused = hybrid.fused_scores([query])[0].numpy()
     np.testing.assert_allclose(fused_scores, [expected_fused[columns[d]] for d in fused_ids], atol=2e-3)
     assert fused_ids == sorted(fused_ids, key=lambda d: -expected_fused[columns[d]])
-    # float32 embeddings: evaluate's very scores.
-    exact_dir = build_search_index(
-        route, tiny_beir_dir, index_dir.parent / "float32", bm25=True, embeddings_dtype="float32"
-    )
+    # float32 embeddings, what "auto" picks below the exact-search limit: evaluate's very scores.
+    exact_dir = build_search_index(route, tiny_beir_dir, index_dir.parent / "float32", bm25=True)
     exact = Searcher.load(exact_dir)
     assert exact.embeddings.dtype == np.float32 and exact.manifest["index"]["storage"] == "float32"
     fused_ids, fused_scores = exact.search(query, k=8, fuse_bm25=0.3)
@@ -87,7 +87,13 @@ def _mteb_corpus(folder: Path) -> list[dict[str, str]]:
 
 def test_an_ivf_index_serves_the_same_documents(route, tiny_beir_dir: Path, tmp_path: Path) -> None:
     folder = build_search_index(
-        route, tiny_beir_dir, tmp_path / "ivf", index="ivf", index_options={"nlist": 2}, show_progress_bar=False
+        route,
+        tiny_beir_dir,
+        tmp_path / "ivf",
+        index="ivf",
+        index_options={"nlist": 2},
+        embeddings_dtype="float16",
+        show_progress_bar=False,
     )
     searcher = Searcher.load(folder)
     assert searcher.manifest["index"] == {"kind": "ivf", "storage": "float16", "options": {"nlist": 2, "nprobe": 64}}
@@ -169,7 +175,9 @@ def test_resumed_build_reads_the_embeddings_back(route, index_dir: Path, tiny_be
         raise AssertionError("the documents were embedded again")
 
     monkeypatch.setattr(type(route), "encode_document", refuse)
-    build_search_index(route, tiny_beir_dir, index_dir, bm25=True, resume=True, show_progress_bar=False)
+    build_search_index(
+        route, tiny_beir_dir, index_dir, bm25=True, resume=True, embeddings_dtype="float16", show_progress_bar=False
+    )
     assert Searcher.load(index_dir).search("how do cells divide", k=1)[0] != []
 
 

@@ -55,9 +55,10 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
     )
     index.add_argument(
         "--embeddings-dtype",
-        choices=["float16", "float32"],
-        default="float16",
-        help="document embeddings type: float16 (default, half the size) or float32 (evaluate's exact scores)",
+        choices=["auto", "float16", "float32"],
+        default="auto",
+        help="document embeddings type: float16 (half the size), float32 (evaluate's exact scores) or auto (default: "
+        "float32 below 100,000 documents, else float16)",
     )
     index.add_argument("--batch-size", type=int, default=64)
     index.add_argument(

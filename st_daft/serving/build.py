@@ -94,7 +94,7 @@ def build_search_index(
     bm25: bool = False,
     batch_size: int = 64,
     query_dtype: str = "float32",
-    embeddings_dtype: str = "float16",
+    embeddings_dtype: str = "auto",
     fusion_weight: float = DEFAULT_FUSION_WEIGHT,
     resume: bool = False,
     show_progress_bar: bool = True,
@@ -116,9 +116,10 @@ def build_search_index(
         bm25: also write a BM25 index (the ``bm25`` extra) for ``Searcher.search(fuse_bm25=...)``.
         batch_size: the document route's encoding batch size.
         query_dtype: the query route table's type (``float32``, ``float16``, ``int8``).
-        embeddings_dtype: the document embeddings' type, ``float16`` (half the disk and memory) or ``float32`` (the
-            very scores ``st-daft evaluate`` computes; float16 rounding moves a score by about 1e-4, which reorders
-            near-ties); the faiss index stores the same type.
+        embeddings_dtype: the document embeddings' type: ``"auto"`` (``float32`` below :data:`EXACT_INDEX_LIMIT`
+            documents, where it costs little, else ``float16``), ``float16`` (half the disk and memory) or
+            ``float32`` (the very scores ``st-daft evaluate`` computes; float16 rounding moves a score a little,
+            which reorders near-ties); the faiss index stores the same type.
         fusion_weight: BM25's weight when a search asks for fusion without one.
         resume: finish an interrupted build in ``output``: complete embeddings of this route and corpus are read
             back instead of computed again.
@@ -142,8 +143,8 @@ def build_search_index(
     from st_daft.utils.distributed import init_distributed
     from st_daft.utils.output import claim_output
 
-    if embeddings_dtype not in ("float16", "float32"):
-        raise ValueError(f"embeddings dtype {embeddings_dtype!r}: choose float16 or float32")
+    if embeddings_dtype not in ("auto", "float16", "float32"):
+        raise ValueError(f"embeddings dtype {embeddings_dtype!r}: choose auto, float16 or float32")
     if index not in INDEX_CHOICES:
         raise ValueError(f"index {index!r}: choose one of {', '.join(INDEX_CHOICES)}")
     options = check_index_options(dict(index_options or {}))
@@ -171,6 +172,8 @@ def build_search_index(
     corpus = data if isinstance(data, dict) else load_corpus(data)
     if not corpus:
         raise ValueError(f"--data {data}: the corpus is empty")
+    if embeddings_dtype == "auto":  # exact scores where the index is small; half the memory where it is not
+        embeddings_dtype = "float32" if len(corpus) < EXACT_INDEX_LIMIT else "float16"
     store = document_store
     if store is not None and not isinstance(store, DocumentEmbeddingStore):
         store = DocumentEmbeddingStore(store)
