@@ -6,9 +6,9 @@ Command::
     python benchmarks/report.py            # rewrites every generated block (between marker comments)
     python benchmarks/report.py --check    # changes nothing; exits 1 naming each page that differs from its files
 
-Results: benchmarks/results/<topic>/ (read only). Pages: README.md and docs/results/*.md; tests/test_results_pages.py
-runs the check. Each block is a ``<!-- NAME:start -->`` / ``<!-- NAME:end -->`` pair; the text between them is
-generated, the prose around them is written by hand.
+Results: benchmarks/results/<topic>/ (read only). Pages: README.md and docs/results/*.md;
+tests/project/test_results_pages.py runs the check. Each block is a ``<!-- NAME:start -->`` /
+``<!-- NAME:end -->`` pair; the text between them is generated, the prose around them is written by hand.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_beir
 
 from st_daft import DataError, load_beir
 from st_daft.data import join_title_text
+from tests.conftest import write_beir
 
 
 def test_loads_a_beir_folder(tiny_beir_dir: Path) -> None:

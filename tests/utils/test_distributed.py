@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUESTIONS, TOPICS, write_beir
-from training_runs import cli, finish, free_port, model_weights, start, tiny_train_args
 
 from st_daft import build_asymmetric_model, load_beir
 from st_daft.embeddings.encode import embed_sharded
 from st_daft.label_free.token_statistics import contextual_token_statistics
 from st_daft.utils.distributed import get_world_size, is_main_process, local_shard
+from tests.conftest import QUESTIONS, TOPICS, write_beir
+from tests.training_runs import cli, finish, free_port, model_weights, start, tiny_train_args
 
 
 def _torchrun(script_or_module: list[str], processes: int = 2) -> list[str]:

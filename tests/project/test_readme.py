@@ -12,7 +12,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraini
 
 from st_daft import build_asymmetric_model, export_route, export_static_model, load_beir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 PYTHON_GUIDE = ROOT / "docs" / "guide" / "python.md"
 
@@ -26,7 +26,7 @@ SNIPPETS = _snippets(README) + _snippets(PYTHON_GUIDE)
 
 def _substitute(code: str, replacements: dict[str, str]) -> str:
     for old, new in replacements.items():
-        assert old in code, f"README snippet changed: {old!r} not found; update tests/test_readme.py"
+        assert old in code, f"README snippet changed: {old!r} not found; update tests/project/test_readme.py"
         code = code.replace(old, new)
     return code
 

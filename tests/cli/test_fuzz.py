@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import QUESTIONS, TOPICS, write_beir
 
 from st_daft.cli import main
+from tests.conftest import QUESTIONS, TOPICS, write_beir
 
 # ---------------------------------------------------------------------------------------------------- the inputs
 
@@ -657,7 +657,7 @@ def test_a_broken_input_is_one_sentence(case: Case, saved_model: Path, tmp_path:
     ],
 )
 def test_the_entry_point_prints_one_sentence(argv: list[str], named: str, tmp_path: Path) -> None:
-    from training_runs import subprocess_env
+    from tests.training_runs import subprocess_env
 
     _beir(tmp_path / "data")
     (tmp_path / "out").mkdir()

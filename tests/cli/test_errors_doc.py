@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_beir
 
 from st_daft.data import DataError, load_beir, load_corpus, load_queries_file
+from tests.conftest import write_beir
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
 CODE_SPAN = re.compile(r"``\s?(.+?)\s?``|`([^`]+)`")
 
 

@@ -303,7 +303,7 @@ def test_zero_query_vectors_are_counted() -> None:
 
 
 def _second_collection(tmp_path: Path) -> Path:
-    from conftest import QUESTIONS, TOPICS, write_beir
+    from tests.conftest import QUESTIONS, TOPICS, write_beir
 
     topics = list(TOPICS)[:5]
     return write_beir(

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import QUESTIONS, TOPICS
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -31,6 +30,7 @@ from st_daft.models.card import (
 )
 from st_daft.models.card_data import DAFTModelCardData, document_encoder_hub_id
 from st_daft.models.card_template import build_template
+from tests.conftest import QUESTIONS, TOPICS
 
 ALIGN = {
     "name": "align",

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import QUESTIONS, TOPICS
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
@@ -34,6 +33,7 @@ from st_daft.models.fingerprint import route_fingerprint
 from st_daft.negatives.corrector import CorrectorNetwork, CorrectorTrainer
 from st_daft.negatives.miner import NegativeMiner
 from st_daft.negatives.strategy import RefreshPolicy, parse_negatives
+from tests.conftest import QUESTIONS, TOPICS
 
 EXTRA = {
     f"x{index}": f"{a} and {b}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "st_daft"
+PACKAGE = Path(__file__).resolve().parents[2] / "st_daft"
 
 #: each top-level module or subpackage of st_daft, lowest layer first; a module may import its own package and any
 #: package of a lower layer
@@ -66,7 +66,7 @@ def _layer(module: str) -> tuple[int, str] | None:
         return None  # st_daft itself: its lazy map imports by name, at first use
     part = parts[1]
     if part not in LAYER_OF:
-        raise AssertionError(f"{module}: st_daft.{part} has no layer in tests/test_layers.py LAYERS")
+        raise AssertionError(f"{module}: st_daft.{part} has no layer in tests/project/test_layers.py LAYERS")
     return LAYER_OF[part], part
 
 
@@ -142,3 +142,22 @@ def test_the_checks_see_what_they_must() -> None:
     # st_daft.cli.train imports the recipe inside its functions (so that `st-daft --help` loads no torch)
     assert "st_daft.training.recipe" in _imports(PACKAGE / "cli" / "train.py", "st_daft.cli.train")
     assert _layer("st_daft.cli.train")[0] > _layer("st_daft.models.asymmetric")[0]
+
+
+TESTS = Path(__file__).resolve().parents[1]
+#: test folders that test the project as a whole rather than one subpackage
+PROJECT_TEST_FOLDERS = {"project"}
+
+
+def test_tests_mirror_the_package() -> None:
+    subpackages = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+    folders = {path.name for path in TESTS.iterdir() if path.is_dir() and path.name != "__pycache__"}
+    assert folders - PROJECT_TEST_FOLDERS <= subpackages, f"test folders without a subpackage: {folders - subpackages}"
+    loose = sorted(
+        path.name
+        for path in TESTS.glob("test_*.py")
+        if path.stem.removeprefix("test_") not in {p.stem for p in PACKAGE.glob("*.py")}
+    )
+    assert not loose, f"tests of a subpackage belong in its folder: {loose}"
+    for path in TESTS.rglob("test_*.py"):
+        assert len(path.read_text().splitlines()) <= 800, f"{path.relative_to(TESTS)}: split it by the unit it tests"

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUESTIONS, TOPICS
 from datasets import Dataset
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -14,6 +13,7 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 from torch import nn
 
 from st_daft.callbacks.non_finite import NonFiniteLossCallback, NonFiniteLossError
+from tests.conftest import QUESTIONS, TOPICS
 
 
 class NaNAtStep(nn.Module):

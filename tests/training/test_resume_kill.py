@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUESTIONS, TOPICS, write_beir
-from training_runs import assert_same_weights, cli, finish, model_weights, start, tiny_train_args
 
 from st_daft.embeddings.cache import StaleEmbeddingCache
+from tests.conftest import QUESTIONS, TOPICS, write_beir
+from tests.training_runs import assert_same_weights, cli, finish, model_weights, start, tiny_train_args
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("griffe")
 
-EXTENSION = Path(__file__).resolve().parents[1] / "docs" / "griffe_rst.py"
+EXTENSION = Path(__file__).resolve().parents[2] / "docs" / "griffe_rst.py"
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 
 import torch
-from training_runs import assert_same_weights, cli, finish, model_weights, start, tiny_train_args
+
+from tests.training_runs import assert_same_weights, cli, finish, model_weights, start, tiny_train_args
 
 
 def test_same_seed_same_model_whatever_the_hash_seed(tiny_document_model_dir, tiny_beir_dir, tmp_path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-PLOTS_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "plots.py"
+PLOTS_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "plots.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

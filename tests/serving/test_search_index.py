@@ -19,7 +19,7 @@ from st_daft.evaluation.baselines import BM25Search
 from st_daft.serving import Searcher, SearchIndexError
 from st_daft.serving.build import SearcherRetrieval
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from training_runs import cli, start
 
 from st_daft.cli import main
 from st_daft.utils.output import MARKER_FILE
+from tests.training_runs import cli, start
 
 ALIGN = "stage-1-align"
 
