@@ -86,6 +86,33 @@ def tiny_document_model_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPa
     return folder
 
 
+def slice_beir(
+    source: Path, target: Path, documents: int, splits: tuple[str, ...], queries_per_split: int = 30
+) -> Path:
+    """A BEIR folder with the first ``queries_per_split`` judged queries of each split, every document they judge, and
+    other documents up to ``documents``."""
+    (target / "qrels").mkdir(parents=True)
+    kept_queries: set[str] = set()
+    kept_documents: set[str] = set()
+    for split in splits:
+        lines = (source / "qrels" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
+        rows = [line.split("\t") for line in lines[1:] if line.strip()]
+        chosen = list(dict.fromkeys(row[0] for row in rows))[:queries_per_split]
+        keep = [row for row in rows if row[0] in chosen]
+        kept_queries.update(chosen)
+        kept_documents.update(row[1] for row in keep)
+        (target / "qrels" / f"{split}.tsv").write_text("\n".join([lines[0]] + ["\t".join(row) for row in keep]) + "\n")
+    with (source / "corpus.jsonl").open(encoding="utf-8") as handle, (target / "corpus.jsonl").open("w") as out:
+        for line in handle:
+            doc_id = json.loads(line)["_id"]
+            if doc_id in kept_documents or len(kept_documents) < documents:
+                kept_documents.add(doc_id)
+                out.write(line)
+    with (source / "queries.jsonl").open(encoding="utf-8") as handle, (target / "queries.jsonl").open("w") as out:
+        out.writelines(line for line in handle if json.loads(line)["_id"] in kept_queries)
+    return target
+
+
 def write_beir(folder: Path, corpus: dict, queries: dict, qrels: dict[str, dict[str, dict[str, int]]]) -> Path:
     """Write a BEIR folder: corpus {id: (title, text)}, queries {id: text}, qrels {split: {qid: {did: score}}}."""
     folder.mkdir(parents=True, exist_ok=True)

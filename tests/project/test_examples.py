@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import slice_beir
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 EXAMPLES = ROOT / "examples"
@@ -20,39 +22,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _slice(source: Path, target: Path, documents: int, splits: tuple[str, ...], queries_per_split: int = 30) -> Path:
-    """A BEIR folder with the first ``queries_per_split`` judged queries of each split, every document they judge, and
-    other documents up to ``documents``."""
-    (target / "qrels").mkdir(parents=True)
-    kept_queries: set[str] = set()
-    kept_documents: set[str] = set()
-    for split in splits:
-        lines = (source / "qrels" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
-        rows = [line.split("\t") for line in lines[1:] if line.strip()]
-        chosen = list(dict.fromkeys(row[0] for row in rows))[:queries_per_split]
-        keep = [row for row in rows if row[0] in chosen]
-        kept_queries.update(chosen)
-        kept_documents.update(row[1] for row in keep)
-        (target / "qrels" / f"{split}.tsv").write_text("\n".join([lines[0]] + ["\t".join(row) for row in keep]) + "\n")
-    with (source / "corpus.jsonl").open(encoding="utf-8") as handle, (target / "corpus.jsonl").open("w") as out:
-        for line in handle:
-            doc_id = json.loads(line)["_id"]
-            if doc_id in kept_documents or len(kept_documents) < documents:
-                kept_documents.add(doc_id)
-                out.write(line)
-    with (source / "queries.jsonl").open(encoding="utf-8") as handle, (target / "queries.jsonl").open("w") as out:
-        out.writelines(line for line in handle if json.loads(line)["_id"] in kept_queries)
-    return target
-
-
 @pytest.fixture(scope="module")
 def scifact_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _slice(SHARED_DATA / "scifact", tmp_path_factory.mktemp("scifact"), 300, ("train", "test"))
+    return slice_beir(SHARED_DATA / "scifact", tmp_path_factory.mktemp("scifact"), 300, ("train", "test"))
 
 
 @pytest.fixture(scope="module")
 def faq_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _slice(SHARED_DATA / "python-faq", tmp_path_factory.mktemp("faq"), 300, ("test",))
+    return slice_beir(SHARED_DATA / "python-faq", tmp_path_factory.mktemp("faq"), 300, ("test",))
 
 
 def _run(script: str, *arguments: str | Path) -> str:

@@ -18,6 +18,7 @@ from st_daft.cli import main
 from st_daft.evaluation.baselines import BM25Search
 from st_daft.serving import Searcher, SearchIndexError
 from st_daft.serving.build import SearcherRetrieval
+from tests.conftest import slice_beir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -262,12 +263,11 @@ def test_service_example_answers_over_http(index_dir: Path) -> None:
 def test_searcher_reproduces_evaluate_on_a_scifact_slice(scifact_dir: Path, tmp_path: Path) -> None:
     """all-MiniLM-L6-v2 documents (float16 in the index) and a static route: the same nDCG@10 as ``st-daft
     evaluate``, dense and fused, on 60 test claims over 300 abstracts."""
-    from test_examples import _slice
 
     from st_daft import default_document_encoder
     from st_daft.embeddings.store import DocumentEmbeddingStore
 
-    data = _slice(scifact_dir, tmp_path / "slice", 300, ("test",), queries_per_split=60)
+    data = slice_beir(scifact_dir, tmp_path / "slice", 300, ("test",), queries_per_split=60)
     route = build_asymmetric_model(default_document_encoder(), "static")
     store = DocumentEmbeddingStore(tmp_path / "store")  # the corpus is embedded once, for every row below
     index = build_search_index(route, data, tmp_path / "index", bm25=True, document_store=store)
