@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from st_daft.cli.errors import hub_message
-from st_daft.cli.options import _DOCUMENT_STORE_HELP, _OVERWRITE_HELP, _non_negative_float
+from st_daft.cli.options import _DOCUMENT_STORE_HELP, _OVERWRITE_HELP
+from st_daft.training.stages.settings import non_negative_float
 from st_daft.utils.output import check_writable_folder, claim_output, claim_output_file, write_output_file
 
 logger = logging.getLogger("st_daft")
@@ -42,7 +43,7 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument(
         "--fusion-weight",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=None,
         metavar="W",
         help="BM25's weight in --fuse-bm25 rows (default 0.15, st_daft.evaluation.hybrid.DEFAULT_FUSION_WEIGHT)",

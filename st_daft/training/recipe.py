@@ -13,11 +13,13 @@ import logging
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from sentence_transformers import SentenceTransformer
 
 from st_daft.data import RetrievalData
@@ -37,9 +39,10 @@ from st_daft.training.stages.base import (
     last_complete_checkpoint,
 )
 from st_daft.training.stages.finetune import FinetuneStage
+from st_daft.training.stages.settings import SettingError, stage_from_dict, stage_to_dict
 from st_daft.utils.distributed import is_main_process
 from st_daft.utils.io import atomic_write_json
-from st_daft.utils.output import OutputFolder, claim_output
+from st_daft.utils.output import OutputFolder, claim_output, package_version
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +118,9 @@ class DAFTConfig:
         device: ``"cpu"``, ``"cuda"`` or ``"mps"``; None lets transformers pick (CUDA, MPS, else CPU).
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (the trainer's mixed precision).
         seed: random seed.
+        query_encoder: the query encoder spec the model was built from (``st-daft train``'s ``--query-encoder``),
+            recorded in the recipe; :func:`train_daft` trains the model it is given and does not read it.
+        document_encoder: the document encoder the model was built from (``--document-encoder``), recorded alike.
     """
 
     stages: list[Stage | str] = field(default_factory=lambda: ["align", "finetune"])
@@ -127,6 +133,8 @@ class DAFTConfig:
     device: str | None = None
     precision: str = "fp32"
     seed: int = 0
+    query_encoder: str | None = None
+    document_encoder: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [stage for stage in self.stages if isinstance(stage, str) and stage not in STAGE_TYPES]
@@ -156,6 +164,65 @@ class DAFTConfig:
     def settings(self) -> dict[str, Any]:
         shared = {key: value for key, value in vars(self).items() if key != "stages"}
         return {"stages": [stage.settings() for stage in self.stages], **shared}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as data (what ``daft_recipe.json`` holds): every stage's every setting, the encoders, the
+        seed and the shared settings, and the st-daft version that wrote it. :meth:`from_dict` reads it back."""
+        shared = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "stages"}
+        return {
+            "st_daft_version": package_version(),
+            **shared,
+            "stages": [stage_to_dict(stage) for stage in self.stages],
+        }
+
+    @classmethod
+    def from_dict(cls, recipe: dict[str, Any], source: str = "recipe") -> DAFTConfig:
+        """The config a :meth:`to_dict` dict describes; an unknown stage or field, or a value of the wrong type,
+        is refused naming it (``source`` names the file in the message)."""
+        if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), list):
+            raise SettingError(f"{source}: not an st-daft recipe (a JSON object with a 'stages' list)")
+        known = {item.name for item in fields(cls)}
+        ignored = {"st_daft_version", "labelled"}
+        unknown = sorted(set(recipe) - known - ignored)
+        if unknown:
+            raise SettingError(
+                f"{source}: unknown setting(s) {', '.join(unknown)}; a recipe has {', '.join(sorted(known))}"
+            )
+        try:
+            stages = [stage_from_dict(record, STAGE_TYPES) for record in recipe["stages"]]
+            shared = {key: value for key, value in recipe.items() if key in known and key != "stages"}
+            return cls(stages=stages, **shared)
+        except (SettingError, ValueError, TypeError) as error:
+            raise SettingError(f"{source}: {error}") from None
+
+    @classmethod
+    def load_recipe(cls, path: str | Path) -> DAFTConfig:
+        """The config saved in a ``daft_recipe.json``, a model folder holding one, or a Hub model id (the file is
+        downloaded from the model's repository)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / RECIPE_FILE
+        elif not path.exists() and _looks_like_hub_id(str(path)):
+            path = _download_recipe(str(path))
+        try:
+            recipe = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SettingError(f"{path}: no such recipe file") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise SettingError(f"{path}: not a JSON recipe ({error})") from None
+        return cls.from_dict(recipe, source=str(path))
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.endswith(".json")
+
+
+def _download_recipe(repo_id: str) -> Path:
+    try:
+        return Path(hf_hub_download(repo_id, RECIPE_FILE))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SettingError(f"{repo_id}: no {RECIPE_FILE} on the Hub or in its cache ({reason})") from None
 
 
 @dataclass
@@ -335,8 +402,8 @@ def _train_stages(
         _record_on_card(model, stage, result, context)
     pairs = len(context.train_data.training_pairs()) if context.train_data is not None else 0
     summary = TrainingSummary(results, config.settings(), pairs)
-    recipe = {"stages": [result.name for result in results], "labelled": context.train_data is not None}
-    model.model_card_data.add_tags(["st-daft", *(f"st-daft-stage-{name}" for name in recipe["stages"])])
+    recipe = {**config.to_dict(), "labelled": context.train_data is not None}
+    model.model_card_data.add_tags(["st-daft", *(f"st-daft-stage-{result.name}" for result in results)])
     if is_main_process():  # under torchrun every process trained the same model: one writes it
         model.save(str(output_dir))
         atomic_write_json(output_dir / RECIPE_FILE, recipe)

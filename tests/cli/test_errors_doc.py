@@ -94,6 +94,21 @@ def _cli_error(capsys, argv: list[str]) -> str:
     return line.split(": error: ", 1)[1]
 
 
+def _train_error(capsys, *options: str) -> str:
+    """The refusal of ``st-daft train`` over a valid labelled folder with these options."""
+    write_beir(Path("data"), {"d1": ("", "a b"), "d2": ("", "c d")}, {"q1": "a"}, {"train": {"q1": {"d1": 1}}})
+    return _cli_error(capsys, ["train", "--data", "data", "--output", "out", *options])
+
+
+def _recipe_file(edit: Callable[[dict], object]) -> str:
+    from st_daft import DAFTConfig
+
+    recipe = DAFTConfig(stages=["corpus", "align"]).to_dict()
+    edit(recipe)
+    Path("recipe.json").write_text(json.dumps(recipe))
+    return "recipe.json"
+
+
 def _earlier_run() -> Path:
     from st_daft.utils.output import claim_output
 
@@ -356,6 +371,17 @@ PRODUCE: dict[str, Callable[..., list[str]]] = {
             Path("c.jsonl").write_bytes(_rows_of({"id": "a", "text": "x"}, {"id": "b", "text": ""})),
             _logged(caplog, lambda: load_corpus("c.jsonl")),
         )[1]
+    ],
+    # recipes and stage settings
+    "`--set` a field the stage does not have": lambda capsys, **_: [_train_error(capsys, "--set", "align.max_stepz=3")],
+    "`--set` a value of the wrong type": lambda capsys, **_: [_train_error(capsys, "--set", "align.max_steps=three")],
+    "`--set` a stage the run does not train": lambda capsys, **_: [_train_error(capsys, "--set", "finetune.scale=30")],
+    "`--set` without `=`": lambda capsys, **_: [_train_error(capsys, "--set", "align")],
+    "`--recipe` a file with an unknown field": lambda capsys, **_: [
+        _train_error(capsys, "--recipe", _recipe_file(lambda recipe: recipe["stages"][1].update(max_stepz=3)))
+    ],
+    "`--recipe` a file that is not JSON": lambda capsys, **_: [
+        (Path("recipe.json").write_text("{"), _train_error(capsys, "--recipe", "recipe.json"))[1]
     ],
     # output folders, resumed runs, devices, models
     "`--output` a folder with a user's files (also with `--overwrite`)": lambda **_: [_users_folder()],

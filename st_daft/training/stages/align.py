@@ -30,6 +30,7 @@ from st_daft.training.stages.base import (
 )
 from st_daft.training.stages.corpus import CorpusStage
 from st_daft.training.stages.frozen import _check_sample_size, _FrozenDocumentStage
+from st_daft.training.stages.settings import positive_float, positive_int, setting, unit_float
 from st_daft.training.stages.vocabulary import VocabularyStage
 from st_daft.utils.distributed import is_main_process
 from st_daft.utils.io import atomic_torch_save
@@ -69,13 +70,34 @@ class AlignStage(_FrozenDocumentStage):
 
     name: ClassVar[str] = "align"
     folder: ClassVar[str] = "stage-1-align"
-    max_steps: int = 300
-    batch_size: int = 64
+    max_steps: int = setting(
+        300, flag="--align-steps", help="alignment steps (default 300)", type=positive_int, budget=True
+    )
+    batch_size: int = setting(
+        64, flag="--align-batch-size", help="alignment batch size (64)", type=positive_int, budget=True
+    )
+    learning_rate: float = setting(
+        1e-3, flag="--align-lr", help="alignment learning rate (1e-3)", type=positive_float, budget=True
+    )
     eval_steps: int = 50
     scale: float = 20.0
     cache_negatives: bool = True
-    selection: str = "auto"
-    interpolation: float | None = None
+    selection: str = setting(
+        "auto",
+        flag="--align-select",
+        help="which alignment checkpoint is kept: validation (best validation nDCG@10, the full budget), kl "
+        "(lowest 1-NN KL, early-stopped: DAFT's criterion) or auto (default): validation when the run has "
+        "labelled queries",
+        choices=("auto", "kl", "validation"),
+    )
+    interpolation: float | None = setting(
+        None,
+        flag="--align-interpolation",
+        help="keep this share of the aligned query route and the rest of the route alignment started from, in every "
+        "weight (WiSE-FT; 0-1; default 0.75 for a static route after the corpus stage when align is the last stage, "
+        "else 1: the aligned route)",
+        type=unit_float,
+    )
     corpus_sample_size: int | None = None
 
     def __post_init__(self) -> None:

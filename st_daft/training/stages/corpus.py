@@ -30,6 +30,7 @@ from st_daft.models.asymmetric import (
 )
 from st_daft.training.stages.base import StageContext, StageResult, _require_resolved
 from st_daft.training.stages.frozen import _check_sample_size, _FrozenDocumentStage
+from st_daft.training.stages.settings import non_negative_float, non_negative_int, positive_float, positive_int, setting
 from st_daft.training.stages.vocabulary import VocabularyStage
 
 logger = logging.getLogger(__name__)
@@ -88,23 +89,77 @@ class CorpusStage(_FrozenDocumentStage):
     # None: 600 beside labelled queries (the measured static recipe; a longer stage did not help, see
     # docs/results/experiments.md), 900 when the general texts join them (twice the texts), 1,200 for a corpus alone,
     # where the ranking term keeps gaining
-    max_steps: int | None = None
+    max_steps: int | None = setting(
+        None,
+        flag="--corpus-steps",
+        help="corpus-stage steps (default: 900 beside labelled queries with the general texts, 600 without them, 1200 "
+        "for a corpus alone)",
+        type=positive_int,
+        budget=True,
+    )
+    learning_rate: float = setting(
+        1e-3, flag="--corpus-lr", help="corpus-stage learning rate (1e-3)", type=positive_float, budget=True
+    )
     batch_size: int = 128
     eval_steps: int = 150
-    max_texts: int = 20000
+    max_texts: int = setting(
+        20000,
+        flag="--corpus-max-texts",
+        help="texts cut from the corpus (default 20000)",
+        type=positive_int,
+        budget=True,
+    )
     text_kinds: tuple[str, ...] = TEXT_KINDS
     regression: str = "cosine"
     contrastive_weight: float = 1.0
-    document_weight: float | None = None
+    document_weight: float | None = setting(
+        None,
+        flag="--corpus-document-weight",
+        help="corpus stage: weight of the pseudo-query term, each cut text against the whole corpus with its "
+        "source document as the positive (default: 1 for a corpus alone, 0 with labelled queries)",
+        type=non_negative_float,
+    )
     document_scale: float | None = None
-    pseudo_queries: int = 0
-    ranking_weight: float = 10.0
-    lexical_weight: float = 0.0
+    pseudo_queries: int = setting(
+        0,
+        flag="--corpus-pseudo-queries",
+        help="corpus stage: more texts cut from the corpus, not encoded, each trained only as a pseudo-query for its "
+        "source document (needs the pseudo-query term; default 0)",
+        type=non_negative_int,
+    )
+    ranking_weight: float = setting(
+        10.0,
+        flag="--corpus-ranking-weight",
+        help="corpus stage: weight of a term distilling the document encoder's ranking of the whole corpus for each "
+        "text (default 10; 0 turns it off)",
+        type=non_negative_float,
+    )
+    lexical_weight: float = setting(
+        0.0,
+        flag="--corpus-lexical-weight",
+        help="corpus stage: fuse BM25 into that ranking's teacher: each text's 32 best documents by BM25 add W times "
+        "their score (divided by the text's best) to the document encoder's cosine (needs the bm25 extra; default 0)",
+        type=non_negative_float,
+    )
     lexical_top_k: int = 32
     lexical_language: str = "eng"
-    general_texts: int | None = None
+    general_texts: int | None = setting(
+        None,
+        flag="--general-texts",
+        help="corpus stage: how many of the general-domain English texts that ship with st-daft (WordNet "
+        "definitions and examples, up to 20000) join its texts (default: 20000 for a static route beside labelled "
+        "queries, else 0)",
+        type=non_negative_int,
+    )
     corpus_sample_size: int | None = None
-    teacher_neighbours: int = 16
+    teacher_neighbours: int = setting(
+        16,
+        flag="--corpus-teacher-neighbours",
+        help="corpus stage, on a sample of the corpus (--corpus-sample-size): each text's K best documents by the "
+        "document encoder, found once before training, are in every step's sample (default 16; 0: none)",
+        type=non_negative_int,
+        metavar="K",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

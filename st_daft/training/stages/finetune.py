@@ -6,8 +6,9 @@ and training stops with the reason if a route collapses.
 
 from __future__ import annotations
 
+import argparse
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -36,9 +37,31 @@ from st_daft.training.stages.base import (
     training_arguments,
     validation_evaluator,
 )
+from st_daft.training.stages.settings import non_negative_float, positive_float, positive_int, setting
 from st_daft.utils.distributed import is_distributed
 
 logger = logging.getLogger(__name__)
+
+
+def negatives_flag(value: str) -> str:
+    """``--negatives``: a strategy spec, refused naming what it expected."""
+    try:
+        return parse_negatives(value).spec
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def index_option_flag(value: str) -> tuple[str, int | str]:
+    """``KEY=VALUE`` of ``--mining-index-option``: the value an integer where it reads as one, checked by key."""
+    key, equals, text = value.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    option = (key, int(text)) if text.lstrip("-").isdigit() else (key, text)
+    try:
+        check_mining_index_option(*option)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return option
 
 
 @dataclass
@@ -68,18 +91,63 @@ class FinetuneStage(TrainedStage):
     name: ClassVar[str] = "finetune"
     folder: ClassVar[str] = "stage-2-finetune"
     needs_router: ClassVar[bool] = False
-    epochs: float = 2.0
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    document_learning_rate: float = 2e-5
+    epochs: float = setting(
+        2.0,
+        flag="--finetune-epochs",
+        help="fine-tuning epochs (2)",
+        type=positive_float,
+        budget=True,
+        implies={"max_steps": -1},
+    )
+    max_steps: int = setting(
+        -1, flag="--finetune-steps", help="fine-tuning steps (over epochs)", type=positive_int, budget=True
+    )
+    batch_size: int = setting(
+        32, flag="--batch-size", help="fine-tuning batch size (default 32)", type=positive_int, budget=True
+    )
+    learning_rate: float = setting(
+        1e-4, flag="--query-lr", help="fine-tuning query-route lr (1e-4)", type=positive_float, budget=True
+    )
+    document_learning_rate: float = setting(
+        2e-5, flag="--document-lr", help="fine-tuning document-route lr", type=positive_float, budget=True
+    )
     scale: float = 20.0
-    guard: str = "variance"
-    guard_weight: float = 1.0
-    negatives: str = "in-batch"
-    num_negatives: int = 4
-    mining_index: str = "auto"
-    mining_index_options: dict[str, Any] = field(default_factory=dict)
-    stop_on_collapse: bool = True
+    guard: str = setting("variance", flag="--guard", help="collapse guard", choices=["variance", "uniformity", "none"])
+    guard_weight: float = setting(1.0, flag="--guard-weight", help="weight of the guard", type=non_negative_float)
+    negatives: str = setting(
+        "in-batch",
+        flag="--negatives",
+        help="fine-tuning negatives: in-batch (default) | stale | corrected | refresh:N | corrected+refresh:N "
+        "(mined from the document cache during training; N: steps between full re-embeddings)",
+        type=negatives_flag,
+    )
+    num_negatives: int = setting(4, flag="--num-negatives", help="mined negatives per query (4)", type=positive_int)
+    mining_index: str = setting(
+        "auto",
+        flag="--mining-index",
+        help="how mined negatives are searched for: auto (default: exact up to 100,000 documents, else flat), or a "
+        "faiss index over the corrected cache (flat, ivf, hnsw), or a stale index searched with corrected queries "
+        "(query-side: a linear corrector; two-step: re-ranked by the corrector); ivf or two-step for millions",
+        choices=["auto", "exact", "flat", "ivf", "hnsw", "query-side", "two-step"],
+    )
+    mining_index_options: dict[str, Any] = setting(
+        default_factory=dict,
+        flag="--mining-index-option",
+        help="an option of the mining index, repeatable: nlist, nprobe, hnsw_m, ef_search, ef_construction, shortlist "
+        "(integers), storage (float32|float16; default: --cache-dtype's), base (the stale index of query-side and "
+        "two-step: flat|ivf|hnsw)",
+        type=index_option_flag,
+        action="append",
+        metavar="KEY=VALUE",
+        to_field=dict,
+    )
+    stop_on_collapse: bool = setting(
+        True,
+        flag="--no-stop-on-collapse",
+        help="keep training when a route collapses",
+        action="store_const",
+        const=False,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -31,6 +31,7 @@ from st_daft.models.asymmetric import (
     route_prompt,
 )
 from st_daft.training.stages.base import KL_EVALUATOR_NAME, Stage, StageContext, StageResult, _require_resolved
+from st_daft.training.stages.settings import non_negative_int, positive_int, setting
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +74,45 @@ class VocabularyStage(Stage):
     name: ClassVar[str] = "vocabulary"
     folder: ClassVar[str] = "stage-vocabulary"
     needs_labels: ClassVar[bool] = False
-    zipf_weighting: bool = True
-    idf_weighting: bool = False
-    contextual: bool | None = None
+    zipf_weighting: bool = setting(
+        True,
+        flag="--no-zipf",
+        help="vocabulary stage without Zipf weighting",
+        action="store_const",
+        const=False,
+    )
+    idf_weighting: bool = setting(
+        False,
+        flag="--idf-weights",
+        help="vocabulary stage: each token's weight in a query is its BM25 IDF over the corpus (row norms)",
+        action="store_const",
+        const=True,
+    )
+    contextual: bool | None = setting(
+        None,
+        flag="--contextual-vocabulary",
+        help="vocabulary stage: the corpus's tokens take their mean contextual vectors over the corpus (one pass of "
+        "the document encoder over it); auto (default): on for a corpus alone, off beside labelled queries",
+        choices=["auto", "on", "off"],
+        to_field={"auto": None, "on": True, "off": False}.get,
+    )
     max_documents: int = 20000
     batch_size: int = 32
-    corpus_words: int | None = None
-    min_word_documents: int = 2
+    corpus_words: int | None = setting(
+        None,
+        flag="--corpus-words",
+        help="vocabulary stage: give up to N of the corpus's words that the tokenizer splits into pieces their own "
+        "whole-word rows in the static query route, words in most documents first (default: 20000 for a corpus "
+        "alone, 0 beside labelled queries)",
+        type=non_negative_int,
+    )
+    min_word_documents: int = setting(
+        2,
+        flag="--min-word-documents",
+        help="vocabulary stage: a corpus word gets its own row only if at least N documents hold it (default 2; 1 "
+        "admits words a single document holds)",
+        type=positive_int,
+    )
 
     def __post_init__(self) -> None:
         if (self.corpus_words is not None and self.corpus_words < 0) or self.min_word_documents < 1:
