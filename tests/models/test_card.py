@@ -29,7 +29,6 @@ from st_daft.models.card import (
     write_model_card,
 )
 from st_daft.models.card_data import DAFTModelCardData, document_encoder_hub_id
-from st_daft.models.card_template import build_template
 from tests.conftest import QUESTIONS, TOPICS
 
 ALIGN = {
@@ -189,18 +188,6 @@ def test_attach_on_a_loaded_model_picks_the_story_up_again(tiny_document_model_d
     readme = (tmp_path / "model" / "README.md").read_text()
     _assert_whole_story(readme)
     assert "| python-faq | test | 166 queries" in readme
-
-
-def test_template_is_sentence_transformers_own_with_our_sections(tiny_document_model_dir: Path) -> None:
-    base = Path(DAFTModelCardData.__mro__[1].__dataclass_fields__["template_path"].default).read_text()
-    template = build_template(base)
-    for line in ("## Model Details", "## Usage", "## Training Details", "## Citation", "{{ usage_snippet }}"):
-        assert line in template
-    assert template.index("## Training with st-daft") < template.index("## Training Details")
-    assert template.index("### Query and Document Encoders") < template.index("### Model Sources")
-    # An anchor that moved: the section is appended, nothing is lost.
-    moved = build_template(base.replace("## Training Details", "## How it was trained"))
-    assert "## Training with st-daft" in moved and "## How it was trained" in moved
 
 
 def test_document_encoder_hub_id_of_the_packaged_minilm() -> None:
