@@ -133,12 +133,15 @@ def main() -> None:
 
     daft_card = render(daft_run_records(sizes), Path(args.output) / "daft-e")
     corrected_card = render(corrector_run_records(sizes), Path(args.output) / "corrected")
-    training = corrected_card.split("## Training with st-daft", 1)[1].split("\n## ", 1)[0]
+    # st-daft's part of "Training Details": up to sentence-transformers' next subsection (datasets, versions)
+    training = corrected_card.split("### Training with st-daft", 1)[1].split("\n### ", 1)[0]
+    evaluation = corrected_card.split("### Retrieval results (MTEB)", 1)[1].split("\n<!--", 1)[0]
 
     page = f"""# Example model card
 
 The `README.md` that `model.save()` writes for a model trained with st-daft: sentence-transformers' own card
-(`SentenceTransformerModelCardData` and its template) with st-daft's sections (`st_daft.models.card`). Made by
+(`SentenceTransformerModelCardData`, its sections in its order) with st-daft's sections in their places, from
+the Jinja files in `st_daft/resources/model_card/` (`st_daft.models.card`, `st_daft.models.card_template`). Made by
 `python docs/model_card_example.py --output /tmp/card-example --scifact ../shared/data/scifact
 --python-faq ../shared/data/python-faq`, without training: the model is the real static + all-MiniLM-L6-v2 pair,
 and the stages, collapse statistics and MTEB results are recorded from the benchmark run `e`
@@ -149,11 +152,14 @@ model's card prints them.
 ## With `--negatives corrected`
 
 A run that mines corrected stale-cache negatives also gets the corrector's counts and errors and the corrector
-networks citation. Its "Training with st-daft" section, recorded from `benchmarks/results/corrector/`
+networks citation. Its "Training with st-daft" part of "Training Details" and its MTEB results (in "Evaluation"),
+recorded from `benchmarks/results/corrector/`
 (`prepare.json`, `result-corrected.json`; the errors are the eval-mode sample measured at the end of training):
 
 ````markdown
-## Training with st-daft{training.rstrip()}
+### Training with st-daft{training.rstrip()}
+
+### Retrieval results (MTEB){evaluation.rstrip()}
 ````
 
 ## The card of run `e`, in full

@@ -5,10 +5,12 @@ sentence-transformers renders ``README.md`` on every ``model.save()`` from its c
 
 - :class:`DAFTModelCardData` subclasses the card data with st-daft's fields (the two encoders, every stage with its
   budget, learning rates, stop reason and collapse statistics, the negatives strategy and its counts, the MTEB
-  results) and points ``template_path`` at sentence-transformers' own template with st-daft's sections inserted at
-  stable anchors (appended when an anchor moved), so that template stays the source of truth;
+  results, the recipe) and points ``template_path`` at st-daft's card layout: sentence-transformers' card with
+  st-daft's sections in their places, all Jinja files in ``st_daft/resources/model_card/``
+  (:mod:`st_daft.models.card_template`), rendered by sentence-transformers' own ``generate_model_card``;
 - :func:`attach_model_card` installs it on a model, carrying over what the model's card data already holds;
-- :func:`record_stage`, :func:`record_negatives` and :func:`record_evaluation` add what a run did, from plain dicts;
+- :func:`record_stage`, :func:`record_negatives`, :func:`record_evaluation` and :func:`record_recipe` add what a run
+  did, from plain dicts;
 - :func:`push_to_hub` uploads with ``SentenceTransformer.push_to_hub``; :func:`write_model_card` rewrites the
   ``README.md`` of a saved model (e.g. after evaluating it).
 
@@ -210,6 +212,14 @@ def record_evaluation(model: SentenceTransformer, scores: dict[str, Any]) -> Non
         for existing in card.daft_evaluations
         if (existing.get("task"), existing.get("split")) != (entry.get("task"), entry.get("split"))
     ] + [entry]
+
+
+def record_recipe(model: SentenceTransformer, recipe: dict[str, Any]) -> None:
+    """Record the recipe that re-trains the model: the dict saved as ``daft_recipe.json`` beside it, shown in the
+    card as that file with the ``st-daft train --recipe`` command that runs it. A later call replaces it."""
+    if not isinstance(recipe, dict):
+        raise ValueError(f"record_recipe: the recipe must be a dict, got {type(recipe).__name__}")
+    _card(model).daft_recipe = _json_ready(recipe)
 
 
 def write_model_card(model: SentenceTransformer, folder: str | Path) -> Path:

@@ -1,6 +1,7 @@
 """What an st-daft model card holds: :class:`DAFTModelCardData`, sentence-transformers' card data with st-daft's
 fields (the two encoders, every stage with its budget, learning rates, stop reason and collapse statistics, the
-negatives strategy and its counts, the MTEB results), and the plain-dict records that fill them.
+negatives strategy and its counts, the MTEB results, the recipe), the tables it renders into st-daft's sections of
+the card (:mod:`st_daft.models.card_template`), and the plain-dict records that fill them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from st_daft.models.asymmetric import (
     get_route,
     has_route,
 )
-from st_daft.models.card_template import RECORD_MARKER, _template_file
+from st_daft.models.card_template import RECORD_MARKER, TEMPLATE_PATH, render_sections
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,11 @@ class DAFTModelCardData(SentenceTransformerModelCardData):
       document encoder's Hub id, which becomes ``base_model``);
     - ``daft_stages``: one dict per stage (:func:`record_stage`);
     - ``daft_negatives``: the negatives strategy and its counts (:func:`record_negatives`);
-    - ``daft_evaluations``: MTEB results (:func:`record_evaluation`), also written to the ``model-index`` metadata.
+    - ``daft_evaluations``: MTEB results (:func:`record_evaluation`), also written to the ``model-index`` metadata;
+    - ``daft_recipe``: the recipe that re-trains the model (:func:`record_recipe`), shown as ``daft_recipe.json``.
+
+    ``template_path`` is st-daft's card layout (:mod:`st_daft.models.card_template`), rendered by
+    sentence-transformers' ``generate_model_card``; :meth:`to_dict` adds st-daft's sections to its fields.
     """
 
     task_name: str = (
@@ -245,8 +250,9 @@ class DAFTModelCardData(SentenceTransformerModelCardData):
     daft_stages: list[dict[str, Any]] = field(default_factory=list)
     daft_negatives: dict[str, Any] = field(default_factory=dict)
     daft_evaluations: list[dict[str, Any]] = field(default_factory=list)
+    daft_recipe: dict[str, Any] = field(default_factory=dict)
 
-    template_path: Path = field(default_factory=_template_file, init=False, repr=False)
+    template_path: Path = field(default=TEMPLATE_PATH, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -410,8 +416,6 @@ class DAFTModelCardData(SentenceTransformerModelCardData):
         return results
 
     def _ensure_citations(self) -> None:
-        # Imported here: losses and miners may one day import st_daft.callbacks, which imports this module.
-
         citations = dict(self.citations)
         if not citations:
             # No trainer ran in this process (e.g. a card re-rendered after loading): ST's own citation still applies.
@@ -437,6 +441,7 @@ class DAFTModelCardData(SentenceTransformerModelCardData):
             "daft_stages": self.daft_stages,
             "daft_negatives": self.daft_negatives,
             "daft_evaluations": self.daft_evaluations,
+            "daft_recipe": self.daft_recipe,
         }
         record.update({name: getattr(self, name) for name in _CARRIED_FIELDS})
         return _json_ready(record)
@@ -461,6 +466,7 @@ class DAFTModelCardData(SentenceTransformerModelCardData):
         self._ensure_citations()
         self.label_training_logs()
         data = super().to_dict()
+        recipe_json = json.dumps(self.daft_recipe, indent=2, ensure_ascii=False) if self.daft_recipe else ""
         data.update(
             {
                 "daft_arxiv": DAFT_ARXIV,
@@ -475,10 +481,14 @@ class DAFTModelCardData(SentenceTransformerModelCardData):
                 "daft_collapse_table": self._collapse_table(),
                 "daft_negatives_table": self._negatives_table(),
                 "daft_evaluation_table": self._evaluation_table(),
+                "daft_recipe_json": recipe_json,
+                # a fence longer than any backtick run in the JSON, so that no string in it can close the block
+                "daft_recipe_fence": "`" * max([3, *(len(run) + 1 for run in re.findall(r"`+", recipe_json))]),
                 # "-->" cannot appear inside the HTML comment
                 "daft_record_json": json.dumps(self.record(), ensure_ascii=True).replace(">", "\\u003e"),
             }
         )
+        data.update(render_sections(data))
         mteb_results = self._mteb_eval_results()
         if mteb_results:
             index = eval_results_to_model_index(data.get("model_name") or self.model_name, mteb_results)

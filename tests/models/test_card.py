@@ -4,6 +4,8 @@ serving instructions; kept through save/load, uploaded by sentence-transformers'
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -25,11 +27,12 @@ from st_daft.models.card import (
     push_to_hub,
     record_evaluation,
     record_negatives,
+    record_recipe,
     record_stage,
     write_model_card,
 )
 from st_daft.models.card_data import DAFTModelCardData, document_encoder_hub_id
-from st_daft.models.card_template import build_template
+from st_daft.models.card_template import TEMPLATE_PATH
 from tests.conftest import QUESTIONS, TOPICS
 
 ALIGN = {
@@ -191,16 +194,80 @@ def test_attach_on_a_loaded_model_picks_the_story_up_again(tiny_document_model_d
     assert "| python-faq | test | 166 queries" in readme
 
 
-def test_template_is_sentence_transformers_own_with_our_sections(tiny_document_model_dir: Path) -> None:
-    base = Path(DAFTModelCardData.__mro__[1].__dataclass_fields__["template_path"].default).read_text()
-    template = build_template(base)
-    for line in ("## Model Details", "## Usage", "## Training Details", "## Citation", "{{ usage_snippet }}"):
-        assert line in template
-    assert template.index("## Training with st-daft") < template.index("## Training Details")
-    assert template.index("### Query and Document Encoders") < template.index("### Model Sources")
-    # An anchor that moved: the section is appended, nothing is lost.
-    moved = build_template(base.replace("## Training Details", "## How it was trained"))
-    assert "## Training with st-daft" in moved and "## How it was trained" in moved
+RECIPE = {
+    "stages": [{"name": "align", "max_steps": 300, "learning_rate": 1e-3}, {"name": "finetune", "epochs": 2}],
+    "query_encoder": "static",
+    "seed": 12,
+    "note": "a string with ``` backticks",
+}
+
+
+def _headings(readme: str) -> list[tuple[int, str]]:
+    """The card's Markdown headings (level, title) in order, leaving out those in code blocks and HTML comments."""
+    text = re.sub(r"<!--.*?-->", "", readme, flags=re.DOTALL)
+    text = re.sub(r"^(`{3,})[^\n]*\n.*?^\1\s*$", "", text, flags=re.DOTALL | re.MULTILINE)
+    return [(len(hashes), title.strip()) for hashes, title in re.findall(r"^(#{1,6}) (.+)$", text, re.MULTILINE)]
+
+
+def _parent(headings: list[tuple[int, str]], title: str, level: int) -> str:
+    """The title of the nearest heading of ``level`` above the heading ``title``."""
+    index = [name for _, name in headings].index(title)
+    return next(name for depth, name in reversed(headings[:index]) if depth == level)
+
+
+def test_each_section_has_its_place_in_sentence_transformers_card(
+    tiny_document_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _storied_model(tiny_document_model_dir)
+    record_recipe(model, RECIPE)
+    with caplog.at_level(logging.WARNING):
+        model.save(str(tmp_path / "model"))
+    assert not [r for r in caplog.records if r.name.startswith("st_daft") or "anchor" in r.getMessage()]
+    readme = (tmp_path / "model" / "README.md").read_text()
+    _assert_whole_story(readme)
+    headings = _headings(readme)
+    titles = [title for _, title in headings]
+    top = [title for level, title in headings if level == 2]
+    # sentence-transformers' own sections, in its order
+    assert top[:3] == ["Model Details", "Usage", "Evaluation"] and top.index("Training Details") < top.index("Citation")
+    assert _parent(headings, "Query and Document Encoders", 2) == "Model Details"
+    assert titles.index("Query and Document Encoders") < titles.index("Model Sources")
+    serving = titles.index("Serving queries with the query route alone")
+    assert titles[serving - 1] == "Direct Usage (Sentence Transformers)"
+    assert _parent(headings, "Serving queries with the query route alone", 2) == "Usage"
+    assert _parent(headings, "Retrieval results (MTEB)", 2) == "Evaluation"
+    assert _parent(headings, "Training with st-daft", 2) == "Training Details"
+    for section in ("Stages", "Collapse statistics at the end of each stage", "Negatives", "Recipe"):
+        assert _parent(headings, section, 3) == "Training with st-daft"
+        assert _parent(headings, section, 2) == "Training Details"
+    # the recipe: collapsed, whole, fenced so that its own backticks cannot close the block, and restorable
+    recipe = readme.split("<summary>daft_recipe.json</summary>", 1)[1].split("</details>", 1)[0]
+    fence, body = re.search(r"^(`{4,})json\n(.*?)\n\1$", recipe, re.DOTALL | re.MULTILINE).groups()
+    assert json.loads(body) == RECIPE
+    assert "`st-daft train --recipe daft_recipe.json --data ... --output ...`" in readme
+    assert readme.rstrip().endswith("-->") and readme.rstrip().splitlines()[-1].startswith("<!-- st-daft-record {")
+    loaded = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    assert attach_model_card(loaded).daft_recipe == RECIPE
+    with pytest.raises(ValueError, match="record_recipe: the recipe must be a dict"):
+        record_recipe(model, [RECIPE])
+
+
+def test_layout_renders_every_variable_of_sentence_transformers_template() -> None:
+    """st-daft's layout follows sentence-transformers' SentenceTransformer card; a release whose template gains a
+    variable fails here, naming it, so that the layout takes it up."""
+    import jinja2
+    import jinja2.meta
+    from sentence_transformers import SentenceTransformerModelCardData
+
+    base = Path(SentenceTransformerModelCardData.__dataclass_fields__["template_path"].default).read_text()
+    ours = TEMPLATE_PATH.read_text()
+    environment = jinja2.Environment()
+    variables = jinja2.meta.find_undeclared_variables
+    missing = variables(environment.parse(base)) - variables(environment.parse(ours))
+    assert not missing, f"st-daft's card layout does not render {sorted(missing)}"
+    assert DAFTModelCardData().template_path == TEMPLATE_PATH
+    for name in ("encoders", "serving", "training", "recipe", "evaluation"):
+        assert "{{ daft_" + name + "_section }}" in ours and (TEMPLATE_PATH.parent / f"{name}.md").is_file()
 
 
 def test_document_encoder_hub_id_of_the_packaged_minilm() -> None:
