@@ -16,6 +16,7 @@ benchmarks/results/corrector/ (alignment, then fine-tuning with corrected stale-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,8 +27,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))  # this checkout's st_daft, also when run as a script from docs/
 
-from st_daft import build_asymmetric_model, load_beir  # noqa: E402
-from st_daft.models.card import attach_model_card, record_evaluation, record_negatives, record_stage  # noqa: E402
+from st_daft import DAFTConfig, build_asymmetric_model, load_beir  # noqa: E402
+from st_daft.models.card import (  # noqa: E402
+    attach_model_card,
+    record_evaluation,
+    record_negatives,
+    record_recipe,
+    record_stage,
+)
+from st_daft.training.stages import STAGE_TYPES  # noqa: E402
 
 RESULTS = REPOSITORY / "benchmarks" / "results"
 
@@ -39,8 +47,21 @@ def collection_size(folder: str | None) -> dict[str, int]:
     return {"num_queries": len(data.qrels), "num_documents": len(data.corpus)}
 
 
-def daft_run_records(sizes: dict[str, dict[str, int]]) -> tuple[list[dict], dict, list[dict]]:
-    """Stages, negatives and evaluations of benchmarks/results/quality/daft_e.json, as record_* dicts."""
+def recipe_of(config: dict) -> dict:
+    """The run's recipe (``DAFTConfig.to_dict()``) from the settings a benchmark result records: each stage's own
+    settings, and the settings shared by the stages where the stage has such a field."""
+    stages = []
+    for name in config["stages"]:
+        fields = {field.name for field in dataclasses.fields(STAGE_TYPES[name])}
+        settings = {**{key: value for key, value in config.items() if key in fields}, **config[name]}
+        stages.append(STAGE_TYPES[name](**{key: value for key, value in settings.items() if key in fields}))
+    shared = {field.name for field in dataclasses.fields(DAFTConfig)} - {"stages"}
+    recipe = DAFTConfig(stages=stages, **{key: value for key, value in config.items() if key in shared})
+    return {**recipe.to_dict(), "query_encoder": "static", "document_encoder": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def daft_run_records(sizes: dict[str, dict[str, int]]) -> tuple[list[dict], dict, list[dict], dict]:
+    """Stages, negatives, evaluations and recipe of benchmarks/results/quality/daft_e.json, as record_* dicts."""
     run = json.loads((RESULTS / "quality" / "daft_e.json").read_text())
     config = run["daft_config"]
     stages = []
@@ -66,10 +87,10 @@ def daft_run_records(sizes: dict[str, dict[str, int]]) -> tuple[list[dict], dict
         {"task": "SciFact", "split": "test", **sizes.get("scifact", {}), **run["scifact"]},
         {"task": "python-faq", "split": "test", **sizes.get("python-faq", {}), **run["python-faq"]},
     ]
-    return stages, negatives, evaluations
+    return stages, negatives, evaluations, recipe_of(config)
 
 
-def corrector_run_records(sizes: dict[str, dict[str, int]]) -> tuple[list[dict], dict, list[dict]]:
+def corrector_run_records(sizes: dict[str, dict[str, int]]) -> tuple[list[dict], dict, list[dict], dict | None]:
     """Stages, negatives and evaluation of the corrected-negatives run in benchmarks/results/corrector/."""
     prepare = json.loads((RESULTS / "corrector" / "prepare.json").read_text())
     run = json.loads((RESULTS / "corrector" / "result-corrected.json").read_text())
@@ -106,13 +127,15 @@ def corrector_run_records(sizes: dict[str, dict[str, int]]) -> tuple[list[dict],
             "recall_at_100": run["test_recall_at_100"],
         }
     ]
-    return stages, negatives, evaluations
+    return stages, negatives, evaluations, None
 
 
-def render(records: tuple[list[dict], dict, list[dict]], folder: Path) -> str:
+def render(records: tuple[list[dict], dict, list[dict], dict | None], folder: Path) -> str:
     model = build_asymmetric_model(query_encoder="static")
     attach_model_card(model, language="en", generate_widget_examples=False)
-    stages, negatives, evaluations = records
+    stages, negatives, evaluations, recipe = records
+    if recipe is not None:
+        record_recipe(model, recipe)
     for stage in stages:
         record_stage(model, stage)
     record_negatives(model, negatives)
@@ -147,7 +170,8 @@ the Jinja files in `st_daft/resources/model_card/` (`st_daft.models.card`, `st_d
 and the stages, collapse statistics and MTEB results are recorded from the benchmark run `e`
 (`benchmarks/results/quality/daft_e.json`: DAFT alignment then joint fine-tuning, in-batch negatives, SciFact train). The
 similarity printout of the usage snippet is off, since this copy's weights are not the trained ones; a trained
-model's card prints them.
+model's card prints them. Its recipe is rebuilt from the settings the run recorded; a setting added since shows its
+default.
 
 ## With `--negatives corrected`
 

@@ -25,7 +25,13 @@ from sentence_transformers import SentenceTransformer
 from st_daft.data import RetrievalData
 from st_daft.embeddings.store import DocumentEmbeddingStore
 from st_daft.models.asymmetric import QUERY_ROUTE, has_route
-from st_daft.models.card import attach_model_card, negatives_from_log_history, record_negatives, record_stage
+from st_daft.models.card import (
+    attach_model_card,
+    negatives_from_log_history,
+    record_negatives,
+    record_recipe,
+    record_stage,
+)
 from st_daft.models.card_data import STAGE_DESCRIPTIONS
 from st_daft.training.stages import STAGE_TYPES
 from st_daft.training.stages.base import (
@@ -403,6 +409,7 @@ def _train_stages(
     pairs = len(context.train_data.training_pairs()) if context.train_data is not None else 0
     summary = TrainingSummary(results, config.settings(), pairs)
     recipe = {**config.to_dict(), "labelled": context.train_data is not None}
+    record_recipe(model, recipe)
     model.model_card_data.add_tags(["st-daft", *(f"st-daft-stage-{result.name}" for result in results)])
     if is_main_process():  # under torchrun every process trained the same model: one writes it
         model.save(str(output_dir))

@@ -4,6 +4,7 @@ field can be set, and a bad field or value is refused naming it before any step;
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -33,10 +34,16 @@ def _train(document_model: Path, data: Path, output: Path, *extra: str) -> int:
     )  # fmt: skip
 
 
-def test_a_saved_recipe_trains_the_same_model(tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path) -> None:
+def test_a_saved_recipe_trains_the_same_model(
+    tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path, caplog
+) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
-    assert _train(tiny_document_model_dir, tiny_beir_dir, first, "--seed", "3", "--corpus-ranking-weight", "2") == 0
+    with caplog.at_level(logging.INFO):
+        assert _train(tiny_document_model_dir, tiny_beir_dir, first, "--seed", "3", "--corpus-ranking-weight", "2") == 0
+    assert not [record for record in caplog.records if "anchor" in record.getMessage()]
     recipe = json.loads((first / RECIPE_FILE).read_text())
+    card = (first / "README.md").read_text()
+    assert "#### Recipe" in card and '"ranking_weight": 2.0' in card and '"seed": 3' in card
     assert recipe["seed"] == 3 and recipe["document_encoder"] == str(tiny_document_model_dir)
     assert recipe["stages"][0]["ranking_weight"] == 2.0 and recipe["st_daft_version"]
     # the dict round-trips: every stage's every setting

@@ -244,7 +244,7 @@ def test_each_section_has_its_place_in_sentence_transformers_card(
     recipe = readme.split("<summary>daft_recipe.json</summary>", 1)[1].split("</details>", 1)[0]
     fence, body = re.search(r"^(`{4,})json\n(.*?)\n\1$", recipe, re.DOTALL | re.MULTILINE).groups()
     assert json.loads(body) == RECIPE
-    assert "`st-daft train --recipe daft_recipe.json --data ... --output ...`" in readme
+    assert "`st-daft train --recipe MODEL --data ... --output ...`" in readme and "save the block below" in readme
     assert readme.rstrip().endswith("-->") and readme.rstrip().splitlines()[-1].startswith("<!-- st-daft-record {")
     loaded = SentenceTransformer(str(tmp_path / "model"), device="cpu")
     assert attach_model_card(loaded).daft_recipe == RECIPE
