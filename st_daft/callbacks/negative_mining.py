@@ -291,6 +291,8 @@ def build_negative_mining(
     corrector_steps: int = 1,
     corrector_buffer: int = 0,
     drift_loss: str = "mse",
+    corrector_loss: str | None = None,
+    corrector_warmup: int = 0,
     index: str | None = None,
     index_options: dict[str, Any] | None = None,
     shortlist: int = 256,
@@ -322,8 +324,15 @@ def build_negative_mining(
     trainer = None
     if miner.corrector is not None:
         trainer = CorrectorTrainer(
-            miner.corrector, lr=corrector_lr, steps=corrector_steps, buffer=corrector_buffer, drift_loss=drift_loss
+            miner.corrector,
+            lr=corrector_lr,
+            steps=corrector_steps,
+            buffer=corrector_buffer,
+            drift_loss=drift_loss,
+            loss=corrector_loss,
+            warmup=corrector_warmup,
         )
+        miner.query_observer = trainer.observe_queries
     refresh = RefreshPolicy(parsed.refresh_every) if parsed.refresh_every else None
     mined = MinedNegativesLoss(model, loss, miner, trainer)
     return mined, negative_mining_callbacks(miner, trainer, refresh)

@@ -12,6 +12,14 @@ error on corpus documents they never saw, with per-step curves that overlap (doc
 the default: it also pulls the norm of ``h(stale)`` to that of the unit-length fresh embeddings, so ``h(cache)``
 needs no re-normalisation to be scored like the fresh embeddings (the miner normalises anyway).
 
+Objectives (``CorrectorTrainer(loss=...)``): ``"mse"`` / ``"cosine"``, the drift loss above; ``"kl"``, the loss
+Monath et al. train the corrector with: a KL divergence between the softmax of each observed query's scores over the
+step's candidate documents under ``h(stale)`` and under the fresh embeddings (mining ranks documents per query, and this
+is what it needs to be right about), after ``warmup`` steps of MSE; ``"mse+kl"``, their sum; ``"ridge"``, a closed-form
+linear map ``e -> eA + b`` fitted by ridge least squares (shrunk towards the identity) on the whole replay buffer of
+(stale, fresh) pairs, refitted every ``ridge_every`` steps: early document drift is close to one linear map of the
+space, and a few thousand observed documents determine a ``d x d`` map well.
+
 Two classes, one job each: :class:`CorrectorNetwork` is the map ``h``; :class:`CorrectorTrainer` owns its optimizer
 and replay buffer and turns the fresh embeddings a training step observed into drift-loss updates. The corrector is a
 side artefact of training: it is saved beside a checkpoint, never inside the SentenceTransformer, which keeps loading
@@ -37,7 +45,10 @@ __all__ = [
     "CorrectorTrainer",
     "CorrectorFileError",
     "drift_loss",
+    "candidate_kl",
+    "ridge_fit",
     "staleness_error",
+    "CORRECTOR_LOSSES",
     "CORRECTOR_CITATION",
 ]
 
@@ -52,6 +63,9 @@ class CorrectorFileError(ValueError):
 
 
 DriftLossName = Literal["mse", "cosine"]
+CorrectorLossName = Literal["mse", "cosine", "kl", "mse+kl", "ridge"]
+#: The objectives :class:`CorrectorTrainer` trains with (``loss=``).
+CORRECTOR_LOSSES: tuple[str, ...] = ("mse", "cosine", "kl", "mse+kl", "ridge")
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
@@ -66,6 +80,38 @@ def drift_loss(predicted: Tensor, fresh: Tensor, kind: DriftLossName = "mse") ->
     if kind == "cosine":
         return (1 - F.cosine_similarity(predicted, fresh, dim=1)).mean()
     raise ValueError(f"unknown drift loss {kind!r}: choose 'mse' or 'cosine'")
+
+
+def candidate_kl(queries: Tensor, predicted: Tensor, fresh: Tensor, scale: float = 20.0) -> Tensor:
+    """KL(softmax of ``queries . fresh``  ||  softmax of ``queries . normalize(predicted)``) over the candidates.
+
+    ``queries``: ``(m, d)`` observed query embeddings; ``predicted`` (``h(stale)``) and ``fresh``: ``(n, d)`` candidate
+    documents. Scores are cosine similarities times ``scale`` (the inverse temperature of the contrastive loss), as
+    the miner scores ``normalize(h(cache))``; averaged over queries (Monath et al. 2024, the corrector's loss on
+    the query's logits over the candidates).
+    """
+    queries = F.normalize(queries, dim=1)
+    target = F.log_softmax(scale * queries @ F.normalize(fresh, dim=1).T, dim=1)
+    estimate = F.log_softmax(scale * queries @ F.normalize(predicted, dim=1).T, dim=1)
+    return F.kl_div(estimate, target, log_target=True, reduction="batchmean")
+
+
+@torch.no_grad()
+def ridge_fit(stale: Tensor, fresh: Tensor, ridge: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``(A, b)`` minimising ``|stale A + b - fresh|^2 + ridge |A - I|^2``: a linear map shrunk towards the identity.
+
+    Solved in float64 from the normal equations (a ``(d+1) x (d+1)`` system, whatever the number of rows); the bias
+    is not shrunk.
+    """
+    rows, dimension = stale.shape
+    inputs = torch.cat([stale.double(), torch.ones(rows, 1, dtype=torch.float64)], dim=1)
+    penalty = torch.eye(dimension + 1, dtype=torch.float64) * ridge
+    penalty[dimension, dimension] = 0.0
+    prior = torch.eye(dimension + 1, dimension, dtype=torch.float64)  # [I; 0]: the identity map, no bias
+    gram = inputs.T @ inputs + penalty
+    gram[dimension, dimension] += 1e-9  # an empty buffer still solves (to the identity)
+    solution = torch.linalg.solve(gram, inputs.T @ fresh.double() + penalty @ prior)
+    return solution[:dimension].float(), solution[dimension].float()
 
 
 def staleness_error(approximate: Tensor, fresh: Tensor) -> Tensor:
@@ -199,7 +245,16 @@ class CorrectorTrainer:
         lr: learning rate of the Adam optimizer.
         steps: optimizer steps per training step.
         buffer: replayed earlier observations (0: only the current step's).
-        drift_loss: ``"mse"`` or ``"cosine"`` (see :func:`drift_loss`).
+        drift_loss: ``"mse"`` or ``"cosine"`` (see :func:`drift_loss`); the objective when ``loss`` is not given.
+        loss: the objective, one of :data:`CORRECTOR_LOSSES`: ``"mse"``, ``"cosine"``, ``"kl"`` (query scores over the
+            candidates, :func:`candidate_kl`; needs the step's queries, :meth:`observe_queries`), ``"mse+kl"`` or
+            ``"ridge"`` (closed-form linear map on the replay buffer, :func:`ridge_fit`; a depth-1 corrector and
+            ``buffer >= 1``).
+        warmup: first corrector updates trained with MSE only, before the KL term starts (``"kl"``, ``"mse+kl"``).
+        query_buffer: most recent observed queries the KL term scores the candidates for.
+        scale: inverse temperature of the KL term's softmax.
+        ridge: shrinkage of the ridge map towards the identity.
+        ridge_every: refit the ridge map every that many training steps.
     """
 
     def __init__(
@@ -209,11 +264,38 @@ class CorrectorTrainer:
         steps: int = 1,
         buffer: int = 0,
         drift_loss: DriftLossName = "mse",
+        loss: CorrectorLossName | None = None,
+        warmup: int = 0,
+        query_buffer: int = 256,
+        scale: float = 20.0,
+        ridge: float = 1.0,
+        ridge_every: int = 1,
     ) -> None:
         if drift_loss not in ("mse", "cosine"):
             raise ValueError(f"unknown drift loss {drift_loss!r}: choose 'mse' or 'cosine'")
+        loss = drift_loss if loss is None else loss
+        if loss not in CORRECTOR_LOSSES:
+            choices = list(CORRECTOR_LOSSES)
+            raise ValueError(f"unknown corrector loss (--corrector-loss) {loss!r}: choose from {choices}")
         if steps < 1 or buffer < 0:
             raise ValueError(f"corrector steps must be >= 1 and buffer >= 0, got {steps} and {buffer}")
+        if warmup < 0 or query_buffer < 1 or ridge_every < 1 or not ridge >= 0 or not scale > 0:
+            raise ValueError(
+                f"corrector warmup (--corrector-warmup) must be >= 0, query_buffer and ridge_every >= 1, ridge >= 0 "
+                f"and scale > 0, got {warmup}, {query_buffer}, {ridge_every}, {ridge} and {scale}"
+            )
+        if loss == "ridge" and (corrector.depth != 1 or buffer < 1):
+            raise ValueError(
+                f"corrector loss 'ridge' fits a linear map on the replay buffer: needs CorrectorNetwork(depth=1) and "
+                f"buffer >= 1, got depth {corrector.depth} and buffer {buffer}"
+            )
+        self.loss = loss
+        self.warmup = warmup
+        self.query_buffer = query_buffer
+        self.scale = scale
+        self.ridge = ridge
+        self.ridge_every = ridge_every
+        self.updates = 0  # training steps taken since the last reset (warm-up and refit schedule)
         self.corrector = corrector
         self.lr = lr
         self.steps = steps
@@ -224,6 +306,14 @@ class CorrectorTrainer:
         self._pending_fresh: list[Tensor] = []
         self._buffer_rows = torch.zeros(0, dtype=torch.long)
         self._buffer_fresh = torch.zeros(0, corrector.dimension)
+        self._queries = torch.zeros(0, corrector.dimension)
+
+    @torch.no_grad()
+    def observe_queries(self, queries: Tensor) -> None:
+        """Record the step's query embeddings (the KL term scores the candidates for the most recent ones)."""
+        if self.loss in ("kl", "mse+kl"):
+            queries = queries.detach().to("cpu", torch.float32)
+            self._queries = torch.cat([self._queries, queries])[-self.query_buffer :]
 
     @torch.no_grad()
     def observe(self, rows: Tensor, fresh: Tensor) -> None:
@@ -255,15 +345,26 @@ class CorrectorTrainer:
             rows = torch.cat([self._buffer_rows, rows])[-(self.buffer + len(rows)) :]
             fresh = torch.cat([self._buffer_fresh, fresh])[-len(rows) :]
             self._buffer_rows, self._buffer_fresh = rows[-self.buffer :], fresh[-self.buffer :]
+        self.updates += 1
+        if self.loss == "ridge":
+            return self._ridge_step(cache, rows, fresh)
         device = next(self.corrector.parameters()).device
         stale, fresh = cache.float32(rows).to(device), fresh.to(device)
+        queries = self._queries.to(device)
+        use_kl = self.loss in ("kl", "mse+kl") and self.updates > self.warmup and len(queries) > 0
         was_training = self.corrector.training
         self.corrector.train()
         value = 0.0
         with torch.enable_grad():
             for _ in range(self.steps):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = drift_loss(self.corrector(stale), fresh, self.drift_loss)
+                predicted = self.corrector(stale)
+                if not use_kl:  # "mse", "cosine", and the KL objectives during warm-up (or before any query)
+                    loss = drift_loss(predicted, fresh, "cosine" if self.loss == "cosine" else "mse")
+                elif self.loss == "kl":
+                    loss = candidate_kl(queries, predicted, fresh, self.scale)
+                else:
+                    loss = drift_loss(predicted, fresh, "mse") + candidate_kl(queries, predicted, fresh, self.scale)
                 loss.backward()
                 all_reduce_gradients(self.corrector)  # under torchrun every process takes the same update
                 self.optimizer.step()
@@ -272,12 +373,30 @@ class CorrectorTrainer:
         self.corrector.version += 1
         return value
 
+    @torch.no_grad()
+    def _ridge_step(self, cache: Any, rows: Tensor, fresh: Tensor) -> float:
+        """Refit ``h(e) = e + We + b`` in closed form on the replay buffer (every ``ridge_every`` steps); its MSE."""
+        stale = cache.float32(rows)
+        linear = self.corrector.mlp[-1]
+        if (self.updates - 1) % self.ridge_every == 0:
+            # Under torchrun every process holds the same buffer only if observations are gathered; the map is fitted
+            # per process from what it observed, as the gradient objectives would be without their all-reduce.
+            matrix, bias = ridge_fit(stale, fresh, self.ridge)
+            identity = torch.eye(self.corrector.dimension)
+            linear.weight.copy_((matrix - identity).T.to(linear.weight.device))
+            linear.bias.copy_(bias.to(linear.bias.device))
+            self.corrector.version += 1
+        device = linear.weight.device
+        return float(drift_loss(self.corrector(stale.to(device)), fresh.to(device), "mse"))
+
     def reset(self) -> None:
         """Back to the identity with a fresh optimizer state and an empty buffer (after a corpus re-embedding)."""
         self.corrector.reset_parameters()
         self.optimizer.state.clear()
         self.discard()
         self._buffer_rows, self._buffer_fresh = self._buffer_rows[:0], self._buffer_fresh[:0]
+        self._queries = self._queries[:0]
+        self.updates = 0
 
     def config(self) -> dict[str, Any]:
         return {
@@ -286,13 +405,16 @@ class CorrectorTrainer:
             "corrector_steps": self.steps,
             "corrector_buffer": self.buffer,
             "drift_loss": self.drift_loss,
+            "corrector_loss": self.loss,
+            "corrector_warmup": self.warmup,
         }
 
     def save(self, folder: str | os.PathLike) -> None:
         """Corrector (weights, configuration, optimizer state) and replay buffer into ``folder``, each file atomic."""
         folder = Path(folder)
         self.corrector.save(folder, self.optimizer)
-        atomic_torch_save({"rows": self._buffer_rows, "fresh": self._buffer_fresh}, folder / TRAINER_FILE)
+        buffer = {"rows": self._buffer_rows, "fresh": self._buffer_fresh, "queries": self._queries}
+        atomic_torch_save({**buffer, "updates": torch.tensor(self.updates)}, folder / TRAINER_FILE)
 
     def load(self, folder: str | os.PathLike) -> None:
         """Restore what :meth:`save` wrote; a missing, truncated or mismatched file is named in the error."""
@@ -300,6 +422,8 @@ class CorrectorTrainer:
         self.corrector.load_into(folder, self.optimizer)
         buffer = load_torch_file(folder / TRAINER_FILE)
         self._buffer_rows, self._buffer_fresh = buffer["rows"], buffer["fresh"]
+        self._queries = buffer.get("queries", self._queries[:0])  # files written before the KL objective lack them
+        self.updates = int(buffer.get("updates", torch.tensor(0)))
         self.discard()
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +194,9 @@ class NegativeMiner:
         self.query_positives = {query: list(ids) for query, ids in (query_positives or {}).items()}
         self._rows_of_query_key: dict[bytes, set[int]] = {}
         self.corrector: CorrectorNetwork | None = None
+        # Called with each batch's (detached, float32, CPU) query embeddings: the corrector's KL objective scores
+        # the step's candidates for them (CorrectorTrainer.observe_queries).
+        self.query_observer: Callable[[Tensor], None] | None = None
         self.exact = False  # the cache equals the current document route (frozen route, same fingerprint)
         if self.strategy.correct:
             self.corrector = corrector or CorrectorNetwork(cache.dimension)
@@ -343,6 +346,8 @@ class NegativeMiner:
         """
         started = time.perf_counter()
         queries = query_embeddings.detach().to("cpu", torch.float32)
+        if self.query_observer is not None:
+            self.query_observer(queries)
         batch = queries.shape[0]
         batch_rows = {int(row) for row in positive_rows.tolist() if row >= 0}
         excluded = []

@@ -11,7 +11,9 @@ from st_daft.negatives.corrector import (
     CorrectorFileError,
     CorrectorNetwork,
     CorrectorTrainer,
+    candidate_kl,
     drift_loss,
+    ridge_fit,
     staleness_error,
 )
 
@@ -156,3 +158,86 @@ def test_trainer_save_load_round_trip_and_damaged_files_are_named(tmp_path) -> N
     config.write_text("{")
     with pytest.raises(CorrectorFileError, match=f"{config}: corrector configuration is corrupt"):
         CorrectorNetwork.load(tmp_path / "corrector")
+
+
+def _linear_drift(rows: int, dimension: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unit stale embeddings, their fresh images under one random near-identity linear map, and unit queries."""
+    generator = torch.Generator().manual_seed(seed)
+    stale = _unit(rows, dimension, generator)
+    drift = torch.eye(dimension) + 0.6 * torch.randn(dimension, dimension, generator=generator) / dimension**0.5
+    fresh = F.normalize(stale @ drift, dim=1)
+    queries = F.normalize(fresh[:64] + 0.3 * _unit(64, dimension, generator), dim=1)
+    return stale, fresh, queries
+
+
+def _top10_overlap(queries: torch.Tensor, approximate: torch.Tensor, fresh: torch.Tensor) -> float:
+    found = (queries @ F.normalize(approximate, dim=1).T).topk(10, dim=1).indices
+    expected = (queries @ fresh.T).topk(10, dim=1).indices
+    return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, expected)) / (10 * len(queries))
+
+
+@pytest.mark.parametrize("objective", ["mse", "kl", "mse+kl", "ridge"])
+def test_each_objective_cuts_the_error_on_unseen_rows_and_raises_the_overlap(objective: str) -> None:
+    stale, fresh, queries = _linear_drift(1200, 16)
+    seen, unseen = torch.arange(600), torch.arange(600, 1200)
+    torch.manual_seed(0)
+    corrector = CorrectorNetwork(16, depth=1)
+    trainer = CorrectorTrainer(corrector, lr=1e-2, buffer=512, loss=objective, warmup=5)
+    cache, generator = _cache(stale), torch.Generator().manual_seed(2)
+    for _ in range(150):
+        rows = seen[torch.randint(0, len(seen), (32,), generator=generator)]
+        trainer.observe_queries(queries[torch.randint(0, len(queries), (8,), generator=generator)])
+        trainer.observe(rows, fresh[rows])
+        assert trainer.step(cache) is not None
+    with torch.no_grad():
+        corrected = corrector(stale)
+    stale_error = staleness_error(stale[unseen], fresh[unseen]).mean()
+    corrected_error = staleness_error(corrected[unseen], fresh[unseen]).mean()
+    assert corrected_error < 0.5 * stale_error, (objective, float(corrected_error), float(stale_error))
+    overlap_stale = _top10_overlap(queries, stale[unseen], fresh[unseen])
+    overlap_corrected = _top10_overlap(queries, corrected[unseen], fresh[unseen])
+    assert overlap_corrected > overlap_stale + 0.05, (objective, overlap_corrected, overlap_stale)
+
+
+def test_ridge_recovers_an_exact_linear_drift_in_one_fit() -> None:
+    generator = torch.Generator().manual_seed(3)
+    stale = torch.randn(400, 8, generator=generator)
+    matrix, bias = torch.eye(8) + 0.3 * torch.randn(8, 8, generator=generator), torch.randn(8, generator=generator)
+    fitted_matrix, fitted_bias = ridge_fit(stale, stale @ matrix + bias, ridge=0.0)
+    assert torch.allclose(fitted_matrix, matrix, atol=1e-4) and torch.allclose(fitted_bias, bias, atol=1e-4)
+    shrunk, _ = ridge_fit(stale[:4], (stale @ matrix + bias)[:4], ridge=1e6)
+    assert torch.allclose(shrunk, torch.eye(8), atol=1e-3)  # few rows, heavy shrinkage: close to the identity
+
+
+def test_kl_warms_up_with_mse_and_is_zero_when_scores_agree() -> None:
+    stale, fresh, queries = _linear_drift(80, 8)
+    assert float(candidate_kl(queries, fresh * 3.0, fresh)) == pytest.approx(0.0, abs=1e-6)  # scale-free
+    assert float(candidate_kl(queries, stale, fresh)) > 0
+    corrector = CorrectorNetwork(8, depth=1)
+    trainer = CorrectorTrainer(corrector, buffer=16, loss="kl", warmup=2)
+    rows = torch.arange(10)
+    trainer.observe_queries(queries[:4])
+    values = []
+    for _ in range(3):
+        trainer.observe(rows, fresh[rows])
+        values.append(trainer.step(_cache(stale)))
+    # warm-up steps report the MSE drift loss (about 2 - 2 cos), the KL step a far smaller divergence
+    expected_mse = float(drift_loss(stale[rows], fresh[rows]))
+    assert values[0] == pytest.approx(expected_mse, rel=1e-4) and values[2] < values[0]
+    assert trainer.config()["corrector_loss"] == "kl" and trainer.config()["corrector_warmup"] == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"loss": "kl-div"}, "corrector loss (--corrector-loss) 'kl-div'"),
+        ({"loss": "kl", "warmup": -1}, "warmup (--corrector-warmup)"),
+        ({"loss": "ridge", "buffer": 0}, "buffer >= 1"),
+        ({"loss": "ridge", "buffer": 8, "depth": 2}, "CorrectorNetwork(depth=1)"),
+    ],
+)
+def test_bad_objective_settings_are_refused_by_name(options: dict, named: str) -> None:
+    depth = options.pop("depth", 1)
+    with pytest.raises(ValueError) as error:
+        CorrectorTrainer(CorrectorNetwork(8, depth=depth), **options)
+    assert named in str(error.value)

@@ -723,3 +723,34 @@ def test_mining_index_settings_are_refused_before_training(capsys) -> None:
         with pytest.raises(SystemExit):
             main(["train", "--data", "x", "--output", "y", "--mining-index-option", option])
         assert "argument --mining-index-option" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("objective", ["kl", "ridge"])
+def test_recipe_trains_the_corrector_with_the_objective_it_is_given(
+    objective: str, tiny_document_model_dir: Path, tiny_beir_dir: Path, tmp_path
+) -> None:
+    from st_daft import AlignStage, DAFTConfig, FinetuneStage, load_beir, train_daft
+
+    model = build_asymmetric_model(str(tiny_document_model_dir), "static")
+    budget = {"max_steps": 2, "batch_size": 4, "eval_steps": 2, "warmup_ratio": 0.0, "logging_steps": 1}
+    finetune = FinetuneStage(
+        **budget, negatives="corrected", num_negatives=2, corrector_loss=objective, corrector_warmup=1
+    )
+    config = DAFTConfig(stages=[AlignStage(**budget), finetune], validation_fraction=0.2, num_validation_texts=16)
+    summary = train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", config)
+    logged = [row for row in summary.stages[1].log_history if "loss" in row]
+    assert logged and "mining_corrected_error" in logged[-1]
+    corrector = tmp_path / "run" / "stage-2-finetune" / "checkpoint-2" / CHECKPOINT_FOLDER / "corrector"
+    depth = json.loads((corrector / "corrector_config.json").read_text())["depth"]
+    assert depth == (1 if objective == "ridge" else 2), "ridge: a linear corrector"
+    queries = torch.load(corrector / "corrector_trainer.pt", weights_only=True)["queries"]
+    assert (len(queries) > 0) == (objective == "kl"), "the KL objective records the step's queries"
+
+
+def test_corrector_settings_are_refused_by_name() -> None:
+    from st_daft import FinetuneStage
+
+    with pytest.raises(ValueError, match=r"unknown corrector_loss \(--corrector-loss\) 'kl-div'"):
+        FinetuneStage(negatives="corrected", corrector_loss="kl-div")
+    with pytest.raises(ValueError, match=r"corrector_warmup \(--corrector-warmup\) must be >= 0"):
+        FinetuneStage(negatives="corrected", corrector_warmup=-1)

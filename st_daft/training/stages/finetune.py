@@ -25,7 +25,7 @@ from st_daft.models.asymmetric import (
     QUERY_ROUTE,
     route_parameter_pattern,
 )
-from st_daft.negatives.corrector import CorrectorNetwork
+from st_daft.negatives.corrector import CORRECTOR_LOSSES, CorrectorNetwork
 from st_daft.negatives.strategy import INDEX_MODES, parse_negatives
 from st_daft.training.stages.base import (
     KL_EVALUATOR_NAME,
@@ -37,10 +37,13 @@ from st_daft.training.stages.base import (
     training_arguments,
     validation_evaluator,
 )
-from st_daft.training.stages.settings import non_negative_float, positive_float, positive_int, setting
+from st_daft.training.stages.settings import non_negative_float, non_negative_int, positive_float, positive_int, setting
 from st_daft.utils.distributed import is_distributed
 
 logger = logging.getLogger(__name__)
+
+#: Replay buffer of the ridge objective: the observations its closed-form linear map is fitted on.
+RIDGE_BUFFER = 4096
 
 
 def negatives_flag(value: str) -> str:
@@ -85,6 +88,11 @@ class FinetuneStage(TrainedStage):
         mining_index_options: options of :func:`~st_daft.embeddings.index.build_faiss_index` (``nlist``, ``nprobe``,
             ``hnsw_m``, ``ef_search``, ``ef_construction``, ``storage``: default the cache's type), ``base`` (the
             stale index of the query-side modes) and ``shortlist`` (the rows ``"two-step"`` re-ranks).
+        corrector_loss: the corrector's objective for the correcting strategies (see
+            :class:`~st_daft.negatives.corrector.CorrectorTrainer`): ``"mse"``, ``"cosine"``, ``"kl"`` (the query's
+            scores over the step's candidates), ``"mse+kl"`` or ``"ridge"`` (a linear map refitted in closed form on a
+            replay buffer of 4,096 observations). docs/guide/corrector.md gives the measured trade-offs.
+        corrector_warmup: corrector updates with MSE only before the KL term starts (``"kl"``, ``"mse+kl"``).
         stop_on_collapse: end the stage when a route collapses.
     """
 
@@ -141,6 +149,19 @@ class FinetuneStage(TrainedStage):
         metavar="KEY=VALUE",
         to_field=dict,
     )
+    corrector_loss: str = setting(
+        "mse",
+        flag="--corrector-loss",
+        help="the corrector's objective for the correcting strategies: mse (default), cosine, kl (query scores over "
+        "the step's candidates), mse+kl, ridge (a closed-form linear map)",
+        choices=list(CORRECTOR_LOSSES),
+    )
+    corrector_warmup: int = setting(
+        0,
+        flag="--corrector-warmup",
+        help="corrector updates with MSE only before a KL term starts",
+        type=non_negative_int,
+    )
     stop_on_collapse: bool = setting(
         True,
         flag="--no-stop-on-collapse",
@@ -151,6 +172,12 @@ class FinetuneStage(TrainedStage):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.corrector_loss not in CORRECTOR_LOSSES:
+            choices = list(CORRECTOR_LOSSES)
+            loss = self.corrector_loss
+            raise ValueError(f"unknown corrector_loss (--corrector-loss) {loss!r}: choose from {choices}")
+        if self.corrector_warmup < 0:
+            raise ValueError(f"corrector_warmup (--corrector-warmup) must be >= 0, got {self.corrector_warmup}")
         if self.mining_index not in ("auto", *INDEX_MODES):
             choices = ", ".join(("auto", *INDEX_MODES))
             raise ValueError(f"unknown mining_index (--mining-index) {self.mining_index!r}: choose {choices}")
@@ -231,7 +258,9 @@ class FinetuneStage(TrainedStage):
     def _build_mining(self, context: StageContext, loss: Any, data: RetrievalData) -> tuple[Any, list[Any]]:
         options = dict(self.mining_index_options)
         shortlist = options.pop("shortlist", 256)
-        linear = self.mining_index == "query-side"  # searching with corrected queries needs a linear corrector
+        # Searching with corrected queries needs a linear corrector; so does the ridge objective's closed-form map.
+        linear = self.mining_index == "query-side" or self.corrector_loss == "ridge"
+        ridge = self.corrector_loss == "ridge"
         return build_negative_mining(
             context.model,
             loss,
@@ -242,6 +271,9 @@ class FinetuneStage(TrainedStage):
             index=None if self.mining_index == "auto" else self.mining_index,
             index_options=options,
             shortlist=shortlist,
+            corrector_loss=self.corrector_loss,
+            corrector_warmup=self.corrector_warmup,
+            corrector_buffer=RIDGE_BUFFER if ridge else 0,
             num_negatives=self.num_negatives,
             query_positives={
                 data.queries[qid]: [did for did, score in judged.items() if score > 0]
