@@ -37,6 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from st_daft.data import load_beir  # noqa: E402
 from st_daft.negatives.corrector import CorrectorNetwork, CorrectorTrainer, staleness_error  # noqa: E402
+from st_daft.training.stages.finetune import FinetuneStage  # noqa: E402
 
 #: The objectives measured side by side: (name, CorrectorTrainer options, network depth).
 OBJECTIVES: dict[str, tuple[dict, int]] = {
@@ -46,6 +47,19 @@ OBJECTIVES: dict[str, tuple[dict, int]] = {
     "ridge": ({"loss": "ridge", "buffer": 4096}, 1),
 }
 RESULT = Path(__file__).parent / "results" / "corrector" / "agreement.json"
+
+
+def _stage_default() -> str:
+    """The objective ``--negatives corrected`` trains with; its settings here are the fine-tuning stage's own."""
+    stage = FinetuneStage()
+    options, _ = OBJECTIVES[stage.corrector_loss]
+    settings = {"steps": stage.corrector_steps, "buffer": stage.corrector_buffer, "warmup": stage.corrector_warmup}
+    given = {"steps": options.get("steps", 1), "buffer": options.get("buffer", 0), "warmup": options.get("warmup", 0)}
+    assert given == settings, f"the default objective is measured as {given}, FinetuneStage trains it as {settings}"
+    return stage.corrector_loss
+
+
+DEFAULT = _stage_default()
 
 
 class SideBySideTrainers:
@@ -61,9 +75,13 @@ class SideBySideTrainers:
         self.mine_with = mine_with
         self.seconds = dict.fromkeys(OBJECTIVES, 0.0)
         self.observed: set[int] = set()
+        self.latest: dict[int, torch.Tensor] = {}  # each observed row's latest fresh embedding (write-back)
 
     def observe(self, rows: torch.Tensor, fresh: torch.Tensor) -> None:
-        self.observed.update(int(row) for row in rows.tolist() if row >= 0)
+        for index, row in enumerate(rows.tolist()):
+            if row >= 0:
+                self.observed.add(int(row))
+                self.latest[int(row)] = F.normalize(fresh[index].detach().float(), dim=0)
         for trainer in self.trainers.values():
             trainer.observe(rows, fresh)
 
@@ -148,19 +166,38 @@ def prepare(args: argparse.Namespace, train) -> tuple[Path, dict]:
     return work, info
 
 
-def measure(model, miner, trainers: SideBySideTrainers, queries, mask, k: int, step: int) -> dict:
-    """Top-``k`` overlap with fresh mining of stale and of every corrected cache, and unseen-document errors."""
+def fresh_embeddings(model, miner) -> torch.Tensor:
     from st_daft.embeddings.encode import embed_documents
 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        query_vectors = F.normalize(model.encode_query(queries, convert_to_tensor=True, batch_size=64).float(), dim=1)
         fresh = embed_documents(model, miner.texts, batch_size=64, show_progress_bar=False).float()
+    model.train(was_training)
+    return fresh
+
+
+def measure(model, miner, trainers: SideBySideTrainers, queries, mask, k: int, step: int, refreshed) -> dict:
+    """Top-``k`` overlap with fresh mining of stale and of every corrected cache, and unseen-document errors."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        query_vectors = F.normalize(model.encode_query(queries, convert_to_tensor=True, batch_size=64).float(), dim=1)
+        fresh = fresh_embeddings(model, miner)
         stale = miner.cache.float32(torch.arange(len(miner.texts)))
         approximations = {"stale": stale}
         for name, trainer in trainers.trainers.items():
             approximations[name] = F.normalize(trainer.corrector(stale), dim=1)
+        # write-back: the rows a step encoded keep their latest fresh embedding, the others their approximation
+        rows = torch.tensor(sorted(trainers.latest), dtype=torch.long)
+        latest = torch.stack([trainers.latest[int(row)] for row in rows]) if len(rows) else None
+        for name in list(approximations):
+            written = approximations[name].clone()
+            if latest is not None:
+                written[rows] = latest
+            approximations[f"{name}+latest"] = written
+        if refreshed is not None:
+            approximations[f"refresh:{refreshed[0]}"] = refreshed[1]
     model.train(was_training)
     truth = (query_vectors @ fresh.T).masked_fill(mask, -torch.inf).topk(k, dim=1).indices
     unseen = torch.tensor(sorted(set(range(len(stale))) - trainers.observed))
@@ -218,11 +255,24 @@ def run_seed(args: argparse.Namespace, train, work: Path, info: dict, seed: int)
         mask[index, [row_of[d] for d, score in train.qrels[qid].items() if score > 0 and d in row_of]] = True
     queries = [train.queries[qid] for qid in picked]
     curve: list[dict] = []
+    refreshed = [args.refresh_every, miner.cache.float32(torch.arange(len(miner.texts)))]  # refresh:N's cache
 
     class Agreement(TrainerCallback):
         def on_step_end(self, arguments, state, control, model=None, **kwargs):
+            if args.refresh_every and state.global_step % args.refresh_every == 0:
+                refreshed[1] = fresh_embeddings(model, miner)  # what refresh:N re-embeds at this step
             if state.global_step % args.every == 0 or state.global_step == state.max_steps:
-                curve.append(measure(model, miner, trainers, queries, mask, 10, state.global_step))
+                point = measure(
+                    model,
+                    miner,
+                    trainers,
+                    queries,
+                    mask,
+                    10,
+                    state.global_step,
+                    refreshed if args.refresh_every else None,
+                )
+                curve.append(point)
 
     loss = MinedNegativesLoss(model, CollapseSafeContrastiveLoss(model, scale=20.0, guard="variance"), miner, trainers)
     training_args = Arguments(
@@ -256,9 +306,14 @@ def run_seed(args: argparse.Namespace, train, work: Path, info: dict, seed: int)
 
 def summarise(args: argparse.Namespace, runs: list[dict], info: dict, started: str) -> dict:
     final = [run["curve"][-1] for run in runs]
-    names = ["stale", *OBJECTIVES]
+    names = list(final[0]["top10_overlap"])  # stale, each objective, and each with write-back (+latest)
     overlap = {name: mean(point["top10_overlap"][name] for point in final) for name in names}
     errors = {name: mean(point["unseen_error"][name] for point in final) for name in names}
+    # what the miner reads at every step, not only at the end: the overlap averaged over the measured steps
+    over_training = {
+        name: [mean(point["top10_overlap"][name] for point in run["curve"] if point["step"] > 0) for run in runs]
+        for name in names
+    }
     default = args.default
     step_seconds = mean(run["step_seconds"] for run in runs)
     # The side-by-side run trains every objective each step; the overhead of one is its own update time over the
@@ -282,6 +337,8 @@ def summarise(args: argparse.Namespace, runs: list[dict], info: dict, started: s
         "unseen_error_ratio": errors[default] / errors["stale"],
         "unseen_error_ratio_per_objective": {name: errors[name] / errors["stale"] for name in OBJECTIVES},
         "per_seed_final": {name: [point["top10_overlap"][name] for point in final] for name in names},
+        "mean_top10_overlap_over_training": {name: mean(values) for name, values in over_training.items()},
+        "per_seed_over_training": over_training,
         "overhead": {
             "step_seconds_without_corrector": alone,
             "corrector_seconds_per_step": others,
@@ -300,6 +357,7 @@ SETTINGS = (
     "documents",
     "queries",
     "every",
+    "refresh_every",
     "max_seq_length",
     "align_steps",
     "mine_with",
@@ -319,10 +377,15 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=1500, help="corpus sample: every positive plus random")
     parser.add_argument("--queries", type=int, default=200, help="training claims the overlap is measured for")
     parser.add_argument("--every", type=int, default=25)
+    parser.add_argument(
+        "--refresh-every", type=int, default=40, help="N of the refresh:N cache measured beside (0: none)"
+    )
     parser.add_argument("--max-seq-length", type=int, default=64, help="document route token budget")
     parser.add_argument("--align-steps", type=int, default=100)
     parser.add_argument("--mine-with", default="mse", choices=list(OBJECTIVES), help="the corrector the miner reads")
-    parser.add_argument("--default", default="ridge", choices=list(OBJECTIVES), help="reported as 'corrected'")
+    parser.add_argument(
+        "--default", default=DEFAULT, choices=list(OBJECTIVES), help="reported as 'corrected' (FinetuneStage's)"
+    )
     parser.add_argument("--output", default=str(RESULT))
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))

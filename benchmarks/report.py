@@ -407,6 +407,65 @@ def agreement_table() -> str:
     return _table(header, rows) + "\n\n" + _source("corrector/topk_agreement.json") + f" Date: {data['date']}."
 
 
+def _objective_label(name: str, default: str) -> str:
+    base = name.removesuffix("+latest")
+    if base == "stale":
+        label = "stale cache"
+    elif base.startswith("refresh:"):
+        label = f"`{base}` (re-embedded every {base.split(':')[1]} steps)"
+    else:
+        label = f"corrected, `{base}`" + (" (default)" if base == default else "")
+    return label + (", write-back" if name != base else "")
+
+
+def objectives_table() -> str:
+    """The corrector protocol: final top-10 overlap with fresh mining, unseen-document error and time per objective."""
+    data = _load("corrector/agreement.json")
+    default, seeds = data["default_objective"], data["seeds"]
+    fractions = data["overhead"]["fraction_of_step"]
+    stale_error = data["final_unseen_error"]["stale"]
+    rows = []
+    for name, per_seed in data["per_seed_final"].items():
+        error = data["final_unseen_error"][name]
+        rows.append(
+            [
+                _objective_label(name, default),
+                _fmt(_mean(data["per_seed_over_training"][name])),
+                " / ".join(_fmt(value) for value in data["per_seed_over_training"][name]),
+                _fmt(_mean(per_seed)),
+                " / ".join(_fmt(value) for value in per_seed),
+                _fmt(error),
+                _fmt(error / stale_error, 2) + "x",
+                f"{100 * fractions[name]:.1f}%" if name in fractions else "–",
+            ]
+        )
+    header = [
+        "cache scored",
+        "top-10 overlap with fresh, mean over the steps measured",
+        f"seeds {', '.join(map(str, seeds))}",
+        f"at step {data['settings']['steps']}",
+        "seeds",
+        "error on unseen documents",
+        "vs stale",
+        "corrector time / step",
+    ]
+    curve_names = [
+        "stale",
+        *data["objectives"],
+        *(name for name in data["per_seed_final"] if name.startswith("refresh:")),
+    ]
+    steps = [point["step"] for point in data["curves"][0]["curve"]]
+    curve_rows = []
+    for index, step in enumerate(steps):
+        points = [run["curve"][index] for run in data["curves"]]
+        curve_rows.append(
+            [str(step), *(_fmt(_mean([point["top10_overlap"][name] for point in points])) for name in curve_names)]
+        )
+    curve = _table(["step", *(f"`{name}`" for name in curve_names)], curve_rows)
+    when = f" {data['machine']}; {data['date']}."
+    return _table(header, rows) + "\n\n" + curve + "\n\n" + _source("corrector/agreement.json") + when
+
+
 # ------------------------------------------------------------------------------------------------------ serving
 
 
@@ -787,7 +846,11 @@ PAGES: dict[str, dict[str, Callable[[], str]]] = {
     },
     "docs/results/corpus-only.md": {"corpus-only": corpus_only_table},
     "docs/results/fusion.md": {"fusion-weights": fusion_table},
-    "docs/results/corrector.md": {"corrector": corrector_table, "agreement": agreement_table},
+    "docs/results/corrector.md": {
+        "corrector": corrector_table,
+        "objectives": objectives_table,
+        "agreement": agreement_table,
+    },
     "docs/results/serving.md": {"serving-scifact": serving_scifact_table, "serving-python-faq": serving_faq_table},
     "docs/results/scale.md": {
         "cache-scale": cache_scale_table,

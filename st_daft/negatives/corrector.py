@@ -8,9 +8,9 @@ identity (the plain stale cache) and only departs from it as far as the observed
 
 Drift loss: MSE and cosine were measured side by side on SciFact (two correctors trained on exactly the same
 observations, ``benchmarks/corrector_scifact.py``): they end equally good, both well under half the raw stale cache's
-error on corpus documents they never saw, with per-step curves that overlap (docs/results/corrector.md). MSE is
-the default: it also pulls the norm of ``h(stale)`` to that of the unit-length fresh embeddings, so ``h(cache)``
-needs no re-normalisation to be scored like the fresh embeddings (the miner normalises anyway).
+error on corpus documents they never saw, with per-step curves that overlap (docs/results/corrector.md). MSE is the
+drift loss's default: it also pulls the norm of ``h(stale)`` to that of the unit-length fresh embeddings, so
+``h(cache)`` needs no re-normalisation to be scored like the fresh embeddings (the miner normalises anyway).
 
 Objectives (``CorrectorTrainer(loss=...)``): ``"mse"`` / ``"cosine"``, the drift loss above; ``"kl"``, the loss
 Monath et al. train the corrector with: a KL divergence between the softmax of each observed query's scores over the
@@ -18,7 +18,8 @@ step's candidate documents under ``h(stale)`` and under the fresh embeddings (mi
 is what it needs to be right about), after ``warmup`` steps of MSE; ``"mse+kl"``, their sum; ``"ridge"``, a closed-form
 linear map ``e -> eA + b`` fitted by ridge least squares (shrunk towards the identity) on the whole replay buffer of
 (stale, fresh) pairs, refitted every ``ridge_every`` steps: early document drift is close to one linear map of the
-space, and a few thousand observed documents determine a ``d x d`` map well.
+space, and a few thousand observed documents determine a ``d x d`` map well. The fine-tuning stage trains ``"ridge"``
+unless told otherwise; the objectives' measured trade-offs are on the corrector results page.
 
 Two classes, one job each: :class:`CorrectorNetwork` is the map ``h``; :class:`CorrectorTrainer` owns its optimizer
 and replay buffer and turns the fresh embeddings a training step observed into drift-loss updates. The corrector is a

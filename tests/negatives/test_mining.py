@@ -754,3 +754,8 @@ def test_corrector_settings_are_refused_by_name() -> None:
         FinetuneStage(negatives="corrected", corrector_loss="kl-div")
     with pytest.raises(ValueError, match=r"corrector_warmup \(--corrector-warmup\) must be >= 0"):
         FinetuneStage(negatives="corrected", corrector_warmup=-1)
+    with pytest.raises(ValueError, match=r"corrector_steps \(--corrector-steps\) must be >= 1"):
+        FinetuneStage(negatives="corrected", corrector_steps=0)
+    with pytest.raises(ValueError, match=r"'ridge' fits its map on the replay buffer: corrector_buffer"):
+        FinetuneStage(negatives="corrected", corrector_buffer=0)
+    assert FinetuneStage(negatives="corrected", corrector_loss="mse", corrector_buffer=0).corrector_buffer == 0

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from st_daft.training.stages.finetune import FinetuneStage
+
 ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +57,15 @@ def test_every_results_page_is_rendered_and_in_the_site(report) -> None:
     navigation = (ROOT / "mkdocs.yml").read_text()
     for page in pages:
         assert page.removeprefix("docs/") in navigation, page
+
+
+def test_the_corrector_default_is_the_objective_the_protocol_reports() -> None:
+    """``--negatives corrected`` trains the objective, with the settings, that agreement.json reports as 'corrected'."""
+    agreement = json.loads((RESULTS / "corrector" / "agreement.json").read_text())
+    stage = FinetuneStage()
+    assert agreement["default_objective"] == stage.corrector_loss
+    measured = agreement["objectives"][stage.corrector_loss]
+    assert measured.get("buffer", 0) == stage.corrector_buffer and measured.get("steps", 1) == stage.corrector_steps
+    assert measured.get("warmup", 0) == stage.corrector_warmup
+    overlap = agreement["final_top10_overlap"]
+    assert overlap["corrected"] == overlap[stage.corrector_loss] and len(agreement["seeds"]) >= 3

@@ -42,7 +42,7 @@ from st_daft.utils.distributed import is_distributed
 
 logger = logging.getLogger(__name__)
 
-#: Replay buffer of the ridge objective: the observations its closed-form linear map is fitted on.
+#: The default replay buffer: the observations the ridge objective's closed-form linear map is fitted on.
 RIDGE_BUFFER = 4096
 
 
@@ -93,6 +93,9 @@ class FinetuneStage(TrainedStage):
             scores over the step's candidates), ``"mse+kl"`` or ``"ridge"`` (a linear map refitted in closed form on a
             replay buffer of 4,096 observations). docs/guide/corrector.md gives the measured trade-offs.
         corrector_warmup: corrector updates with MSE only before the KL term starts (``"kl"``, ``"mse+kl"``).
+        corrector_steps: corrector updates per training step.
+        corrector_buffer: earlier observations each update replays beside the step's own, or the ridge map is
+            fitted on.
         stop_on_collapse: end the stage when a route collapses.
     """
 
@@ -150,16 +153,25 @@ class FinetuneStage(TrainedStage):
         to_field=dict,
     )
     corrector_loss: str = setting(
-        "mse",
+        "ridge",
         flag="--corrector-loss",
-        help="the corrector's objective for the correcting strategies: mse (default), cosine, kl (query scores over "
-        "the step's candidates), mse+kl, ridge (a closed-form linear map)",
+        help="the corrector's objective for the correcting strategies: ridge (default: a linear map refitted in "
+        "closed form), mse, cosine, kl (query scores over the step's candidates), mse+kl",
         choices=list(CORRECTOR_LOSSES),
     )
     corrector_warmup: int = setting(
         0,
         flag="--corrector-warmup",
         help="corrector updates with MSE only before a KL term starts",
+        type=non_negative_int,
+    )
+    corrector_steps: int = setting(
+        1, flag="--corrector-steps", help="corrector updates per training step (1)", type=positive_int
+    )
+    corrector_buffer: int = setting(
+        RIDGE_BUFFER,
+        flag="--corrector-buffer",
+        help="earlier observations the corrector replays, or the ridge map is fitted on (4096)",
         type=non_negative_int,
     )
     stop_on_collapse: bool = setting(
@@ -178,6 +190,16 @@ class FinetuneStage(TrainedStage):
             raise ValueError(f"unknown corrector_loss (--corrector-loss) {loss!r}: choose from {choices}")
         if self.corrector_warmup < 0:
             raise ValueError(f"corrector_warmup (--corrector-warmup) must be >= 0, got {self.corrector_warmup}")
+        if self.corrector_steps < 1 or self.corrector_buffer < 0:
+            raise ValueError(
+                f"corrector_steps (--corrector-steps) must be >= 1 and corrector_buffer (--corrector-buffer) >= 0, "
+                f"got {self.corrector_steps} and {self.corrector_buffer}"
+            )
+        if self.corrector_loss == "ridge" and self.corrector_buffer < 1:
+            raise ValueError(
+                "corrector_loss (--corrector-loss) 'ridge' fits its map on the replay buffer: corrector_buffer "
+                f"(--corrector-buffer) must be >= 1, got {self.corrector_buffer}"
+            )
         if self.mining_index not in ("auto", *INDEX_MODES):
             choices = ", ".join(("auto", *INDEX_MODES))
             raise ValueError(f"unknown mining_index (--mining-index) {self.mining_index!r}: choose {choices}")
@@ -260,7 +282,6 @@ class FinetuneStage(TrainedStage):
         shortlist = options.pop("shortlist", 256)
         # Searching with corrected queries needs a linear corrector; so does the ridge objective's closed-form map.
         linear = self.mining_index == "query-side" or self.corrector_loss == "ridge"
-        ridge = self.corrector_loss == "ridge"
         return build_negative_mining(
             context.model,
             loss,
@@ -273,7 +294,8 @@ class FinetuneStage(TrainedStage):
             shortlist=shortlist,
             corrector_loss=self.corrector_loss,
             corrector_warmup=self.corrector_warmup,
-            corrector_buffer=RIDGE_BUFFER if ridge else 0,
+            corrector_steps=self.corrector_steps,
+            corrector_buffer=self.corrector_buffer,
             num_negatives=self.num_negatives,
             query_positives={
                 data.queries[qid]: [did for did, score in judged.items() if score > 0]
