@@ -691,8 +691,13 @@ def test_recipe_mines_through_the_index_it_is_given(
     monkeypatch.setattr(cache_module, "build_faiss_index", recording)  # the miner builds through the cache
     model = build_asymmetric_model(str(tiny_document_model_dir), "static")
     budget = {"max_steps": 2, "batch_size": 4, "eval_steps": 2, "warmup_ratio": 0.0, "logging_steps": 1}
-    finetune = FinetuneStage(
-        **budget, negatives="corrected", num_negatives=2, mining_index=index, mining_index_options=options
+    finetune = FinetuneStage(  # the MLP corrector of mse, so that query-side's linear one shows
+        **budget,
+        negatives="corrected",
+        num_negatives=2,
+        mining_index=index,
+        mining_index_options=options,
+        corrector_loss="mse",
     )
     config = DAFTConfig(stages=[AlignStage(**budget), finetune], validation_fraction=0.2, num_validation_texts=16)
     summary = train_daft(model, load_beir(tiny_beir_dir, "train"), tmp_path / "run", config)
