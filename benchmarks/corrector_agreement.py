@@ -45,18 +45,38 @@ OBJECTIVES: dict[str, tuple[dict, int]] = {
     "kl": ({"loss": "kl", "buffer": 1024, "steps": 4, "warmup": 10}, 2),
     "mse+kl": ({"loss": "mse+kl", "buffer": 1024, "steps": 4, "warmup": 10}, 2),
     "ridge": ({"loss": "ridge", "buffer": 4096}, 1),
+    # does a shorter memory track the drift better? (the buffer's oldest targets are the route of many steps ago)
+    "ridge-b1024": ({"loss": "ridge", "buffer": 1024}, 1),  # FinetuneStage's
+    "ridge-b512": ({"loss": "ridge", "buffer": 512}, 1),
+    "ridge-b256": ({"loss": "ridge", "buffer": 256}, 1),
 }
 RESULT = Path(__file__).parent / "results" / "corrector" / "agreement.json"
 
 
+def _settings(options: dict) -> dict:
+    return {
+        "loss": options["loss"],
+        "steps": options.get("steps", 1),
+        "buffer": options.get("buffer", 0),
+        "warmup": options.get("warmup", 0),
+    }
+
+
 def _stage_default() -> str:
-    """The objective ``--negatives corrected`` trains with; its settings here are the fine-tuning stage's own."""
+    """The objective here that ``--negatives corrected`` trains: the fine-tuning stage's loss and schedule."""
     stage = FinetuneStage()
-    options, _ = OBJECTIVES[stage.corrector_loss]
-    settings = {"steps": stage.corrector_steps, "buffer": stage.corrector_buffer, "warmup": stage.corrector_warmup}
-    given = {"steps": options.get("steps", 1), "buffer": options.get("buffer", 0), "warmup": options.get("warmup", 0)}
-    assert given == settings, f"the default objective is measured as {given}, FinetuneStage trains it as {settings}"
-    return stage.corrector_loss
+    wanted = _settings(
+        {
+            "loss": stage.corrector_loss,
+            "steps": stage.corrector_steps,
+            "buffer": stage.corrector_buffer,
+            "warmup": stage.corrector_warmup,
+        }
+    )
+    for name, (options, _) in OBJECTIVES.items():
+        if _settings(options) == wanted:
+            return name
+    raise SystemExit(f"corrector agreement: no objective here is the fine-tuning stage's corrector {wanted}")
 
 
 DEFAULT = _stage_default()

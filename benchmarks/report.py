@@ -407,21 +407,25 @@ def agreement_table() -> str:
     return _table(header, rows) + "\n\n" + _source("corrector/topk_agreement.json") + f" Date: {data['date']}."
 
 
-def _objective_label(name: str, default: str) -> str:
+def _objective_label(name: str, data: dict) -> str:
     base = name.removesuffix("+latest")
     if base == "stale":
         label = "stale cache"
     elif base.startswith("refresh:"):
         label = f"`{base}` (re-embedded every {base.split(':')[1]} steps)"
     else:
-        label = f"corrected, `{base}`" + (" (default)" if base == default else "")
+        options = data["objectives"][base]
+        label = f"corrected, `{options['loss']}`"
+        if options["loss"] == "ridge":
+            label += f" over the last {options['buffer']:,} observations"
+        label += " (default)" if base == data["default_objective"] else ""
     return label + (", write-back" if name != base else "")
 
 
 def objectives_table() -> str:
     """The corrector protocol: final top-10 overlap with fresh mining, unseen-document error and time per objective."""
     data = _load("corrector/agreement.json")
-    default, seeds = data["default_objective"], data["seeds"]
+    seeds = data["seeds"]
     fractions = data["overhead"]["fraction_of_step"]
     stale_error = data["final_unseen_error"]["stale"]
     rows = []
@@ -429,7 +433,7 @@ def objectives_table() -> str:
         error = data["final_unseen_error"][name]
         rows.append(
             [
-                _objective_label(name, default),
+                _objective_label(name, data),
                 _fmt(_mean(data["per_seed_over_training"][name])),
                 " / ".join(_fmt(value) for value in data["per_seed_over_training"][name]),
                 _fmt(_mean(per_seed)),

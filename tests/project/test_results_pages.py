@@ -62,10 +62,9 @@ def test_every_results_page_is_rendered_and_in_the_site(report) -> None:
 def test_the_corrector_default_is_the_objective_the_protocol_reports() -> None:
     """``--negatives corrected`` trains the objective, with the settings, that agreement.json reports as 'corrected'."""
     agreement = json.loads((RESULTS / "corrector" / "agreement.json").read_text())
-    stage = FinetuneStage()
-    assert agreement["default_objective"] == stage.corrector_loss
-    measured = agreement["objectives"][stage.corrector_loss]
-    assert measured.get("buffer", 0) == stage.corrector_buffer and measured.get("steps", 1) == stage.corrector_steps
-    assert measured.get("warmup", 0) == stage.corrector_warmup
+    stage, default = FinetuneStage(), agreement["default_objective"]
+    measured = agreement["objectives"][default]
+    assert measured["loss"] == stage.corrector_loss and measured.get("buffer", 0) == stage.corrector_buffer
+    assert measured.get("steps", 1) == stage.corrector_steps and measured.get("warmup", 0) == stage.corrector_warmup
     overlap = agreement["final_top10_overlap"]
-    assert overlap["corrected"] == overlap[stage.corrector_loss] and len(agreement["seeds"]) >= 3
+    assert overlap["corrected"] == overlap[default] and len(agreement["seeds"]) >= 3

@@ -42,8 +42,9 @@ from st_daft.utils.distributed import is_distributed
 
 logger = logging.getLogger(__name__)
 
-#: The default replay buffer: the observations the ridge objective's closed-form linear map is fitted on.
-RIDGE_BUFFER = 4096
+#: The default replay buffer: the most recent observations the ridge objective's closed-form linear map is fitted on
+#: (a shorter memory tracks the drift better; over 1,000 rows keeps the fit over-determined up to 1,024 dimensions).
+CORRECTOR_BUFFER = 1024
 
 
 def negatives_flag(value: str) -> str:
@@ -91,7 +92,7 @@ class FinetuneStage(TrainedStage):
         corrector_loss: the corrector's objective for the correcting strategies (see
             :class:`~st_daft.negatives.corrector.CorrectorTrainer`): ``"mse"``, ``"cosine"``, ``"kl"`` (the query's
             scores over the step's candidates), ``"mse+kl"`` or ``"ridge"`` (a linear map refitted in closed form on a
-            replay buffer of 4,096 observations). docs/guide/corrector.md gives the measured trade-offs.
+            replay buffer of the last 1,024 observations). docs/guide/corrector.md gives the measured trade-offs.
         corrector_warmup: corrector updates with MSE only before the KL term starts (``"kl"``, ``"mse+kl"``).
         corrector_steps: corrector updates per training step.
         corrector_buffer: earlier observations each update replays beside the step's own, or the ridge map is
@@ -169,9 +170,9 @@ class FinetuneStage(TrainedStage):
         1, flag="--corrector-steps", help="corrector updates per training step (1)", type=positive_int
     )
     corrector_buffer: int = setting(
-        RIDGE_BUFFER,
+        CORRECTOR_BUFFER,
         flag="--corrector-buffer",
-        help="earlier observations the corrector replays, or the ridge map is fitted on (4096)",
+        help="earlier observations the corrector replays, or the ridge map is fitted on (1024)",
         type=non_negative_int,
     )
     stop_on_collapse: bool = setting(
