@@ -22,7 +22,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from sentence_transformers import SentenceTransformer
 
-from st_daft.data import RetrievalData
+from st_daft.data import RetrievalData, hub_failure, looks_like_local_path
 from st_daft.embeddings.store import DocumentEmbeddingStore
 from st_daft.models.asymmetric import QUERY_ROUTE, has_route
 from st_daft.models.card import (
@@ -208,7 +208,7 @@ class DAFTConfig:
         path = Path(path)
         if path.is_dir():
             path = path / RECIPE_FILE
-        elif not path.exists() and _looks_like_hub_id(str(path)):
+        elif not path.exists() and not looks_like_local_path(str(path)):
             path = _download_recipe(str(path))
         try:
             recipe = json.loads(path.read_text(encoding="utf-8"))
@@ -219,16 +219,11 @@ class DAFTConfig:
         return cls.from_dict(recipe, source=str(path))
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.endswith(".json")
-
-
 def _download_recipe(repo_id: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, RECIPE_FILE))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise SettingError(f"{repo_id}: no {RECIPE_FILE} on the Hub or in its cache ({reason})") from None
+        raise SettingError(f"{repo_id}: no {RECIPE_FILE} on the Hub or in its cache: {hub_failure(error)}") from None
 
 
 @dataclass

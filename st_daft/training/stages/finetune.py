@@ -37,7 +37,14 @@ from st_daft.training.stages.base import (
     training_arguments,
     validation_evaluator,
 )
-from st_daft.training.stages.settings import non_negative_float, non_negative_int, positive_float, positive_int, setting
+from st_daft.training.stages.settings import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    setting,
+    switch,
+)
 from st_daft.utils.distributed import is_distributed
 
 logger = logging.getLogger(__name__)
@@ -175,13 +182,7 @@ class FinetuneStage(TrainedStage):
         help="earlier observations the corrector replays, or the ridge map is fitted on (1024)",
         type=non_negative_int,
     )
-    stop_on_collapse: bool = setting(
-        True,
-        flag="--no-stop-on-collapse",
-        help="keep training when a route collapses",
-        action="store_const",
-        const=False,
-    )
+    stop_on_collapse: bool = switch(True, flag="--no-stop-on-collapse", help="keep training when a route collapses")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -109,6 +109,11 @@ def setting(
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
+def switch(default: bool, *, flag: str, help: str) -> Any:  # noqa: A002 - argparse's name
+    """A boolean stage field whose flag, given without a value, sets the opposite of its default (``--no-zipf``)."""
+    return setting(default, flag=flag, help=help, action="store_const", const=not default)
+
+
 def flag_fields(stage_type: type) -> list[dataclasses.Field]:
     """The fields of a stage class that have a command-line flag, in declaration order."""
     return [field for field in dataclasses.fields(stage_type) if field.metadata.get("flag")]

@@ -31,7 +31,7 @@ from st_daft.models.asymmetric import (
     route_prompt,
 )
 from st_daft.training.stages.base import KL_EVALUATOR_NAME, Stage, StageContext, StageResult, _require_resolved
-from st_daft.training.stages.settings import non_negative_int, positive_int, setting
+from st_daft.training.stages.settings import non_negative_int, positive_int, setting, switch
 
 logger = logging.getLogger(__name__)
 
@@ -74,19 +74,11 @@ class VocabularyStage(Stage):
     name: ClassVar[str] = "vocabulary"
     folder: ClassVar[str] = "stage-vocabulary"
     needs_labels: ClassVar[bool] = False
-    zipf_weighting: bool = setting(
-        True,
-        flag="--no-zipf",
-        help="vocabulary stage without Zipf weighting",
-        action="store_const",
-        const=False,
-    )
-    idf_weighting: bool = setting(
+    zipf_weighting: bool = switch(True, flag="--no-zipf", help="vocabulary stage without Zipf weighting")
+    idf_weighting: bool = switch(
         False,
         flag="--idf-weights",
         help="vocabulary stage: each token's weight in a query is its BM25 IDF over the corpus (row norms)",
-        action="store_const",
-        const=True,
     )
     contextual: bool | None = setting(
         None,
