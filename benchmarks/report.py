@@ -470,6 +470,32 @@ def objectives_table() -> str:
     return _table(header, rows) + "\n\n" + curve + "\n\n" + _source("corrector/agreement.json") + when
 
 
+def corrector_quality_table() -> str:
+    """Retrieval quality of each negatives strategy over seeds, the texts it encoded, and the paired tests."""
+    data = _load("corrector/quality.json")
+    seeds = data["seeds"]
+    rows = []
+    for strategy, scores in data["ndcg_at_10"].items():
+        rows.append(
+            [
+                f"`{strategy}`",
+                _fmt(_mean(scores)),
+                " / ".join(_fmt(score) for score in scores),
+                f"{data['texts_encoded'][strategy]:,.0f}",
+                _fmt(data["texts_encoded_vs_corrected"][strategy], 2) + "x",
+            ]
+        )
+    seed_column = f"seeds {', '.join(map(str, seeds))}"
+    header = ["negatives", "SciFact test nDCG@10", seed_column, "texts encoded", "vs corrected"]
+    tests = [
+        [name.replace(" vs ", " − "), f"{test['mean_difference']:+.3f}", f"{test['t']:.2f}", f"{test['p']:.3f}"]
+        for name, test in data.get("paired_tests", {}).items()
+    ]
+    paired = _table(["paired over the seeds", "mean difference", "t", "p"], tests)
+    when = f" {data['machine']}; {data['date']}."
+    return _table(header, rows) + "\n\n" + paired + "\n\n" + _source("corrector/quality.json") + when
+
+
 # ------------------------------------------------------------------------------------------------------ serving
 
 
@@ -851,6 +877,7 @@ PAGES: dict[str, dict[str, Callable[[], str]]] = {
     "docs/results/corpus-only.md": {"corpus-only": corpus_only_table},
     "docs/results/fusion.md": {"fusion-weights": fusion_table},
     "docs/results/corrector.md": {
+        "quality": corrector_quality_table,
         "corrector": corrector_table,
         "objectives": objectives_table,
         "agreement": agreement_table,
