@@ -3,7 +3,8 @@
 Question: in a training where full re-embedding (``refresh:N``) beats in-batch negatives, does ``corrected`` come
     within noise of ``refresh:N`` with far fewer document texts encoded, and does ``stale`` fall below ``corrected``?
 Command: ``python benchmarks/corrector_quality.py --data ../shared/data/scifact --work runs/corrector-quality``
-    (``--setting static``, the default: a CPU's afternoon) or ``--setting minilm`` (sized for a GPU)
+    (``--setting static``, the default: about three and a half hours on 2 CPU cores) or ``--setting minilm`` (sized
+    for a GPU)
 Results: benchmarks/results/corrector/quality.json
 Page: docs/results/corrector.md
 
@@ -12,7 +13,8 @@ and seed for every strategy: the document model itself fine-tuned, so no alignme
 queries first (where one has, no strategy moved SciFact beyond noise). Two settings:
 
 - ``static``: the 64-d static model of the ``tokenlearn-static-model`` package (saved under ``--work`` as a
-  sentence-transformers ``StaticEmbedding`` model), 400 steps at learning rate 0.05, ``refresh:25`` and ``refresh:5``.
+  sentence-transformers ``StaticEmbedding`` model), 400 steps at learning rate 0.05, ``refresh:25``, ``refresh:5``
+  and ``refresh:3``.
   A static table drifts fast and trains in a fraction of a second a step, so 3 seeds of every strategy fit a CPU.
 - ``minilm``: all-MiniLM-L6-v2, 600 steps at 2e-5, ``refresh:50``; 5 seeds of it are hours on a CPU.
 
@@ -20,6 +22,10 @@ Every run is scored on the test split (nDCG@10, MTEB); per strategy the report h
 texts encoded during training (the loss's positives, the mined negatives encoded fresh, and every re-embedding; the
 cache built before the first step is not counted) and paired t-tests over the seeds: each ``refresh:N`` against
 ``in-batch``, ``corrected`` against each ``refresh:N`` and ``stale`` against ``corrected``.
+
+The protocol resumes where it stopped: a run folder under ``--work`` that holds a finished run is scored, not
+retrained, and a strategy already in ``--output`` under the same settings and seeds is taken from there, so adding a
+``--refresh`` value trains only its own runs.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ RESULT = Path(__file__).parent / "results" / "corrector" / "quality.json"
 
 #: each setting's budget; a flag given on the command line overrides it
 SETTINGS: dict[str, dict[str, object]] = {
-    "static": {"steps": 400, "document_lr": 0.05, "refresh": [25, 5], "seeds": [0, 1, 2], "document_encoder": None},
+    "static": {"steps": 400, "document_lr": 0.05, "refresh": [25, 5, 3], "seeds": [0, 1, 2], "document_encoder": None},
     "minilm": {"steps": 600, "document_lr": 2e-5, "refresh": [50], "seeds": [0, 1, 2, 3, 4], "document_encoder": None},
 }
 
@@ -116,6 +122,29 @@ def portable(argv: list[str]) -> list[str]:
     return kept
 
 
+def measured_before(output: Path, settings: dict[str, object], seeds: list[int]) -> dict[str, dict[str, object]]:
+    """Per strategy, what ``output`` already holds under the same settings (``refresh`` aside) and seeds."""
+    if not output.is_file():
+        return {}
+    report = json.loads(output.read_text(encoding="utf-8"))
+    ignored = ("refresh", "date")
+    same = {k: v for k, v in report.get("settings", {}).items() if k not in ignored} == {
+        k: v for k, v in settings.items() if k not in ignored
+    }
+    if not same or report.get("seeds") != seeds:
+        return {}
+    per_seed = report.get("texts_encoded_per_seed", {})
+    return {
+        strategy: {
+            "ndcg_at_10": scores,
+            "texts_encoded": report["texts_encoded"][strategy],
+            "texts_encoded_per_seed": per_seed.get(strategy),
+            "date": report.get("date"),
+        }
+        for strategy, scores in report.get("ndcg_at_10", {}).items()
+    }
+
+
 def paired(a: list[float], b: list[float]) -> dict[str, float]:
     """Paired t-test over seeds of ``a`` against ``b``."""
     test = ttest_rel(a, b)
@@ -151,30 +180,44 @@ def main(argv: list[str] | None = None) -> int:
     strategies = ["in-batch", "stale", "corrected", *refreshes, f"corrected+refresh:{4 * args.refresh[0]}"]
 
     started = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
-    scores: dict[str, list[float]] = {strategy: [] for strategy in strategies}
-    encoded: dict[str, list[int]] = {strategy: [] for strategy in strategies}
-    for seed in args.seeds:
-        for strategy in strategies:
+    settings = {
+        key: value for key, value in vars(args).items() if key not in ("data", "work", "output", "document_encoder")
+    } | {"document_encoder": args.document_encoder if args.setting != "static" else "tokenlearn-static-model"}
+    before = measured_before(Path(args.output), settings, args.seeds)
+    scores: dict[str, list[float]] = {}
+    encoded: dict[str, list[int]] = {}
+    mean_encoded: dict[str, float] = {}
+    for strategy in strategies:
+        if strategy in before:
+            scores[strategy] = before[strategy]["ndcg_at_10"]
+            mean_encoded[strategy] = before[strategy]["texts_encoded"]
+            if before[strategy]["texts_encoded_per_seed"] is not None:
+                encoded[strategy] = before[strategy]["texts_encoded_per_seed"]
+            print(json.dumps({"strategy": strategy, "measured_before": scores[strategy]}))
+            continue
+        scores[strategy], encoded[strategy] = [], []
+        for seed in args.seeds:
             run = train(args, strategy, seed)
             ndcg = float(evaluate_retrieval(str(run), args.data, split="test", show_progress_bar=False)["ndcg_at_10"])
             scores[strategy].append(ndcg)
             encoded[strategy].append(texts_encoded(run, args))
             print(json.dumps({"strategy": strategy, "seed": seed, "ndcg_at_10": ndcg, "texts": encoded[strategy][-1]}))
+        mean_encoded[strategy] = fmean(encoded[strategy])
+    dates = sorted({before[strategy]["date"] for strategy in strategies if strategy in before} - {None})
+    first = dates[0].split(" to ")[0] if dates else f"{started} UTC"
     report = {
         "question": "mined negatives against in-batch; corrected against full re-embedding, with texts encoded",
         "command": "python benchmarks/corrector_quality.py "
         + " ".join(portable(argv if argv is not None else sys.argv[1:])),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"),
-        "date": f"{started} to {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        "settings": {
-            key: value for key, value in vars(args).items() if key not in ("data", "work", "output", "document_encoder")
-        }
-        | {"document_encoder": args.document_encoder if args.setting != "static" else "tokenlearn-static-model"},
+        "date": f"{first.removesuffix(' UTC')} to {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "settings": settings,
         "seeds": args.seeds,
         "ndcg_at_10": scores,
         "mean_ndcg_at_10": {strategy: fmean(values) for strategy, values in scores.items()},
-        "texts_encoded": {strategy: fmean(values) for strategy, values in encoded.items()},
+        "texts_encoded": mean_encoded,
+        "texts_encoded_per_seed": encoded,
     }
     report["texts_encoded_vs_corrected"] = {
         strategy: report["texts_encoded"][strategy] / report["texts_encoded"]["corrected"] for strategy in strategies

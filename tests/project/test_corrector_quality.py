@@ -39,6 +39,18 @@ def test_the_protocol_reports_every_strategy_with_its_encodings(
         "refresh:1 vs in-batch", "refresh:2 vs in-batch", "corrected vs refresh:1", "corrected vs refresh:2",
         "stale vs corrected",
     }  # fmt: skip
+    assert report["texts_encoded_per_seed"]["stale"] and len(report["texts_encoded_per_seed"]["stale"]) == 2
+
+    # one more refresh value: what the report holds is taken from it, only the new strategy trains
+    report["ndcg_at_10"]["stale"] = [0.125, 0.25]
+    output.write_text(json.dumps(report))
+    assert protocol.main([*argv[:-5], "--refresh", "1", "2", "3", "--setting", "minilm"]) == 0
+    resumed = json.loads(output.read_text())
+    assert resumed["ndcg_at_10"]["stale"] == [0.125, 0.25], "a strategy measured before is not rerun"
+    assert list(resumed["ndcg_at_10"]) == [*strategies[:5], "refresh:3", strategies[5]]
+    assert resumed["texts_encoded"]["refresh:3"] > texts["corrected"], "refresh:3 re-embedded the corpus"
+    assert (tmp_path / "work" / "refresh-3-s0" / "daft_summary.json").is_file()
+    assert "corrected vs refresh:3" in resumed["paired_tests"]
 
 
 def test_the_static_setting_fine_tunes_the_packaged_static_model(tmp_path: Path) -> None:
