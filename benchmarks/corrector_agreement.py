@@ -16,6 +16,15 @@ by side on exactly the same observations (the positives and mined negatives each
 mines with the ``--mine-with`` corrector. Every ``--every`` steps it embeds the whole sample afresh and records, for a
 fixed set of training claims (their positives excluded), the top-10 overlap of stale and of each corrected cache with
 fresh mining, and the error ``1 - cos`` on the documents the corrector has never observed.
+
+Beside them, the ceilings of a corrector of the stale embedding: maps fitted at the moment of measurement on targets
+no online corrector has, the documents' embeddings by the current route. ``linear-all``: a ridge map fitted on every
+document of the sample (in-sample: how far any linear map of the stale vectors can go); ``linear-observed``: fitted
+on the documents observed so far, the current route's embeddings of them in eval mode; ``linear-observed-dropout``:
+the same with the documents encoded in training mode, as a step encodes them (dropout on); ``mlp-observed``: a
+2-layer residual MLP fitted on the documents observed so far. Set against ``ridge-b1024``, which fits the same kind of
+map on the encodings the steps made, they separate what the corrector lacks (capacity) from what its targets lack
+(they are the route of earlier steps, encoded with dropout).
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from st_daft.data import load_beir  # noqa: E402
-from st_daft.negatives.corrector import CorrectorNetwork, CorrectorTrainer, staleness_error  # noqa: E402
+from st_daft.negatives.corrector import CorrectorNetwork, CorrectorTrainer, ridge_fit, staleness_error  # noqa: E402
 from st_daft.training.stages.finetune import FinetuneStage  # noqa: E402
 
 #: The objectives measured side by side: (name, CorrectorTrainer options, network depth).
@@ -197,7 +206,70 @@ def fresh_embeddings(model, miner) -> torch.Tensor:
     return fresh
 
 
-def measure(model, miner, trainers: SideBySideTrainers, queries, mask, k: int, step: int, refreshed) -> dict:
+def training_mode_embeddings(model, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Document-route embeddings with dropout on, as a training step encodes its positives and negatives."""
+    from sentence_transformers.util import batch_to_device
+
+    from st_daft.models.asymmetric import DOCUMENT_ROUTE
+
+    was_training = model.training
+    model.train()
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            features = batch_to_device(
+                model.preprocess(texts[start : start + batch_size], task=DOCUMENT_ROUTE), model.device
+            )
+            parts.append(F.normalize(model(features)["sentence_embedding"].float(), dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(parts) if parts else torch.empty(0, 0)
+
+
+def fitted_mlp(stale: torch.Tensor, fresh: torch.Tensor, seed: int, steps: int = 2000) -> CorrectorNetwork:
+    """A 2-layer residual corrector fitted by Adam on ``(stale, fresh)`` pairs (MSE), to convergence."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    network = CorrectorNetwork(stale.shape[1], depth=2)
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+    with torch.enable_grad():  # measured inside no_grad
+        for _ in range(steps):
+            batch = torch.randint(len(stale), (256,), generator=generator)
+            loss = (network(stale[batch]) - fresh[batch]).pow(2).sum(1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return network.eval()
+
+
+def ceilings(model, miner, stale: torch.Tensor, fresh: torch.Tensor, observed: torch.Tensor, seed: int) -> dict:
+    """Maps of the stale embedding fitted on the current route's embeddings, which no online corrector has.
+
+    Measuring leaves the random state as it was (dropout and the MLP's initialisation draw from it), so the training
+    measured continues as it would have without the ceilings.
+    """
+    with torch.random.fork_rng():
+        return _ceilings(model, miner, stale, fresh, observed, seed)
+
+
+def _ceilings(model, miner, stale: torch.Tensor, fresh: torch.Tensor, observed: torch.Tensor, seed: int) -> dict:
+    everything = torch.arange(len(stale))
+    dropout = training_mode_embeddings(model, [miner.texts[row] for row in observed.tolist()])
+    maps = {}
+    for name, rows, targets in (
+        ("linear-all", everything, fresh),
+        ("linear-observed", observed, fresh[observed]),
+        ("linear-observed-dropout", observed, dropout),
+    ):
+        matrix, bias = ridge_fit(stale[rows], targets)
+        maps[name] = F.normalize(stale @ matrix + bias, dim=1)
+    with torch.no_grad():
+        maps["mlp-observed"] = F.normalize(fitted_mlp(stale[observed], fresh[observed], seed)(stale), dim=1)
+    return maps
+
+
+def measure(
+    model, miner, trainers: SideBySideTrainers, queries, mask, k: int, step: int, refreshed, seed: int = 0
+) -> dict:
     """Top-``k`` overlap with fresh mining of stale and of every corrected cache, and unseen-document errors."""
     was_training = model.training
     model.eval()
@@ -218,15 +290,19 @@ def measure(model, miner, trainers: SideBySideTrainers, queries, mask, k: int, s
             approximations[f"{name}+latest"] = written
         if refreshed is not None:
             approximations[f"refresh:{refreshed[0]}"] = refreshed[1]
+        observed = torch.tensor(sorted(trainers.observed), dtype=torch.long)
+        bounds = ceilings(model, miner, stale, fresh, observed, seed)
     model.train(was_training)
     truth = (query_vectors @ fresh.T).masked_fill(mask, -torch.inf).topk(k, dim=1).indices
     unseen = torch.tensor(sorted(set(range(len(stale))) - trainers.observed))
     point: dict = {"step": step, "unseen_documents": len(unseen), "top10_overlap": {}, "unseen_error": {}}
-    for name, matrix in approximations.items():
-        found = (query_vectors @ matrix.T).masked_fill(mask, -torch.inf).topk(k, dim=1).indices
-        hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth))
-        point["top10_overlap"][name] = hits / (k * len(queries))
-        point["unseen_error"][name] = staleness_error(matrix[unseen], fresh[unseen]).mean().item()
+    point |= {"ceiling_top10_overlap": {}, "ceiling_unseen_error": {}}
+    for prefix, matrices in (("", approximations), ("ceiling_", bounds)):
+        for name, matrix in matrices.items():
+            found = (query_vectors @ matrix.T).masked_fill(mask, -torch.inf).topk(k, dim=1).indices
+            hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth))
+            point[f"{prefix}top10_overlap"][name] = hits / (k * len(queries))
+            point[f"{prefix}unseen_error"][name] = staleness_error(matrix[unseen], fresh[unseen]).mean().item()
     print(json.dumps(point), flush=True)
     return point
 
@@ -291,6 +367,7 @@ def run_seed(args: argparse.Namespace, train, work: Path, info: dict, seed: int)
                     10,
                     state.global_step,
                     refreshed if args.refresh_every else None,
+                    seed,
                 )
                 curve.append(point)
 
@@ -327,6 +404,7 @@ def run_seed(args: argparse.Namespace, train, work: Path, info: dict, seed: int)
 def summarise(args: argparse.Namespace, runs: list[dict], info: dict, started: str) -> dict:
     final = [run["curve"][-1] for run in runs]
     names = list(final[0]["top10_overlap"])  # stale, each objective, and each with write-back (+latest)
+    bounds = list(final[0]["ceiling_top10_overlap"])
     overlap = {name: mean(point["top10_overlap"][name] for point in final) for name in names}
     errors = {name: mean(point["unseen_error"][name] for point in final) for name in names}
     # what the miner reads at every step, not only at the end: the overlap averaged over the measured steps
@@ -363,6 +441,14 @@ def summarise(args: argparse.Namespace, runs: list[dict], info: dict, started: s
             "step_seconds_without_corrector": alone,
             "corrector_seconds_per_step": others,
             "fraction_of_step": {name: seconds / alone for name, seconds in others.items()},
+        },
+        "ceilings": {
+            "final_top10_overlap": {name: mean(p["ceiling_top10_overlap"][name] for p in final) for name in bounds},
+            "per_seed_final": {name: [p["ceiling_top10_overlap"][name] for p in final] for name in bounds},
+            "final_unseen_error": {name: mean(p["ceiling_unseen_error"][name] for p in final) for name in bounds},
+            "unseen_error_ratio": {
+                name: mean(p["ceiling_unseen_error"][name] for p in final) / errors["stale"] for name in bounds
+            },
         },
         "curves": runs,
     }

@@ -470,6 +470,49 @@ def objectives_table() -> str:
     return _table(header, rows) + "\n\n" + curve + "\n\n" + _source("corrector/agreement.json") + when
 
 
+#: what each ceiling of the corrector protocol fits, and on which targets
+CEILINGS = {
+    "linear-all": "linear map, every document's current embedding (in-sample)",
+    "linear-observed": "linear map, the observed documents' current embeddings",
+    "linear-observed-dropout": "linear map, the observed documents' current embeddings with dropout on",
+    "mlp-observed": "2-layer MLP, the observed documents' current embeddings",
+}
+
+
+def ceilings_table() -> str:
+    """The corrector protocol's ceilings: maps of the stale embedding fitted on the current route's embeddings."""
+    data = _load("corrector/agreement.json")
+    ceilings = data["ceilings"]
+    stale_error = data["final_unseen_error"]["stale"]
+    default = data["default_objective"]
+
+    def row(label: str, per_seed: list[float], error: float) -> list[str]:
+        overlap = " / ".join(_fmt(value) for value in per_seed)
+        return [label, _fmt(_mean(per_seed)), overlap, _fmt(error), _fmt(error / stale_error, 2) + "x"]
+
+    rows = [
+        row("stale cache", data["per_seed_final"]["stale"], stale_error),
+        row(
+            f"{_objective_label(default, data)}: the steps' own encodings",
+            data["per_seed_final"][default],
+            data["final_unseen_error"][default],
+        ),
+        *(
+            row(CEILINGS.get(name, name), per_seed, ceilings["final_unseen_error"][name])
+            for name, per_seed in ceilings["per_seed_final"].items()
+        ),
+    ]
+    steps = data["settings"]["steps"]
+    header = [
+        "map of the stale embedding, fitted on",
+        f"top-10 overlap with fresh at step {steps}",
+        f"seeds {', '.join(map(str, data['seeds']))}",
+        "error on unseen documents",
+        "vs stale",
+    ]
+    return _table(header, rows) + "\n\n" + _source("corrector/agreement.json") + f" {data['machine']}; {data['date']}."
+
+
 def corrector_quality_table() -> str:
     """Retrieval quality of each negatives strategy over seeds, the texts it encoded, and the paired tests."""
     data = _load("corrector/quality.json")
@@ -880,6 +923,7 @@ PAGES: dict[str, dict[str, Callable[[], str]]] = {
         "quality": corrector_quality_table,
         "corrector": corrector_table,
         "objectives": objectives_table,
+        "ceilings": ceilings_table,
         "agreement": agreement_table,
     },
     "docs/results/serving.md": {"serving-scifact": serving_scifact_table, "serving-python-faq": serving_faq_table},
