@@ -45,7 +45,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from st_daft.data import load_beir  # noqa: E402
-from st_daft.negatives.corrector import CorrectorNetwork, CorrectorTrainer, ridge_fit, staleness_error  # noqa: E402
+from st_daft.negatives.corrector import (  # noqa: E402
+    CorrectorNetwork,
+    CorrectorTrainer,
+    drift_loss,
+    ridge_fit,
+    staleness_error,
+)
 from st_daft.training.stages.finetune import FinetuneStage  # noqa: E402
 
 #: The objectives measured side by side: (name, CorrectorTrainer options, network depth).
@@ -234,7 +240,7 @@ def fitted_mlp(stale: torch.Tensor, fresh: torch.Tensor, seed: int, steps: int =
     with torch.enable_grad():  # measured inside no_grad
         for _ in range(steps):
             batch = torch.randint(len(stale), (256,), generator=generator)
-            loss = (network(stale[batch]) - fresh[batch]).pow(2).sum(1).mean()
+            loss = drift_loss(network(stale[batch]), fresh[batch], "mse")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -248,22 +254,18 @@ def ceilings(model, miner, stale: torch.Tensor, fresh: torch.Tensor, observed: t
     measured continues as it would have without the ceilings.
     """
     with torch.random.fork_rng():
-        return _ceilings(model, miner, stale, fresh, observed, seed)
-
-
-def _ceilings(model, miner, stale: torch.Tensor, fresh: torch.Tensor, observed: torch.Tensor, seed: int) -> dict:
-    everything = torch.arange(len(stale))
-    dropout = training_mode_embeddings(model, [miner.texts[row] for row in observed.tolist()])
-    maps = {}
-    for name, rows, targets in (
-        ("linear-all", everything, fresh),
-        ("linear-observed", observed, fresh[observed]),
-        ("linear-observed-dropout", observed, dropout),
-    ):
-        matrix, bias = ridge_fit(stale[rows], targets)
-        maps[name] = F.normalize(stale @ matrix + bias, dim=1)
-    with torch.no_grad():
-        maps["mlp-observed"] = F.normalize(fitted_mlp(stale[observed], fresh[observed], seed)(stale), dim=1)
+        dropout = training_mode_embeddings(model, [miner.texts[row] for row in observed.tolist()])
+        maps = {}
+        for name, rows, targets in (
+            ("linear-all", torch.arange(len(stale)), fresh),
+            ("linear-observed", observed, fresh[observed]),
+            ("linear-observed-dropout", observed, dropout),
+        ):
+            matrix, bias = ridge_fit(stale[rows], targets)
+            maps[name] = F.normalize(stale @ matrix + bias, dim=1)
+        mlp = fitted_mlp(stale[observed], fresh[observed], seed)
+        with torch.no_grad():
+            maps["mlp-observed"] = F.normalize(mlp(stale), dim=1)
     return maps
 
 
@@ -405,6 +407,7 @@ def summarise(args: argparse.Namespace, runs: list[dict], info: dict, started: s
     final = [run["curve"][-1] for run in runs]
     names = list(final[0]["top10_overlap"])  # stale, each objective, and each with write-back (+latest)
     bounds = list(final[0]["ceiling_top10_overlap"])
+    bound_errors = {name: mean(point["ceiling_unseen_error"][name] for point in final) for name in bounds}
     overlap = {name: mean(point["top10_overlap"][name] for point in final) for name in names}
     errors = {name: mean(point["unseen_error"][name] for point in final) for name in names}
     # what the miner reads at every step, not only at the end: the overlap averaged over the measured steps
@@ -445,10 +448,8 @@ def summarise(args: argparse.Namespace, runs: list[dict], info: dict, started: s
         "ceilings": {
             "final_top10_overlap": {name: mean(p["ceiling_top10_overlap"][name] for p in final) for name in bounds},
             "per_seed_final": {name: [p["ceiling_top10_overlap"][name] for p in final] for name in bounds},
-            "final_unseen_error": {name: mean(p["ceiling_unseen_error"][name] for p in final) for name in bounds},
-            "unseen_error_ratio": {
-                name: mean(p["ceiling_unseen_error"][name] for p in final) / errors["stale"] for name in bounds
-            },
+            "final_unseen_error": bound_errors,
+            "unseen_error_ratio": {name: error / errors["stale"] for name, error in bound_errors.items()},
         },
         "curves": runs,
     }

@@ -122,27 +122,30 @@ def portable(argv: list[str]) -> list[str]:
     return kept
 
 
-def measured_before(output: Path, settings: dict[str, object], seeds: list[int]) -> dict[str, dict[str, object]]:
-    """Per strategy, what ``output`` already holds under the same settings (``refresh`` aside) and seeds."""
+def measured_before(
+    output: Path, settings: dict[str, object], seeds: list[int]
+) -> tuple[dict[str, dict[str, object]], str | None]:
+    """Per strategy, what ``output`` already holds under the same settings (``refresh`` aside) and seeds; and when
+    that report was measured."""
     if not output.is_file():
-        return {}
+        return {}, None
     report = json.loads(output.read_text(encoding="utf-8"))
     ignored = ("refresh", "date")
     same = {k: v for k, v in report.get("settings", {}).items() if k not in ignored} == {
         k: v for k, v in settings.items() if k not in ignored
     }
     if not same or report.get("seeds") != seeds:
-        return {}
+        return {}, None
     per_seed = report.get("texts_encoded_per_seed", {})
-    return {
+    strategies = {
         strategy: {
             "ndcg_at_10": scores,
             "texts_encoded": report["texts_encoded"][strategy],
             "texts_encoded_per_seed": per_seed.get(strategy),
-            "date": report.get("date"),
         }
         for strategy, scores in report.get("ndcg_at_10", {}).items()
     }
+    return strategies, report.get("date")
 
 
 def paired(a: list[float], b: list[float]) -> dict[str, float]:
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         key: value for key, value in vars(args).items() if key not in ("data", "work", "output", "document_encoder")
     } | {"document_encoder": args.document_encoder if args.setting != "static" else "tokenlearn-static-model"}
-    before = measured_before(Path(args.output), settings, args.seeds)
+    before, measured = measured_before(Path(args.output), settings, args.seeds)
     scores: dict[str, list[float]] = {}
     encoded: dict[str, list[int]] = {}
     mean_encoded: dict[str, float] = {}
@@ -203,15 +206,16 @@ def main(argv: list[str] | None = None) -> int:
             encoded[strategy].append(texts_encoded(run, args))
             print(json.dumps({"strategy": strategy, "seed": seed, "ndcg_at_10": ndcg, "texts": encoded[strategy][-1]}))
         mean_encoded[strategy] = fmean(encoded[strategy])
-    dates = sorted({before[strategy]["date"] for strategy in strategies if strategy in before} - {None})
-    first = dates[0].split(" to ")[0] if dates else f"{started} UTC"
+    # a report resumed from keeps its start: "START to END UTC"
+    if measured and any(strategy in before for strategy in strategies):
+        started = measured.split(" to ")[0]
     report = {
         "question": "mined negatives against in-batch; corrected against full re-embedding, with texts encoded",
         "command": "python benchmarks/corrector_quality.py "
         + " ".join(portable(argv if argv is not None else sys.argv[1:])),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"),
-        "date": f"{first.removesuffix(' UTC')} to {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "date": f"{started} to {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "settings": settings,
         "seeds": args.seeds,
         "ndcg_at_10": scores,
